@@ -1,0 +1,38 @@
+"""samed-adapter: hot-swap SAMed adapters onto a stock Segment Anything Model."""
+
+__version__ = "0.1.0"
+
+from .adapter import (
+    Adapter,
+    AdapterError,
+    AdapterFormatError,
+    AdapterMismatchError,
+    BaseMismatchError,
+)
+from .backbones import build_sam, infer_backbone, list_backbones
+from .checkpoints import UnsafeCheckpointError
+from .convert import convert_published
+from .config import SYNAPSE_CLASS_NAMES, AdapterConfig
+from .model import SAMed
+from .patching import inject, patch, unpatch
+from .surgery import stock_fingerprint
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "BaseMismatchError",
+    "SAMed",
+    "SYNAPSE_CLASS_NAMES",
+    "UnsafeCheckpointError",
+    "build_sam",
+    "convert_published",
+    "infer_backbone",
+    "inject",
+    "list_backbones",
+    "patch",
+    "stock_fingerprint",
+    "unpatch",
+]

@@ -1,0 +1,249 @@
+"""Adapter: the tensors of a SAMed adapter plus its config, and the `.safetensors` file format.
+
+File format (version 1): one safetensors file whose header metadata holds
+    format = "samed-adapter", format_version = "1", config = AdapterConfig as JSON,
+    base_fingerprint = "sha256:..." of the stock SAM tensors it applies to.
+Tensor names (float32, float16 or bfloat16):
+    image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_A.weight   (r, C)   LoRA, peft naming
+    image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_B.weight   (C, r)
+    prompt_encoder.{name}                whole; no_mask_embed.weight always, others if not stock
+    mask_decoder.{name}                  whole: the K-sized tensors (mask_tokens,
+                                         output_hypernetworks_mlps.*, the iou head's last layer)
+                                         and the decoder-LoRA variant's ...{q,v}_proj.lora_{A,B}.weight
+    delta.mask_decoder.{name}            (trained - stock) for decoder tensors with a stock
+                                         counterpart; absent means equal to stock
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import AdapterConfig
+
+FORMAT_NAME = "samed-adapter"
+FORMAT_VERSION = 1
+DELTA_PREFIX = "delta."
+_STORABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ENCODER_LORA = re.compile(r"image_encoder\.blocks\.(\d+)\.attn\.qkv\.([qv])\.lora_([AB])\.weight")
+_NAME = re.compile(r"(delta\.)?(prompt_encoder|mask_decoder)\.[A-Za-z0-9_.]+")
+
+
+class AdapterError(ValueError):
+    """Base class: an adapter cannot be read or used."""
+
+
+class AdapterFormatError(AdapterError):
+    """The file or tensors are not a valid samed-adapter adapter."""
+
+
+class AdapterMismatchError(AdapterError):
+    """The adapter does not fit this SAM (backbone, shapes or class count)."""
+
+
+class BaseMismatchError(AdapterMismatchError):
+    """The adapter was trained on other stock SAM weights (fingerprint differs)."""
+
+
+@dataclass
+class Adapter:
+    """A SAMed adapter: named tensors (see the module docstring) and their AdapterConfig.
+
+    Constructing one validates names, dtypes, shapes against the config and finiteness.
+    """
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    base_fingerprint: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, AdapterConfig):
+            raise TypeError(f"config must be an AdapterConfig, got {type(self.config).__name__}")
+        if not isinstance(self.base_fingerprint, str) or not self.base_fingerprint.startswith("sha256:"):
+            raise AdapterFormatError(f"base_fingerprint must be 'sha256:<hex>', got {self.base_fingerprint!r}")
+        _validate_tensors(self.tensors, self.config)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the tensors (the widest one if mixed)."""
+        return max((t.dtype for t in self.tensors.values()), key=lambda d: torch.finfo(d).bits)
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if ".lora_" in k}
+
+    def to(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None) -> "Adapter":
+        """A copy with tensors cast and/or moved."""
+        tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
+        return Adapter(self.config, tensors, self.base_fingerprint)
+
+    def metadata(self) -> dict[str, str]:
+        from . import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "config": self.config.to_json(),
+            "base_fingerprint": self.base_fingerprint,
+            "created_by": f"samed-adapter {__version__}",
+        }
+
+    def save(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        """Write the adapter as one `.safetensors` file, atomically.
+
+        Args:
+            dtype: None keeps the tensors' dtype; torch.float16 or torch.bfloat16 halve the file.
+        """
+        from safetensors.torch import save_file
+
+        if dtype is not None and dtype not in _STORABLE_DTYPES:
+            raise ValueError(f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        path = Path(path)
+        tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.tensors.items()}
+        if dtype is not None:
+            bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"{len(bad)} tensors overflow {dtype} (e.g. {bad[0]}); save as float32 or bfloat16")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> "Adapter":
+        """Read an adapter file written by `save`.
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            AdapterFormatError: not a safetensors file, or not a valid adapter.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter file at {path}")
+        tensors, metadata = _read_safetensors(path, device)
+        config, fingerprint = _parse_metadata(metadata, path)
+        try:
+            return cls(config, tensors, fingerprint)
+        except AdapterFormatError as err:
+            raise AdapterFormatError(f"{path}: {err}") from None
+
+
+def _read_safetensors(path: Path, device: Union[str, torch.device]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every malformed file
+        raise AdapterFormatError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
+            "was it truncated, or is it a .pth checkpoint (use `samed-adapter convert`)?"
+        ) from None
+    return tensors, metadata
+
+
+def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[AdapterConfig, str]:
+    if metadata.get("format") != FORMAT_NAME:
+        raise AdapterFormatError(
+            f"{path} is a safetensors file but not a samed-adapter adapter (metadata 'format' is "
+            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+        )
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise AdapterFormatError(
+            f"{path} has adapter format version {version!r}; this samed-adapter reads version "
+            f"{FORMAT_VERSION}. Upgrade samed-adapter to read newer files."
+        )
+    try:
+        config = AdapterConfig.from_json(metadata.get("config", ""))
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{path} has an invalid adapter config: {err}") from None
+    return config, metadata.get("base_fingerprint", "")
+
+
+def _validate_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+    if not isinstance(tensors, dict) or not tensors:
+        raise AdapterFormatError("an adapter needs a non-empty dict of tensors")
+    dims: set[int] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterFormatError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in _STORABLE_DTYPES:
+            raise AdapterFormatError(f"{name!r} has dtype {tensor.dtype}; adapters hold float32/float16/bfloat16")
+        lora = _ENCODER_LORA.fullmatch(name)
+        if lora:
+            shape = tuple(tensor.shape)
+            if len(shape) != 2 or (shape[0] if lora.group(3) == "A" else shape[1]) != config.rank:
+                raise AdapterFormatError(f"{name!r} has shape {shape}; rank {config.rank} LoRA needs "
+                                         f"{'(r, C)' if lora.group(3) == 'A' else '(C, r)'}")
+            dims.add(shape[1] if lora.group(3) == "A" else shape[0])
+        elif not _NAME.fullmatch(name) or name.startswith("image_encoder."):
+            raise AdapterFormatError(f"unexpected tensor name {name!r} in an adapter")
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{name!r} holds NaN or infinite values")
+    if len(dims) > 1:
+        raise AdapterFormatError(f"the encoder LoRA tensors disagree on the embedding size: {sorted(dims)}")
+    tokens = tensors.get("mask_decoder.mask_tokens.weight")
+    if tokens is None or "prompt_encoder.no_mask_embed.weight" not in tensors:
+        raise AdapterFormatError("an adapter needs mask_decoder.mask_tokens.weight and prompt_encoder.no_mask_embed.weight")
+    if tokens.dim() != 2 or tokens.shape[0] != config.num_classes + 1:
+        raise AdapterFormatError(
+            f"mask_tokens has shape {tuple(tokens.shape)} but the config says {config.num_classes} classes "
+            f"({config.num_classes + 1} tokens with background)"
+        )
+    has_decoder_lora = any(k.startswith("mask_decoder.") and ".lora_" in k for k in tensors)
+    if has_decoder_lora != config.decoder_lora:
+        raise AdapterFormatError(
+            f"the config says decoder_lora={config.decoder_lora} but the file "
+            f"{'has' if has_decoder_lora else 'has no'} decoder LoRA tensors"
+        )
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading tensors."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def describe(adapter: Adapter) -> str:
+    """Human-readable summary (used by `samed-adapter info`)."""
+    cfg = adapter.config
+    lines = [
+        f"backbone          {cfg.backbone or '(any, inferred when patching)'}",
+        f"classes           {cfg.num_classes}: {', '.join(cfg.class_names or [])}",
+        f"image size        {cfg.image_size}",
+        f"encoder LoRA      rank {cfg.rank}, scale {cfg.lora_scale}, blocks "
+        f"{'all' if cfg.lora_blocks is None else cfg.lora_blocks}",
+        f"decoder LoRA      {'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}",
+        f"intensity window  {cfg.intensity_window}",
+        f"tensors           {len(adapter.tensors)}",
+        f"parameters        {adapter.num_parameters:,}",
+        f"size              {adapter.nbytes / 2**20:.2f} MiB",
+        f"dtype             {str(adapter.dtype).replace('torch.', '')}",
+        f"base fingerprint  {adapter.base_fingerprint}",
+        f"config            {json.dumps(cfg.to_dict(), sort_keys=True)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""The SAM backbones this library knows, and a builder for stock SAM models.
+
+The builder makes the stock `segment_anything` classes exactly as
+`segment_anything.build_sam` does (1024 input, 4 mask tokens), optionally at a smaller
+size for tests (`"tiny"`), from a checkpoint or with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Union
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Hyper-parameters of a stock SAM (encoder ViT plus prompt encoder and decoder)."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    window_size: int = 14
+    prompt_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    mask_in_chans: int = 16
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(backbone: Backbone) -> Backbone:
+    """Add a backbone to the table; a name can be registered once."""
+    if backbone.name in _BACKBONES:
+        raise ValueError(f"a backbone named {backbone.name!r} is already registered")
+    _BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return _BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}") from None
+
+
+register_backbone(Backbone("vit_b", 768, 12, 12, (2, 5, 8, 11)))
+register_backbone(Backbone("vit_l", 1024, 24, 16, (5, 11, 17, 23)))
+register_backbone(Backbone("vit_h", 1280, 32, 16, (7, 15, 23, 31)))
+# A few-hundred-kB SAM with the stock classes, for tests and demos on a CPU.
+register_backbone(
+    Backbone(
+        "tiny", 64, 2, 2, (1,), image_size=256, window_size=4,
+        prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=4,
+    )
+)
+
+
+def build_sam(
+    backbone: Union[str, Backbone] = "vit_b",
+    *,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    seed: Optional[int] = None,
+) -> Sam:
+    """Build a stock SAM in eval mode.
+
+    Args:
+        backbone: a registered name ("vit_b", "vit_l", "vit_h", "tiny") or a Backbone.
+        checkpoint: a stock SAM state dict file (Meta's `sam_vit_b_01ec64.pth`), read with
+            `weights_only=True` on the CPU.
+        seed: without a checkpoint, every tensor (position embeddings included, which stock
+            initialises at zero) is drawn at random from this seed, so that tests exercise
+            them.
+    """
+    bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    grid = bb.image_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=bb.depth,
+            embed_dim=bb.embed_dim,
+            img_size=bb.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=bb.num_heads,
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=bb.global_attn_indexes,
+            window_size=bb.window_size,
+            out_chans=bb.prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=bb.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(bb.image_size, bb.image_size),
+            mask_in_chans=bb.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=bb.prompt_dim, mlp_dim=bb.decoder_mlp_dim, num_heads=bb.decoder_heads
+            ),
+            transformer_dim=bb.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256 if bb.prompt_dim == 256 else bb.prompt_dim,
+        ),
+    )
+    sam.eval()
+    if checkpoint is not None:
+        from .checkpoints import load_state_dict_file
+
+        state = load_state_dict_file(checkpoint)
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{os.fspath(checkpoint)} is not a stock {bb.name} SAM checkpoint: {str(err).splitlines()[0]}"
+            ) from None
+    elif seed is not None:
+        _randomize(sam, seed)
+    return sam
+
+
+def _randomize(sam: Sam, seed: int) -> None:
+    """Draw every floating tensor at random; norms stay near identity so activations stay sane."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = {name for name, m in sam.named_modules() if "LayerNorm" in type(m).__name__}
+    with torch.no_grad():
+        for name, tensor in sam.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            module_name, _, leaf = name.rpartition(".")
+            if module_name in norms:
+                noise = noise * 0.1 + (1.0 if leaf == "weight" else 0.0)
+            elif "gaussian" not in name:  # the prompt encoder's random features are N(0, 1) in stock too
+                noise = noise * (0.02 if tensor.dim() > 1 else 0.1)
+            tensor.copy_(noise)
+
+
+def infer_backbone(sam: Sam) -> str:
+    """The registered name whose shapes match `sam`'s encoder, else a descriptive custom name."""
+    enc = sam.image_encoder
+    embed_dim = enc.patch_embed.proj.out_channels
+    depth = len(enc.blocks)
+    num_heads = enc.blocks[0].attn.num_heads
+    for bb in _BACKBONES.values():
+        if (bb.embed_dim, bb.depth, bb.num_heads) == (embed_dim, depth, num_heads):
+            return bb.name
+    return f"custom_{embed_dim}x{depth}x{num_heads}"
+
+
+def backbone_for_state_dict(state: dict[str, torch.Tensor]) -> Backbone:
+    """Identify a stock SAM state dict's backbone from its tensor shapes."""
+    try:
+        embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    except KeyError:
+        raise ValueError("not a SAM state dict: it has no 'image_encoder.patch_embed.proj.weight'") from None
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    for bb in _BACKBONES.values():
+        if (bb.embed_dim, bb.depth) == (embed_dim, depth):
+            return bb
+    raise ValueError(f"no registered SAM backbone has embed dim {embed_dim} and depth {depth}")

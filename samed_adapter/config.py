@@ -1,0 +1,145 @@
+"""AdapterConfig: everything about an adapter that is not a tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Synapse multi-organ CT, in the processed label order of the published SAMed code.
+SYNAPSE_CLASS_NAMES = (
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "liver",
+    "stomach",
+    "aorta",
+    "pancreas",
+)
+CT_ABDOMEN_WINDOW = (-125.0, 275.0)
+
+
+@dataclass
+class AdapterConfig:
+    """How a SAMed adapter changes a stock SAM.
+
+    The defaults are the published SAMed (ViT-B) settings for Synapse.
+    """
+
+    num_classes: int = field(
+        default=8, metadata={"help": "K, the number of foreground classes; the model predicts K+1 masks."}
+    )
+    rank: int = field(default=4, metadata={"help": "Rank r of the encoder's q/v LoRA bypasses."})
+    lora_scale: float = field(
+        default=1.0, metadata={"help": "Factor on the LoRA bypass output (published SAMed: 1, no alpha/r)."}
+    )
+    lora_blocks: Optional[list[int]] = field(
+        default=None, metadata={"help": "Encoder blocks that get a LoRA bypass; None means all of them."}
+    )
+    image_size: int = field(
+        default=512, metadata={"help": "Input side length S the encoder runs at; a multiple of 16."}
+    )
+    backbone: Optional[str] = field(
+        default=None,
+        metadata={"help": "vit_b, vit_l, vit_h (or a custom name); None: inferred from the SAM when patching."},
+    )
+    class_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "K names for classes 1..K; None gives class_1 .. class_K."}
+    )
+    pixel_mean: tuple[float, float, float] = field(
+        default=(0.0, 0.0, 0.0), metadata={"help": "Per-channel mean subtracted from inputs in [0, 1]."}
+    )
+    pixel_std: tuple[float, float, float] = field(
+        default=(1.0, 1.0, 1.0), metadata={"help": "Per-channel std dividing inputs in [0, 1]."}
+    )
+    intensity_window: Optional[tuple[float, float]] = field(
+        default=CT_ABDOMEN_WINDOW,
+        metadata={"help": "Raw intensities are clipped to [lo, hi] and scaled to [0, 1]; None: already in [0, 1]."},
+    )
+    decoder_lora: bool = field(
+        default=False,
+        metadata={"help": "SAMed_s variant: LoRA on the decoder transformer's q_proj/v_proj, transformer frozen."},
+    )
+    decoder_lora_rank: int = field(default=4, metadata={"help": "Rank of the decoder LoRA bypasses."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int (foreground classes), got {self.num_classes!r}")
+        for name in ("rank", "decoder_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.lora_scale, (int, float)) or not float("-inf") < self.lora_scale < float("inf"):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
+        self.lora_scale = float(self.lora_scale)
+        if not isinstance(self.image_size, int) or self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16 (SAM's patch size), got {self.image_size!r}")
+        if self.lora_blocks is not None:
+            blocks = list(self.lora_blocks)
+            if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+                raise ValueError(f"lora_blocks must be distinct non-negative block indices or None, got {self.lora_blocks!r}")
+            self.lora_blocks = sorted(blocks)
+        if self.class_names is None:
+            self.class_names = [f"class_{k}" for k in range(1, self.num_classes + 1)]
+        self.class_names = [str(n) for n in self.class_names]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}; "
+                "give one name per foreground class (background is implicit)"
+            )
+        self.pixel_mean = _triple("pixel_mean", self.pixel_mean)
+        self.pixel_std = _triple("pixel_std", self.pixel_std)
+        if any(s <= 0 for s in self.pixel_std):
+            raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
+        if self.intensity_window is not None:
+            lo, hi = (float(v) for v in self.intensity_window)
+            if not lo < hi:
+                raise ValueError(f"intensity_window must be (lo, hi) with lo < hi, got {self.intensity_window!r}")
+            self.intensity_window = (lo, hi)
+        if self.backbone is not None and not isinstance(self.backbone, str):
+            raise TypeError(f"backbone must be a string such as 'vit_b' or None, got {self.backbone!r}")
+
+    @property
+    def grid_size(self) -> int:
+        """g = image_size // 16, the side of the encoder's token grid."""
+        return self.image_size // 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"an adapter config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config fields {unknown}; this version knows {sorted(known)}")
+        kwargs = dict(data)
+        for key in ("pixel_mean", "pixel_std", "intensity_window"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"the adapter config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+def _triple(name: str, value: Any) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be three numbers (one per RGB channel), got {value!r}") from None
+    if len(values) != 3 or not all(v == v and abs(v) != float("inf") for v in values):
+        raise ValueError(f"{name} must be three finite numbers (one per RGB channel), got {value!r}")
+    return values  # type: ignore[return-value]

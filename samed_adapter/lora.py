@@ -1,0 +1,126 @@
+"""LoRA layers: the q/v bypass on SAM's fused `qkv` projection, and peft's Linear for the decoder.
+
+Naming follows peft: the wrapped layer is `base_layer`, the bypass halves `lora_A` (in -> r) and
+`lora_B` (r -> out). The fused projection carries two bypasses, `q` and `v`, so its tensors are
+`qkv.q.lora_A.weight`, `qkv.q.lora_B.weight`, `qkv.v.lora_A.weight`, `qkv.v.lora_B.weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraBypass(nn.Module):
+    """x -> lora_B(lora_A(x)) with rank r and no bias; a fresh one is a no-op (B = 0)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """(out, in) weight that the bypass adds to the layer it sits beside."""
+        return self.lora_B.weight @ self.lora_A.weight
+
+
+class LoraQKV(nn.Module):
+    """SAM's fused `attn.qkv` Linear (C -> 3C) with rank-r bypasses on the query and value thirds.
+
+    y = qkv(x);  y[..., :C] += scale * B_q A_q x;  y[..., 2C:] += scale * B_v A_v x.
+    The key third is untouched.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scale: float = 1.0) -> None:
+        super().__init__()
+        if base_layer.out_features != 3 * base_layer.in_features:
+            raise ValueError(
+                f"expected a fused qkv Linear C -> 3C, got {base_layer.in_features} -> {base_layer.out_features}"
+            )
+        dim = base_layer.in_features
+        self.base_layer = base_layer
+        self.q = LoraBypass(dim, dim, rank)
+        self.v = LoraBypass(dim, dim, rank)
+        self.rank = rank
+        self.scale = scale
+        # While merged, `base_layer.weight` is a new tensor and the untouched stock weight waits
+        # here, so that unmerge is exact however many times it is done.
+        self._stock_weight: Optional[nn.Parameter] = None
+
+    @property
+    def merged(self) -> bool:
+        return self._stock_weight is not None
+
+    @property
+    def stock_weight(self) -> nn.Parameter:
+        return self._stock_weight if self._stock_weight is not None else self.base_layer.weight
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """(3C, C) weight delta: B_q A_q in the query rows, B_v A_v in the value rows, zero keys."""
+        dim = self.base_layer.in_features
+        zeros = self.q.lora_A.weight.new_zeros(dim, dim)
+        return self.scale * torch.cat([self.q.get_delta_weight(), zeros, self.v.get_delta_weight()], dim=0)
+
+    def merge(self) -> None:
+        """Fold the bypass into the projection (inference only: the bypass stops training)."""
+        if self.merged:
+            return
+        stock = self.base_layer.weight
+        with torch.no_grad():
+            merged = stock + self.get_delta_weight().to(stock.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would produce non-finite weights; the adapter's LoRA tensors are not usable")
+        self._stock_weight = stock
+        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+
+    def unmerge(self) -> None:
+        """Put the exact stock weight back."""
+        if self._stock_weight is not None:
+            self.base_layer.weight = self._stock_weight
+            self._stock_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C) -> (..., 3C)."""
+        if self.merged:
+            return self.base_layer(x)
+        dim = self.base_layer.in_features
+        rank = self.rank
+        x2d = x.reshape(-1, dim)
+        out = F.linear(x2d, self.base_layer.weight, self.base_layer.bias)
+        # One (N, 2r) product for both bypasses, then one block-structured (2r -> 3C) product
+        # accumulated into the output: no slices of the output are copied or written twice.
+        a = torch.cat([self.q.lora_A.weight, self.v.lora_A.weight], dim=0)  # (2r, C)
+        s = F.linear(x2d, a)  # (N, 2r)
+        b_q = F.pad(self.q.lora_B.weight, (0, rank))  # (C, 2r): [B_q, 0]
+        b_v = F.pad(self.v.lora_B.weight, (rank, 0))  # (C, 2r): [0, B_v]
+        b = torch.cat([b_q, b_q.new_zeros(dim, 2 * rank), b_v], dim=0)  # (3C, 2r)
+        out = out.addmm_(s, b.t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], 3 * dim)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, merged={self.merged}"
+
+
+def wrap_linear_with_peft(layer: nn.Linear, rank: int, scale: float) -> nn.Module:
+    """peft's own LoRA Linear around a plain Linear (adapter name "default", no dropout)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    alpha = scale * rank  # peft scales the bypass by alpha / r
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True)
+    return PeftLoraLinear(layer, "default", config=config, r=rank, lora_alpha=alpha)
+
+
+def is_peft_lora(module: nn.Module) -> bool:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return isinstance(module, LoraLayer)

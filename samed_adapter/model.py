@@ -1,0 +1,157 @@
+"""SAMed: a patched SAM that predicts K+1 class masks without prompts."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig
+from .surgery import encoder_lora_layers, get_stock_state
+from .transfer import extract_adapter
+
+
+class SAMed(nn.Module):
+    """A view on a SAM patched in place by `patch` or `inject`.
+
+    `model.sam` is the user's own SAM object; its adapter config lives with the kept stock
+    tensors, so every SAMed view of one SAM agrees after a hot swap.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        if get_stock_state(sam) is None:
+            raise ValueError("this SAM is not patched; use samed_adapter.patch(sam, adapter) or inject(sam, config)")
+        self.sam = sam
+
+    @property
+    def config(self) -> AdapterConfig:
+        stock = get_stock_state(self.sam)
+        if stock is None:
+            raise RuntimeError("this SAM was unpatched; patch it again to use the SAMed model")
+        return stock.config
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in encoder_lora_layers(self.sam).values())
+
+    def merge(self) -> "SAMed":
+        """Fold the encoder LoRA into `qkv` for inference (zero bypass cost)."""
+        for layer in encoder_lora_layers(self.sam).values():
+            layer.merge()
+        return self
+
+    def unmerge(self) -> "SAMed":
+        """Restore the exact stock `qkv` weights and the live bypass."""
+        for layer in encoder_lora_layers(self.sam).values():
+            layer.unmerge()
+        return self
+
+    def adapter(self) -> Adapter:
+        """The current adapter tensors and config (trained values, deltas against stock)."""
+        stock = get_stock_state(self.sam)
+        if stock is None:
+            raise RuntimeError("this SAM was unpatched; there is no adapter to extract")
+        return extract_adapter(self.sam, stock)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predict K+1 class logits for a batch of images, without prompts.
+
+        Args:
+            images: (B, 3, S, S) float in model space ([0, 1] before the config's
+                pixel mean/std), S = config.image_size.
+
+        Returns:
+            "masks": (B, K+1, S, S) logits, "low_res_logits": (B, K+1, 4g, 4g),
+            "iou_predictions": (B, K+1); channel 0 is background.
+        """
+        size = self.config.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        sam = self.sam
+        x = (images - sam.pixel_mean) / sam.pixel_std
+        embeddings = sam.image_encoder(x)  # (B, D, g, g)
+        # No prompts: sparse (1, 0, D) and dense no_mask_embed (1, D, g, g), broadcast over the
+        # batch inside the decoder exactly as the published SAMed forward does.
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+        low_res, iou = sam.mask_decoder.predict_masks(
+            image_embeddings=embeddings,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
+            dense_prompt_embeddings=dense,
+        )
+        masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        return {"masks": masks, "low_res_logits": low_res, "iou_predictions": iou}
+
+    def preprocess(self, slices: np.ndarray) -> np.ndarray:
+        """Raw intensities (..., H, W) -> float32 in [0, 1] using the config's intensity window."""
+        window = self.config.intensity_window
+        x = slices.astype(np.float32, copy=False)
+        if window is None:
+            if x.min() < 0.0 or x.max() > 1.0:
+                raise ValueError(
+                    f"values span [{x.min():g}, {x.max():g}] but this adapter expects inputs already in "
+                    "[0, 1] (its config has no intensity_window); scale the image to [0, 1] first"
+                )
+            return x
+        lo, hi = window
+        return (np.clip(x, lo, hi) - lo) / (hi - lo)
+
+    @torch.inference_mode()
+    def segment(self, array: Union[np.ndarray, torch.Tensor], *, batch_size: int = 8) -> np.ndarray:
+        """Label map for a slice or a volume of raw intensities.
+
+        Args:
+            array: (H, W) slice or (D, H, W) volume of axial slices, raw intensities (Hounsfield
+                units for CT with the default window).
+            batch_size: slices per forward pass.
+
+        Returns:
+            Integer labels 0..K with the input's shape (uint8 when K < 255).
+        """
+        volume = _check_image(array)
+        squeeze = volume.ndim == 2
+        volume = self.preprocess(volume[None] if squeeze else volume)
+        depth, height, width = volume.shape
+        size = self.config.image_size
+        param = next(self.sam.image_encoder.parameters())
+        dtype = np.uint8 if self.config.num_classes < 255 else np.int32
+        labels = np.empty((depth, height, width), dtype=dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, depth, max(1, int(batch_size))):
+                chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
+                x = chunk.to(param.device, torch.float32).unsqueeze(1)  # (b, 1, H, W)
+                x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
+                                  antialias=height > size or width > size)
+                logits = self(x.expand(-1, 3, -1, -1).to(param.dtype))["masks"]
+                pred = logits.argmax(dim=1, keepdim=True).float()  # (b, 1, S, S)
+                pred = F.interpolate(pred, (height, width), mode="nearest")
+                labels[start : start + batch_size] = pred[:, 0].to(torch.int32).cpu().numpy()
+        finally:
+            self.train(was_training)
+        return labels[0] if squeeze else labels
+
+
+def _check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    volume = np.asarray(array)
+    if volume.ndim not in (2, 3):
+        raise ValueError(
+            f"expected a (H, W) slice or a (D, H, W) volume, got an array of shape {volume.shape}; "
+            "drop channel axes (e.g. array[..., 0]) or split 4-D series first"
+        )
+    if volume.size == 0:
+        raise ValueError(f"the image is empty (shape {volume.shape})")
+    if volume.dtype.kind not in "biuf":
+        raise ValueError(f"expected numeric intensities, got dtype {volume.dtype}")
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+    return volume

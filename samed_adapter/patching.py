@@ -1,0 +1,152 @@
+"""The public entry points that change a SAM: `patch`, `inject` and `unpatch`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Union
+
+from segment_anything.modeling import Sam
+
+from .adapter import Adapter, AdapterMismatchError, BaseMismatchError
+from .backbones import infer_backbone
+from .config import AdapterConfig
+from .model import SAMed
+from .surgery import (
+    StockState,
+    encoder_lora_layers,
+    get_stock_state,
+    restore_stock,
+    set_structure,
+    set_trainable,
+    stock_fingerprint,
+    take_stock,
+)
+from .transfer import check_fits, expected_tensors, load_values, reset_values
+
+AdapterSource = Union[Adapter, str, os.PathLike]
+
+
+def patch(
+    sam: Union[Sam, SAMed],
+    adapter: AdapterSource,
+    *,
+    allow_base_mismatch: bool = False,
+    merge: bool = False,
+) -> SAMed:
+    """Turn a stock SAM into SAMed with `adapter`, in place; on a patched SAM, hot-swap.
+
+    Everything is validated before anything changes: a failed patch leaves `sam` exactly as it
+    was. Swapping never reloads the base: the stock tensors kept at the first patch are reused.
+
+    Args:
+        sam: a stock `segment_anything` Sam (or one already patched, or its SAMed view).
+        adapter: an Adapter or the path of an adapter `.safetensors` file.
+        allow_base_mismatch: accept an adapter trained on different stock SAM weights.
+        merge: fold the encoder LoRA into `qkv` (fastest inference; `model.unmerge()` undoes it).
+
+    Returns:
+        The SAMed model around `sam`.
+    """
+    sam = _as_sam(sam)
+    if not isinstance(adapter, Adapter):
+        adapter = _load(adapter)
+    stock = get_stock_state(sam)
+    config = _config_for(sam, adapter.config)
+    fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
+    if adapter.base_fingerprint != fingerprint and not allow_base_mismatch:
+        raise BaseMismatchError(
+            f"the adapter was made for stock SAM weights {adapter.base_fingerprint[:19]}..., but this SAM's are "
+            f"{fingerprint[:19]}...; load the checkpoint it was trained on, or pass allow_base_mismatch=True "
+            "to apply it anyway"
+        )
+    prompt_state = stock.prompt_state if stock is not None else sam.prompt_encoder.state_dict()
+    stock_decoder = stock.mask_decoder if stock is not None else sam.mask_decoder
+    check_fits(adapter, _expected(stock, sam, prompt_state, stock_decoder, config))
+    return _apply(sam, stock, config, fingerprint, lambda s: load_values(sam, s, adapter), merge)
+
+
+def inject(sam: Union[Sam, SAMed], config: AdapterConfig) -> SAMed:
+    """A fresh, trainable SAMed adapter on `sam` (in place): LoRA B = 0, so the encoder is stock.
+
+    The stock encoder is frozen; the LoRA, the prompt encoder and the decoder are trainable
+    (for the decoder-LoRA variant, the decoder transformer stays frozen but for its LoRA).
+    The K+1-sized decoder parts are freshly initialised from torch's global RNG.
+    """
+    sam = _as_sam(sam)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"inject takes an AdapterConfig, got {type(config).__name__}")
+    stock = get_stock_state(sam)
+    config = _config_for(sam, config)
+    fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
+    if stock is not None:
+        sam.mask_decoder = stock.mask_decoder  # so that set_structure builds a freshly initialised one
+    return _apply(sam, stock, config, fingerprint, lambda s: reset_values(sam, s), merge=False)
+
+
+def unpatch(sam: Union[Sam, SAMed]) -> Sam:
+    """Restore the stock SAM: the same modules, parameters and values as before the first patch."""
+    return restore_stock(_as_sam(sam))
+
+
+def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_values, merge: bool) -> SAMed:
+    first = stock is None
+    was_merged = any(layer.merged for layer in encoder_lora_layers(sam).values())
+    try:
+        if first:
+            stock = take_stock(sam, config, fingerprint)
+        elif stock.pos_embed.device != sam.pixel_mean.device:
+            stock.to(sam.pixel_mean.device)
+        for layer in encoder_lora_layers(sam).values():
+            layer.unmerge()
+        set_structure(sam, stock, config)
+        write_values(stock)
+        set_trainable(sam, config)
+        model = SAMed(sam)
+        if merge or was_merged:
+            model.merge()
+    except BaseException:
+        if first:
+            restore_stock(sam)
+        raise
+    return model
+
+
+def _as_sam(sam: Union[Sam, SAMed]) -> Sam:
+    if isinstance(sam, SAMed):
+        return sam.sam
+    if not isinstance(sam, Sam):
+        raise TypeError(
+            f"expected a segment_anything Sam (e.g. sam_model_registry['vit_b'](checkpoint=...)), "
+            f"got {type(sam).__name__}"
+        )
+    return sam
+
+
+def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
+    """The config with its backbone filled in, after checking it fits this SAM's encoder."""
+    backbone = infer_backbone(sam)
+    if config.backbone is not None and config.backbone != backbone:
+        raise AdapterMismatchError(
+            f"the adapter is for a {config.backbone} SAM but this SAM is {backbone}; "
+            f"build sam_model_registry[{config.backbone!r}] instead"
+        )
+    depth = len(sam.image_encoder.blocks)
+    if config.lora_blocks is not None and max(config.lora_blocks) >= depth:
+        raise AdapterMismatchError(f"lora_blocks {config.lora_blocks} name blocks beyond this encoder's {depth}")
+    return dataclasses.replace(config, backbone=backbone)
+
+
+def _expected(stock: StockState | None, sam: Sam, prompt_state, stock_decoder, config: AdapterConfig):
+    # The table depends only on the structure, so a hot swap between adapters of one shape
+    # reuses it instead of rebuilding it.
+    structure = (config.rank, tuple(config.lora_blocks or ()), config.num_classes, config.decoder_lora,
+                 config.decoder_lora_rank, config.lora_scale)
+    cache = stock.__dict__.setdefault("_expected_cache", {}) if stock is not None else {}
+    if structure not in cache:
+        cache[structure] = expected_tensors(sam, prompt_state, stock_decoder, config)
+    return cache[structure]
+
+
+def _load(source: Union[str, os.PathLike]) -> Adapter:
+    return Adapter.load(source)
