@@ -8,6 +8,7 @@ Naming follows peft: the wrapped layer is `base_layer`, the bypass halves `lora_
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -121,6 +122,10 @@ def wrap_linear_with_peft(layer: nn.Linear, rank: int, scale: float) -> nn.Modul
 
 
 def is_peft_lora(module: nn.Module) -> bool:
+    # Importing peft costs seconds (it pulls in transformers); if nobody has imported it yet,
+    # no module can be one of its layers.
+    if "peft" not in sys.modules:
+        return False
     from peft.tuners.lora.layer import LoraLayer
 
     return isinstance(module, LoraLayer)

@@ -99,9 +99,10 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
             stock.to(sam.pixel_mean.device)
         for layer in encoder_lora_layers(sam).values():
             layer.unmerge()
-        set_structure(sam, stock, config)
+        rebuilt = set_structure(sam, stock, config)
         write_values(stock)
-        set_trainable(sam, config)
+        if first or rebuilt:
+            set_trainable(sam, config)
         model = SAMed(sam)
         if merge or was_merged:
             model.merge()

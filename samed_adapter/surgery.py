@@ -263,20 +263,26 @@ def file_lora_key(live_key: str) -> str:
     return live_key.replace(".default.", ".")
 
 
-def set_structure(sam: Sam, stock: StockState, config: AdapterConfig) -> None:
-    """Make `sam`'s modules match `config` (values are set separately), reusing what matches."""
+def set_structure(sam: Sam, stock: StockState, config: AdapterConfig) -> bool:
+    """Make `sam`'s modules match `config` (values are set separately), reusing what matches.
+
+    Returns whether any module was rebuilt.
+    """
+    before = (sam.prompt_encoder, sam.mask_decoder, [blk.attn.qkv for blk in sam.image_encoder.blocks])
+    device = sam.pixel_mean.device
     if sam.image_encoder.img_size != config.image_size or sam.prompt_encoder is stock.prompt_encoder:
         set_image_size(sam, stock, config.image_size)
-        sam.prompt_encoder = build_prompt_encoder(stock.prompt_encoder, config.image_size).to(
-            device=stock.pixel_mean.device
-        )
+        sam.prompt_encoder = build_prompt_encoder(stock.prompt_encoder, config.image_size).to(device)
     set_encoder_lora(sam, config)
     if sam.mask_decoder is stock.mask_decoder or not decoder_structure_matches(sam.mask_decoder, config):
-        sam.mask_decoder = build_mask_decoder(stock.mask_decoder, config)
-    device = sam.pixel_mean.device
+        sam.mask_decoder = build_mask_decoder(stock.mask_decoder, config, device=device)
     sam.register_buffer("pixel_mean", torch.tensor(config.pixel_mean, device=device).view(-1, 1, 1), False)
     sam.register_buffer("pixel_std", torch.tensor(config.pixel_std, device=device).view(-1, 1, 1), False)
     stock.config = config
+    after = (sam.prompt_encoder, sam.mask_decoder, [blk.attn.qkv for blk in sam.image_encoder.blocks])
+    return before[0] is not after[0] or before[1] is not after[1] or any(
+        a is not b for a, b in zip(before[2], after[2])
+    )
 
 
 def set_trainable(sam: Sam, config: AdapterConfig) -> None:
