@@ -1,0 +1,224 @@
+"""PNG montages of axial slices with coloured label overlays, for quick review.
+
+Rendering uses numpy and Pillow only (no matplotlib), so pixel positions are
+exact: every panel is the slice, upscaled by an integer factor, drawn at a
+fixed place in the grid.  Slices are shown as stored (array row 0 at the top,
+column 0 at the left); nothing is reoriented.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from samed_adapter.io.volumes import atomic_path
+
+__all__ = ["colour_table", "overlay_montage"]
+
+# Strong, mutually distinct colours first (Trubetskoy's 20-colour list with
+# greys, white and pastels dropped, as they vanish on a CT/MR grayscale).
+_BASE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+    (170, 110, 40), (128, 0, 0), (128, 128, 0), (0, 0, 128), (250, 190, 212),
+    (170, 255, 195),
+)
+
+_ALPHA = 0.5  # label opacity: the anatomy stays visible under the colour
+_PAD = 6  # px around tiles
+_GAP = 2  # px between the panels of one tile
+_MIN_PANEL = 256  # px; small slices are upscaled to at least this on the long side
+_BG = (0, 0, 0)
+_TEXT = (255, 255, 255)
+
+
+def colour_table(num_classes: int) -> np.ndarray:
+    """Fixed colours for label values ``0..num_classes``.
+
+    Returns:
+        ``(num_classes + 1, 3)`` uint8; row 0 (background) is black and is
+        never drawn, row ``c`` is the colour of class ``c``.  The first 16
+        colours are hand-picked; further ones step the hue by the golden
+        ratio so neighbours stay distinguishable.  The same ``c`` always gets
+        the same colour, whatever ``num_classes`` is.
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    table = np.zeros((num_classes + 1, 3), dtype=np.uint8)
+    for c in range(1, num_classes + 1):
+        if c <= len(_BASE_COLOURS):
+            table[c] = _BASE_COLOURS[c - 1]
+        else:
+            hue = ((c - len(_BASE_COLOURS)) * 0.618033988749895) % 1.0
+            sat, val = (0.85, 0.95) if c % 2 else (0.6, 0.8)
+            table[c] = np.round(np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255)
+    return table
+
+
+def _as_slices(name: str, array: np.ndarray) -> np.ndarray:
+    """View a ``(H, W)`` or ``(D, H, W)`` array as ``(D, H, W)``."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be (H, W) or (D, H, W), got shape {array.shape}")
+    return array
+
+
+def _check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:
+    if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not (labels == np.round(labels)).all():
+            raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes):
+        raise ValueError(
+            f"{name} holds values {int(labels.min())}..{int(labels.max())} but class_names "
+            f"names {num_classes} classes (label 1..{num_classes}); pass one name per label value"
+        )
+
+
+def _pick_slices(foreground: np.ndarray, depth: int, max_slices: int) -> list[int]:
+    """Up to ``max_slices`` indices spread evenly over the slices with foreground."""
+    candidates = np.flatnonzero(foreground) if foreground.any() else np.arange(depth)
+    count = min(max_slices, candidates.size)
+    picks = np.round(np.linspace(0, candidates.size - 1, count)).astype(int)
+    return sorted({int(candidates[i]) for i in picks})
+
+
+def _to_gray(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Window ``(H, W)`` intensities to uint8 gray."""
+    lo, hi = window
+    scaled = (np.nan_to_num(image.astype(np.float64), nan=lo) - lo) / max(hi - lo, 1e-12)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _blend(gray: np.ndarray, labels: np.ndarray | None, colours: np.ndarray) -> np.ndarray:
+    """``(H, W)`` gray + labels -> ``(H, W, 3)`` uint8; label 0 stays see-through."""
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if labels is None:
+        return rgb
+    mask = labels > 0
+    tint = colours[labels[mask].astype(np.intp)].astype(np.float64)
+    rgb[mask] = np.round((1 - _ALPHA) * rgb[mask] + _ALPHA * tint).astype(np.uint8)
+    return rgb
+
+
+def overlay_montage(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    truth: np.ndarray | None = None,
+    max_slices: int = 12,
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """Write a PNG grid of axial slices with the labels drawn in colour.
+
+    Args:
+        image: intensities, ``(D, H, W)`` or ``(H, W)`` (a ``Volume.array``).
+        labels: predicted class ids, same shape; 0 is background.
+        class_names: names of labels ``1..K`` in order (``class_names[0]``
+            names label 1).  A leading ``"background"`` entry is dropped, so
+            lists that include it also work.
+        path: output ``.png``; written atomically, folders created.
+        truth: optional reference labels, same shape.  Each tile then shows
+            ``image | truth | prediction`` side by side.
+        max_slices: at most this many tiles, spread evenly over the slices
+            where ``labels`` (or ``truth``) has foreground, or over all slices
+            when there is none.
+        window: ``(low, high)`` intensity window, e.g. ``(-160, 240)`` for CT
+            abdomen; by default the 0.5th..99.5th percentile of the shown slices.
+
+    Layout: each tile is ``tile_w = n_panels * W*s + (n_panels - 1) * 2`` by
+    ``tile_h = H*s`` pixels (``s = max(1, 256 // max(H, W))``) under a
+    one-line caption; ``max(1, round(sqrt(n_tiles * tile_h / tile_w)))`` columns keep
+    the sheet roughly square, with 6 px padding; a legend of colour swatches
+    and class names closes the bottom.
+
+    Returns:
+        ``Path(path)``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = list(class_names)
+    if names and names[0].strip().lower() in ("background", "bg"):
+        names = names[1:]
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    volume, pred = _as_slices("image", image), _as_slices("labels", labels)
+    ref = None if truth is None else _as_slices("truth", truth)
+    for name, other in (("labels", pred), ("truth", ref)):
+        if other is not None and other.shape != volume.shape:
+            raise ValueError(f"{name} shape {other.shape} differs from image {volume.shape}")
+        if other is not None:
+            _check_labels(name, other, len(names))
+
+    foreground = (pred > 0).any(axis=(1, 2))
+    if ref is not None:
+        foreground |= (ref > 0).any(axis=(1, 2))
+    picks = _pick_slices(foreground, volume.shape[0], max_slices)
+    if window is not None and not window[1] > window[0]:
+        raise ValueError(f"window must be (low, high) with high > low, got {window}")
+    if window is None:
+        finite = volume[picks][np.isfinite(volume[picks])]
+        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+        window = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    colours = colour_table(len(names))
+
+    height, width = volume.shape[1:]
+    scale = max(1, _MIN_PANEL // max(height, width))
+    n_panels = 1 if ref is None else 3
+    tile_w = n_panels * width * scale + (n_panels - 1) * _GAP
+    tile_h = height * scale
+    font = ImageFont.load_default()
+    line_h = int(font.getbbox("Ag")[3]) + 4
+    cols = min(len(picks), max(1, round(math.sqrt(len(picks) * tile_h / tile_w))))
+    rows = math.ceil(len(picks) / cols)
+    grid_w = cols * tile_w + (cols + 1) * _PAD
+    grid_h = rows * (line_h + tile_h) + (rows + 1) * _PAD
+
+    # Legend entries wrap onto as many lines as the grid width needs.
+    swatch = line_h - 4
+    entries = [(c + 1, f"{c + 1}: {n}") for c, n in enumerate(names)]
+    widths = [swatch + 4 + int(font.getlength(text)) + 12 for _, text in entries]
+    canvas_w = max(grid_w, max(widths, default=0) + 2 * _PAD)
+    lines, x = 1, _PAD
+    for w in widths:
+        if x + w > canvas_w - _PAD and x > _PAD:
+            lines, x = lines + 1, _PAD
+        x += w
+    canvas = Image.new("RGB", (canvas_w, grid_h + lines * line_h + _PAD), _BG)
+    draw = ImageDraw.Draw(canvas)
+
+    def upscale(rgb: np.ndarray) -> Image.Image:
+        return Image.fromarray(np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1))
+
+    for n, z in enumerate(picks):
+        top = _PAD + (n // cols) * (line_h + tile_h + _PAD)
+        left = _PAD + (n % cols) * (tile_w + _PAD)
+        gray = _to_gray(volume[z], window)
+        panels = [pred[z]] if ref is None else [None, ref[z], pred[z]]
+        caption = f"slice {z}" + ("   image | truth | prediction" if ref is not None else "")
+        draw.text((left, top + 1), caption, fill=_TEXT, font=font)
+        for p, lab in enumerate(panels):
+            x0 = left + p * (width * scale + _GAP)
+            canvas.paste(upscale(_blend(gray, lab, colours)), (x0, top + line_h))
+
+    x, y = _PAD, grid_h
+    for (label, text), w in zip(entries, widths, strict=True):
+        if x + w > canvas_w - _PAD and x > _PAD:
+            x, y = _PAD, y + line_h
+        fill = tuple(int(v) for v in colours[label])
+        draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=fill)
+        draw.text((x + swatch + 4, y + 1), text, fill=_TEXT, font=font)
+        x += w
+
+    out = Path(path)
+    with atomic_path(out) as tmp, open(tmp, "xb") as fh:
+        canvas.save(fh, format="PNG")
+    return out
