@@ -1,0 +1,413 @@
+"""Dataset readers: SAMed's preprocessed Synapse files and nnU-Net / MSD NIfTI folders.
+
+Every slice dataset returns ``{"image": (H, W) float32 in [0, 1], "label": (H, W) int64,
+"case": str, "slice": int}`` (numpy arrays); augmentation is a separate ``transform`` callable
+(e.g. :class:`~samed_adapter.training.augment.SliceAugment`) applied to that dict. Volume datasets
+return ``{"image": (D, H, W) float32, "label": (D, H, W) int64, "case": str}`` (NIfTI ones add
+``"spacing"`` and ``"affine"``), D being the axis that the slice datasets cut along.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import h5py
+import nibabel as nib
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..config import CT_ABDOMEN_WINDOW
+from .augment import _as_int_label
+
+__all__ = [
+    "SYNAPSE_LABEL_MAP",
+    "SynapseSlices",
+    "SynapseVolumes",
+    "NiftiSlices",
+    "NiftiVolumes",
+    "find_nifti_cases",
+    "split_cases",
+]
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample], Sample]
+PathLike = Union[str, Path]
+
+# Raw Synapse / BTCV label -> SAMed's 8 classes (spleen, right kidney, left kidney, gallbladder,
+# liver, stomach, aorta, pancreas); oesophagus, IVC, veins and adrenals (5, 9, 10, 12, 13) -> 0.
+SYNAPSE_LABEL_MAP: dict[int, int] = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
+# Preprocessed images should be in [0, 1]; allow float round-off from whoever wrote them.
+_RANGE_TOL = 1e-3
+_SLICE_NAME = re.compile(r"^(?P<case>.+)_slice(?P<slice>\d+)$")
+
+
+def _listed_files(root: Path, folder: str, list_file: PathLike, suffix: str) -> tuple[Path, list[str]]:
+    """(root/folder, names read from list_file), checking that every root/folder/<name><suffix> exists."""
+    data_dir = root / folder
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir} is not a folder; expected root/{folder}/<name>{suffix} (SAMed's Synapse layout)")
+    given = Path(list_file)
+    found = [p for p in (given, root / given) if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"list file {str(list_file)!r} not found (looked at {given} and {root / given}); expected a text file with "
+            "one name per line, e.g. lists_Synapse/train.txt or test_vol.txt from the SAMed/TransUNet repository"
+        )
+    names = [n for n in (line.strip() for line in found[0].read_text().splitlines()) if n and not n.startswith("#")]
+    if not names:
+        raise ValueError(f"list file {found[0]} names no samples; expected one name per line")
+    missing = [n for n in names if not (data_dir / f"{n}{suffix}").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} names listed in {found[0]} have no file in {data_dir}, e.g. {missing[0]}{suffix}; "
+            "check that the list file belongs to this data folder"
+        )
+    return data_dir, names
+
+
+def _check_image(image: np.ndarray, label: np.ndarray, ndim: int, where: object) -> tuple[np.ndarray, np.ndarray]:
+    if image.ndim != ndim or image.shape != label.shape:
+        raise ValueError(f"{where}: expected {ndim}-D image and label of equal shape, got {image.shape} and {label.shape}")
+    image = image.astype(np.float32, copy=False)
+    if image.size and (float(image.min()) < -_RANGE_TOL or float(image.max()) > 1 + _RANGE_TOL):
+        raise ValueError(
+            f"{where}: image intensities span [{image.min():.4g}, {image.max():.4g}] but preprocessed Synapse data is in "
+            "[0, 1]; raw CT must be windowed to [-125, 275] HU and scaled first (NiftiSlices does this)"
+        )
+    return image, _as_int_label(label, where)
+
+
+def _apply(transform: Optional[Transform], sample: Sample) -> Sample:
+    return sample if transform is None else transform(sample)
+
+
+class SynapseSlices(Dataset):
+    """Training slices of SAMed's preprocessed Synapse data.
+
+    Layout: ``root/train_npz/caseXXXX_sliceYYY.npz`` with ``image`` (H, W) float32 in [0, 1] and
+    ``label`` (H, W) with values 0..8; ``split_file`` lists the slice names, one per line (a path,
+    or relative to ``root``; e.g. ``lists_Synapse/train.txt``). Items:
+    ``{"image": (H, W) float32, "label": (H, W) int64, "case": "caseXXXX", "slice": YYY}`` passed
+    through ``transform``. Names not of the form ``<case>_slice<digits>`` get ``slice = -1``.
+    """
+
+    def __init__(self, root: PathLike, split_file: PathLike = "lists_Synapse/train.txt", *, transform: Optional[Transform] = None) -> None:
+        self.root = Path(root)
+        self.data_dir, self.names = _listed_files(self.root, "train_npz", split_file, ".npz")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> Sample:
+        name = self.names[index]
+        path = self.data_dir / f"{name}.npz"
+        with np.load(path) as data:
+            if "image" not in data or "label" not in data:
+                raise ValueError(f"{path} holds arrays {sorted(data.files)}; expected 'image' and 'label'")
+            image, label = _check_image(data["image"], data["label"], 2, path)
+        match = _SLICE_NAME.match(name)
+        case, slice_index = (match["case"], int(match["slice"])) if match else (name, -1)
+        return _apply(self.transform, {"image": image, "label": label, "case": case, "slice": slice_index})
+
+
+class SynapseVolumes(Dataset):
+    """Test volumes of SAMed's preprocessed Synapse data, for evaluation.
+
+    Layout: ``root/test_vol_h5/caseXXXX.npy.h5`` with datasets ``image`` (D, H, W) in [0, 1] and
+    ``label`` (D, H, W); ``list_file`` (a path, or relative to ``root``; e.g.
+    ``lists_Synapse/test_vol.txt``) names the cases. Items: ``{"image": (D, H, W) float32,
+    "label": (D, H, W) int64, "case": str}`` passed through ``transform``.
+    """
+
+    def __init__(self, root: PathLike, list_file: PathLike = "lists_Synapse/test_vol.txt", *, transform: Optional[Transform] = None) -> None:
+        self.root = Path(root)
+        self.data_dir, self.cases = _listed_files(self.root, "test_vol_h5", list_file, ".npy.h5")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> Sample:
+        case = self.cases[index]
+        path = self.data_dir / f"{case}.npy.h5"
+        with h5py.File(path, "r") as data:
+            if "image" not in data or "label" not in data:
+                raise ValueError(f"{path} holds datasets {sorted(data.keys())}; expected 'image' and 'label'")
+            image, label = _check_image(data["image"][()], data["label"][()], 3, path)
+        return _apply(self.transform, {"image": image, "label": label, "case": case})
+
+
+def _nifti_files(root: PathLike) -> tuple[Path, Path, dict[str, Path]]:
+    root = Path(root)
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{folder} is not a folder; expected root/imagesTr/<case>.nii.gz (or <case>_0000.nii.gz) and "
+                "root/labelsTr/<case>.nii.gz (nnU-Net / Medical Segmentation Decathlon layout)"
+            )
+    found: dict[str, Path] = {}
+    for path in sorted(images_dir.iterdir()):
+        match = re.fullmatch(r"(.+?)\.nii(\.gz)?", path.name)
+        # "._x.nii.gz" are macOS resource forks shipped inside the MSD tarballs, not images.
+        if match is None or path.name.startswith("."):
+            continue
+        case = stem = match[1]
+        channel = re.fullmatch(r"(.+)_(\d{4})", stem)
+        # nnU-Net names images <case>_0000; MSD names them <case>. The label file decides.
+        if channel and _label_path(labels_dir, stem) is None:
+            if channel[2] != "0000":
+                continue  # further channels of a multi-modal case; only channel 0 is read
+            case = channel[1]
+        if case in found:
+            raise ValueError(f"case {case!r} has two image files, {found[case].name} and {path.name}; keep one")
+        found[case] = path
+    return images_dir, labels_dir, found
+
+
+def _label_path(labels_dir: Path, case: str) -> Optional[Path]:
+    for suffix in (".nii.gz", ".nii"):
+        if (labels_dir / f"{case}{suffix}").is_file():
+            return labels_dir / f"{case}{suffix}"
+    return None
+
+
+def find_nifti_cases(root: PathLike) -> list[str]:
+    """Sorted case names in ``root/imagesTr`` (``x.nii.gz`` or nnU-Net's ``x_0000.nii.gz`` -> ``x``)."""
+    return sorted(_nifti_files(root)[2])
+
+
+def split_cases(cases: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split case names into ``(train, val)``, both sorted, by case (never by slice).
+
+    The result depends only on the set of names, ``val_fraction`` and ``seed`` (not on the input
+    order). ``round(val_fraction * n)`` cases go to validation, at least one when val_fraction > 0.
+    """
+    names = [str(c) for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError("cases contains duplicate names; pass each case once")
+    if not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = len(names)
+    n_val = int(math.floor(val_fraction * n + 0.5))
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    if n_val >= n and n_val > 0:
+        raise ValueError(f"val_fraction={val_fraction} of {n} cases leaves no training case; lower it or add cases")
+    ordered = sorted(names)
+    perm = np.random.default_rng(seed).permutation(n)
+    val = sorted(ordered[i] for i in perm[:n_val])
+    train = sorted(ordered[i] for i in perm[n_val:])
+    return train, val
+
+
+class _NiftiDataset(Dataset):
+    """Header index, lazy voxel access and intensity/label conversion shared by the NIfTI datasets."""
+
+    def __init__(
+        self,
+        root: PathLike,
+        cases: Optional[Sequence[str]] = None,
+        *,
+        window: Optional[tuple[float, float]] = CT_ABDOMEN_WINDOW,
+        percentiles: Optional[tuple[float, float]] = None,
+        label_map: Optional[Mapping[int, int]] = None,
+        axis: int = 2,
+        transform: Optional[Transform] = None,
+        max_cached_volumes: int = 2,
+    ) -> None:
+        if window is not None and percentiles is not None:
+            raise ValueError("give either window (CT) or percentiles (MR), not both; set the other to None")
+        self.window = _pair("window", window, None) if window is not None else None
+        self.percentiles = _pair("percentiles", percentiles, (0.0, 100.0)) if percentiles is not None else None
+        self.label_map = _check_label_map(label_map)
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2 (the voxel axis to slice along; 2 is axial for RAS data), got {axis!r}")
+        if not isinstance(max_cached_volumes, int) or max_cached_volumes < 0:
+            raise ValueError(f"max_cached_volumes must be a non-negative int, got {max_cached_volumes!r}")
+        self.axis, self.max_cached_volumes, self.transform = axis, max_cached_volumes, transform
+        self.root = Path(root)
+        images_dir, labels_dir, found = _nifti_files(self.root)
+        if cases is None and not found:
+            raise FileNotFoundError(f"no .nii.gz / .nii images in {images_dir}")
+        self.cases = sorted(found) if cases is None else [str(c) for c in cases]
+        unknown = [c for c in self.cases if c not in found]
+        if unknown:
+            raise FileNotFoundError(f"cases {unknown[:5]} have no image in {images_dir} (found {len(found)} cases)")
+        if len(set(self.cases)) != len(self.cases):
+            raise ValueError("cases contains duplicate names; pass each case once")
+        # Only headers are read here; voxel data stays on disk until a slice is asked for.
+        self.images: dict[str, Any] = {}
+        self.labels: dict[str, Any] = {}
+        for case in self.cases:
+            label_path = _label_path(labels_dir, case)
+            if label_path is None:
+                raise FileNotFoundError(f"no label for case {case!r}: expected {labels_dir / (case + '.nii.gz')}")
+            image, label = nib.load(found[case]), nib.load(label_path)
+            if len(image.shape) != 3:
+                raise ValueError(
+                    f"{found[case]} has shape {image.shape}; expected a 3-D volume (split multi-channel 4-D images "
+                    "into nnU-Net's <case>_0000.nii.gz, <case>_0001.nii.gz, ... files)"
+                )
+            if image.shape != label.shape:
+                raise ValueError(f"image {found[case]} has shape {image.shape} but label {label_path} has {label.shape}; they must match")
+            self.images[case], self.labels[case] = image, label
+        # Start of each case in the flat slice index (used by NiftiSlices).
+        self._offsets = np.cumsum([0] + [int(self.images[c].shape[axis]) for c in self.cases])
+        self._volumes: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bounds: dict[str, tuple[float, float]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a pickled copy under spawn: send the index, not cached volumes.
+        return {**self.__dict__, "_volumes": OrderedDict()}
+
+    def _slicer(self, k: int) -> tuple[Union[slice, int], ...]:
+        index: list[Union[slice, int]] = [slice(None)] * 3
+        index[self.axis] = k
+        return tuple(index)
+
+    def _read_image(self, case: str) -> np.ndarray:
+        # float32 holds CT/MR intensities exactly enough and halves the memory of float64.
+        return np.asarray(self.images[case].dataobj, dtype=np.float32)
+
+    def _cached_image(self, case: str) -> np.ndarray:
+        if case not in self._volumes:
+            self._volumes[case] = self._read_image(case)
+        self._volumes.move_to_end(case)
+        volume = self._volumes[case]
+        while len(self._volumes) > self.max_cached_volumes:
+            self._volumes.popitem(last=False)
+        return volume
+
+    def intensity_bounds(self, case: str, volume: Optional[np.ndarray] = None) -> Optional[tuple[float, float]]:
+        """(lo, hi) mapped to (0, 1) for ``case``: the window, the volume's percentiles, or None.
+
+        Percentiles are computed on first use per process; calling this for every case before
+        starting DataLoader workers computes them once instead of once per worker.
+        """
+        if self.percentiles is None:
+            return self.window
+        if case not in self._bounds:
+            lo, hi = np.percentile(self._cached_image(case) if volume is None else volume, self.percentiles)
+            self._bounds[case] = (float(lo), float(hi))
+        return self._bounds[case]
+
+    def _normalise(self, case: str, raw: np.ndarray, volume: Optional[np.ndarray] = None) -> np.ndarray:
+        bounds = self.intensity_bounds(case, volume)
+        if bounds is None:
+            return raw.astype(np.float32)
+        lo, hi = bounds
+        if hi <= lo:  # constant volume
+            return np.zeros(raw.shape, dtype=np.float32)
+        return ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+    def _remap(self, raw: np.ndarray, case: str) -> np.ndarray:
+        label = _as_int_label(raw, f"label of case {case!r}")
+        if self.label_map is None:
+            return label
+        out = np.zeros_like(label)
+        for source, target in self.label_map.items():
+            out[label == source] = target
+        return out
+
+
+def _pair(name: str, value: Sequence[float], limits: Optional[tuple[float, float]]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (lo, hi), got {value!r}") from None
+    if not lo < hi or (limits is not None and not limits[0] <= lo < hi <= limits[1]):
+        raise ValueError(f"{name} must be (lo, hi) with lo < hi{' inside ' + str(limits) if limits else ''}, got {value!r}")
+    return lo, hi
+
+
+def _check_label_map(label_map: Optional[Mapping[int, int]]) -> Optional[dict[int, int]]:
+    if label_map is None:
+        return None
+    try:
+        checked = {int(k): int(v) for k, v in dict(label_map).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"label_map must map raw int labels to new int labels, got {label_map!r}") from None
+    if any(v < 0 for v in checked.values()):
+        raise ValueError(f"label_map targets must be non-negative class indices, got {label_map!r}")
+    return checked
+
+
+class NiftiSlices(_NiftiDataset):
+    """2-D slices drawn lazily from 3-D NIfTI volumes in the nnU-Net / MSD layout.
+
+    Reads ``root/imagesTr/<case>.nii.gz`` (or
+    nnU-Net's ``<case>_0000.nii.gz``) and ``root/labelsTr/<case>.nii.gz``; ``cases=None`` takes
+    all (see :func:`find_nifti_cases`, :func:`split_cases`). Construction reads only headers, to
+    index every (case, slice); an item reads one slice (``dataobj[..., k]`` for ``axis=2``), so
+    volumes never sit in memory together. Voxel axes are used as stored (no reorientation).
+
+    Intensities: ``window=(lo, hi)`` (CT) clips to [lo, hi] and scales to [0, 1];
+    ``percentiles=(p_lo, p_hi)`` (MR; with ``window=None``) does the same between per-volume
+    percentiles, computed from the whole volume on first use and cached per process (the volume
+    goes to an LRU cache of ``max_cached_volumes`` and later slices are cut from it); both None:
+    raw values. ``label_map`` (e.g. :data:`SYNAPSE_LABEL_MAP`) maps raw -> new labels, every
+    unmapped label becoming 0.
+
+    Items: ``{"image": (H, W) float32, "label": (H, W) int64, "case": str, "slice": k}``, (H, W)
+    being the two voxel axes other than ``axis``, passed through ``transform``.
+    """
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Dataset index -> (case, slice index along ``axis``)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} slices")
+        index %= n
+        i = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return self.cases[i], int(index - self._offsets[i])
+
+    def __getitem__(self, index: int) -> Sample:
+        case, k = self.locate(index)
+        self.intensity_bounds(case)  # percentile mode: may load (and cache) the whole volume once
+        if case in self._volumes:
+            self._volumes.move_to_end(case)
+            raw = self._volumes[case][self._slicer(k)]
+        else:
+            raw = np.asarray(self.images[case].dataobj[self._slicer(k)], dtype=np.float32)
+        label = self._remap(np.asarray(self.labels[case].dataobj[self._slicer(k)]), case)
+        return _apply(self.transform, {"image": self._normalise(case, raw), "label": label, "case": case, "slice": k})
+
+
+class NiftiVolumes(_NiftiDataset):
+    """Whole NIfTI volumes for evaluation; same layout and options as :class:`NiftiSlices`
+    (``max_cached_volumes`` is unused: each volume is read once per item).
+
+    Items: ``{"image": (D, H, W) float32, "label": (D, H, W) int64, "case": str,
+    "spacing": (3,) float64 voxel sizes in (D, H, W) order, "affine": (4, 4) float64}`` with D
+    the ``axis`` dimension moved first, so ``image[k]`` equals NiftiSlices' slice k. The affine
+    is the file's, for the stored axis order: ``np.moveaxis(pred, 0, axis)`` before saving with it.
+    """
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> Sample:
+        case = self.cases[index]
+        raw = self._read_image(case)
+        image = np.moveaxis(self._normalise(case, raw, volume=raw), self.axis, 0)
+        label = np.moveaxis(self._remap(np.asarray(self.labels[case].dataobj), case), self.axis, 0)
+        header = self.images[case]
+        zooms = np.asarray(header.header.get_zooms()[:3], dtype=np.float64)
+        sample = {
+            "image": np.ascontiguousarray(image),
+            "label": np.ascontiguousarray(label),
+            "case": case,
+            "spacing": np.concatenate([zooms[[self.axis]], np.delete(zooms, self.axis)]),
+            "affine": np.asarray(header.affine, dtype=np.float64),
+        }
+        return _apply(self.transform, sample)
