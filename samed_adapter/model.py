@@ -91,32 +91,31 @@ class SAMed(nn.Module):
     def preprocess(self, slices: np.ndarray) -> np.ndarray:
         """Raw intensities (..., H, W) -> float32 in [0, 1] using the config's intensity window."""
         window = self.config.intensity_window
-        x = slices.astype(np.float32, copy=False)
         if window is None:
-            if x.min() < 0.0 or x.max() > 1.0:
-                raise ValueError(
-                    f"values span [{x.min():g}, {x.max():g}] but this adapter expects inputs already in "
-                    "[0, 1] (its config has no intensity_window); scale the image to [0, 1] first"
-                )
-            return x
+            return _check_unit_range(slices)
+        x = slices.astype(np.float32, copy=False)
         lo, hi = window
         return (np.clip(x, lo, hi) - lo) / (hi - lo)
 
     @torch.inference_mode()
-    def segment(self, array: Union[np.ndarray, torch.Tensor], *, batch_size: int = 8) -> np.ndarray:
+    def segment(
+        self, array: Union[np.ndarray, torch.Tensor], *, batch_size: int = 8, preprocessed: bool = False
+    ) -> np.ndarray:
         """Label map for a slice or a volume of raw intensities.
 
         Args:
             array: (H, W) slice or (D, H, W) volume of axial slices, raw intensities (Hounsfield
                 units for CT with the default window).
             batch_size: slices per forward pass.
+            preprocessed: the values are already in [0, 1] (skip the intensity window).
 
         Returns:
             Integer labels 0..K with the input's shape (uint8 when K < 255).
         """
         volume = _check_image(array)
         squeeze = volume.ndim == 2
-        volume = self.preprocess(volume[None] if squeeze else volume)
+        volume = volume[None] if squeeze else volume
+        volume = _check_unit_range(volume) if preprocessed else self.preprocess(volume)
         depth, height, width = volume.shape
         size = self.config.image_size
         param = next(self.sam.image_encoder.parameters())
@@ -137,6 +136,16 @@ class SAMed(nn.Module):
         finally:
             self.train(was_training)
         return labels[0] if squeeze else labels
+
+
+def _check_unit_range(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(
+            f"values span [{x.min():g}, {x.max():g}] but inputs already in [0, 1] are expected here "
+            "(the adapter has no intensity_window, or preprocessed=True); scale the image to [0, 1] first"
+        )
+    return x
 
 
 def _check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:

@@ -194,7 +194,7 @@ def segmentation_loss(
         intersect, z_sum, y_sum = packed[:c], packed[c : 2 * c], packed[2 * c : 3 * c]
         ce_sum, count = packed[3 * c], packed[3 * c + 1]
 
-    if float(count) <= 0:
+    if float(count.detach()) <= 0:
         raise ValueError("the batch has no pixels (empty target); skip empty batches before computing the loss")
     ce = ce_sum / count
     per_class = _dice_from_sums(intersect, z_sum, y_sum, eps)

@@ -1,0 +1,12 @@
+"""The main job on the bundled real data: train, save, patch, segment, score, picture.
+
+    python examples/quickstart.py                 # a small random SAM on the CPU, a few minutes
+    python examples/quickstart.py --sam sam_vit_b_01ec64.pth --device cuda
+"""
+
+import sys
+
+from samed_adapter.quickstart import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Fine-tune a SAMed adapter: a thin front over samed_adapter.training.
+
+    python examples/train.py --data /data/Task03_Liver --format nifti --num-classes 2 \
+        --sam sam_vit_b_01ec64.pth -o runs/liver
+    torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs (DistributedDataParallel)
+    python examples/train.py --help                     # every flag, with the published defaults
+"""
+
+import sys
+
+from samed_adapter.training.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The SAMed training loop: one process or several (DistributedDataParallel), resumable.
+
+Determinism is by construction: the data order of epoch e is a permutation drawn from
+(seed, e), each slice's augmentation from (seed, e, index), and the global batch of an iteration
+is split between processes, so N processes with batch b see exactly the samples of one process
+with batch N * b, and a resumed run repeats exactly the iterations a killed one lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..model import SAMed
+from .augment import augment
+from .losses import all_reduce_sum, segmentation_loss
+from .schedule import lr_at, set_lr
+from .state import TrainingState, load_state, save_state
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The published ViT-B recipe: 200 epochs planned, stopped after 160, decay exponent 0.9.
+    "vit_b": dict(batch_size=24, max_epochs=200, stop_epoch=160, power=0.9),
+    # The published ViT-H recipe: 400 planned, stopped after 300, exponent 7, fp16, TF32, compile.
+    "vit_h": dict(batch_size=24, max_epochs=400, stop_epoch=300, power=7.0, precision="fp16", tf32=True,
+                  compile=True),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
+
+
+@dataclass
+class TrainConfig:
+    """Training options; the defaults are the published SAMed (ViT-B) recipe."""
+
+    output_dir: str = field(metadata={"help": "Where adapters, the training state and the log go."})
+    batch_size: int = field(default=24, metadata={"help": "Global batch (split across processes)."})
+    max_epochs: int = field(default=200, metadata={"help": "Epochs the lr schedule is planned for."})
+    stop_epoch: Optional[int] = field(default=160, metadata={"help": "Stop after this many epochs."})
+    base_lr: float = field(default=0.005, metadata={"help": "Base learning rate."})
+    warmup_iters: int = field(default=250, metadata={"help": "Linear warm-up iterations."})
+    power: float = field(default=0.9, metadata={"help": "Polynomial decay exponent."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
+    ce_weight: float = field(default=0.2, metadata={"help": "Weight of cross-entropy in the loss."})
+    dice_weight: float = field(default=0.8, metadata={"help": "Weight of Dice in the loss."})
+    seed: int = field(default=1234, metadata={"help": "Seed of data order and augmentation."})
+    augment: bool = field(default=True, metadata={"help": "Random rotations and flips."})
+    save_every: int = field(default=1, metadata={"help": "Checkpoint every N epochs (and at the end)."})
+    save_every_iters: int = field(default=0, metadata={"help": "Also checkpoint every N iterations (0: off)."})
+    val_every: int = field(default=0, metadata={"help": "Validate every N epochs (0: never)."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (with a gradient scaler)."})
+    tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute encoder blocks in backward."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard."})
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "max_epochs", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop_epoch is not None and not 1 <= self.stop_epoch <= self.max_epochs:
+            raise ValueError(f"stop_epoch must be in 1..max_epochs ({self.max_epochs}), got {self.stop_epoch}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+class _Slices(Dataset):
+    """Items are (epoch, index): the slice `index`, augmented from a generator seeded by
+    (seed, epoch, index), so workers, processes and resumed runs all draw the same numbers."""
+
+    def __init__(self, dataset: Dataset, image_size: int, seed: int, train: bool) -> None:
+        self.dataset, self.image_size, self.seed, self.train = dataset, image_size, seed, train
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        epoch, index = key
+        item = self.dataset[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        out = augment(item["image"], item["label"], self.image_size, rng, train=self.train)
+        return {"image": out["image"], "low_res_label": out["low_res_label"]}
+
+
+class _GlobalBatches(Sampler):
+    """This process's share of each global batch, from iteration `start` on."""
+
+    def __init__(self, size: int, batch: int, iters_per_epoch: int, start: int, stop: int, seed: int,
+                 rank: int, world: int) -> None:
+        self.size, self.batch, self.per_epoch = size, batch, iters_per_epoch
+        self.start, self.stop, self.seed, self.rank, self.world = start, stop, seed, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for it in range(self.start, self.stop):
+            epoch, step = divmod(it, self.per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            global_batch = order[step * self.batch : (step + 1) * self.batch]
+            share = np.array_split(global_batch, self.world)[self.rank]
+            yield [(epoch, int(i)) for i in share]
+
+
+def iterations_per_epoch(num_slices: int, batch_size: int, world_size: int = 1) -> int:
+    """Full batches, plus the last partial one when every process gets at least one slice of it."""
+    full, rest = divmod(num_slices, batch_size)
+    return full + (1 if rest >= world_size else 0)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable tensors that reach the loss without prompts.
+
+    Without prompts only `no_mask_embed` of the prompt encoder is used, and the iou head's output
+    is not in the loss: their gradients would be None, so AdamW (as in the published code)
+    never changes them. Freezing them says so explicitly and keeps DDP free of unused parameters.
+    """
+    named = []
+    for name, param in model.sam.named_parameters():
+        unused = (name.startswith("prompt_encoder.") and name != "prompt_encoder.no_mask_embed.weight") or \
+            name.startswith("mask_decoder.iou_prediction_head.")
+        if unused:
+            param.requires_grad_(False)
+        elif param.requires_grad:
+            named.append((name, param))
+    return named
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(model: SAMed, enabled: bool):
+    """Recompute encoder blocks in the backward pass instead of storing their activations."""
+    blocks = list(model.sam.image_encoder.blocks) if enabled else []
+    for blk in blocks:
+        blk.forward = (lambda b: lambda x: checkpoint(type(b).forward, b, x, use_reentrant=False))(blk)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            del blk.forward
+
+
+def train(
+    model: SAMed,
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    val_volumes: Optional[Sequence] = None,
+    resume: bool = False,
+) -> Path:
+    """Train the adapter on `model` (made by `inject` or `patch`) in place.
+
+    Args:
+        dataset: 2-D slices, items {"image": (H, W) float in [0, 1], "label": (H, W) ints}.
+        val_volumes: volumes for validation (see `evaluate.evaluate`), every `val_every` epochs;
+            the adapter with the best mean Dice is kept as best.safetensors.
+        resume: continue from `output_dir/train_state.pt` if it exists.
+
+    Returns:
+        The path of the final adapter, `output_dir/adapter.safetensors`. Under
+        torch.distributed only rank 0 writes.
+    """
+    rank, world = _distributed()
+    out = Path(config.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    device = next(model.sam.image_encoder.parameters()).device
+    image_size = model.config.image_size
+    if config.batch_size < world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes")
+    per_epoch = iterations_per_epoch(len(dataset), config.batch_size, world)
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} slices, too few for one batch")
+    max_iters = config.max_epochs * per_epoch
+    stop_iters = (config.stop_epoch or config.max_epochs) * per_epoch
+
+    named = _trainable(model)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.base_lr, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    state = TrainingState(iteration=0, best_dice=None)
+    state_path = out / "train_state.pt"
+    if resume and state_path.exists():
+        state = load_state(state_path, named, optimizer, scaler)
+    if config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    reduce_fn = all_reduce_sum() if world > 1 else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+
+    sampler = _GlobalBatches(len(dataset), config.batch_size, per_epoch, state.iteration, stop_iters, config.seed,
+                             rank, world)
+    loader = DataLoader(_Slices(dataset, image_size, config.seed, config.augment), batch_sampler=sampler,
+                        num_workers=config.num_workers)
+    log = _Log(out, rank, state.iteration, config, total=stop_iters)
+    model.train()
+    it = state.iteration
+    with _checkpointed_blocks(model, config.activation_checkpointing), log:
+        for batch in loader:
+            # The published loop sets the lr after each step: step j runs at lr_at(j - 1).
+            lr = lr_at(max(it - 1, 0), base_lr=config.base_lr, warmup_iters=config.warmup_iters,
+                       max_iters=max_iters, power=config.power)
+            set_lr(optimizer, lr)
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch["low_res_label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = net(images)["low_res_logits"]
+            loss = segmentation_loss(logits.float(), target, ce_weight=config.ce_weight,
+                                     dice_weight=config.dice_weight, reduce_fn=reduce_fn)
+            if not torch.isfinite(loss.total):
+                log.close()
+                raise NonFiniteLossError(
+                    f"the loss became {loss.total.item()} at iteration {it} (epoch {it // per_epoch}); the run "
+                    f"stopped and the last good checkpoint in {out} is kept. Lower --base-lr or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss.total * loss.grad_scale).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            it += 1
+            log.step(it, lr, loss)
+            epoch_done = it % per_epoch == 0
+            epoch = it // per_epoch
+            if epoch_done and config.val_every and epoch % config.val_every == 0 and val_volumes is not None:
+                state.best_dice = _validate(model, val_volumes, out, rank, state.best_dice, epoch, log)
+            last = it == stop_iters
+            if last or (epoch_done and epoch % config.save_every == 0) or (
+                config.save_every_iters and it % config.save_every_iters == 0
+            ):
+                state.iteration = it
+                _save(model, named, optimizer, scaler, state, out, rank, epoch if epoch_done else None)
+    if rank == 0:
+        final = out / "adapter.safetensors"
+        model.adapter().save(final)
+    if world > 1:
+        dist.barrier()
+    return out / "adapter.safetensors"
+
+
+def _save(model: SAMed, named, optimizer, scaler, state: TrainingState, out: Path, rank: int,
+          epoch: Optional[int]) -> None:
+    if rank != 0:
+        return
+    adapter = model.adapter()
+    if epoch is not None:
+        adapter.save(out / f"adapter_epoch{epoch:03d}.safetensors")
+    adapter.save(out / "adapter_last.safetensors")
+    save_state(out / "train_state.pt", named, optimizer, scaler, state)
+
+
+def _validate(model: SAMed, volumes, out: Path, rank: int, best: Optional[float], epoch: int, log) -> Optional[float]:
+    from ..evaluate import evaluate
+
+    summary, _ = evaluate(model, volumes, protocol="default")
+    model.train()
+    dice = summary.mean_dice
+    log.record({"epoch": epoch, "val_mean_dice": dice, "val_class_dice": summary.class_dice})
+    if dice is not None and (best is None or dice > best):
+        best = dice
+        if rank == 0:
+            model.adapter().save(out / "best.safetensors")
+    return best
+
+
+class _Log:
+    """JSON lines of every iteration (rank 0), a tqdm bar, optionally TensorBoard."""
+
+    def __init__(self, out: Path, rank: int, start: int, config: TrainConfig, total: int) -> None:
+        self.path = out / "log.jsonl"
+        self.active = rank == 0
+        self.file = None
+        self.bar = None
+        self.writer = None
+        if not self.active:
+            return
+        if start == 0 or not self.path.exists():
+            lines = []
+        else:  # a resumed run repeats the iterations after its checkpoint: drop their old lines
+            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("iter", 0) <= start]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+        self.file = self.path.open("a")
+        if start == 0:
+            self.record({"config": dataclasses.asdict(config)})
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(initial=start, total=total, unit="it", desc="train", dynamic_ncols=True)
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def record(self, entry: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+
+    def step(self, it: int, lr: float, loss) -> None:
+        if not self.active:
+            return
+        values = {"loss": loss.total.item(), "ce": loss.ce.item(), "dice": loss.dice.item()}
+        self.record({"iter": it, "lr": lr, **values})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, it)
+            self.writer.add_scalar("train/lr", lr, it)
+
+    def close(self) -> None:
+        for handle in (self.bar, self.writer, self.file):
+            if handle is not None:
+                handle.close()
+        self.bar = self.writer = self.file = None
+
+    def __enter__(self) -> "_Log":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["RECIPES", "NonFiniteLossError", "TrainConfig", "iterations_per_epoch", "train"]

@@ -1,0 +1,159 @@
+"""Command-line front of training, shared by `examples/train.py` and `samed-adapter train`.
+
+    python examples/train.py --data DIR --format nifti --num-classes 8 --sam sam_vit_b_01ec64.pth -o runs/x
+    torchrun --nproc_per_node 2 examples/train.py ...      # DistributedDataParallel, one process per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .loop import RECIPES, TrainConfig, train
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _pair(text: str) -> Optional[tuple[float, float]]:
+    if text.lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -125,275) or none, got {text!r}") from None
+    return lo, hi
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="dataset folder (or where to write the MNI demo task)")
+    data.add_argument("--format", choices=["nifti", "synapse", "mni"], default="nifti",
+                      help="nifti: imagesTr/labelsTr (nnU-Net/Decathlon); synapse: the preprocessed "
+                           "train_npz + lists_Synapse layout; mni: build the bundled MNI152 demo task in --data")
+    data.add_argument("--num-classes", type=int, help="K foreground classes (default: 8, or 2 for mni)")
+    data.add_argument("--class-names", help="comma-separated K class names")
+    data.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: raw 1,2,3,4,6,7,8,11 -> 1..8)")
+    data.add_argument("--window", type=_pair, default=(-125.0, 275.0),
+                      help="CT intensity window LO,HI, or none (default -125,275)")
+    data.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI (with --window none)")
+    data.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of cases for validation")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--sam", help="stock SAM checkpoint (e.g. sam_vit_b_01ec64.pth)")
+    model.add_argument("--sam-backbone", help="with --random-sam-seed: build a SAM with random weights (tests, demos)")
+    model.add_argument("--random-sam-seed", type=int, help="seed of the random SAM weights")
+    model.add_argument("--image-size", type=int, default=512)
+    model.add_argument("--rank", type=int, default=4)
+    model.add_argument("--decoder-lora", action="store_true", help="the SAMed_s variant (LoRA in the decoder)")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+    run = parser.add_argument_group("training (defaults: the published ViT-B recipe)")
+    run.add_argument("-o", "--output", required=True, help="output folder")
+    run.add_argument("--recipe", choices=sorted(RECIPES), help="published recipe presets; flags given override them")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    for name, f in _FIELDS.items():
+        if name == "output_dir" or name == "betas":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if f.type in ("bool", bool):
+            run.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        elif name == "precision":
+            run.add_argument(flag, choices=["fp32", "bf16", "fp16"], default=None, help=f.metadata["help"])
+        else:
+            kind = float if "float" in str(f.type) else int
+            run.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    values = dict(RECIPES[args.recipe]) if args.recipe else {}
+    for name in _FIELDS:
+        value = getattr(args, name, None)
+        if value is not None and name != "output_dir":
+            values[name] = value
+    return TrainConfig(output_dir=args.output, **values)
+
+
+def _build_sam(args: argparse.Namespace):
+    from ..backbones import build_sam
+
+    if args.sam:
+        from ..cli import _stock_sam
+
+        return _stock_sam(args.sam)
+    if args.sam_backbone and args.random_sam_seed is not None:
+        print(f"warning: using a SAM with RANDOM weights ({args.sam_backbone}, seed {args.random_sam_seed}); "
+              "pass --sam sam_vit_b_01ec64.pth for real results")
+        return build_sam(args.sam_backbone, seed=args.random_sam_seed)
+    raise SystemExit("error: give --sam CHECKPOINT (or --sam-backbone NAME --random-sam-seed N for a random SAM)")
+
+
+def _datasets(args: argparse.Namespace):
+    from .data import SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, find_nifti_cases, split_cases
+
+    if args.format == "synapse":
+        return SynapseSlices(args.data), None
+    if args.format == "mni":
+        from ..demo import build_mni_task
+
+        build_mni_task(args.data)
+        window, percentiles, train_cases, val_cases = None, None, ["mni_train"], ["mni_val"]
+    else:
+        window, percentiles = args.window, args.percentiles
+        cases = find_nifti_cases(args.data)
+        train_cases, val_cases = split_cases(cases, args.val_fraction, seed=0) if args.val_fraction else (cases, [])
+    label_map = SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None
+    kwargs = dict(window=window, percentiles=percentiles, label_map=label_map)
+    slices = NiftiSlices(args.data, train_cases, **kwargs)
+    volumes = NiftiVolumes(args.data, val_cases, **kwargs) if val_cases else None
+    return slices, volumes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train", description="Fine-tune a SAMed adapter.",
+        epilog="example: python examples/train.py --format mni --data runs/mni --sam-backbone tiny "
+               "--random-sam-seed 0 --image-size 128 --batch-size 8 --max-epochs 20 --stop-epoch 20 -o runs/demo",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    import samed_adapter as sa
+
+    config = train_config(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    num_classes = args.num_classes or (2 if args.format == "mni" else 8)
+    names = args.class_names.split(",") if args.class_names else None
+    if names is None and args.format == "mni":
+        from ..demo import MNI_CLASS_NAMES
+
+        names = list(MNI_CLASS_NAMES)
+    elif names is None and num_classes == 8 and (args.format == "synapse" or args.label_map == "synapse"):
+        names = list(sa.SYNAPSE_CLASS_NAMES)
+    window = args.window if args.format == "nifti" and args.percentiles is None else None
+    adapter_config = sa.AdapterConfig(
+        num_classes=num_classes, rank=args.rank, image_size=args.image_size, class_names=names,
+        intensity_window=window, decoder_lora=args.decoder_lora,
+    )
+    sam = _build_sam(args).to(device)
+    torch.manual_seed(config.seed)  # the K-sized decoder parts start the same in every process and run
+    model = sa.inject(sam, adapter_config)
+    slices, volumes = _datasets(args)
+    path = train(model, slices, config, val_volumes=volumes, resume=args.resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"adapter: {path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
