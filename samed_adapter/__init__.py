@@ -13,6 +13,7 @@ from .backbones import build_sam, infer_backbone, list_backbones
 from .checkpoints import UnsafeCheckpointError
 from .convert import convert_published
 from .config import SYNAPSE_CLASS_NAMES, AdapterConfig
+from .hub import push_to_hub
 from .model import SAMed
 from .patching import inject, patch, unpatch
 from .surgery import stock_fingerprint
@@ -33,6 +34,7 @@ __all__ = [
     "inject",
     "list_backbones",
     "patch",
+    "push_to_hub",
     "stock_fingerprint",
     "unpatch",
 ]

@@ -130,16 +130,51 @@ class Adapter:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> "Adapter":
-        """Read an adapter file written by `save`.
+    def load(
+        cls,
+        path_or_repo_id: Union[str, os.PathLike],
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False,
+        token: Union[str, bool, None] = None,
+        device: Union[str, torch.device] = "cpu",
+    ) -> "Adapter":
+        """Read an adapter file written by `save`, from a local path or a Hugging Face Hub id.
+
+        A local path always wins: an existing file (or a folder holding `adapter.safetensors`)
+        is read even if its name looks like a Hub id. Otherwise a string `"org/name"` or
+        `"org/name@revision"` is resolved through the Hub cache (see `samed_adapter.hub`);
+        `revision`, `cache_dir`, `local_files_only` and `token` apply to Hub ids only.
 
         Raises:
-            FileNotFoundError: no file at `path`.
+            FileNotFoundError: no such file, and not a Hub id.
+            samed_adapter.hub.AdapterNotFoundError (a FileNotFoundError): the Hub id could not
+                be resolved (e.g. offline and not cached); the message says how to get the file.
             AdapterFormatError: not a safetensors file, or not a valid adapter.
+            ValueError: `revision` given with a local path.
         """
-        path = Path(path)
+        from .hub import ADAPTER_FILENAME, hf_hub_adapter_path, looks_like_repo_id
+
+        path = Path(path_or_repo_id)
+        if path.is_dir() and (path / ADAPTER_FILENAME).is_file():
+            path = path / ADAPTER_FILENAME
+        if path.exists():
+            if revision is not None:
+                raise ValueError(
+                    f"revision={revision!r} applies to Hub ids, but {path} is a local file (a local path wins "
+                    "over a Hub id); rename or move the local file to load the Hub adapter"
+                )
+        elif looks_like_repo_id(path_or_repo_id):
+            path = hf_hub_adapter_path(
+                os.fspath(path_or_repo_id), revision=revision, cache_dir=cache_dir,
+                local_files_only=local_files_only, token=token,
+            )
         if not path.is_file():
-            raise FileNotFoundError(f"no adapter file at {path}")
+            raise FileNotFoundError(
+                f"no adapter file at {path}; give the path of an adapter .safetensors file or a Hugging Face "
+                "Hub id such as 'org/name'"
+            )
         tensors, metadata = _read_safetensors(path, device)
         config, fingerprint = _parse_metadata(metadata, path)
         try:

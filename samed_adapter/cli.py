@@ -1,17 +1,35 @@
-"""`samed-adapter` command line: a thin front over the Python API."""
+"""`samed-adapter` command line: a thin front over the Python API.
+
+Each subcommand has one `add_<name>_parser(sub)` function that declares its arguments and sets
+`func` to its `cmd_<name>(args) -> int`; `build_parser` calls them in order, so adding a command
+is one more pair. Exit codes: 0 success, 1 some `segment` inputs failed (the others were
+written), 2 an error that stopped the command (message on stderr).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
-from typing import Optional, Sequence
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from segment_anything.modeling import Sam
+
+    from .model import SAMed
+
+_SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _stock_sam(checkpoint: str):
+def _stock_sam(checkpoint: str) -> "Sam":
     """Build the stock SAM a checkpoint file holds, its backbone read from the tensor shapes."""
     from .backbones import backbone_for_state_dict, build_sam
     from .checkpoints import load_state_dict_file
@@ -20,7 +38,8 @@ def _stock_sam(checkpoint: str):
     return build_sam(backbone, checkpoint=checkpoint)
 
 
-def _window(text: Optional[str]):
+def _window(text: Optional[str]) -> Union[None, str, tuple[float, float]]:
+    """--window LO,HI or none."""
     if text is None:
         return None
     if text.lower() == "none":
@@ -32,11 +51,36 @@ def _window(text: Optional[str]):
     return (lo, hi)
 
 
+def _warn(command: str, message: str) -> None:
+    """Print a warning for `command` on stderr."""
+    print(f"samed-adapter {command}: warning: {message}", file=sys.stderr)
+
+
+def _fail(command: str, message: str) -> None:
+    """Print an error for `command` on stderr (the caller decides the exit code)."""
+    print(f"samed-adapter {command}: error: {message}", file=sys.stderr)
+
+
+def _example_parser(
+    sub: _SubParsers, name: str, summary: str, example: str, description: Optional[str] = None
+) -> argparse.ArgumentParser:
+    """A subparser whose --help ends with a usage example."""
+    text = description or summary[:1].upper() + summary[1:] + "."
+    return sub.add_parser(
+        name, help=summary, description=textwrap.fill(text, 88), epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example's lines as written
+    )
+
+
+# --------------------------------------------------------------------------- convert
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    """`convert`: published SAMed .pth -> adapter .safetensors."""
     from .convert import convert_published
 
     sam = _stock_sam(args.sam)
-    kwargs = {}
+    kwargs: dict[str, object] = {}
     if args.window is not None:
         kwargs["intensity_window"] = None if args.window == "none" else args.window
     adapter = convert_published(
@@ -51,56 +95,328 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert_parser(sub: _SubParsers) -> None:
+    """Declare `convert` and its arguments."""
+    p = _example_parser(
+        sub, "convert", "published SAMed .pth -> adapter .safetensors",
+        "example: samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth",
+        "Convert a published SAMed checkpoint (either variant) into an adapter file.",
+    )
+    p.add_argument("checkpoint", help="the published SAMed .pth (read with weights_only=True)")
+    p.add_argument("output", help="the adapter .safetensors to write")
+    p.add_argument("--sam", required=True, help="the stock SAM checkpoint it was trained on")
+    p.add_argument("--image-size", type=int, default=512, help="input size it was trained at (default 512)")
+    p.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
+    p.add_argument("--window", type=_window, help="intensity window LO,HI, or none (default -125,275)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="store tensors as this dtype")
+    p.set_defaults(func=cmd_convert)
+
+
+# --------------------------------------------------------------------------- info
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    """`info`: print an adapter's config and sizes (a file or a Hub id)."""
     from .adapter import Adapter, describe
 
-    adapter = Adapter.load(args.adapter)
+    adapter = Adapter.load(args.adapter, revision=args.revision)
     print(f"file              {args.adapter}")
     print(describe(adapter))
     return 0
 
 
+def add_info_parser(sub: _SubParsers) -> None:
+    """Declare `info` and its arguments."""
+    p = _example_parser(
+        sub, "info", "print an adapter's config, tensor count, size and fingerprint",
+        "examples:\n  samed-adapter info synapse.safetensors\n  samed-adapter info org/synapse-adapter@v1",
+    )
+    p.add_argument("adapter", help="an adapter .safetensors file or a Hub id org/name[@revision]")
+    p.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    p.set_defaults(func=cmd_info)
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def _segment_sam(args: argparse.Namespace) -> "Sam":
+    """The stock SAM to patch: from --sam, or random weights from --sam-backbone/--random-sam-seed."""
+    from .backbones import build_sam
+
+    if args.sam is not None:
+        if args.random_sam_seed is not None:
+            raise ValueError("--random-sam-seed goes with --sam-backbone, not with --sam")
+        return _stock_sam(args.sam)
+    if args.random_sam_seed is None:
+        raise ValueError(
+            "--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and demos "
+            "only); pass --sam CKPT to segment with real SAM weights"
+        )
+    _warn("segment", f"using random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed}): "
+                     "predictions are meaningless; pass --sam CKPT for real segmentation")
+    return build_sam(args.sam_backbone, seed=args.random_sam_seed)
+
+
+def _overlay_path(label_path: Path) -> Path:
+    """`<name>_overlay.png` beside the label file `<name>.<suffix>`."""
+    name = label_path.name
+    for suffix in (".nii.gz", ".nii", ".png", ".npy"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return label_path.with_name(f"{name}_overlay.png")
+
+
+def _device(text: str) -> torch.device:
+    """--device as a torch.device that exists here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text} but CUDA is not available here; use --device cpu")
+    return device
+
+
+def _segment_one(model: "SAMed", source: str, out: Path, args: argparse.Namespace) -> list[Path]:
+    """Segment one input and write its labels (and overlay); returns what it wrote."""
+    from .io import overlay_montage, read_image, write_labels
+
+    volume = read_image(source)
+    try:
+        labels = model.segment(volume.array, batch_size=args.batch_size)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    written = [write_labels(labels, volume, out)]
+    if args.overlay:
+        try:
+            cfg = model.config
+            window = tuple(cfg.intensity_window) if cfg.intensity_window is not None else None
+            written.append(overlay_montage(volume.array, labels, cfg.class_names, _overlay_path(out), window=window))
+        except BaseException:
+            out.unlink(missing_ok=True)  # all or nothing per input
+            raise
+    return written
+
+
+def _plan_outputs(
+    inputs: Sequence[str], out_dir: Path, overlay: bool
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(input, label path) for each input whose output names are usable and unique; messages for the rest."""
+    from .io import output_path
+
+    plan: list[tuple[str, Path]] = []
+    problems: list[str] = []
+    taken: dict[Path, str] = {}
+    for source in inputs:
+        try:
+            out = output_path(source, out_dir)
+        except ValueError as err:
+            problems.append(f"{source}: {err}")
+            continue
+        outs = [out, _overlay_path(out)] if overlay else [out]
+        clash = next((o for o in outs if o in taken), None)
+        if clash is not None:
+            problems.append(f"{source}: its output {clash} would overwrite the one of {taken[clash]}; "
+                            "rename one input or segment them into different folders")
+            continue
+        taken.update({o: source for o in outs})
+        plan.append((source, out))
+    return plan, problems
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """`segment`: labels for each input; 1 if some inputs failed (the others are written)."""
+    from tqdm import tqdm
+
+    from .adapter import Adapter, BaseMismatchError
+    from .io import ImageReadError
+    from .patching import patch
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = _device(args.device)
+    adapter = Adapter.load(args.adapter, revision=args.revision)
+    sam = _segment_sam(args).to(device)
+    try:
+        model = patch(sam, adapter, allow_base_mismatch=args.allow_base_mismatch, merge=args.merge)
+    except BaseMismatchError as err:
+        raise BaseMismatchError(
+            f"{err} (here: --allow-base-mismatch; a random SAM matches an adapter made on the same backbone "
+            "and seed)"
+        ) from None
+    out_dir = Path(args.output)
+    plan, problems = _plan_outputs(args.inputs, out_dir, args.overlay)
+    for message in problems:
+        _fail("segment", message)
+    failed = len(problems)
+    for source, out in tqdm(plan, desc="segment", unit="image", disable=None):
+        try:
+            written = _segment_one(model, source, out, args)
+        except (ImageReadError, ValueError, OSError) as err:
+            failed += 1
+            tqdm.write(f"samed-adapter segment: error: {err} (skipped; continuing with the other inputs)",
+                       file=sys.stderr)
+            continue
+        except torch.cuda.OutOfMemoryError:
+            failed += 1
+            tqdm.write(f"samed-adapter segment: error: {source}: out of GPU memory (skipped); try a smaller "
+                       "--batch-size", file=sys.stderr)
+            continue
+        tqdm.write(f"{source} -> {', '.join(map(str, written))}")
+    done = len(args.inputs) - failed
+    print(f"segmented {done} of {len(args.inputs)} inputs into {out_dir}")
+    return 1 if failed else 0
+
+
+def add_segment_parser(sub: _SubParsers) -> None:
+    """Declare `segment` and its arguments."""
+    p = _example_parser(
+        sub, "segment", "segment images with a stock SAM patched by an adapter",
+        "examples:\n"
+        "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors ct1.nii.gz ct2.nii.gz -o labels/\n"
+        "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter org/synapse-adapter dicom_series/ -o labels/ --overlay\n"
+        "  # a demo without real weights (random SAM; meaningless labels):\n"
+        "  samed-adapter segment --sam-backbone tiny --random-sam-seed 0 --adapter tiny.safetensors slice.png -o out/",
+        "Segment NIfTI volumes, DICOM series folders, and 2-D PNG/NPY images. NIfTI and DICOM inputs give NIfTI "
+        "labels with the input's geometry; PNG gives PNG and NPY gives NPY, named like the input inside OUTDIR. "
+        "An input that cannot be read is reported and skipped; the exit code is then 1.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files, DICOM series folders, .png or .npy images")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the label files")
+    p.add_argument("--adapter", required=True, metavar="FILE_OR_REPO",
+                   help="an adapter .safetensors file or a Hub id org/name[@revision]")
+    p.add_argument("--revision", help="Hub branch, tag or commit of --adapter (Hub ids only)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--sam", metavar="CKPT", help="the stock SAM checkpoint the adapter was made for")
+    base.add_argument("--sam-backbone", metavar="NAME",
+                      help="build a SAM with RANDOM weights of this backbone (e.g. tiny), for tests and demos; "
+                           "needs --random-sam-seed")
+    p.add_argument("--random-sam-seed", type=int, metavar="N", help="seed of the random SAM of --sam-backbone")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png, a montage of slices")
+    p.add_argument("--merge", action="store_true", help="fold the LoRA into the encoder weights (faster)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter even if it was made for other stock SAM weights")
+    p.set_defaults(func=cmd_segment)
+
+
+# --------------------------------------------------------------------------- push / pull
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """`push`: upload an adapter file and its model card to the Hub."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_to_hub
+
+    evaluation = None
+    if args.evaluation is not None:
+        path = Path(args.evaluation)
+        if not path.is_file():
+            raise FileNotFoundError(f"no evaluation file at {path}; give a Markdown file (e.g. from `evaluate`)")
+        evaluation = path.read_text(encoding="utf-8")
+    try:
+        info = push_to_hub(
+            args.adapter, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+            commit_message=args.commit_message, create_pr=args.create_pr, evaluation=evaluation,
+            base_model=args.base_model,
+        )
+    except HfHubHTTPError as err:
+        _fail("push", f"{err}\ncheck that you are logged in (`hf auth login`, or --token) with write access to "
+                      f"{args.repo_id}")
+        return 2
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
+    print(f"pushed {args.adapter} to {args.repo_id}: {url}")
+    return 0
+
+
+def add_push_parser(sub: _SubParsers) -> None:
+    """Declare `push` and its arguments."""
+    p = _example_parser(
+        sub, "push", "upload an adapter and its model card to the Hugging Face Hub",
+        "examples:\n  samed-adapter push synapse.safetensors my-org/samed-synapse --private\n"
+        "  samed-adapter push synapse.safetensors my-org/samed-synapse --revision v2 --evaluation results.md",
+    )
+    p.add_argument("adapter", help="the adapter .safetensors file")
+    p.add_argument("repo_id", help="the Hub model repository, org/name (created if missing)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing)")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--token", help="Hub token with write access (default: saved login or HF_TOKEN)")
+    p.add_argument("--evaluation", metavar="FILE.md", help="Markdown with evaluation results for the model card")
+    p.add_argument("--base-model", help="stock SAM: Hub id or checkpoint name (default: from the backbone)")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """`pull`: fetch a Hub adapter into the cache; print its path or copy it to -o."""
+    from .adapter import Adapter
+    from .hub import hf_hub_adapter_path, parse_repo_id
+
+    cached = hf_hub_adapter_path(args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token)
+    adapter = Adapter.load(cached)  # check it is a valid adapter before handing it out
+    if args.output is None:
+        print(cached)
+        return 0
+    target = Path(args.output)
+    if target.is_dir():
+        target = target / f"{parse_repo_id(args.repo_id)[0].split('/')[1]}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(cached, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {target} ({adapter.config.num_classes} classes, {adapter.nbytes / 2**20:.2f} MiB)")
+    return 0
+
+
+def add_pull_parser(sub: _SubParsers) -> None:
+    """Declare `pull` and its arguments."""
+    p = _example_parser(
+        sub, "pull", "download an adapter from the Hub into the cache (for offline use)",
+        "examples:\n  samed-adapter pull my-org/samed-synapse          # prints the cached file's path\n"
+        "  samed-adapter pull my-org/samed-synapse@v2 -o synapse.safetensors",
+    )
+    p.add_argument("repo_id", help="the Hub id, org/name[@revision]")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+    p.add_argument("--token", help="Hub token for private or gated repositories")
+    p.add_argument("-o", "--output", metavar="PATH", help="also copy the adapter here (a file or a folder)")
+    p.set_defaults(func=cmd_pull)
+
+
+# --------------------------------------------------------------------------- main
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `samed-adapter` parser: one `add_<command>_parser` per subcommand."""
     parser = argparse.ArgumentParser(
         prog="samed-adapter",
         description="Hot-swap SAMed adapters onto a stock Segment Anything Model.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    convert = sub.add_parser(
-        "convert",
-        help="published SAMed .pth -> adapter .safetensors",
-        description="Convert a published SAMed checkpoint (either variant) into an adapter file.",
-        epilog="example: samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth",
-    )
-    convert.add_argument("checkpoint", help="the published SAMed .pth (read with weights_only=True)")
-    convert.add_argument("output", help="the adapter .safetensors to write")
-    convert.add_argument("--sam", required=True, help="the stock SAM checkpoint it was trained on")
-    convert.add_argument("--image-size", type=int, default=512, help="input size it was trained at (default 512)")
-    convert.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
-    convert.add_argument("--window", type=_window, help="intensity window LO,HI, or none (default -125,275)")
-    convert.add_argument("--dtype", choices=sorted(_DTYPES), help="store tensors as this dtype")
-    convert.set_defaults(func=cmd_convert)
-
-    info = sub.add_parser(
-        "info",
-        help="print an adapter's config, tensor count, size and fingerprint",
-        epilog="example: samed-adapter info synapse.safetensors",
-    )
-    info.add_argument("adapter", help="an adapter .safetensors file")
-    info.set_defaults(func=cmd_info)
+    for add in (add_convert_parser, add_info_parser, add_segment_parser, add_push_parser, add_pull_parser):
+        add(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (2 for an error, with a message on stderr)."""
     from .adapter import AdapterError
     from .checkpoints import UnsafeCheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AdapterError, UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"samed-adapter {args.command}: error: {err}", file=sys.stderr)
+    except (AdapterError, UnsafeCheckpointError, FileNotFoundError, ValueError, OSError) as err:
+        _fail(args.command, str(err))
         return 2
 
 

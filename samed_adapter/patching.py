@@ -41,7 +41,8 @@ def patch(
 
     Args:
         sam: a stock `segment_anything` Sam (or one already patched, or its SAMed view).
-        adapter: an Adapter or the path of an adapter `.safetensors` file.
+        adapter: an Adapter, the path of an adapter `.safetensors` file, or a Hub id
+            "org/name" or "org/name@revision" (a local path wins).
         allow_base_mismatch: accept an adapter trained on different stock SAM weights.
         merge: fold the encoder LoRA into `qkv` (fastest inference; `model.unmerge()` undoes it).
 
@@ -150,4 +151,5 @@ def _expected(stock: StockState | None, sam: Sam, prompt_state, stock_decoder, c
 
 
 def _load(source: Union[str, os.PathLike]) -> Adapter:
+    """An adapter file path, or a Hub id `"org/name[@revision]"` (a local path wins), as an Adapter."""
     return Adapter.load(source)

@@ -1,0 +1,354 @@
+"""The Hugging Face Hub: push adapters with a model card, and resolve Hub ids to local files.
+
+A Hub adapter repository holds one `adapter.safetensors` (the file `Adapter.save` writes) and a
+README model card. `Adapter.load("org/name")` and `patch(sam, "org/name")` download it once into
+the standard Hugging Face cache (`HF_HUB_CACHE`, `~/.cache/huggingface/hub` by default) and read
+it from there afterwards; `"org/name@revision"` pins a branch, tag or commit. With
+`HF_HUB_OFFLINE=1` (read at call time) or `local_files_only=True` only the cache is used.
+
+`huggingface_hub` is imported inside the functions, so `import samed_adapter` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from .adapter import Adapter
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from huggingface_hub import CommitInfo, ModelCard
+
+    from .metrics import Summary
+    from .model import SAMed
+
+ADAPTER_FILENAME = "adapter.safetensors"
+LIBRARY_NAME = "samed-adapter"
+TAGS = ["medical-imaging", "image-segmentation", "lora", "samed", "segment-anything"]
+# backbone -> (Hub id of the stock weights, Meta's stock checkpoint file)
+STOCK_SAM = {
+    "vit_b": ("facebook/sam-vit-base", "sam_vit_b_01ec64.pth"),
+    "vit_l": ("facebook/sam-vit-large", "sam_vit_l_0b3195.pth"),
+    "vit_h": ("facebook/sam-vit-huge", "sam_vit_h_4b8939.pth"),
+}
+# "org/name" or "org/name@revision"; each name part as the Hub allows (letters, digits, - _ .).
+_REPO_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(\S+))?")
+# A name ending like a file is a local path that is missing, not a Hub repository.
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+class AdapterNotFoundError(FileNotFoundError):
+    """A Hub adapter could not be found: not cached while offline, no such repo, revision or file."""
+
+
+def looks_like_repo_id(text: Union[str, os.PathLike]) -> bool:
+    """Whether `text` has the form of a Hub id, `"org/name"` or `"org/name@revision"`.
+
+    Only strings qualify (a `pathlib.Path` is always a local path), and names that end like a
+    file (`.safetensors`, `.pth`, ...) or start with `.`, `/` or `~` are taken as local paths.
+    """
+    if not isinstance(text, str):
+        return False
+    match = _REPO_ID.fullmatch(text)
+    return bool(match) and not match.group(1).lower().endswith(_FILE_SUFFIXES)
+
+
+def parse_repo_id(spec: str, revision: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Split `"org/name@revision"` into `("org/name", "revision")`; check the id is valid.
+
+    Args:
+        spec: `"org/name"` or `"org/name@revision"`.
+        revision: a revision given separately; it must agree with one in `spec`.
+
+    Raises:
+        ValueError: not a valid Hub id, or two different revisions.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id, _, in_spec = str(spec).partition("@")
+    if in_spec and revision is not None and in_spec != revision:
+        raise ValueError(f"{spec!r} names revision {in_spec!r} but revision={revision!r} was also given; give one")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{spec!r} is not a Hub id of the form 'org/name' or 'org/name@revision': {err}") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{spec!r} is not a Hub id of the form 'org/name' or 'org/name@revision'")
+    return repo_id, (in_spec or revision)
+
+
+def _offline_mode() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub itself reads it once, at import)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.is_offline_mode() or env.strip().upper() in _TRUE
+
+
+def hf_hub_adapter_path(
+    repo_id: str,
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    local_files_only: bool = False,
+    token: Union[str, bool, None] = None,
+) -> Path:
+    """The local path of a Hub repository's `adapter.safetensors`, downloaded into the cache if needed.
+
+    Args:
+        repo_id: `"org/name"` or `"org/name@revision"`.
+        revision: branch, tag or commit hash (default: `main`).
+        cache_dir: the Hugging Face cache to use (default: `HF_HUB_CACHE`).
+        local_files_only: use the cache only, as `HF_HUB_OFFLINE=1` does.
+        token: a Hub token for private or gated repositories (default: the saved login).
+
+    Raises:
+        AdapterNotFoundError: not cached while offline (or the Hub unreachable), or no such
+            repository, revision or file; the message says how to get the file.
+        ValueError: `repo_id` is not a valid Hub id.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from . import __version__
+
+    repo, revision = parse_repo_id(repo_id, revision)
+    spec = repo if revision is None else f"{repo}@{revision}"
+    offline = bool(local_files_only) or _offline_mode()
+    try:
+        path = hf_hub_download(
+            repo, ADAPTER_FILENAME, revision=revision, cache_dir=cache_dir, local_files_only=offline,
+            token=token, library_name=LIBRARY_NAME, library_version=__version__,
+        )
+    except LocalEntryNotFoundError:
+        where = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+        why = ("offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline
+               else "the Hugging Face Hub could not be reached")
+        raise AdapterNotFoundError(
+            f"adapter {spec} is not in the Hugging Face cache ({where}) and {why}. To get it, run once "
+            f"online (e.g. `samed-adapter pull {spec}`, which fills the cache), or download "
+            f"{ADAPTER_FILENAME} from the repository and pass its local path instead."
+        ) from None
+    except GatedRepoError:
+        raise AdapterNotFoundError(
+            f"{repo} is a gated repository: accept its conditions on huggingface.co and log in "
+            "(`hf auth login`) or pass token=... (--token)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise AdapterNotFoundError(
+            f"no Hub repository {repo}: check the spelling; if it is private, log in (`hf auth login`) or pass "
+            f"token=... (--token). A local file needs an existing path (e.g. ./{repo.split('/')[1]}.safetensors)."
+        ) from None
+    except RevisionNotFoundError:
+        raise AdapterNotFoundError(
+            f"{repo} has no revision {revision!r}; give an existing branch, tag or commit hash"
+        ) from None
+    except EntryNotFoundError:
+        raise AdapterNotFoundError(
+            f"{spec} has no {ADAPTER_FILENAME}: is it a samed-adapter repository? Adapters are pushed with "
+            "`samed-adapter push` or samed_adapter.push_to_hub."
+        ) from None
+    return Path(path)
+
+
+def _resolve_adapter(source: Union[Adapter, "SAMed", str, os.PathLike]) -> tuple[Adapter, Optional[Path]]:
+    """The adapter to push, and the file to upload as-is when `source` is a path."""
+    from .model import SAMed
+
+    if isinstance(source, Adapter):
+        return source, None
+    if isinstance(source, SAMed):
+        return source.adapter(), None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter file at {path}; push takes an Adapter, a SAMed model or a file path")
+        return Adapter.load(path), path
+    raise TypeError(f"push_to_hub takes an Adapter, a SAMed model or a file path, got {type(source).__name__}")
+
+
+def _base(adapter: Adapter, base_model: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(Hub id of the stock weights, stock checkpoint file name) for the card."""
+    hub_id, checkpoint = STOCK_SAM.get(adapter.config.backbone or "", (None, None))
+    if base_model:
+        if looks_like_repo_id(base_model):
+            hub_id = base_model
+        else:
+            checkpoint = os.path.basename(base_model)
+    return hub_id, checkpoint
+
+
+def _evaluation_metadata(summary: "Summary") -> dict[str, Any]:
+    def num(v: Optional[float]) -> Optional[float]:
+        return None if v is None else round(float(v), 6)
+
+    return {
+        "cases": len(summary.cases),
+        "mean_dice": num(summary.mean_dice),
+        "mean_hd95": num(summary.mean_hd95),
+        "classes": [
+            {"name": n, "dice": num(d), "hd95": num(h)}
+            for n, d, h in zip(summary.class_names, summary.class_dice, summary.class_hd95)
+        ],
+    }
+
+
+def _evaluation_markdown(summary: "Summary") -> str:
+    def cell(v: Optional[float], scale: float = 1.0) -> str:
+        return "n/a" if v is None else f"{scale * v:.2f}"
+
+    lines = [f"Mean over {len(summary.cases)} cases (Dice in %, HD95 as computed).", "",
+             "| class | Dice (%) | HD95 |", "|---|---:|---:|"]
+    for name, d, h in zip(summary.class_names, summary.class_dice, summary.class_hd95):
+        lines.append(f"| {name} | {cell(d, 100)} | {cell(h)} |")
+    lines.append(f"| **mean** | {cell(summary.mean_dice, 100)} | {cell(summary.mean_hd95)} |")
+    return "\n".join(lines)
+
+
+def model_card(
+    adapter: Adapter,
+    repo_id: str,
+    *,
+    base_model: Optional[str] = None,
+    evaluation: Union["Summary", str, None] = None,
+) -> "ModelCard":
+    """The README model card `push_to_hub` uploads.
+
+    Args:
+        adapter: the adapter it describes.
+        repo_id: where it is pushed (used in the usage examples).
+        base_model: a Hub id of the stock SAM weights (`"facebook/sam-vit-base"`) or the stock
+            checkpoint's file name (`"sam_vit_b_01ec64.pth"`); default: from the backbone.
+        evaluation: a `metrics.Summary` (a table in the card and its numbers in the metadata)
+            or a Markdown string (shown as given).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cfg = adapter.config
+    backbone = cfg.backbone or "vit_b"
+    hub_id, checkpoint = _base(adapter, base_model)
+    extra: dict[str, Any] = {
+        "backbone": cfg.backbone, "base_checkpoint": checkpoint, "base_fingerprint": adapter.base_fingerprint,
+        "num_classes": cfg.num_classes, "class_names": list(cfg.class_names or []),
+        "image_size": cfg.image_size, "adapter_config": json.loads(cfg.to_json()),  # plain YAML types
+    }
+    evaluation_text: Optional[str] = None
+    if isinstance(evaluation, str):
+        evaluation_text = evaluation.strip() or None
+    elif evaluation is not None:
+        from .metrics import Summary  # imported only here: metrics needs medpy
+
+        if not isinstance(evaluation, Summary):
+            raise TypeError(f"evaluation must be a metrics Summary or a Markdown string, got {type(evaluation).__name__}")
+        extra["evaluation"] = _evaluation_metadata(evaluation)
+        evaluation_text = _evaluation_markdown(evaluation)
+    data = ModelCardData(
+        library_name=LIBRARY_NAME, tags=list(TAGS), pipeline_tag="image-segmentation", base_model=hub_id,
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+    ckpt = checkpoint or "<stock SAM checkpoint>"
+    build = (f'sam_model_registry["{backbone}"](checkpoint="{ckpt}")' if backbone in STOCK_SAM
+             else f'samed_adapter.build_sam("{backbone}", checkpoint="{ckpt}")')
+    names = ["background", *(cfg.class_names or [])]
+    window = ("none (inputs must already be in [0, 1])" if cfg.intensity_window is None else
+              "[{:g}, {:g}] (raw values are clipped to it and scaled to [0, 1])".format(*cfg.intensity_window))
+    body = [
+        f"# SAMed adapter `{repo_id}`", "",
+        "A [SAMed](https://arxiv.org/abs/2304.13785) adapter for the `samed-adapter` library. Patched onto a "
+        f"stock Segment Anything Model ({backbone}, weights `{ckpt}`), it makes SAM an automatic semantic "
+        f"segmenter for {cfg.num_classes} classes, without prompts: a rank-{cfg.rank} LoRA on the image "
+        "encoder's query and value projections, plus the fine-tuned prompt embedding and mask decoder.", "",
+        f"This repository holds only `{ADAPTER_FILENAME}` ({adapter.num_parameters:,} values, "
+        f"{adapter.nbytes / 2**20:.2f} MiB in {str(adapter.dtype).replace('torch.', '')}); the stock SAM "
+        f"weights are not included. The adapter only patches the stock weights with fingerprint "
+        f"`{adapter.base_fingerprint}`.", "",
+        "## How to use", "", "```python",
+        *(["from segment_anything import sam_model_registry"] if backbone in STOCK_SAM else []),
+        "import samed_adapter", "",
+        f"sam = {build}",
+        f'model = samed_adapter.patch(sam, "{repo_id}")  # downloads once, then uses the cache',
+        "labels = model.segment(volume)  # (D, H, W) raw intensities -> labels 0..K", "```", "",
+        "From the command line:", "", "```bash",
+        f"samed-adapter segment --sam {ckpt} --adapter {repo_id} scan.nii.gz -o labels/", "```", "",
+        "## Classes", "", "| label | class |", "|---:|---|",
+        *(f"| {i} | {n} |" for i, n in enumerate(names)), "",
+        "## Configuration", "",
+        f"Input size {cfg.image_size}; intensity window {window}; decoder LoRA "
+        f"{'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}.", "",
+        "```json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True), "```",
+    ]
+    if evaluation_text:
+        body += ["", "## Evaluation", "", evaluation_text]
+    text = "\n".join(body)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}\n")
+
+
+def push_to_hub(
+    adapter_or_model_or_path: Union[Adapter, "SAMed", str, os.PathLike],
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    create_pr: bool = False,
+    evaluation: Union["Summary", str, None] = None,
+    base_model: Optional[str] = None,
+) -> "CommitInfo":
+    """Upload an adapter and its model card to a Hub model repository, creating it if needed.
+
+    One commit adds `adapter.safetensors` and `README.md` (replacing earlier versions of both;
+    other files in the repository stay).
+
+    Args:
+        adapter_or_model_or_path: an Adapter, a patched SAMed model (its current adapter) or an
+            adapter file (uploaded byte for byte after it is checked).
+        repo_id: `"org/name"` (or `"org/name@branch"`).
+        token: a Hub token with write access (default: the saved login or `HF_TOKEN`).
+        private: make a new repository private (None: the account's default).
+        revision: the branch to commit to; created from `main` if missing.
+        commit_message: default: "Upload SAMed adapter (K classes, backbone)".
+        create_pr: open a pull request instead of committing directly.
+        evaluation: a `metrics.Summary` or a Markdown string for the card's evaluation section.
+        base_model: the stock SAM: a Hub id (`"facebook/sam-vit-base"`) or the stock checkpoint's
+            file name; default: the one of the adapter's backbone.
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit (`.commit_url`, `.pr_url`).
+    """
+    import huggingface_hub
+
+    repo, revision = parse_repo_id(repo_id, revision)
+    adapter, source_file = _resolve_adapter(adapter_or_model_or_path)
+    card = model_card(adapter, repo, base_model=base_model, evaluation=evaluation)
+    message = commit_message or (
+        f"Upload SAMed adapter ({adapter.config.num_classes} classes, {adapter.config.backbone or 'any backbone'})"
+    )
+    api = huggingface_hub.HfApi()
+    api.create_repo(repo, token=token, private=private, repo_type="model", exist_ok=True)
+    if revision is not None and not revision.startswith("refs/"):
+        api.create_branch(repo, branch=revision, token=token, repo_type="model", exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="samed-adapter-push-") as tmp:
+        folder = Path(tmp)
+        if source_file is not None:
+            shutil.copyfile(source_file, folder / ADAPTER_FILENAME)
+        else:
+            adapter.save(folder / ADAPTER_FILENAME)
+        card.save(folder / "README.md")
+        return api.upload_folder(
+            repo_id=repo, folder_path=folder, repo_type="model", revision=revision,
+            commit_message=message, create_pr=create_pr, token=token,
+        )
