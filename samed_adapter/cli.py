@@ -152,7 +152,7 @@ def _segment_sam(args: argparse.Namespace) -> "Sam":
             "--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and demos "
             "only); pass --sam CKPT to segment with real SAM weights"
         )
-    _warn("segment", f"using random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed}): "
+    _warn(args.command, f"using random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed}): "
                      "predictions are meaningless; pass --sam CKPT for real segmentation")
     return build_sam(args.sam_backbone, seed=args.random_sam_seed)
 
@@ -395,6 +395,89 @@ def add_pull_parser(sub: _SubParsers) -> None:
 # --------------------------------------------------------------------------- main
 
 
+# --------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV)."""
+    from .evaluate import evaluate
+    from .patching import patch
+    from .training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
+
+    model = patch(_segment_sam(args).to(_device(args.device)), args.adapter)
+    if args.format == "synapse":
+        volumes = SynapseVolumes(args.data)
+    else:
+        window = model.config.intensity_window if args.window is None else (
+            None if args.window == "none" else args.window)
+        volumes = NiftiVolumes(args.data, args.cases.split(",") if args.cases else None,
+                               window=None if args.percentiles else window, percentiles=args.percentiles,
+                               label_map=SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None)
+    summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.md").write_text(summary.to_markdown())
+    summary.to_csv(out / "evaluation.csv")
+    print(summary.to_markdown())
+    print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}")
+    return 0
+
+
+def add_evaluate_parser(sub: _SubParsers) -> None:
+    from .training.run import _pair
+
+    p = _example_parser(
+        sub, "evaluate", "score an adapter on labelled volumes (Dice, HD95)",
+        "example: samed-adapter evaluate --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors \\\n"
+        "             --data Synapse --format synapse --protocol samed -o eval/",
+        description="Segment every labelled volume and write per-class, per-case Dice and HD95 tables. "
+                    "--protocol samed reproduces the published evaluation (224 round trip, HD95 in voxels, "
+                    "empty-class rules); the default uses the voxel spacing (HD95 in mm) and reports cases "
+                    "without a class apart.",
+    )
+    p.add_argument("--adapter", required=True, help="adapter file or Hub id")
+    p.add_argument("--sam", help="stock SAM checkpoint")
+    p.add_argument("--sam-backbone", default="vit_b", help="with --random-sam-seed: a random SAM (tests only)")
+    p.add_argument("--random-sam-seed", type=int, help="seed of random SAM weights (tests only)")
+    p.add_argument("--data", required=True, help="imagesTr/labelsTr folder, or the Synapse root (test_vol_h5)")
+    p.add_argument("--format", choices=["nifti", "synapse"], default="nifti")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--protocol", choices=["default", "samed"], default="default")
+    p.add_argument("--window", type=_window, help="LO,HI or none (default: the adapter's window)")
+    p.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI")
+    p.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: 1,2,3,4,6,7,8,11 -> 1..8)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("-o", "--output", default=".", help="folder for evaluation.md and evaluation.csv")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------- train, quickstart
+
+
+def add_train_parser(sub: _SubParsers) -> None:
+    from .training.run import add_arguments, run
+
+    p = _example_parser(
+        sub, "train", "fine-tune an adapter (the published recipe by default)",
+        "example: samed-adapter train --data Task03_Liver --num-classes 2 --sam sam_vit_b_01ec64.pth -o runs/liver\n"
+        "         torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_quickstart_parser(sub: _SubParsers) -> None:
+    from .quickstart import add_arguments, run
+
+    p = _example_parser(
+        sub, "quickstart", "train, save, patch, segment and score on the bundled MNI152 brain data",
+        "example: samed-adapter quickstart --out runs/quickstart",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `samed-adapter` parser: one `add_<command>_parser` per subcommand."""
     parser = argparse.ArgumentParser(
@@ -402,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hot-swap SAMed adapters onto a stock Segment Anything Model.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert_parser, add_info_parser, add_segment_parser, add_push_parser, add_pull_parser):
+    for add in (add_convert_parser, add_info_parser, add_segment_parser, add_evaluate_parser, add_train_parser,
+                add_quickstart_parser, add_push_parser, add_pull_parser):
         add(sub)
     return parser
 

@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quickstart", description=__doc__.splitlines()[0],
         epilog="example: python examples/quickstart.py --out runs/quickstart",
     )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam", help="stock SAM checkpoint; without it a small SAM with random weights is used")
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("--image-size", type=int, help="default 256 (random tiny SAM) or 512 (--sam)")
@@ -29,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,4 +98,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["add_arguments", "build_parser", "main", "run"]

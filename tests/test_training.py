@@ -190,3 +190,25 @@ def test_samed_protocol_round_trips_through_224(mni):
     assert np.array_equal(labels[1], expected)
     summary, _ = evaluate(model, [dict(volume, image=image, label=volume["label"][:2])], protocol="samed")
     assert len(summary.class_dice) == 2
+
+
+def test_cli_train_then_evaluate_writes_tables(tmp_path, capsys):
+    from samed_adapter.cli import main
+
+    data = tmp_path / "mni"
+    common = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+    assert main(["train", "--format", "mni", "--data", str(data), *common, "--image-size", str(SIZE),
+                 "--batch-size", "8", "--max-epochs", "2", "--stop-epoch", "2", "--warmup-iters", "4",
+                 "--no-progress", "-o", str(tmp_path / "run")]) == 0
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    assert sa.Adapter.load(adapter).config.class_names == list(MNI_CLASS_NAMES)
+    assert main(["evaluate", "--adapter", str(adapter), *common, "--data", str(data), "--cases", "mni_val",
+                 "-o", str(tmp_path / "eval")]) == 0
+    markdown = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "grey matter" in markdown and "white matter" in markdown and "mni_val" in markdown
+    rows = (tmp_path / "eval" / "evaluation.csv").read_text().splitlines()
+    header, values = rows[0].split(","), [r.split(",") for r in rows[1:]]
+    assert header[:4] == ["case", "class", "dice", "hd95"]
+    dice = [float(r[2]) for r in values if r[0] == "mni_val"]
+    assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
+    assert "error" not in capsys.readouterr().err
