@@ -11,9 +11,15 @@ from .data import (
     split_cases,
 )
 from .losses import LossOutput, all_reduce_sum, dice_loss, segmentation_loss
+from .loop import RECIPES, NonFiniteLossError, TrainConfig, iterations_per_epoch, train
 from .schedule import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS, VIT_H_POWER, lr_at, set_lr
 
 __all__ = [
+    "train",
+    "TrainConfig",
+    "RECIPES",
+    "NonFiniteLossError",
+    "iterations_per_epoch",
     "augment",
     "SliceAugment",
     "low_res_size",
