@@ -12,8 +12,9 @@ import sys
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .kernels import lora_qkv
 
 
 class LoraBypass(nn.Module):
@@ -94,18 +95,12 @@ class LoraQKV(nn.Module):
         if self.merged:
             return self.base_layer(x)
         dim = self.base_layer.in_features
-        rank = self.rank
-        x2d = x.reshape(-1, dim)
-        out = F.linear(x2d, self.base_layer.weight, self.base_layer.bias)
-        # One (N, 2r) product for both bypasses, then one block-structured (2r -> 3C) product
-        # accumulated into the output: no slices of the output are copied or written twice.
-        a = torch.cat([self.q.lora_A.weight, self.v.lora_A.weight], dim=0)  # (2r, C)
-        s = F.linear(x2d, a)  # (N, 2r)
-        b_q = F.pad(self.q.lora_B.weight, (0, rank))  # (C, 2r): [B_q, 0]
-        b_v = F.pad(self.v.lora_B.weight, (rank, 0))  # (C, 2r): [0, B_v]
-        b = torch.cat([b_q, b_q.new_zeros(dim, 2 * rank), b_v], dim=0)  # (3C, 2r)
-        out = out.addmm_(s, b.t(), alpha=self.scale)
-        return out.view(*x.shape[:-1], 3 * dim)
+        # The fused Triton kernel on CUDA; elsewhere one addmm into the output, no slice copies.
+        y = lora_qkv(
+            x.reshape(-1, dim), self.base_layer.weight, self.base_layer.bias,
+            self.q.lora_A.weight, self.q.lora_B.weight, self.v.lora_A.weight, self.v.lora_B.weight, self.scale,
+        )
+        return y.view(*x.shape[:-1], 3 * dim)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, merged={self.merged}"

@@ -9,6 +9,7 @@ from typing import Union
 from segment_anything.modeling import Sam
 
 from .adapter import Adapter, AdapterMismatchError, BaseMismatchError
+from .attention import enable_sdpa
 from .backbones import infer_backbone
 from .config import AdapterConfig
 from .model import SAMed
@@ -104,6 +105,7 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
         write_values(stock)
         if first or rebuilt:
             set_trainable(sam, config)
+        enable_sdpa(sam.image_encoder)
         model = SAMed(sam)
         if merge or was_merged:
             model.merge()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from .attention import disable_sdpa
 from .config import AdapterConfig
 from .lora import LoraQKV, is_peft_lora, wrap_linear_with_peft
 
@@ -126,6 +127,7 @@ def restore_stock(sam: Sam) -> Sam:
     sam.register_buffer("pixel_std", stock.pixel_std.to(device), False)
     for name, param in sam.named_parameters():
         param.requires_grad_(stock.requires_grad.get(name, param.requires_grad))
+    disable_sdpa(enc)
     del sam.__dict__[_STOCK_ATTR]
     return sam
 

@@ -1,0 +1,103 @@
+"""SDPA attention vs SAM's stock encoder attention, and the reversibility of the switch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention
+
+from samed_adapter.attention import disable_sdpa, enable_sdpa, sdpa_attention_forward, sdpa_enabled
+from samed_adapter.backbones import build_sam
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_sam("tiny", seed=0)
+
+
+def stock_forward(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    return Attention.forward(attn, x)
+
+
+def grads_of(fn, attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and the gradients w.r.t. x, rel_pos_h, rel_pos_w and the qkv weight."""
+    x = x.detach().clone().requires_grad_()
+    params = [attn.rel_pos_h, attn.rel_pos_w, attn.qkv.weight]
+    for p in params:
+        p.requires_grad_(True)
+    out = fn(attn, x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return out.detach(), list(torch.autograd.grad(out, [x, *params], grad))
+
+
+@pytest.mark.parametrize("block", [0, 1], ids=["windowed", "global"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sdpa_equals_stock(sam, block: int, batch: int) -> None:
+    blk = sam.image_encoder.blocks[block]
+    attn = blk.attn
+    # Windowed blocks see (B * windows, ws, ws, C); the global block the whole 16 x 16 grid.
+    side = blk.window_size if blk.window_size > 0 else 16
+    x = torch.randn(batch, side, side, attn.qkv.in_features, generator=torch.Generator().manual_seed(0))
+    ref, ref_grads = grads_of(stock_forward, attn, x)
+    out, out_grads = grads_of(sdpa_attention_forward, attn, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(["x", "rel_pos_h", "rel_pos_w", "qkv.weight"], out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_sdpa_with_resized_rel_pos(sam) -> None:
+    # A grid whose size differs from the rel_pos length: both paths interpolate it the same way.
+    attn = sam.image_encoder.blocks[1].attn
+    x = torch.randn(2, 10, 10, attn.qkv.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa_attention_forward(attn, x), stock_forward(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_encoder_and_reversibility(sam) -> None:
+    model = copy.deepcopy(sam)
+    enc = model.image_encoder
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock_out = enc(image)
+    assert enable_sdpa(model) == len(enc.blocks)
+    assert enable_sdpa(model) == len(enc.blocks)  # idempotent
+    assert sdpa_enabled(enc)
+    with torch.no_grad():
+        sdpa_out = enc(image)
+    torch.testing.assert_close(sdpa_out, stock_out, rtol=1e-4, atol=1e-5)
+    # Nothing visible to state_dict or module types, while enabled and after.
+    for state in (model.state_dict(), None):
+        if state is None:
+            assert disable_sdpa(model) == len(enc.blocks)
+            state = model.state_dict()
+        assert list(state) == list(before)
+        assert all(torch.equal(state[k], before[k]) for k in before)
+        assert [type(m) for m in model.modules()] == types
+    assert not sdpa_enabled(enc)
+    assert all("forward" not in blk.attn.__dict__ for blk in enc.blocks)
+    assert disable_sdpa(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(enc(image), stock_out, rtol=0, atol=0)
+
+
+def test_enabled_model_copies_and_keeps_foreign_forward(sam) -> None:
+    model = copy.deepcopy(sam)
+    enable_sdpa(model)
+    clone = copy.deepcopy(model)
+    attn = clone.image_encoder.blocks[0].attn
+    assert sdpa_enabled(clone) and attn.forward.args[0] is attn  # bound to the copy, not the original
+    disable_sdpa(model)
+    # Someone else's instance forward is neither replaced nor removed.
+    other = model.image_encoder.blocks[0].attn
+
+    def custom(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    other.forward = custom
+    assert enable_sdpa(model) == len(model.image_encoder.blocks) - 1
+    assert disable_sdpa(model) == len(model.image_encoder.blocks) - 1
+    assert other.forward is custom
