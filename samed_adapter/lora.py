@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .kernels import lora_qkv
+from .kernels import lora_qkv, lora_qkv_multi, row_adapter_index
 
 
 class LoraBypass(nn.Module):
@@ -57,6 +57,9 @@ class LoraQKV(nn.Module):
         # While merged, `base_layer.weight` is a new tensor and the untouched stock weight waits
         # here, so that unmerge is exact however many times it is done.
         self._stock_weight: Optional[nn.Parameter] = None
+        # Set only during a mixed-adapter forward: stacked (n, r, C)/(n, C, r) tensors of the
+        # resident adapters and each image's adapter index (see resident.py).
+        self.mixed: Optional[tuple[torch.Tensor, ...]] = None
 
     @property
     def merged(self) -> bool:
@@ -95,6 +98,12 @@ class LoraQKV(nn.Module):
         if self.merged:
             return self.base_layer(x)
         dim = self.base_layer.in_features
+        if self.mixed is not None:
+            a_q, b_q, a_v, b_v, image_adapter = self.mixed
+            x2d = x.reshape(-1, dim)
+            rows = row_adapter_index(image_adapter, x2d.shape[0])
+            y = lora_qkv_multi(x2d, self.base_layer.weight, self.base_layer.bias, a_q, b_q, a_v, b_v, self.scale, rows)
+            return y.view(*x.shape[:-1], 3 * dim)
         # The fused Triton kernel on CUDA; elsewhere one addmm into the output, no slice copies.
         y = lora_qkv(
             x.reshape(-1, dim), self.base_layer.weight, self.base_layer.bias,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Union
+import os
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -59,12 +60,14 @@ class SAMed(nn.Module):
             raise RuntimeError("this SAM was unpatched; there is no adapter to extract")
         return extract_adapter(self.sam, stock)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """Predict K+1 class logits for a batch of images, without prompts.
 
         Args:
             images: (B, 3, S, S) float in model space ([0, 1] before the config's
                 pixel mean/std), S = config.image_size.
+            adapter_names: optional, one resident adapter name per image (see
+                `load_adapter`): image b is predicted with adapter_names[b].
 
         Returns:
             "masks": (B, K+1, S, S) logits, "low_res_logits": (B, K+1, 4g, 4g),
@@ -73,20 +76,68 @@ class SAMed(nn.Module):
         size = self.config.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
             raise ValueError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        if adapter_names is not None:
+            from .resident import mixed_forward
+
+            return mixed_forward(self, images, adapter_names)
+        embeddings = self.sam.image_encoder(self.normalize(images))  # (B, D, g, g)
+        return self.outputs(*self.decode(embeddings))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> the encoder's input, with the config's pixel mean and std."""
+        return (images - self.sam.pixel_mean) / self.sam.pixel_std
+
+    def decode(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, g, g) image embeddings -> low-res logits (B, K+1, 4g, 4g), iou (B, K+1)."""
         sam = self.sam
-        x = (images - sam.pixel_mean) / sam.pixel_std
-        embeddings = sam.image_encoder(x)  # (B, D, g, g)
         # No prompts: sparse (1, 0, D) and dense no_mask_embed (1, D, g, g), broadcast over the
         # batch inside the decoder exactly as the published SAMed forward does.
         sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-        low_res, iou = sam.mask_decoder.predict_masks(
+        return sam.mask_decoder.predict_masks(
             image_embeddings=embeddings,
             image_pe=sam.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse.to(embeddings.dtype),
             dense_prompt_embeddings=dense,
         )
+
+    def outputs(self, low_res: torch.Tensor, iou: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = self.config.image_size
         masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         return {"masks": masks, "low_res_logits": low_res, "iou_predictions": iou}
+
+    # ----------------------------------------------------------- resident adapters (peft-style names)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The name of the adapter the model runs now (None for a freshly injected one)."""
+        return get_stock_state(self.sam).active_adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(get_stock_state(self.sam).adapters)
+
+    def load_adapter(self, source: Union[Adapter, str, os.PathLike], adapter_name: str, *,
+                     allow_base_mismatch: bool = False) -> "SAMed":
+        """Validate an adapter (file, Hub id or Adapter) and keep it resident under `adapter_name`."""
+        from .resident import load_adapter
+
+        load_adapter(self.sam, source, adapter_name, allow_base_mismatch=allow_base_mismatch)
+        return self
+
+    def set_adapter(self, adapter_name: str) -> "SAMed":
+        """Make a resident adapter the active one (a hot swap)."""
+        from .patching import patch
+        from .resident import resident_adapter
+
+        patch(self.sam, resident_adapter(self.sam, adapter_name), adapter_name=adapter_name,
+              allow_base_mismatch=True)  # checked when it was loaded
+        return self
+
+    def delete_adapter(self, adapter_name: str) -> "SAMed":
+        from .resident import delete_adapter
+
+        delete_adapter(self.sam, adapter_name)
+        return self
 
     def preprocess(self, slices: np.ndarray) -> np.ndarray:
         """Raw intensities (..., H, W) -> float32 in [0, 1] using the config's intensity window."""

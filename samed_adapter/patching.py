@@ -34,6 +34,7 @@ def patch(
     *,
     allow_base_mismatch: bool = False,
     merge: bool = False,
+    adapter_name: str = "default",
 ) -> SAMed:
     """Turn a stock SAM into SAMed with `adapter`, in place; on a patched SAM, hot-swap.
 
@@ -46,6 +47,7 @@ def patch(
             "org/name" or "org/name@revision" (a local path wins).
         allow_base_mismatch: accept an adapter trained on different stock SAM weights.
         merge: fold the encoder LoRA into `qkv` (fastest inference; `model.unmerge()` undoes it).
+        adapter_name: the name it stays resident under (see `SAMed.load_adapter`).
 
     Returns:
         The SAMed model around `sam`.
@@ -53,6 +55,19 @@ def patch(
     sam = _as_sam(sam)
     if not isinstance(adapter, Adapter):
         adapter = _load(adapter)
+    stock = get_stock_state(sam)
+    config, fingerprint = validate(sam, adapter, allow_base_mismatch=allow_base_mismatch)
+
+    def write(stock: StockState) -> None:
+        load_values(sam, stock, adapter)
+        stock.adapters[adapter_name] = adapter
+        stock.active_adapter = adapter_name
+
+    return _apply(sam, stock, config, fingerprint, write, merge)
+
+
+def validate(sam: Sam, adapter: Adapter, *, allow_base_mismatch: bool = False) -> tuple[AdapterConfig, str]:
+    """Check that `adapter` fits `sam` (changing nothing); return its resolved config and the base fingerprint."""
     stock = get_stock_state(sam)
     config = _config_for(sam, adapter.config)
     fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
@@ -65,7 +80,7 @@ def patch(
     prompt_state = stock.prompt_state if stock is not None else sam.prompt_encoder.state_dict()
     stock_decoder = stock.mask_decoder if stock is not None else sam.mask_decoder
     check_fits(adapter, _expected(stock, sam, prompt_state, stock_decoder, config))
-    return _apply(sam, stock, config, fingerprint, lambda s: load_values(sam, s, adapter), merge)
+    return config, fingerprint
 
 
 def inject(sam: Union[Sam, SAMed], config: AdapterConfig) -> SAMed:
@@ -83,7 +98,11 @@ def inject(sam: Union[Sam, SAMed], config: AdapterConfig) -> SAMed:
     fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
     if stock is not None:
         sam.mask_decoder = stock.mask_decoder  # so that set_structure builds a freshly initialised one
-    return _apply(sam, stock, config, fingerprint, lambda s: reset_values(sam, s), merge=False)
+    def write(stock: StockState) -> None:
+        reset_values(sam, stock)
+        stock.active_adapter = None  # the live adapter is being trained, not a resident one
+
+    return _apply(sam, stock, config, fingerprint, write, merge=False)
 
 
 def unpatch(sam: Union[Sam, SAMed]) -> Sam:

@@ -47,6 +47,8 @@ class StockState:
     requires_grad: dict[str, bool]
     prompt_state: dict[str, torch.Tensor] = field(default_factory=dict)
     decoder_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: dict[str, "object"] = field(default_factory=dict)  # resident Adapters by name
+    active_adapter: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.prompt_state = dict(self.prompt_encoder.state_dict())

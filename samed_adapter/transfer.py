@@ -83,6 +83,13 @@ def load_values(sam: Sam, stock: StockState, adapter: Adapter) -> None:
             prefix = f"image_encoder.blocks.{i}.attn.qkv.{part}"
             bypass.lora_A.weight.copy_(tensors[f"{prefix}.lora_A.weight"])
             bypass.lora_B.weight.copy_(tensors[f"{prefix}.lora_B.weight"])
+    load_head_values(sam, stock, adapter)
+
+
+@torch.no_grad()
+def load_head_values(sam: Sam, stock: StockState, adapter: Adapter) -> None:
+    """Write the prompt encoder and mask decoder tensors (everything after the encoder)."""
+    tensors = adapter.tensors
     for name, live in sam.prompt_encoder.state_dict(keep_vars=True).items():
         live.copy_(tensors.get(f"prompt_encoder.{name}", stock.prompt_state[name]))
     decoder = sam.mask_decoder
