@@ -1,0 +1,101 @@
+"""Inference: stock SAM's encoder against the patched model and the published formulation.
+
+All rows run the same SAMed forward (encoder at S, no-prompt decoder) on ViT-B-shaped random
+weights and differ only in the encoder:
+  stock          the stock qkv Linear and stock attention (what stock SAM computes at S),
+  published      separate A/B Linears with in-place slice additions, stock attention,
+  unmerged       this project's LoRA-qkv (Triton kernel on CUDA, addmm fallback elsewhere) + SDPA,
+  merged         LoRA folded into qkv + SDPA attention.
+One 512 slice and a batch of 8, in one run; ratios to the stock row.
+
+    python benchmarks/bench_inference.py [--device cuda] [--dtype bfloat16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import samed_adapter as sa
+from samed_adapter.attention import disable_sdpa, enable_sdpa
+from samed_adapter.lora import LoraQKV
+
+from bench_train_step import PublishedLoRAqkv
+
+
+def configure(model: sa.SAMed, mode: str, layers: dict[int, LoraQKV]) -> None:
+    encoder = model.sam.image_encoder
+    model.unmerge()
+    for i, blk in enumerate(encoder.blocks):
+        blk.attn.qkv = {"stock": layers[i].base_layer, "published": PublishedLoRAqkv(layers[i])}.get(mode, layers[i])
+    if mode in ("stock", "published"):
+        disable_sdpa(encoder)
+    else:
+        enable_sdpa(encoder)
+    if mode == "merged":
+        model.merge()
+
+
+def timed(model: sa.SAMed, images: torch.Tensor, repeats: int, dtype) -> float:
+    times = []
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype or torch.float32,
+                                                enabled=dtype is not None):
+        model(images)  # warm-up
+        for _ in range(repeats):
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(images)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--backbone", default="vit_b")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = None if name == "float32" else getattr(torch, name)
+
+    torch.manual_seed(0)
+    model = sa.inject(sa.build_sam(args.backbone, seed=0), sa.AdapterConfig(num_classes=8, image_size=args.image_size))
+    with torch.no_grad():
+        for layer in model.sam.image_encoder.blocks:
+            layer.attn.qkv.q.lora_B.weight.normal_(0, 0.01)
+            layer.attn.qkv.v.lora_B.weight.normal_(0, 0.01)
+    model.to(device).eval()
+    layers = {i: blk.attn.qkv for i, blk in enumerate(model.sam.image_encoder.blocks)}
+    modes = ("stock", "published", "unmerged", "merged")
+    print(f"{args.backbone} at {args.image_size}, {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{name}, median of {args.repeats}")
+    print("| encoder | batch 1 ms | vs stock | batch 8 ms | vs stock |")
+    print("|---|---|---|---|---|")
+    results = {}
+    for batch in (1, 8):
+        images = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+        for mode in modes:
+            configure(model, mode, layers)
+            results[mode, batch] = timed(model, images, args.repeats, dtype)
+    for mode in modes:
+        cells = []
+        for batch in (1, 8):
+            seconds = results[mode, batch]
+            cells += [f"{seconds * 1e3:.1f}", f"{seconds / results['stock', batch]:.3f}"]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    configure(model, "unmerged", layers)
+
+
+if __name__ == "__main__":
+    main()
