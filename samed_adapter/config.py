@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +20,11 @@ SYNAPSE_CLASS_NAMES = (
     "pancreas",
 )
 CT_ABDOMEN_WINDOW = (-125.0, 275.0)
+# Bounds that no real adapter comes near; a value past them is a corrupt or hostile file, and
+# checking here keeps such a file from allocating unbounded memory before it is refused.
+MAX_CLASSES = 1024
+MAX_IMAGE_SIZE = 4096
+MAX_LORA_SCALE = 1e4
 
 
 @dataclass
@@ -65,17 +71,25 @@ class AdapterConfig:
     decoder_lora_rank: int = field(default=4, metadata={"help": "Rank of the decoder LoRA bypasses."})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int (foreground classes), got {self.num_classes!r}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or not (
+            1 <= self.num_classes <= MAX_CLASSES
+        ):
+            raise ValueError(f"num_classes must be an int in 1..{MAX_CLASSES} (foreground classes), got {self.num_classes!r}")
         for name in ("rank", "decoder_lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.lora_scale, (int, float)) or not float("-inf") < self.lora_scale < float("inf"):
-            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
+        if (not isinstance(self.lora_scale, (int, float)) or isinstance(self.lora_scale, bool)
+                or not abs(self.lora_scale) <= MAX_LORA_SCALE):
+            raise ValueError(f"lora_scale must be a number within +-{MAX_LORA_SCALE:g}, got {self.lora_scale!r}")
         self.lora_scale = float(self.lora_scale)
-        if not isinstance(self.image_size, int) or self.image_size < 16 or self.image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16 (SAM's patch size), got {self.image_size!r}")
+        if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
+                or not 16 <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % 16):
+            raise ValueError(
+                f"image_size must be a multiple of 16 (SAM's patch size) in 16..{MAX_IMAGE_SIZE}, got {self.image_size!r}"
+            )
+        if not isinstance(self.decoder_lora, bool):
+            raise TypeError(f"decoder_lora must be true or false, got {self.decoder_lora!r}")
         if self.lora_blocks is not None:
             blocks = list(self.lora_blocks)
             if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
@@ -83,7 +97,9 @@ class AdapterConfig:
             self.lora_blocks = sorted(blocks)
         if self.class_names is None:
             self.class_names = [f"class_{k}" for k in range(1, self.num_classes + 1)]
-        self.class_names = [str(n) for n in self.class_names]
+        if isinstance(self.class_names, (str, bytes)) or not all(isinstance(n, str) for n in self.class_names):
+            raise TypeError(f"class_names must be a list of strings, got {self.class_names!r}")
+        self.class_names = list(self.class_names)
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}; "
@@ -94,9 +110,12 @@ class AdapterConfig:
         if any(s <= 0 for s in self.pixel_std):
             raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
         if self.intensity_window is not None:
-            lo, hi = (float(v) for v in self.intensity_window)
-            if not lo < hi:
-                raise ValueError(f"intensity_window must be (lo, hi) with lo < hi, got {self.intensity_window!r}")
+            try:
+                lo, hi = (float(v) for v in self.intensity_window)
+            except (TypeError, ValueError):
+                raise ValueError(f"intensity_window must be two numbers (lo, hi) or None, got {self.intensity_window!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"intensity_window must be finite (lo, hi) with lo < hi, got {self.intensity_window!r}")
             self.intensity_window = (lo, hi)
         if self.backbone is not None and not isinstance(self.backbone, str):
             raise TypeError(f"backbone must be a string such as 'vit_b' or None, got {self.backbone!r}")

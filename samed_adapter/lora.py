@@ -17,6 +17,10 @@ from torch import nn
 from .kernels import lora_qkv, lora_qkv_multi, row_adapter_index
 
 
+class NonFiniteMergeError(ValueError):
+    """Folding the bypass into the projection would give NaN or infinite weights."""
+
+
 class LoraBypass(nn.Module):
     """x -> lora_B(lora_A(x)) with rank r and no bias; a fresh one is a no-op (B = 0)."""
 
@@ -83,7 +87,7 @@ class LoraQKV(nn.Module):
         with torch.no_grad():
             merged = stock + self.get_delta_weight().to(stock.dtype)
         if not torch.isfinite(merged).all():
-            raise ValueError("merging would produce non-finite weights; the adapter's LoRA tensors are not usable")
+            raise NonFiniteMergeError("merging would produce non-finite weights; the adapter's LoRA tensors are not usable")
         self._stock_weight = stock
         self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
 

@@ -163,6 +163,8 @@ class SAMed(nn.Module):
         Returns:
             Integer labels 0..K with the input's shape (uint8 when K < 255).
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         volume = _check_image(array)
         squeeze = volume.ndim == 2
         volume = volume[None] if squeeze else volume
@@ -175,7 +177,7 @@ class SAMed(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, depth, max(1, int(batch_size))):
+            for start in range(0, depth, batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
                 x = chunk.to(param.device, torch.float32).unsqueeze(1)  # (b, 1, H, W)
                 x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
@@ -201,7 +203,8 @@ def _check_unit_range(x: np.ndarray) -> np.ndarray:
 
 def _check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        array = (array.float() if array.is_floating_point() else array).numpy()
     volume = np.asarray(array)
     if volume.ndim not in (2, 3):
         raise ValueError(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from segment_anything.modeling import Sam
 
-from .adapter import Adapter, AdapterMismatchError, BaseMismatchError
+from .adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
 from .attention import enable_sdpa
 from .backbones import infer_backbone
 from .config import AdapterConfig
@@ -23,7 +24,8 @@ from .surgery import (
     stock_fingerprint,
     take_stock,
 )
-from .transfer import check_fits, expected_tensors, load_values, reset_values
+from .lora import NonFiniteMergeError
+from .transfer import check_fits, expected_tensors, extract_adapter, load_values, reset_values
 
 AdapterSource = Union[Adapter, str, os.PathLike]
 
@@ -113,6 +115,7 @@ def unpatch(sam: Union[Sam, SAMed]) -> Sam:
 def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_values, merge: bool) -> SAMed:
     first = stock is None
     was_merged = any(layer.merged for layer in encoder_lora_layers(sam).values())
+    previous = None if first else _Previous.capture(sam, stock, was_merged)
     try:
         if first:
             stock = take_stock(sam, config, fingerprint)
@@ -128,11 +131,56 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
         model = SAMed(sam)
         if merge or was_merged:
             model.merge()
-    except BaseException:
+    except BaseException as err:
         if first:
             restore_stock(sam)
+        else:
+            previous.restore(sam, stock)
+        if isinstance(err, NonFiniteMergeError):
+            raise AdapterFormatError(f"{err}; the SAM was left as it was") from None
         raise
+    stock.versions = _versions(sam)
     return model
+
+
+def _versions(sam: Sam) -> tuple[int, ...]:
+    """In-place update counters of the adapter's live tensors: unchanged means not trained since."""
+    params = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
+    for layer in encoder_lora_layers(sam).values():
+        params += [layer.q.lora_A.weight, layer.q.lora_B.weight, layer.v.lora_A.weight, layer.v.lora_B.weight]
+    return tuple(p._version for p in params)
+
+
+@dataclass
+class _Previous:
+    """What a hot swap replaces, to put back if the swap fails half way."""
+
+    config: AdapterConfig
+    adapter: Adapter
+    adapters: dict
+    active: Optional[str]
+    merged: bool
+
+    @classmethod
+    def capture(cls, sam: Sam, stock: StockState, merged: bool) -> "_Previous":
+        adapter = stock.adapters.get(stock.active_adapter) if stock.active_adapter is not None else None
+        if adapter is None or getattr(stock, "versions", None) != _versions(sam):
+            adapter = extract_adapter(sam, stock)  # trained since its patch: keep the live values
+        return cls(stock.config, adapter, dict(stock.adapters), stock.active_adapter, merged)
+
+    def restore(self, sam: Sam, stock: StockState) -> None:
+        for layer in encoder_lora_layers(sam).values():
+            layer.unmerge()
+        set_structure(sam, stock, self.config)
+        load_values(sam, stock, self.adapter)
+        set_trainable(sam, self.config)
+        enable_sdpa(sam.image_encoder)
+        stock.adapters.clear()
+        stock.adapters.update(self.adapters)
+        stock.active_adapter = self.active
+        if self.merged:
+            for layer in encoder_lora_layers(sam).values():
+                layer.merge()
 
 
 def _as_sam(sam: Union[Sam, SAMed]) -> Sam:
