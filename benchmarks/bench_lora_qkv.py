@@ -24,7 +24,6 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from samed_adapter.kernels import lora_qkv, lora_qkv_torch, triton_available

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -28,6 +27,7 @@ from typing import Optional, Union
 import torch
 
 from .config import AdapterConfig
+from .files import atomic_path
 
 FORMAT_NAME = "samed-adapter"
 FORMAT_VERSION = 1
@@ -119,15 +119,8 @@ class Adapter:
             bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
             if bad:
                 raise ValueError(f"{len(bad)} tensors overflow {dtype} (e.g. {bad[0]}); save as float32 or bfloat16")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, os.fspath(tmp), metadata=self.metadata())
         return path
 
     @classmethod

@@ -9,15 +9,15 @@ written), 2 an error that stopped the command (message on stderr).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
+
+from .files import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from segment_anything.modeling import Sam
@@ -364,15 +364,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.is_dir():
         target = target / f"{parse_repo_id(args.repo_id)[0].split('/')[1]}.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         shutil.copyfile(cached, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     print(f"wrote {target} ({adapter.config.num_classes} classes, {adapter.nbytes / 2**20:.2f} MiB)")
     return 0
 

@@ -24,13 +24,13 @@ written back line up voxel for voxel with what was read.
 from __future__ import annotations
 
 import os
-import secrets
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_path
 
 import nibabel as nib
 import numpy as np
@@ -228,24 +228,6 @@ def _read_npy(path: Path) -> Volume:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; move it over ``path`` on success.
-
-    The temporary keeps ``path``'s suffix because writers such as nibabel pick
-    compression from it.  On any error it is removed, and an existing ``path``
-    is left untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{_stem(path)}.{secrets.token_hex(6)}.tmp{_suffix(path)}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _label_dtype(labels: np.ndarray, fmt: str) -> np.dtype:

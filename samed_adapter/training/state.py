@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from ..files import atomic_path
 
 
 @dataclass
@@ -34,15 +34,8 @@ def save_state(path: Path, named: Sequence[tuple[str, torch.nn.Parameter]], opti
         "scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_state(path: Path, named: Sequence[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
