@@ -288,6 +288,14 @@ def _validate(model: SAMed, volumes, out: Path, rank: int, best: Optional[float]
     return best
 
 
+def _iteration(line: str) -> float:
+    """The iteration a log line records; a line cut short by a killed run counts as never written."""
+    try:
+        return json.loads(line).get("iter", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class _Log:
     """JSON lines of every iteration (rank 0), a tqdm bar, optionally TensorBoard."""
 
@@ -302,7 +310,7 @@ class _Log:
         if start == 0 or not self.path.exists():
             lines = []
         else:  # a resumed run repeats the iterations after its checkpoint: drop their old lines
-            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("iter", 0) <= start]
+            lines = [ln for ln in self.path.read_text().splitlines() if _iteration(ln) <= start]
         self.path.write_text("".join(ln + "\n" for ln in lines))
         self.file = self.path.open("a")
         if start == 0:
