@@ -127,7 +127,7 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
         write_values(stock)
         if first or rebuilt:
             set_trainable(sam, config)
-        enable_sdpa(sam.image_encoder)
+            enable_sdpa(sam.image_encoder)
         model = SAMed(sam)
         if merge or was_merged:
             model.merge()
@@ -139,16 +139,23 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
         if isinstance(err, NonFiniteMergeError):
             raise AdapterFormatError(f"{err}; the SAM was left as it was") from None
         raise
-    stock.versions = _versions(sam)
+    _track(sam, stock, rebuilt=first or rebuilt)
     return model
 
 
-def _versions(sam: Sam) -> tuple[int, ...]:
-    """In-place update counters of the adapter's live tensors: unchanged means not trained since."""
-    params = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
-    for layer in encoder_lora_layers(sam).values():
-        params += [layer.q.lora_A.weight, layer.q.lora_B.weight, layer.v.lora_A.weight, layer.v.lora_B.weight]
-    return tuple(p._version for p in params)
+def _track(sam: Sam, stock: StockState, rebuilt: bool) -> None:
+    """Note the in-place update counters of the adapter's live tensors: if they are unchanged at
+    the next swap, nobody trained the model since, and the resident adapter still describes it."""
+    if rebuilt or not hasattr(stock, "tracked"):
+        params = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
+        for layer in encoder_lora_layers(sam).values():
+            params += [layer.q.lora_A.weight, layer.q.lora_B.weight, layer.v.lora_A.weight, layer.v.lora_B.weight]
+        stock.tracked = params
+    stock.versions = _versions(stock)
+
+
+def _versions(stock: StockState) -> tuple[int, ...]:
+    return tuple(p._version for p in getattr(stock, "tracked", ()))
 
 
 @dataclass
@@ -164,7 +171,7 @@ class _Previous:
     @classmethod
     def capture(cls, sam: Sam, stock: StockState, merged: bool) -> "_Previous":
         adapter = stock.adapters.get(stock.active_adapter) if stock.active_adapter is not None else None
-        if adapter is None or getattr(stock, "versions", None) != _versions(sam):
+        if adapter is None or getattr(stock, "versions", None) != _versions(stock):
             adapter = extract_adapter(sam, stock)  # trained since its patch: keep the live values
         return cls(stock.config, adapter, dict(stock.adapters), stock.active_adapter, merged)
 
@@ -181,6 +188,7 @@ class _Previous:
         if self.merged:
             for layer in encoder_lora_layers(sam).values():
                 layer.merge()
+        _track(sam, stock, rebuilt=True)
 
 
 def _as_sam(sam: Union[Sam, SAMed]) -> Sam:
