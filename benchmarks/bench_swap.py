@@ -23,6 +23,7 @@ import torch
 from segment_anything import sam_model_registry
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 
 
 def timed(fn, repeats: int, setup=None) -> float:
@@ -37,15 +38,7 @@ def timed(fn, repeats: int, setup=None) -> float:
 
 
 def make_adapter(sam, seed: int) -> sa.Adapter:
-    torch.manual_seed(seed)
-    model = sa.inject(sam, sa.AdapterConfig(num_classes=8, image_size=512))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    adapter = model.adapter()
-    sa.unpatch(sam)
-    return adapter
+    return random_adapter(sam, sa.AdapterConfig(num_classes=8, image_size=512), seed=seed, scale=0.01)
 
 
 def main() -> None:

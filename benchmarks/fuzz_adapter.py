@@ -93,19 +93,9 @@ def _configs():
 
 def trained_adapter(sam, config, seed: int):
     """An adapter whose every trainable tensor moved away from its initial value (as tests/test_patch.py)."""
-    import torch
+    from samed_adapter.testing import random_adapter
 
-    import samed_adapter as sa
-
-    torch.manual_seed(seed)
-    model = sa.inject(sam, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    adapter = model.adapter()
-    sa.unpatch(sam)
-    return adapter
+    return random_adapter(sam, config, seed=seed)
 
 
 def other_backbone():

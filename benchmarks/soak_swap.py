@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 
 MIB = 2**20
 RSS_LIMIT = 1 * MIB
@@ -79,15 +80,7 @@ def live_counts() -> tuple[int, int]:
 
 def make_adapter(sam, config: sa.AdapterConfig, seed: int) -> sa.Adapter:
     """An adapter with every trainable tensor moved away from its initial value."""
-    torch.manual_seed(seed)
-    model = sa.inject(sam, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    adapter = model.adapter()
-    sa.unpatch(sam)
-    return adapter
+    return random_adapter(sam, config, seed=seed)
 
 
 def snapshot(sam) -> tuple[dict, dict, dict]:

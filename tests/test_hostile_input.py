@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 from samed_adapter import cli
 
 K = 3
@@ -28,16 +29,8 @@ LO, HI = sa.AdapterConfig().intensity_window  # the CT window: (-125, 275)
 
 def _adapter(seed: int = 1, **config) -> sa.Adapter:
     """An adapter on build_sam("tiny", seed=0) with every trainable tensor moved from its start."""
-    sam = sa.build_sam("tiny", seed=0)
-    torch.manual_seed(seed)
-    model = sa.inject(sam, sa.AdapterConfig(num_classes=K, image_size=SIZE, **config))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    adapter = model.adapter()
-    sa.unpatch(sam)
-    return adapter
+    config = sa.AdapterConfig(num_classes=K, image_size=SIZE, **config)
+    return random_adapter(sa.build_sam("tiny", seed=0), config, seed=seed)
 
 
 @pytest.fixture(scope="module")

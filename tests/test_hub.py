@@ -21,6 +21,7 @@ import torch
 from huggingface_hub import ModelCard, constants, hf_hub_download
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 from samed_adapter import hub
 from samed_adapter.hub import AdapterNotFoundError
 
@@ -32,15 +33,8 @@ SIZE = 64
 
 def make_adapter(seed: int = 1, sam_seed: int = 0, num_classes: int = 3, **config: Any) -> sa.Adapter:
     """A trained-looking adapter (every trainable tensor moved) made on build_sam("tiny", seed=sam_seed)."""
-    sam = sa.build_sam("tiny", seed=sam_seed)
     cfg = sa.AdapterConfig(num_classes=num_classes, image_size=SIZE, **config)
-    torch.manual_seed(seed)
-    model = sa.inject(sam, cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.adapter()
+    return random_adapter(sa.build_sam("tiny", seed=sam_seed), cfg, seed=seed)
 
 
 def lay_out_cache(cache_dir: Path, repo_id: str, files: dict[str, bytes], *, ref: Optional[str] = "main") -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 from samed_adapter.adapter import FORMAT_VERSION
 from samed_adapter.lora import LoraQKV
 
@@ -39,16 +40,7 @@ def assert_same_as(sam, snap):
 
 def trained_adapter(config: sa.AdapterConfig, seed: int, sam=None) -> sa.Adapter:
     """An adapter with every trainable tensor moved away from its initial value."""
-    sam = sam if sam is not None else stock_sam()
-    torch.manual_seed(seed)
-    model = sa.inject(sam, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    adapter = model.adapter()
-    sa.unpatch(sam)
-    return adapter
+    return random_adapter(sam if sam is not None else stock_sam(), config, seed=seed)
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
