@@ -84,9 +84,6 @@ class Adapter:
         """The dtype of the tensors (the widest one if mixed)."""
         return max((t.dtype for t in self.tensors.values()), key=lambda d: torch.finfo(d).bits)
 
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if ".lora_" in k}
-
     def to(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None) -> "Adapter":
         """A copy with tensors cast and/or moved."""
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
@@ -254,14 +251,6 @@ def _validate_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig) -
             f"the config says decoder_lora={config.decoder_lora} but the file "
             f"{'has' if has_decoder_lora else 'has no'} decoder LoRA tensors"
         )
-
-
-def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
-    """The header metadata of a safetensors file, without reading tensors."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def describe(adapter: Adapter) -> str:

@@ -69,10 +69,6 @@ class LoraQKV(nn.Module):
     def merged(self) -> bool:
         return self._stock_weight is not None
 
-    @property
-    def stock_weight(self) -> nn.Parameter:
-        return self._stock_weight if self._stock_weight is not None else self.base_layer.weight
-
     def get_delta_weight(self) -> torch.Tensor:
         """(3C, C) weight delta: B_q A_q in the query rows, B_v A_v in the value rows, zero keys."""
         dim = self.base_layer.in_features
