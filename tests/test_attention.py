@@ -6,9 +6,16 @@ import copy
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.image_encoder import Attention, Block
 
-from samed_adapter.attention import disable_sdpa, enable_sdpa, sdpa_attention_forward, sdpa_enabled
+import samed_adapter.attention as attention
+from samed_adapter.attention import (
+    disable_sdpa,
+    enable_sdpa,
+    sdpa_attention_forward,
+    sdpa_enabled,
+    windowed_block_forward,
+)
 from samed_adapter.backbones import build_sam
 
 
@@ -55,6 +62,47 @@ def test_sdpa_with_resized_rel_pos(sam) -> None:
         torch.testing.assert_close(sdpa_attention_forward(attn, x), stock_forward(attn, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [14, 16], ids=["padded", "whole-windows"])
+def test_windowed_block_equals_stock(sam, side: int) -> None:
+    # 14 is not a multiple of the window (4): stock projects 16 x 16 padded tokens, this path 14 x 14.
+    blk = sam.image_encoder.blocks[0]
+    assert blk.window_size == 4
+    params = [blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj.weight, blk.attn.rel_pos_h, blk.norm1.weight]
+    x = torch.randn(2, side, side, blk.attn.qkv.in_features, generator=torch.Generator().manual_seed(4))
+    results = []
+    for forward in (Block.forward, windowed_block_forward):
+        xg = x.clone().requires_grad_()
+        for p in params:
+            p.requires_grad_(True)
+        out = forward(blk, xg)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        results.append((out.detach(), torch.autograd.grad(out, [xg, *params], grad)))
+    (ref, ref_grads), (out, out_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(["x", "qkv.weight", "qkv.bias", "proj.weight", "rel_pos_h", "norm1"], out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_cpu_bias_is_built_a_few_heads_at_a_time(sam, monkeypatch) -> None:
+    # A budget of one head's bias: every head gets its own SDPA call, and the result is unchanged.
+    attn = sam.image_encoder.blocks[1].attn
+    x = torch.randn(2, 16, 16, attn.qkv.in_features, generator=torch.Generator().manual_seed(6))
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    with torch.no_grad():
+        whole = sdpa_attention_forward(attn, x)
+        monkeypatch.setattr(attention, "_CPU_BIAS_CHUNK_BYTES", 256 * 256 * 4)
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+        chunked = sdpa_attention_forward(attn, x)
+    assert calls == [1] * (2 * attn.num_heads)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_whole_encoder_and_reversibility(sam) -> None:
     model = copy.deepcopy(sam)
     enc = model.image_encoder
@@ -78,7 +126,7 @@ def test_whole_encoder_and_reversibility(sam) -> None:
         assert all(torch.equal(state[k], before[k]) for k in before)
         assert [type(m) for m in model.modules()] == types
     assert not sdpa_enabled(enc)
-    assert all("forward" not in blk.attn.__dict__ for blk in enc.blocks)
+    assert all("forward" not in blk.attn.__dict__ and "forward" not in blk.__dict__ for blk in enc.blocks)
     assert disable_sdpa(model) == 0
     with torch.no_grad():
         torch.testing.assert_close(enc(image), stock_out, rtol=0, atol=0)

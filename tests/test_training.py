@@ -226,3 +226,33 @@ def test_cli_train_then_evaluate_writes_tables(tmp_path, capsys):
     dice = [float(r[2]) for r in values if r[0] == "mni_val"]
     assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
     assert "error" not in capsys.readouterr().err
+
+
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
+    from samed_adapter.training.loop import _checkpointed_blocks
+
+    model = fresh_model()
+    model.train()
+    blocks = list(model.sam.image_encoder.blocks)
+    before = [blk.__dict__.get("forward") for blk in blocks]
+    assert any(f is not None for f in before)  # the windowed SDPA path, which must survive
+    runs = []
+    blocks[0].norm1.register_forward_hook(lambda *_: runs.append(1))
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads():
+        runs.clear()
+        loss = model(x)["low_res_logits"].square().mean()
+        return torch.autograd.grad(loss, params, allow_unused=True), len(runs)  # the IoU head is unused
+
+    plain, plain_runs = grads()
+    with _checkpointed_blocks(model, True):
+        recomputed, checkpoint_runs = grads()
+    assert (plain_runs, checkpoint_runs) == (1, 2)  # the block ran again in the backward
+    assert sum(g is not None for g in plain) > 10
+    for got, want in zip(recomputed, plain):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert [blk.__dict__.get("forward") for blk in blocks] == before

@@ -151,13 +151,19 @@ def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
 def _checkpointed_blocks(model: SAMed, enabled: bool):
     """Recompute encoder blocks in the backward pass instead of storing their activations."""
     blocks = list(model.sam.image_encoder.blocks) if enabled else []
+    # A block may already carry an instance forward (the windowed SDPA path): wrap that one and
+    # put it back afterwards.
+    previous = [blk.__dict__.get("forward") for blk in blocks]
     for blk in blocks:
-        blk.forward = (lambda b: lambda x: checkpoint(type(b).forward, b, x, use_reentrant=False))(blk)
+        blk.forward = (lambda run: lambda x: checkpoint(run, x, use_reentrant=False))(blk.forward)
     try:
         yield
     finally:
-        for blk in blocks:
-            del blk.forward
+        for blk, forward in zip(blocks, previous):
+            if forward is None:
+                del blk.forward
+            else:
+                blk.forward = forward
 
 
 def train(
