@@ -4,8 +4,8 @@ Published: separate A/B nn.Linear bypasses with in-place slice additions on the 
 stock attention, fp32, the published loss (per-class Python loop Dice + nn.CrossEntropyLoss).
 This project: the fused LoRA-qkv path (Triton kernel on CUDA, addmm fallback elsewhere), SDPA
 attention with the relative-position bias as its mask, the vectorised loss, bf16 autocast on a
-GPU. Same SAM weights, batch and input size, in one run. Prints images per second, peak memory
-and the ratios.
+GPU. Same SAM weights, batch and input size, in one run, steps taken in turn. Prints images
+per second, the peak memory a step allocates (CUDA) and the ratios.
 
     python benchmarks/bench_train_step.py                      # CPU: ViT-B at 256, batch 2
     python benchmarks/bench_train_step.py --device cuda --image-size 512 --batch 12
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import samed_adapter as sa
+from samed_adapter.attention import disable_sdpa, enable_sdpa
 from samed_adapter.lora import LoraQKV
 from samed_adapter.training import segmentation_loss
 
@@ -62,11 +63,11 @@ def build(backbone: str, image_size: int, device: torch.device, published: bool)
     sam = sa.build_sam(backbone, seed=0)
     model = sa.inject(sam, sa.AdapterConfig(num_classes=8, image_size=image_size))
     if published:
+        # inject switched on this project's attention path; the published code runs stock SAM's.
+        disable_sdpa(sam.image_encoder)
         for blk in sam.image_encoder.blocks:
             blk.attn.qkv = PublishedLoRAqkv(blk.attn.qkv)
     else:
-        from samed_adapter.attention import enable_sdpa
-
         enable_sdpa(sam.image_encoder)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,20 +89,32 @@ def step_fn(model, optimizer, images, target, published: bool, autocast_dtype):
     return step
 
 
-def measure(step, device: torch.device, repeats: int) -> tuple[float, float]:
-    step()  # warm-up (allocations, autotuning)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+def measure(steps: list, device: torch.device, repeats: int) -> list[tuple[float, float]]:
+    """Median seconds per step and peak working memory (MiB, CUDA only) for each step function.
+
+    The steps run in turn, round-robin, so that a slow spell of a shared machine spreads over
+    every configuration. Peak memory is what a step allocates above what was resident before it
+    (both models' weights and optimizer states), so each configuration is charged its own
+    activations and gradients only.
+    """
+    for step in steps:
+        step()  # warm-up (allocations, autotuning, the optimizer's state)
+    times = [[] for _ in steps]
+    peaks = [float("nan")] * len(steps)
+    for repeat in range(repeats):
+        for i, step in enumerate(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                resident = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[i] = max(peaks[i] if repeat else 0.0, (torch.cuda.max_memory_allocated() - resident) / 2**20)
+    return [(statistics.median(t), peak) for t, peak in zip(times, peaks)]
 
 
 def main() -> None:
@@ -119,20 +132,18 @@ def main() -> None:
     images = torch.rand(batch, 3, size, size, device=device)
     target = torch.randint(0, 9, (batch, size // 4, size // 4), device=device)
 
-    rows = []
-    for name, published, dtype in (("published formulation (fp32)", True, None),
-                                   (f"samed-adapter fastest ({'bf16' if fast_dtype else 'fp32'})", False, fast_dtype)):
+    configs = (("published formulation (fp32)", True, None),
+               (f"samed-adapter fastest ({'bf16' if fast_dtype else 'fp32'})", False, fast_dtype))
+    steps = []
+    for _, published, dtype in configs:
         model, optimizer = build(args.backbone, size, device, published)
-        seconds, peak = measure(step_fn(model, optimizer, images, target, published, dtype), device, args.repeats)
-        rows.append((name, batch / seconds, peak))
-        del model, optimizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        steps.append(step_fn(model, optimizer, images, target, published, dtype))
+    rows = [(name, batch / seconds, peak) for (name, _, _), (seconds, peak) in zip(configs, measure(steps, device, args.repeats))]
     base_ips, base_mem = rows[0][1], rows[0][2]
     print(f"{args.backbone} at {size}, batch {batch}, {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"median of {args.repeats} steps")
-    print("| configuration | images/s | peak MiB | speed-up | memory ratio |")
+    print("| configuration | images/s | step peak MiB | speed-up | memory ratio |")
     print("|---|---|---|---|---|")
     for name, ips, peak in rows:
         mem = "n/a" if peak != peak else f"{peak:.0f}"

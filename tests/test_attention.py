@@ -39,9 +39,17 @@ def grads_of(fn, attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, list[t
     return out.detach(), list(torch.autograd.grad(out, [x, *params], grad))
 
 
+@pytest.fixture(params=["explicit", "sdpa"])
+def scores(request, monkeypatch) -> str:
+    """With gradients the CPU takes explicit scores; "sdpa" forces the fused path CUDA takes."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(attention, "_explicit_scores", lambda q: False)
+    return request.param
+
+
 @pytest.mark.parametrize("block", [0, 1], ids=["windowed", "global"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_sdpa_equals_stock(sam, block: int, batch: int) -> None:
+def test_sdpa_equals_stock(sam, block: int, batch: int, scores: str) -> None:
     blk = sam.image_encoder.blocks[block]
     attn = blk.attn
     # Windowed blocks see (B * windows, ws, ws, C); the global block the whole 16 x 16 grid.
@@ -62,9 +70,10 @@ def test_sdpa_with_resized_rel_pos(sam) -> None:
         torch.testing.assert_close(sdpa_attention_forward(attn, x), stock_forward(attn, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("side", [14, 16], ids=["padded", "whole-windows"])
-def test_windowed_block_equals_stock(sam, side: int) -> None:
-    # 14 is not a multiple of the window (4): stock projects 16 x 16 padded tokens, this path 14 x 14.
+@pytest.mark.parametrize("side", [14, 16, 3], ids=["padded", "whole-windows", "smaller-than-a-window"])
+def test_windowed_block_equals_stock(sam, side: int, scores: str) -> None:
+    # 14 is not a multiple of the window (4): stock projects 16 x 16 padded tokens and computes
+    # 16 x 16 query rows, this path 14 x 14 of each (windows of 4 x 4, 4 x 2, 2 x 4, 2 x 2 queries).
     blk = sam.image_encoder.blocks[0]
     assert blk.window_size == 4
     params = [blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj.weight, blk.attn.rel_pos_h, blk.norm1.weight]

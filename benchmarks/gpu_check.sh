@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, as one run: the GPU kernel tests (bf16 included) and the
+# LoRA-qkv, inference and training-step benchmarks, each with its CPU-free baseline in the same
+# process. Made for a lent GPU machine with a short time budget.
+#
+#   bash benchmarks/gpu_check.sh prepare   # here, with PyPI: wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_check.sh run       # there: writes everything under $OUT (default gpu-results/)
+#
+# The GPU image has torch and Triton but not segment-anything, nibabel or MedPy; `prepare` puts
+# them in .whl/ (ignored by git through .git/info/exclude), which the run installs offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+    mkdir -p .whl .git/info
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+        -d .whl segment-anything==1.0 nibabel
+    # MedPy ships only an sdist; its pure-Python wheel builds anywhere.
+    python3 -m pip wheel -q --no-deps medpy==0.5.2 -w .whl
+    ls -l .whl
+}
+
+run() {
+    local out="${OUT:-gpu-results}"
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    fi
+    export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}"
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    } 2>&1 | tee "$out/device.txt"
+    # Each step has its own time limit, so that one hang still leaves the others' results.
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tee "$out/gpu_tests.txt"
+    timeout 120 python3 benchmarks/bench_lora_qkv.py --device cuda --dtype bfloat16 2>&1 | tee "$out/bench_lora_qkv.txt"
+    timeout 120 python3 benchmarks/bench_inference.py --device cuda --dtype bfloat16 --repeats 20 2>&1 | tee "$out/bench_inference.txt"
+    timeout 120 python3 benchmarks/bench_train_step.py --device cuda 2>&1 | tee "$out/bench_train_step.txt"
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh prepare|run" >&2; exit 2 ;;
+esac
