@@ -36,7 +36,7 @@ run() {
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     } 2>&1 | tee "$out/device.txt"
     # Each step has its own time limit, so that one hang still leaves the others' results.
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tee "$out/gpu_tests.txt"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_attention.py 2>&1 | tee "$out/gpu_tests.txt"
     timeout 120 python3 benchmarks/bench_lora_qkv.py --device cuda --dtype bfloat16 2>&1 | tee "$out/bench_lora_qkv.txt"
     timeout 120 python3 benchmarks/bench_inference.py --device cuda --dtype bfloat16 --repeats 20 2>&1 | tee "$out/bench_inference.txt"
     timeout 120 python3 benchmarks/bench_train_step.py --device cuda 2>&1 | tee "$out/bench_train_step.txt"

@@ -62,10 +62,11 @@ def decomposed_rel_pos_bias(
     return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(batch, length, -1)
 
 
-def _explicit_scores(q: torch.Tensor) -> bool:
+def _explicit_scores(*tensors: torch.Tensor) -> bool:
     # On the CPU, SDPA cannot differentiate its mask in a fused kernel and falls back to a math
     # path with extra passes for fully masked rows; one baddbmm and a softmax are faster there.
-    return q.device.type == "cpu" and torch.is_grad_enabled()
+    return (tensors[0].device.type == "cpu" and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors))
 
 
 def attend(
@@ -92,7 +93,7 @@ def attend(
     if attn.use_rel_pos:
         rel = (get_rel_pos(k_size[0], k_size[0], attn.rel_pos_h)[: q_size[0]],
                get_rel_pos(k_size[1], k_size[1], attn.rel_pos_w)[: q_size[1]])
-    explicit = _explicit_scores(q)
+    explicit = _explicit_scores(q, k, v, *(rel or ()))
     rows = batch * heads
     step = rows
     if rel is not None and q.device.type == "cpu":

@@ -43,7 +43,7 @@ def grads_of(fn, attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, list[t
 def scores(request, monkeypatch) -> str:
     """With gradients the CPU takes explicit scores; "sdpa" forces the fused path CUDA takes."""
     if request.param == "sdpa":
-        monkeypatch.setattr(attention, "_explicit_scores", lambda q: False)
+        monkeypatch.setattr(attention, "_explicit_scores", lambda *tensors: False)
     return request.param
 
 
@@ -112,6 +112,19 @@ def test_cpu_bias_is_built_a_few_heads_at_a_time(sam, monkeypatch) -> None:
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
+def test_cpu_takes_explicit_scores_only_when_differentiating(sam, monkeypatch) -> None:
+    attn = sam.image_encoder.blocks[1].attn
+    x = torch.randn(1, 16, 16, attn.qkv.in_features, generator=torch.Generator().manual_seed(7))
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    sdpa_attention_forward(attn, x.requires_grad_())
+    assert calls == []
+    with torch.no_grad():
+        sdpa_attention_forward(attn, x)
+    assert calls
+
+
 def test_whole_encoder_and_reversibility(sam) -> None:
     model = copy.deepcopy(sam)
     enc = model.image_encoder
@@ -158,3 +171,37 @@ def test_enabled_model_copies_and_keeps_foreign_forward(sam) -> None:
     assert enable_sdpa(model) == len(model.image_encoder.blocks) - 1
     assert disable_sdpa(model) == len(model.image_encoder.blocks) - 1
     assert other.forward is custom
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_patched_model_equals_the_cpu(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On CUDA the patched model runs SDPA, the padding-free windowed blocks and the Triton LoRA
+    # kernels; the CPU fp32 run (explicit scores, torch fallback) is the reference. 224 pads the
+    # 14 x 14 grid for the 4 x 4 windows.
+    import samed_adapter as sa
+    from samed_adapter.testing import random_adapter
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    config = sa.AdapterConfig(num_classes=3, image_size=224)
+    adapter = random_adapter(build_sam("tiny", seed=0), config, seed=1)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = sa.patch(build_sam("tiny", seed=0), adapter).to(device).train()
+        with torch.autocast("cuda", dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
+            logits = model(x.to(device))["low_res_logits"]
+        loss = logits.float().square().mean()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results[device] = (logits.float().cpu(), [None if g is None else g.float().cpu() for g in grads])
+    (ref, ref_grads), (out, out_grads) = results["cpu"], results["cuda"]
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() <= tol * scale
+    for got, want in zip(out_grads, ref_grads):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert (got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-12) + 1e-7
