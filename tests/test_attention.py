@@ -198,10 +198,10 @@ def test_gpu_patched_model_equals_the_cpu(dtype: torch.dtype, monkeypatch: pytes
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         results[device] = (logits.float().cpu(), [None if g is None else g.float().cpu() for g in grads])
     (ref, ref_grads), (out, out_grads) = results["cpu"], results["cuda"]
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    scale = ref.abs().max()
-    assert (out - ref).abs().max() <= tol * scale
+    # bf16 keeps 8 bits of mantissa; gradients pass through more rounded products than logits.
+    tol, grad_tol = (1e-4, 1e-4) if dtype == torch.float32 else (5e-2, 1e-1)
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
     for got, want in zip(out_grads, ref_grads):
         assert (got is None) == (want is None)
         if want is not None:
-            assert (got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-12) + 1e-7
+            assert (got - want).abs().max() <= grad_tol * want.abs().max().clamp_min(1e-12) + 1e-7
