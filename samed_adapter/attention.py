@@ -106,7 +106,10 @@ def attend(
         mask = None if rel is None else decomposed_rel_pos_bias(q[part], *rel, q_size)
         if explicit:
             k_t = k[part].transpose(1, 2)
-            scores = torch.baddbmm(mask, q[part], k_t, alpha=attn.scale) if mask is not None else (q[part] * attn.scale) @ k_t
+            if mask is None:
+                scores = (q[part] * attn.scale) @ k_t
+            else:
+                scores = torch.baddbmm(mask, q[part], k_t, alpha=attn.scale)  # bias + scale * q kᵀ
             outs.append(scores.softmax(dim=-1) @ v[part])
         else:
             outs.append(F.scaled_dot_product_attention(q[part], k[part], v[part], attn_mask=mask, scale=attn.scale))
