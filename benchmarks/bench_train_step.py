@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import samed_adapter as sa
-from samed_adapter.attention import disable_sdpa, enable_sdpa
+from samed_adapter.attention import disable_sdpa
 from samed_adapter.lora import LoraQKV
 from samed_adapter.training import segmentation_loss
 
@@ -67,8 +67,6 @@ def build(backbone: str, image_size: int, device: torch.device, published: bool)
         disable_sdpa(sam.image_encoder)
         for blk in sam.image_encoder.blocks:
             blk.attn.qkv = PublishedLoRAqkv(blk.attn.qkv)
-    else:
-        enable_sdpa(sam.image_encoder)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)

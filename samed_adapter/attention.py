@@ -235,6 +235,7 @@ def disable_sdpa(module: nn.Module) -> int:
 
 
 def sdpa_enabled(module: nn.Module) -> bool:
-    """Whether every SAM encoder `Attention` under `module` runs SDPA (False if there is none)."""
-    attns = [m for m in module.modules() if isinstance(m, Attention)]
-    return bool(attns) and all(_is_ours(a.__dict__.get("forward")) for a in attns)
+    """Whether every SAM encoder `Attention` and windowed `Block` under `module` runs this
+    module's forward (False if there is none)."""
+    targets = _targets(module)
+    return bool(targets) and all(_is_ours(m.__dict__.get("forward")) for m, _ in targets)

@@ -158,8 +158,10 @@ def test_enabled_model_copies_and_keeps_foreign_forward(sam) -> None:
     model = copy.deepcopy(sam)
     enable_sdpa(model)
     clone = copy.deepcopy(model)
-    attn = clone.image_encoder.blocks[0].attn
-    assert sdpa_enabled(clone) and attn.forward.args[0] is attn  # bound to the copy, not the original
+    block = clone.image_encoder.blocks[0]
+    assert sdpa_enabled(clone)
+    # Bound to the copy, not the original.
+    assert block.attn.forward.args[0] is block.attn and block.forward.args[0] is block
     disable_sdpa(model)
     # Someone else's instance forward is neither replaced nor removed.
     other = model.image_encoder.blocks[0].attn
@@ -169,8 +171,17 @@ def test_enabled_model_copies_and_keeps_foreign_forward(sam) -> None:
 
     other.forward = custom
     assert enable_sdpa(model) == len(model.image_encoder.blocks) - 1
+    assert not sdpa_enabled(model)
     assert disable_sdpa(model) == len(model.image_encoder.blocks) - 1
     assert other.forward is custom
+    # The same for a windowed block's forward.
+    del other.forward
+    block = model.image_encoder.blocks[0]
+    block.forward = custom
+    enable_sdpa(model)
+    assert not sdpa_enabled(model) and block.forward is custom
+    disable_sdpa(model)
+    assert block.forward is custom
 
 
 @pytest.mark.gpu
