@@ -48,6 +48,19 @@ def list_backbones() -> list[str]:
     return sorted(_BACKBONES)
 
 
+# The backbones segment_anything's own `sam_model_registry` builds ("default" is vit_h).
+STOCK_BACKBONES = ("vit_b", "vit_l", "vit_h")
+
+
+def build_hint(name: str) -> str:
+    """How to build a SAM of backbone `name`, for error messages."""
+    if name in STOCK_BACKBONES:
+        return f"segment_anything.sam_model_registry[{name!r}](checkpoint=...)"
+    if name in _BACKBONES:  # only this library knows it
+        return f"samed_adapter.build_sam({name!r}, checkpoint=...)"
+    return f"the SAM the adapter was made on (a {name} encoder)"
+
+
 def get_backbone(name: str) -> Backbone:
     try:
         return _BACKBONES[name]
@@ -161,14 +174,30 @@ def infer_backbone(sam: Sam) -> str:
     return f"custom_{embed_dim}x{depth}x{num_heads}"
 
 
-def backbone_for_state_dict(state: dict[str, torch.Tensor]) -> Backbone:
-    """Identify a stock SAM state dict's backbone from its tensor shapes."""
+def backbone_for_state_dict(
+    state: dict[str, torch.Tensor], source: Optional[Union[str, os.PathLike]] = None
+) -> Backbone:
+    """Identify a stock SAM state dict's backbone from its tensor shapes.
+
+    `source`, the file the dict came from, is named in the errors.
+    """
+    what = f"{os.fspath(source)} is not" if source is not None else "not"
     try:
         embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
     except KeyError:
-        raise ValueError("not a SAM state dict: it has no 'image_encoder.patch_embed.proj.weight'") from None
+        hint = ""
+        if any("lora_" in k for k in state):  # the adapter file given where the SAM belongs
+            hint = " (its LoRA tensors make it look like an adapter file, which goes with the SAM, not in its place)"
+        raise ValueError(
+            f"{what} a SAM state dict: it has no 'image_encoder.patch_embed.proj.weight'{hint}; expected a "
+            "stock SAM checkpoint such as sam_vit_b_01ec64.pth"
+        ) from None
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
     for bb in _BACKBONES.values():
         if (bb.embed_dim, bb.depth) == (embed_dim, depth):
             return bb
-    raise ValueError(f"no registered SAM backbone has embed dim {embed_dim} and depth {depth}")
+    where = f" ({os.fspath(source)})" if source is not None else ""
+    raise ValueError(
+        f"no registered SAM backbone has embed dim {embed_dim} and depth {depth}{where}; known: "
+        f"{', '.join(list_backbones())} (register_backbone adds one)"
+    )

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
+
+_UMASK_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -14,7 +18,8 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; move it over `path` when the block succeeds.
 
     The temporary keeps `path`'s suffixes because writers such as nibabel pick compression from
-    them. On any error it is removed and an existing `path` is left untouched.
+    them. On any error it is removed and an existing `path` is left untouched. The file gets the
+    mode a plain `open()` would give it: an existing `path`'s, else 0o666 less the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +28,35 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     tmp = path.with_name(f".{stem}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
         yield tmp
+        # Writers that make private temporaries (safetensors writes 0600) would otherwise leave
+        # the final file unreadable to the group and others.
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits `open(path, "w")` leaves `path` with."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # no such file yet (or none we may stat)
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:  # Linux 4.7+: no window in which other threads create files under a different umask
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # os.umask only sets it: set a placeholder and put it straight back. The lock keeps two
+    # readers from taking each other's placeholder for the umask.
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask

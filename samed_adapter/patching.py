@@ -11,7 +11,7 @@ from segment_anything.modeling import Sam
 
 from .adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
 from .attention import enable_sdpa
-from .backbones import infer_backbone
+from .backbones import build_hint, infer_backbone
 from .config import AdapterConfig
 from .model import SAMed
 from .surgery import (
@@ -208,7 +208,7 @@ def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     if config.backbone is not None and config.backbone != backbone:
         raise AdapterMismatchError(
             f"the adapter is for a {config.backbone} SAM but this SAM is {backbone}; "
-            f"build sam_model_registry[{config.backbone!r}] instead"
+            f"build {build_hint(config.backbone)} instead"
         )
     depth = len(sam.image_encoder.blocks)
     if config.lora_blocks is not None and max(config.lora_blocks) >= depth:
