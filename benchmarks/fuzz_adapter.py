@@ -471,7 +471,7 @@ def _format_wrong(rng, fx, v):
 
 @kind("format_version_wrong")
 def _version_wrong(rng, fx, v):
-    value = rng.choice(["2", "0", "1.0", " 1", "1 ", "", "01", "+1", "\u0661", "99999999999999999999999", "v1", "-1"])
+    value = rng.choice(["3", "0", "1.0", " 1", "1 ", "", "01", "+1", "\u0661", "99999999999999999999999", "v1", "-1"])
     return Mutation(fx.with_metadata(v, format_version=value), f"format_version {value!r}")
 
 

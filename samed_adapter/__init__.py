@@ -13,9 +13,11 @@ from .backbones import build_sam, infer_backbone, list_backbones
 from .checkpoints import UnsafeCheckpointError
 from .convert import convert_published
 from .config import SYNAPSE_CLASS_NAMES, AdapterConfig
+from .geometry import RADIOLOGICAL, SliceGeometry, axis_codes
 from .hub import push_to_hub
 from .model import SAMed
 from .patching import inject, patch, unpatch
+from .preprocessing import Intensity
 from .surgery import stock_fingerprint
 
 __all__ = [
@@ -25,9 +27,13 @@ __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
     "BaseMismatchError",
+    "Intensity",
+    "RADIOLOGICAL",
     "SAMed",
     "SYNAPSE_CLASS_NAMES",
+    "SliceGeometry",
     "UnsafeCheckpointError",
+    "axis_codes",
     "build_sam",
     "convert_published",
     "infer_backbone",

@@ -1,7 +1,7 @@
 """Adapter: the tensors of a SAMed adapter plus its config, and the `.safetensors` file format.
 
-File format (version 1): one safetensors file whose header metadata holds
-    format = "samed-adapter", format_version = "1", config = AdapterConfig as JSON,
+File format (version 2): one safetensors file whose header metadata holds
+    format = "samed-adapter", format_version = "2", config = AdapterConfig as JSON,
     base_fingerprint = "sha256:..." of the stock SAM tensors it applies to.
 Tensor names (float32, float16 or bfloat16):
     image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_A.weight   (r, C)   LoRA, peft naming
@@ -27,10 +27,15 @@ from typing import Optional, Union
 import torch
 
 from .config import AdapterConfig
+from .geometry import describe_orientation
+from .preprocessing import Intensity
 from .files import atomic_path
 
 FORMAT_NAME = "samed-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 configs lack intensity_percentiles, orientation and slice_axis; their defaults (none,
+# as stored, axis 2) are exactly how version 1 adapters were applied, so they load unchanged.
+READABLE_VERSIONS = ("1", "2")
 DELTA_PREFIX = "delta."
 _STORABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ENCODER_LORA = re.compile(r"image_encoder\.blocks\.(\d+)\.attn\.qkv\.([qv])\.lora_([AB])\.weight")
@@ -203,10 +208,10 @@ def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[AdapterConfig
             f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
         )
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise AdapterFormatError(
-            f"{path} has adapter format version {version!r}; this samed-adapter reads version "
-            f"{FORMAT_VERSION}. Upgrade samed-adapter to read newer files."
+            f"{path} has adapter format version {version!r}; this samed-adapter reads versions "
+            f"{', '.join(READABLE_VERSIONS)}. Upgrade samed-adapter to read newer files."
         )
     try:
         config = AdapterConfig.from_json(metadata.get("config", ""))
@@ -263,7 +268,8 @@ def describe(adapter: Adapter) -> str:
         f"encoder LoRA      rank {cfg.rank}, scale {cfg.lora_scale}, blocks "
         f"{'all' if cfg.lora_blocks is None else cfg.lora_blocks}",
         f"decoder LoRA      {'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}",
-        f"intensity window  {cfg.intensity_window}",
+        f"preprocessing     {Intensity.from_config(cfg).describe()}",
+        f"orientation       {describe_orientation(cfg)}",
         f"tensors           {len(adapter.tensors)}",
         f"parameters        {adapter.num_parameters:,}",
         f"size              {adapter.nbytes / 2**20:.2f} MiB",

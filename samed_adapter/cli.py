@@ -12,15 +12,21 @@ import argparse
 import shutil
 import sys
 import textwrap
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
 from .files import atomic_path
+from .training.run import _pair
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from segment_anything.modeling import Sam
+
+    from .adapter import Adapter
+    from .io.volumes import DicomSeries
 
     from .model import SAMed
 
@@ -34,7 +40,7 @@ def _stock_sam(checkpoint: str) -> "Sam":
     from .backbones import backbone_for_state_dict, build_sam
     from .checkpoints import load_state_dict_file
 
-    backbone = backbone_for_state_dict(load_state_dict_file(checkpoint))
+    backbone = backbone_for_state_dict(load_state_dict_file(checkpoint), source=checkpoint)
     return build_sam(backbone, checkpoint=checkpoint)
 
 
@@ -76,20 +82,37 @@ def _example_parser(
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """`convert`: published SAMed .pth -> adapter .safetensors."""
+    """`convert`: published SAMed .pth -> adapter .safetensors, or an adapter with new settings."""
+    import dataclasses
+
+    from .adapter import Adapter
     from .convert import convert_published
 
-    sam = _stock_sam(args.sam)
     kwargs: dict[str, object] = {}
+    if args.window is not None and args.percentiles is not None:
+        raise ValueError("--window and --percentiles exclude each other; give one")
     if args.window is not None:
         kwargs["intensity_window"] = None if args.window == "none" else args.window
-    adapter = convert_published(
-        args.checkpoint,
-        sam,
-        image_size=args.image_size,
-        class_names=args.class_names.split(",") if args.class_names else None,
-        **kwargs,
-    )
+    if args.percentiles is not None:
+        kwargs.update(intensity_window=None, intensity_percentiles=args.percentiles)
+    if args.orientation is not None:
+        kwargs["orientation"] = args.orientation
+    if args.slice_axis is not None:
+        kwargs["slice_axis"] = args.slice_axis
+    if args.class_names:
+        kwargs["class_names"] = args.class_names.split(",")
+    if args.checkpoint.lower().endswith(".safetensors"):  # an adapter: rewrite its settings
+        adapter = Adapter.load(args.checkpoint)
+        config = dataclasses.replace(adapter.config, **kwargs)
+        adapter = Adapter(config, adapter.tensors, adapter.base_fingerprint)
+    else:
+        if args.sam is None:
+            raise ValueError("converting a published .pth needs --sam, the stock SAM checkpoint it was trained on")
+        percentiles = kwargs.pop("intensity_percentiles", None)
+        adapter = convert_published(args.checkpoint, _stock_sam(args.sam), image_size=args.image_size, **kwargs)
+        if percentiles is not None:
+            config = dataclasses.replace(adapter.config, intensity_percentiles=percentiles)
+            adapter = Adapter(config, adapter.tensors, adapter.base_fingerprint)
     path = adapter.save(args.output, dtype=_DTYPES[args.dtype] if args.dtype else None)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {adapter.num_parameters:,} values)")
     return 0
@@ -97,17 +120,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_convert_parser(sub: _SubParsers) -> None:
     """Declare `convert` and its arguments."""
+    from .geometry import parse_orientation
+
     p = _example_parser(
-        sub, "convert", "published SAMed .pth -> adapter .safetensors",
-        "example: samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth",
-        "Convert a published SAMed checkpoint (either variant) into an adapter file.",
+        sub, "convert", "published SAMed .pth -> adapter .safetensors (or new settings for an adapter)",
+        "examples:\n"
+        "  samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth\n"
+        "  samed-adapter convert old.safetensors new.safetensors --orientation LPS   # record the orientation",
+        "Convert a published SAMed checkpoint (either variant) into an adapter file. Given an adapter "
+        ".safetensors instead, write a copy with the settings given (orientation, preprocessing, class names).",
     )
-    p.add_argument("checkpoint", help="the published SAMed .pth (read with weights_only=True)")
+    p.add_argument("checkpoint", help="the published SAMed .pth (read with weights_only=True), or an adapter")
     p.add_argument("output", help="the adapter .safetensors to write")
-    p.add_argument("--sam", required=True, help="the stock SAM checkpoint it was trained on")
+    p.add_argument("--sam", help="the stock SAM checkpoint it was trained on (needed for a .pth)")
     p.add_argument("--image-size", type=int, default=512, help="input size it was trained at (default 512)")
     p.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
     p.add_argument("--window", type=_window, help="intensity window LO,HI, or none (default -125,275)")
+    p.add_argument("--percentiles", type=_pair, metavar="LO,HI", help="MR percentile normalisation instead")
+    p.add_argument("--orientation", type=parse_orientation, metavar="CODES",
+                   help="axis codes the training volumes were cut in, e.g. LPS (default: not recorded, as stored)")
+    p.add_argument("--slice-axis", type=int, choices=[0, 1, 2], help="the axis slices were cut along (default 2)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="store tensors as this dtype")
     p.set_defaults(func=cmd_convert)
 
@@ -139,9 +171,10 @@ def add_info_parser(sub: _SubParsers) -> None:
 # --------------------------------------------------------------------------- segment
 
 
-def _segment_sam(args: argparse.Namespace) -> "Sam":
+def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) -> "Sam":
     """The stock SAM to patch: from --sam, or random weights from --sam-backbone/--random-sam-seed."""
     from .backbones import build_sam
+    from .surgery import stock_fingerprint
 
     if args.sam is not None:
         if args.random_sam_seed is not None:
@@ -152,9 +185,15 @@ def _segment_sam(args: argparse.Namespace) -> "Sam":
             "--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and demos "
             "only); pass --sam CKPT to segment with real SAM weights"
         )
-    _warn(args.command, f"using random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed}): "
-                     "predictions are meaningless; pass --sam CKPT for real segmentation")
-    return build_sam(args.sam_backbone, seed=args.random_sam_seed)
+    sam = build_sam(args.sam_backbone, seed=args.random_sam_seed)
+    what = f"random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed})"
+    if adapter is not None and adapter.base_fingerprint == stock_fingerprint(sam):
+        _warn(args.command, f"using {what}; the adapter was trained on this very SAM (its fingerprint matches), "
+                            "so the labels are as good as that adapter; pass --sam CKPT to use real SAM weights")
+    else:
+        _warn(args.command, f"using {what}: the adapter was not trained on them, so the labels are meaningless; "
+                            "pass --sam CKPT for real segmentation")
+    return sam
 
 
 def _overlay_path(label_path: Path) -> Path:
@@ -178,50 +217,80 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _segment_one(model: "SAMed", source: str, out: Path, args: argparse.Namespace) -> list[Path]:
-    """Segment one input and write its labels (and overlay); returns what it wrote."""
-    from .io import overlay_montage, read_image, write_labels
+@dataclass
+class _Job:
+    """One label file to write: an input (a file, a series folder, or one series of a folder)."""
 
-    volume = read_image(source)
+    source: str
+    out: Path
+    series: Optional["DicomSeries"] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} (series {self.series.name})" if self.series is not None else self.source
+
+
+def _segment_one(model: "SAMed", job: _Job, args: argparse.Namespace) -> list[Path]:
+    """Segment one input and write its labels (and overlay); returns what it wrote."""
+    from .io import overlay_volume, read_image, write_labels
+    from .io.volumes import read_dicom_series
+
+    volume = read_dicom_series(job.series, Path(job.source)) if job.series is not None else read_image(job.source)
+    window = None if args.window in (None, "none") else args.window
     try:
-        labels = model.segment(volume.array, batch_size=args.batch_size)
+        labels = model.segment(volume, batch_size=args.batch_size, preprocessed=args.window == "none",
+                               window=window, percentiles=args.percentiles)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-    written = [write_labels(labels, volume, out)]
+        raise ValueError(f"{job.name}: {err}") from None
+    written = [write_labels(labels, volume, job.out)]
     if args.overlay:
         try:
-            cfg = model.config
-            window = tuple(cfg.intensity_window) if cfg.intensity_window is not None else None
-            written.append(overlay_montage(volume.array, labels, cfg.class_names, _overlay_path(out), window=window))
+            written.append(overlay_volume(volume, labels, model.config.class_names, _overlay_path(job.out),
+                                          intensity=model.intensity(window, args.percentiles)))
         except BaseException:
-            out.unlink(missing_ok=True)  # all or nothing per input
+            job.out.unlink(missing_ok=True)  # all or nothing per input
             raise
     return written
 
 
-def _plan_outputs(
-    inputs: Sequence[str], out_dir: Path, overlay: bool
-) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(input, label path) for each input whose output names are usable and unique; messages for the rest."""
+def _jobs_for(source: str, out_dir: Path) -> list[_Job]:
+    """The label files one input gives: one, or one per series of a DICOM folder holding several."""
     from .io import output_path
+    from .io.volumes import list_dicom_series
 
-    plan: list[tuple[str, Path]] = []
+    out = output_path(source, out_dir)
+    if not Path(source).is_dir():
+        return [_Job(source, out)]
+    series = list_dicom_series(source)
+    if len(series) == 1:
+        return [_Job(source, out)]
+    # dcm2niix's naming: <folder>_<series number>_<series description>
+    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
+    return [_Job(source, out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in series]
+
+
+def _plan_outputs(inputs: Sequence[str], out_dir: Path, overlay: bool) -> tuple[list[_Job], list[str]]:
+    """A job for each label file whose name is usable and unique; messages for the other inputs."""
+    from .io import ImageReadError
+
+    plan: list[_Job] = []
     problems: list[str] = []
     taken: dict[Path, str] = {}
     for source in inputs:
         try:
-            out = output_path(source, out_dir)
-        except ValueError as err:
-            problems.append(f"{source}: {err}")
+            jobs = _jobs_for(source, out_dir)
+        except (ValueError, ImageReadError) as err:
+            problems.append(f"{source}: {err}" if source not in str(err) else str(err))
             continue
-        outs = [out, _overlay_path(out)] if overlay else [out]
-        clash = next((o for o in outs if o in taken), None)
-        if clash is not None:
-            problems.append(f"{source}: its output {clash} would overwrite the one of {taken[clash]}; "
-                            "rename one input or segment them into different folders")
-            continue
-        taken.update({o: source for o in outs})
-        plan.append((source, out))
+        for job in jobs:
+            outs = [job.out, _overlay_path(job.out)] if overlay else [job.out]
+            clash = next((o for o in outs if o in taken), None)
+            if clash is not None:
+                problems.append(f"{job.name}: its output {clash} would overwrite the one of {taken[clash]}; "
+                                "rename one input or segment them into different folders")
+                continue
+            taken.update({o: job.name for o in outs})
+            plan.append(job)
     return plan, problems
 
 
@@ -235,9 +304,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.window is not None and args.percentiles is not None:
+        raise ValueError("--window and --percentiles exclude each other; give one")
     device = _device(args.device)
     adapter = Adapter.load(args.adapter, revision=args.revision)
-    sam = _segment_sam(args).to(device)
+    sam = _segment_sam(args, adapter).to(device)
     try:
         model = patch(sam, adapter, allow_base_mismatch=args.allow_base_mismatch, merge=args.merge)
     except BaseMismatchError as err:
@@ -250,22 +321,31 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for message in problems:
         _fail("segment", message)
     failed = len(problems)
-    for source, out in tqdm(plan, desc="segment", unit="image", disable=None):
-        try:
-            written = _segment_one(model, source, out, args)
-        except (ImageReadError, ValueError, OSError) as err:
-            failed += 1
-            tqdm.write(f"samed-adapter segment: error: {err} (skipped; continuing with the other inputs)",
-                       file=sys.stderr)
-            continue
-        except torch.cuda.OutOfMemoryError:
-            failed += 1
-            tqdm.write(f"samed-adapter segment: error: {source}: out of GPU memory (skipped); try a smaller "
-                       "--batch-size", file=sys.stderr)
-            continue
-        tqdm.write(f"{source} -> {', '.join(map(str, written))}")
-    done = len(args.inputs) - failed
-    print(f"segmented {done} of {len(args.inputs)} inputs into {out_dir}")
+    said: set[str] = set()
+    for job in tqdm(plan, desc="segment", unit="image", disable=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                written = _segment_one(model, job, args)
+            except (ImageReadError, ValueError, OSError) as err:
+                failed += 1
+                tqdm.write(f"samed-adapter segment: error: {err} (skipped; continuing with the other inputs)",
+                           file=sys.stderr)
+                continue
+            except torch.cuda.OutOfMemoryError:
+                failed += 1
+                tqdm.write(f"samed-adapter segment: error: {job.name}: out of GPU memory (skipped); try a smaller "
+                           "--batch-size", file=sys.stderr)
+                continue
+            finally:
+                for warning in caught:  # each message once per run, on stderr
+                    text = str(warning.message)
+                    if text not in said:
+                        said.add(text)
+                        tqdm.write(f"samed-adapter segment: warning: {text}", file=sys.stderr)
+        tqdm.write(f"{job.name} -> {', '.join(map(str, written))}")
+    total = len(plan) + len(problems)
+    print(f"segmented {total - failed} of {total} inputs into {out_dir}")
     return 1 if failed else 0
 
 
@@ -276,11 +356,16 @@ def add_segment_parser(sub: _SubParsers) -> None:
         "examples:\n"
         "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors ct1.nii.gz ct2.nii.gz -o labels/\n"
         "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter org/synapse-adapter dicom_series/ -o labels/ --overlay\n"
-        "  # a demo without real weights (random SAM; meaningless labels):\n"
-        "  samed-adapter segment --sam-backbone tiny --random-sam-seed 0 --adapter tiny.safetensors slice.png -o out/",
-        "Segment NIfTI volumes, DICOM series folders, and 2-D PNG/NPY images. NIfTI and DICOM inputs give NIfTI "
-        "labels with the input's geometry; PNG gives PNG and NPY gives NPY, named like the input inside OUTDIR. "
-        "An input that cannot be read is reported and skipped; the exit code is then 1.",
+        "  # without real weights: the quick start's adapter, trained on a random tiny SAM (seed 0)\n"
+        "  samed-adapter quickstart --out runs/quickstart\n"
+        "  samed-adapter segment --sam-backbone tiny --random-sam-seed 0 \\\n"
+        "      --adapter runs/quickstart/mni_brain.safetensors runs/quickstart/data/imagesTr/mni_val.nii.gz -o out/",
+        "Segment NIfTI volumes, DICOM series folders, and 2-D PNG/NPY images. Each volume is reoriented to the "
+        "orientation the adapter was trained on (axis permutations and flips, never a resampling), scaled with "
+        "the adapter's intensity preprocessing, and its labels are written on the input's own voxel grid: NIfTI "
+        "and DICOM inputs give NIfTI labels with the input's geometry (one file per series for a folder holding "
+        "several); PNG gives PNG and NPY gives NPY, named like the input inside OUTDIR. An input that cannot be "
+        "read is reported and skipped; the exit code is then 1.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files, DICOM series folders, .png or .npy images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the label files")
@@ -295,7 +380,12 @@ def add_segment_parser(sub: _SubParsers) -> None:
     p.add_argument("--random-sam-seed", type=int, metavar="N", help="seed of the random SAM of --sam-backbone")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png, a montage of slices")
+    p.add_argument("--window", type=_window, metavar="LO,HI",
+                   help="CT window replacing the adapter's intensity preprocessing (none: inputs already in [0, 1])")
+    p.add_argument("--percentiles", type=_pair, metavar="LO,HI",
+                   help="MR percentile normalisation replacing the adapter's, e.g. 0.5,99.5")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <name>_overlay.png, a montage of axial slices in the radiological view")
     p.add_argument("--merge", action="store_true", help="fold the LoRA into the encoder weights (faster)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter even if it was made for other stock SAM weights")
@@ -393,19 +483,30 @@ def add_pull_parser(sub: _SubParsers) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV)."""
+    from .adapter import Adapter
     from .evaluate import evaluate
     from .patching import patch
     from .training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
 
-    model = patch(_segment_sam(args).to(_device(args.device)), args.adapter)
+    adapter = Adapter.load(args.adapter)
+    model = patch(_segment_sam(args, adapter).to(_device(args.device)), adapter)
+    config = model.config
     if args.format == "synapse":
         volumes = SynapseVolumes(args.data)
     else:
-        window = model.config.intensity_window if args.window is None else (
-            None if args.window == "none" else args.window)
+        if args.window is not None and args.percentiles is not None:
+            raise ValueError("--window and --percentiles exclude each other; give one")
+        if args.window is None and args.percentiles is None:  # the adapter's own preprocessing
+            window, percentiles = config.intensity_window, config.intensity_percentiles
+        else:
+            window = None if args.window in (None, "none") else args.window
+            percentiles = args.percentiles
+        if config.orientation is None:
+            _warn("evaluate", "the adapter records no orientation: volumes are cut as stored")
         volumes = NiftiVolumes(args.data, args.cases.split(",") if args.cases else None,
-                               window=None if args.percentiles else window, percentiles=args.percentiles,
-                               label_map=SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None)
+                               window=window, percentiles=percentiles,
+                               label_map=SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None,
+                               orientation=config.orientation, slice_axis=config.slice_axis)
     summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,8 +518,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(sub: _SubParsers) -> None:
-    from .training.run import _pair
-
     p = _example_parser(
         sub, "evaluate", "score an adapter on labelled volumes (Dice, HD95)",
         "example: samed-adapter evaluate --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors \\\n"
@@ -436,8 +535,9 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
     p.add_argument("--format", choices=["nifti", "synapse"], default="nifti")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--protocol", choices=["default", "samed"], default="default")
-    p.add_argument("--window", type=_window, help="LO,HI or none (default: the adapter's window)")
-    p.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI")
+    p.add_argument("--window", type=_window, help="LO,HI or none (default: the adapter's preprocessing)")
+    p.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI "
+                                                     "(default: the adapter's preprocessing)")
     p.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: 1,2,3,4,6,7,8,11 -> 1..8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)

@@ -64,6 +64,19 @@ class AdapterConfig:
         default=CT_ABDOMEN_WINDOW,
         metadata={"help": "Raw intensities are clipped to [lo, hi] and scaled to [0, 1]; None: already in [0, 1]."},
     )
+    intensity_percentiles: Optional[tuple[float, float]] = field(
+        default=None,
+        metadata={"help": "MR: each volume is clipped to its own (p_lo, p_hi) percentiles and scaled to [0, 1]; "
+                          "needs intensity_window=None."},
+    )
+    orientation: Optional[tuple[str, str, str]] = field(
+        default=None,
+        metadata={"help": "Axis codes (nibabel's aff2axcodes, e.g. ('L', 'P', 'S')) every volume is reoriented to "
+                          "before slicing, as in training; None: slices cut as stored."},
+    )
+    slice_axis: int = field(
+        default=2, metadata={"help": "The axis of the (reoriented) volume the 2-D slices are cut along."}
+    )
     decoder_lora: bool = field(
         default=False,
         metadata={"help": "SAMed_s variant: LoRA on the decoder transformer's q_proj/v_proj, transformer frozen."},
@@ -117,6 +130,19 @@ class AdapterConfig:
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"intensity_window must be finite (lo, hi) with lo < hi, got {self.intensity_window!r}")
             self.intensity_window = (lo, hi)
+        if self.intensity_percentiles is not None:
+            if self.intensity_window is not None:
+                raise ValueError(
+                    "intensity_percentiles (MR) and intensity_window (CT) exclude each other; pass "
+                    "intensity_window=None with intensity_percentiles"
+                )
+            from .preprocessing import Intensity
+
+            self.intensity_percentiles = Intensity(percentiles=self.intensity_percentiles).percentiles
+        from .geometry import _check_slice_axis, parse_orientation
+
+        self.orientation = parse_orientation(self.orientation)
+        self.slice_axis = _check_slice_axis(self.slice_axis)
         if self.backbone is not None and not isinstance(self.backbone, str):
             raise TypeError(f"backbone must be a string such as 'vit_b' or None, got {self.backbone!r}")
 
@@ -140,7 +166,7 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown adapter config fields {unknown}; this version knows {sorted(known)}")
         kwargs = dict(data)
-        for key in ("pixel_mean", "pixel_std", "intensity_window"):
+        for key in ("pixel_mean", "pixel_std", "intensity_window", "intensity_percentiles", "orientation"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)

@@ -38,6 +38,8 @@ def convert_published(
     class_names: Optional[Sequence[str]] = None,
     intensity_window: Union[tuple[float, float], None, object] = _DEFAULT_WINDOW,
     lora_blocks: Optional[Sequence[int]] = None,
+    orientation: Union[str, Sequence[str], None] = None,
+    slice_axis: int = 2,
 ) -> Adapter:
     """Convert a published SAMed checkpoint for the stock weights of `sam`.
 
@@ -49,6 +51,10 @@ def convert_published(
         class_names: K names; default the Synapse organs when K = 8.
         intensity_window: default the CT window (-125, 275); None for inputs already in [0, 1].
         lora_blocks: the encoder blocks that carry LoRA, when not all of them.
+        orientation, slice_axis: the axis codes of the volumes its training slices were cut
+            from, and the axis they were cut along (see `samed_adapter.geometry`); default not
+            recorded, so volumes are cut as stored (the published Synapse models saw the raw
+            files' stored axes, each slice ``data[:, :, k].T``).
     """
     state = load_state_dict_file(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     stock = get_stock_state(sam)
@@ -75,6 +81,8 @@ def convert_published(
         backbone=infer_backbone(sam),
         class_names=None if class_names is None else list(class_names),
         intensity_window=CT_ABDOMEN_WINDOW if intensity_window is _DEFAULT_WINDOW else intensity_window,  # type: ignore[arg-type]
+        orientation=orientation,
+        slice_axis=slice_axis,
         decoder_lora=bool(decoder_lora),
         decoder_lora_rank=next(iter(decoder_lora.values())).shape[0] if decoder_lora else 4,
     )

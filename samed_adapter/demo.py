@@ -1,10 +1,12 @@
 """A real-data task that ships with a PyPI package: grey and white matter on the MNI152 template.
 
-nilearn's wheel carries the MNI152 2009 template (2 mm T1, intensities in [0, 1]) and its grey-
-and white-matter probability maps. Thresholding the maps gives a 3-class label map (0
+nilearn's wheel carries the MNI152 2009 template (T1, stored as 8-bit values 0..255) and its
+grey- and white-matter probability maps. Thresholding the maps gives a 3-class label map (0
 background, 1 grey matter, 2 white matter). The axial slices of one part of the brain make the
 training case and those of another part the held-out case, written in the nnU-Net / Decathlon
-layout (`imagesTr/`, `labelsTr/`) that the NIfTI readers take.
+layout (`imagesTr/`, `labelsTr/`) that the NIfTI readers take, in the template's raw 0..255
+intensities: like a real MR scan, they are scaled by percentile normalisation
+(`MNI_PERCENTILES`), which the trained adapter records.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import numpy as np
 MNI_CLASS_NAMES = ("grey matter", "white matter")
 TRAIN_SLICES = range(22, 50)  # axial (z) slices of the lower and middle brain
 VAL_SLICES = range(53, 65)  # held out: the upper brain
+MNI_PERCENTILES = (0.5, 99.5)  # MR percentile normalisation of the raw 0..255 T1
 
 
 def mni_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(T1 image (X, Y, Z) float32 in [0, 1], labels (X, Y, Z) uint8, affine (4, 4)) at 2 mm."""
+    """(T1 image (X, Y, Z) uint8 in raw 0..255, labels (X, Y, Z) uint8, affine (4, 4)) at 2 mm.
+
+    nilearn resamples the 1 mm template to 2 mm and divides it by 255; multiplying back gives the
+    file's 8-bit intensity scale.
+    """
     from nilearn import datasets
 
     template = datasets.load_mni152_template(resolution=2)
@@ -30,7 +37,7 @@ def mni_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = np.zeros(template.shape, dtype=np.uint8)
     labels[(grey > 0.5) & (grey >= white)] = 1
     labels[(white > 0.5) & (white > grey)] = 2
-    image = np.clip(template.get_fdata(dtype=np.float32), 0.0, 1.0)
+    image = np.round(np.clip(template.get_fdata(), 0.0, 1.0) * 255).astype(np.uint8)
     return image, labels, template.affine
 
 
@@ -60,7 +67,7 @@ def best_constant_dice(image: np.ndarray, labels: np.ndarray, num_classes: int) 
     """
     from .metrics import dice
 
-    brain = image > 0.05
+    brain = image > 0.05 * float(image.max())
     best = 0.0
     for c in range(1, num_classes + 1):
         scores = [dice(brain, labels == k) if c == k else 0.0 for k in range(1, num_classes + 1)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+import warnings
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,13 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
+from .geometry import SliceGeometry
+from .preprocessing import Intensity, contrast_warning
 from .surgery import encoder_lora_layers, get_stock_state
 from .transfer import extract_adapter
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .io.volumes import Volume
 
 
 class SAMed(nn.Module):
@@ -139,36 +146,103 @@ class SAMed(nn.Module):
         delete_adapter(self.sam, adapter_name)
         return self
 
-    def preprocess(self, slices: np.ndarray) -> np.ndarray:
-        """Raw intensities (..., H, W) -> float32 in [0, 1] using the config's intensity window."""
-        window = self.config.intensity_window
-        if window is None:
-            return _check_unit_range(slices)
-        x = slices.astype(np.float32, copy=False)
-        lo, hi = window
-        return (np.clip(x, lo, hi) - lo) / (hi - lo)
+    def intensity(self, window: Optional[tuple[float, float]] = None,
+                  percentiles: Optional[tuple[float, float]] = None) -> Intensity:
+        """The adapter's intensity preprocessing, or the override given (a window or percentiles)."""
+        if window is not None or percentiles is not None:
+            return Intensity(window, percentiles)
+        return Intensity.from_config(self.config)
+
+    def preprocess(self, slices: np.ndarray, **override: Optional[tuple[float, float]]) -> np.ndarray:
+        """Raw intensities (..., H, W) -> float32 in [0, 1] with the adapter's preprocessing.
+
+        ``window=(lo, hi)`` or ``percentiles=(lo, hi)`` replace the adapter's for this call.
+        """
+        intensity = self.intensity(**override)
+        return intensity(slices) if intensity.scales else _check_unit_range(slices)
+
+    def slice_geometry(self, volume: "Volume") -> SliceGeometry:
+        """How `volume` is cut into this adapter's slices (its recorded orientation and slice axis)."""
+        return volume.geometry(self.config.orientation, self.config.slice_axis)
 
     @torch.inference_mode()
     def segment(
-        self, array: Union[np.ndarray, torch.Tensor], *, batch_size: int = 8, preprocessed: bool = False
-    ) -> np.ndarray:
-        """Label map for a slice or a volume of raw intensities.
+        self,
+        image: Union[np.ndarray, torch.Tensor, "Volume", "nib.spatialimages.SpatialImage", str, os.PathLike],
+        *,
+        batch_size: int = 8,
+        preprocessed: bool = False,
+        window: Optional[tuple[float, float]] = None,
+        percentiles: Optional[tuple[float, float]] = None,
+    ) -> Union[np.ndarray, "nib.Nifti1Image"]:
+        """Label map for a slice, a volume, a scan file or a nibabel image.
 
         Args:
-            array: (H, W) slice or (D, H, W) volume of axial slices, raw intensities (Hounsfield
-                units for CT with the default window).
+            image: one of
+                - a path (NIfTI, DICOM series folder, PNG, NPY) or a nibabel image: reoriented to
+                  the adapter's orientation, cut into slices, predicted and put back on the
+                  input's own voxel grid; returns a ``nibabel.Nifti1Image`` of labels with the
+                  input's shape, affine and header (save it with ``nib.save``);
+                - a :class:`samed_adapter.io.Volume`: the same, returning labels in the layout of
+                  ``volume.array`` (write them with ``io.write_labels(labels, volume, path)``);
+                - a bare array or tensor, (H, W) or (D, H, W): already the model's slices, used
+                  as given (no geometry to reorient by); returns labels of its shape.
+                Intensities are raw (Hounsfield units for CT) unless ``preprocessed``.
             batch_size: slices per forward pass.
-            preprocessed: the values are already in [0, 1] (skip the intensity window).
+            preprocessed: the values are already in [0, 1] (skip the intensity preprocessing).
+            window, percentiles: replace the adapter's intensity preprocessing for this call
+                (a CT window (lo, hi), or MR percentiles (p_lo, p_hi) of the whole input).
 
         Returns:
-            Integer labels 0..K with the input's shape (uint8 when K < 255).
+            Integer labels 0..K (uint8 when K < 255), as described for each kind of input.
         """
+        from .io.volumes import Volume, label_nifti, read_image, volume_from_nifti
+
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        volume = _check_image(array)
+        options = dict(batch_size=batch_size, preprocessed=preprocessed, window=window, percentiles=percentiles)
+        if isinstance(image, (str, os.PathLike)):
+            volume = read_image(image)
+            return label_nifti(self._segment_volume(volume, **options), volume)
+        if isinstance(image, nib.spatialimages.SpatialImage):
+            volume = volume_from_nifti(image)
+            return label_nifti(self._segment_volume(volume, **options), volume)
+        if isinstance(image, Volume):
+            return self._segment_volume(image, **options)
+        volume = _check_image(image)
         squeeze = volume.ndim == 2
         volume = volume[None] if squeeze else volume
-        volume = _check_unit_range(volume) if preprocessed else self.preprocess(volume)
+        override = dict(window=window, percentiles=percentiles)
+        volume = _check_unit_range(volume) if preprocessed else self.preprocess(volume, **override)
+        labels = self._predict_slices(volume, batch_size)
+        return labels[0] if squeeze else labels
+
+    def _segment_volume(self, volume: "Volume", *, batch_size: int, preprocessed: bool,
+                        window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]]) -> np.ndarray:
+        """Labels in ``volume.array``'s layout: reorient, preprocess, predict, put back."""
+        if self.config.orientation is None and volume.affine is not None:
+            warnings.warn(
+                "this adapter records no orientation, so slices are cut as each file stores them (axis "
+                f"{self.config.slice_axis}, rows along the next stored axis); if it was trained on another "
+                "orientation, record it with `samed-adapter convert ADAPTER OUT --orientation CODES`",
+                UserWarning, stacklevel=3,
+            )
+        geometry = self.slice_geometry(volume)
+        slices = geometry.to_slices(volume.voxels)
+        _check_image(slices)
+        if preprocessed:
+            slices = _check_unit_range(slices)
+        else:
+            intensity = self.intensity(window, percentiles)
+            message = contrast_warning(slices, intensity, str(volume.source or "the image"))
+            if message:
+                warnings.warn(message, UserWarning, stacklevel=3)
+            slices = intensity(slices) if intensity.scales else _check_unit_range(slices)
+        labels = self._predict_slices(slices, batch_size)
+        return volume.from_voxels(geometry.from_slices(labels))
+
+    def _predict_slices(self, volume: np.ndarray, batch_size: int) -> np.ndarray:
+        """(D, H, W) float32 in [0, 1] -> (D, H, W) labels, batch by batch."""
         depth, height, width = volume.shape
         size = self.config.image_size
         param = next(self.sam.image_encoder.parameters())
@@ -188,7 +262,7 @@ class SAMed(nn.Module):
                 labels[start : start + batch_size] = pred[:, 0].to(torch.int32).cpu().numpy()
         finally:
             self.train(was_training)
-        return labels[0] if squeeze else labels
+        return labels
 
 
 def _check_unit_range(x: np.ndarray) -> np.ndarray:
@@ -196,7 +270,8 @@ def _check_unit_range(x: np.ndarray) -> np.ndarray:
     if x.min() < 0.0 or x.max() > 1.0:
         raise ValueError(
             f"values span [{x.min():g}, {x.max():g}] but inputs already in [0, 1] are expected here "
-            "(the adapter has no intensity_window, or preprocessed=True); scale the image to [0, 1] first"
+            "(the adapter records no intensity preprocessing, or preprocessed=True); scale the image to [0, 1] "
+            "first, or give a window=(lo, hi) / percentiles=(lo, hi) (CLI: --window / --percentiles)"
         )
     return x
 

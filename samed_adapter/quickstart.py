@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -43,9 +44,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import samed_adapter as sa
-    from .demo import MNI_CLASS_NAMES, best_constant_dice, build_mni_task
+    from .demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
     from .evaluate import evaluate
-    from .io import overlay_montage
+    from .geometry import axis_codes
+    from .io import overlay_volume, read_image, write_labels
     from .training import NiftiSlices, NiftiVolumes
     from .training.loop import TrainConfig, train
 
@@ -64,26 +66,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("SAM: RANDOM weights (a small 'tiny' SAM built from the stock classes, seed "
               f"{args.seed}); pass --sam sam_vit_b_01ec64.pth to use the real model")
+    sam = fresh_sam()  # before anything is written: a missing or bad --sam changes nothing
     image_size = args.image_size or (512 if args.sam else 256)
     root = build_mni_task(out / "data")
-    print(f"data: MNI152 2 mm T1 from nilearn; grey/white matter; train = axial slabs in {root / 'imagesTr'}")
+    held_out_path = root / "imagesTr" / "mni_val.nii.gz"
+    orientation = axis_codes(read_image(root / "imagesTr" / "mni_train.nii.gz").affine)
+    print(f"data: MNI152 2 mm T1 from nilearn (raw 0..255), grey/white matter; train = axial slabs in "
+          f"{root / 'imagesTr'}, stored {''.join(orientation)}; percentile normalisation {MNI_PERCENTILES}")
 
     torch.manual_seed(args.seed)
     config = sa.AdapterConfig(num_classes=2, image_size=image_size, class_names=list(MNI_CLASS_NAMES),
-                              intensity_window=None)
-    model = sa.inject(fresh_sam(), config)
-    slices = NiftiSlices(root, ["mni_train"], window=None)
+                              intensity_window=None, intensity_percentiles=MNI_PERCENTILES,
+                              orientation=orientation, slice_axis=2)
+    model = sa.inject(sam, config)
+    data = dict(window=None, percentiles=MNI_PERCENTILES, orientation=orientation, slice_axis=2)
+    slices = NiftiSlices(root, ["mni_train"], **data)
     start = time.perf_counter()
     train(model, slices, TrainConfig(output_dir=str(out / "run"), batch_size=args.batch_size, max_epochs=args.epochs,
                                      stop_epoch=args.epochs, warmup_iters=10, save_every=args.epochs,
                                      seed=args.seed))
     print(f"trained {args.epochs} epochs on {len(slices)} slices in {time.perf_counter() - start:.0f} s")
     adapter_path = model.adapter().save(out / "mni_brain.safetensors")
-    print(f"adapter: {adapter_path} ({adapter_path.stat().st_size / 2**10:.0f} KiB)")
+    print(f"adapter: {adapter_path} ({adapter_path.stat().st_size / 2**10:.0f} KiB; it records its "
+          f"preprocessing and orientation)")
 
     sam = fresh_sam()  # a new SAM, as a user would load it, and the adapter hot-patched onto it
     model = sa.patch(sam, adapter_path)
-    volumes = NiftiVolumes(root, ["mni_val"], window=None)
+    volumes = NiftiVolumes(root, ["mni_val"], **data)
     summary, predictions = evaluate(model, volumes)
     held_out = volumes[0]
     print(f"held-out slices: {held_out['image'].shape[0]} axial slices of the upper brain")
@@ -91,9 +100,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  Dice {name:13s} {100 * (dice or 0):6.2f} %")
     trivial = best_constant_dice(held_out["image"], held_out["label"], 2)
     print(f"  mean Dice     {100 * (summary.mean_dice or 0):6.2f} %   (best trivial predictor: {100 * trivial:.2f} %)")
-    picture = overlay_montage(held_out["image"], predictions["mni_val"], list(MNI_CLASS_NAMES),
-                              out / "quickstart.png", truth=held_out["label"], max_slices=4)
-    print(f"picture: {picture} (image | truth | prediction)")
+
+    # What `samed-adapter segment` does with the raw file: the same labels, on the file's own grid.
+    scan = read_image(held_out_path)
+    labels = model.segment(scan)
+    if not np.array_equal(scan.to_voxels(labels), volumes.to_stored("mni_val", predictions["mni_val"])):
+        raise RuntimeError("segment and evaluate disagree on the held-out scan; please report this")
+    label_path = write_labels(labels, scan, out / "labels" / "mni_val.nii.gz")
+    print(f"labels: {label_path} (segment on the raw file gives exactly the labels scored above)")
+    truth = read_image(root / "labelsTr" / "mni_val.nii.gz").array.astype(np.int64)
+    picture = overlay_volume(scan, labels, list(MNI_CLASS_NAMES), out / "quickstart.png", truth=truth, max_slices=4)
+    print(f"picture: {picture} (image | truth | prediction; radiological view)")
+    backbone = f"--sam {args.sam}" if args.sam else f"--sam-backbone tiny --random-sam-seed {args.seed}"
+    print(f"the same from the command line:\n  samed-adapter segment {backbone} --adapter {adapter_path} "
+          f"{held_out_path} -o {out / 'labels'}")
     sa.unpatch(sam)
     return 0
 

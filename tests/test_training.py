@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.demo import MNI_CLASS_NAMES, best_constant_dice, build_mni_task
+from samed_adapter.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
 from samed_adapter.evaluate import evaluate, predict_volume_samed
 from samed_adapter.training import NiftiSlices, NiftiVolumes, lr_at
 from samed_adapter.training.loop import NonFiniteLossError, TrainConfig, iterations_per_epoch, train
@@ -65,7 +65,7 @@ def assert_adapters_equal(a: Path, b: Path, atol: float = 0.0) -> None:
 
 def test_training_on_mni_learns_grey_and_white_matter(mni, tmp_path):
     model = fresh_model()
-    slices = NiftiSlices(mni, ["mni_train"], window=None)
+    slices = NiftiSlices(mni, ["mni_train"], window=None, percentiles=MNI_PERCENTILES)
     path = train(model, slices, run_config(tmp_path, max_epochs=20, stop_epoch=20, warmup_iters=10))
     log = read_log(tmp_path)
     assert len(log) == 20 * iterations_per_epoch(len(slices), 8)
@@ -73,7 +73,7 @@ def test_training_on_mni_learns_grey_and_white_matter(mni, tmp_path):
     assert last < 0.7 * first
     # Held-out slices, scored after patching the saved adapter onto a new SAM.
     model = sa.patch(sa.build_sam("tiny", seed=0), path)
-    volumes = NiftiVolumes(mni, ["mni_val"], window=None)
+    volumes = NiftiVolumes(mni, ["mni_val"], window=None, percentiles=MNI_PERCENTILES)
     summary, _ = evaluate(model, volumes)
     trivial = best_constant_dice(volumes[0]["image"], volumes[0]["label"], 2)
     assert summary.mean_dice > trivial + 0.1, (summary.class_dice, trivial)
@@ -81,7 +81,7 @@ def test_training_on_mni_learns_grey_and_white_matter(mni, tmp_path):
 
 
 def test_learning_rate_follows_the_published_schedule(mni, tmp_path):
-    slices = NiftiSlices(mni, ["mni_train"], window=None)
+    slices = NiftiSlices(mni, ["mni_train"], window=None, percentiles=MNI_PERCENTILES)
     config = run_config(tmp_path, max_epochs=4, stop_epoch=2, base_lr=0.01, warmup_iters=5, power=0.9)
     train(fresh_model(), slices, config)
     per_epoch = iterations_per_epoch(len(slices), 8)
@@ -111,7 +111,7 @@ class CrashingSlices(torch.utils.data.Dataset):
 
 
 def test_crash_then_resume_equals_an_uninterrupted_run(mni, tmp_path):
-    slices = NiftiSlices(mni, ["mni_train"], window=None)
+    slices = NiftiSlices(mni, ["mni_train"], window=None, percentiles=MNI_PERCENTILES)
     whole = train(fresh_model(), slices, run_config(tmp_path / "whole"))
     crashed = tmp_path / "crashed"
     config = run_config(crashed, save_every_iters=3)
@@ -157,7 +157,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(mni, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mni, tmp_path):
-    slices = NiftiSlices(mni, ["mni_train"], window=None)
+    slices = NiftiSlices(mni, ["mni_train"], window=None, percentiles=MNI_PERCENTILES)
     config = run_config(tmp_path, save_every=1)
     per_epoch = iterations_per_epoch(len(slices), 8)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
@@ -189,7 +189,7 @@ def test_two_process_ddp_equals_one_process_with_the_whole_batch(mni, tmp_path):
 
 def test_samed_protocol_round_trips_through_224(mni):
     model = fresh_model()
-    volume = NiftiVolumes(mni, ["mni_val"], window=None)[0]
+    volume = NiftiVolumes(mni, ["mni_val"], window=None, percentiles=MNI_PERCENTILES)[0]
     image = volume["image"][:2]
     labels = predict_volume_samed(model, image)
     from scipy.ndimage import zoom

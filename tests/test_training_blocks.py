@@ -381,14 +381,15 @@ def test_nifti_slices_equal_volume_slices(mni_root: Path) -> None:
     for k in (0, 40, 94):
         item = ds[k]
         assert (item["case"], item["slice"]) == ("brain_001", k)
+        # As stored, slice k is data[:, :, k].T: rows along j, as SAMed's Synapse slices and `segment`.
         expect = (np.clip(image[..., k], 0.2, 0.8) - 0.2) / 0.6
-        np.testing.assert_allclose(item["image"], expect, rtol=0, atol=1e-6)
-        assert item["image"].dtype == np.float32 and item["image"].shape == (99, 117)
-        np.testing.assert_array_equal(item["label"], label[..., k])
+        np.testing.assert_allclose(item["image"], expect.T, rtol=0, atol=1e-6)
+        assert item["image"].dtype == np.float32 and item["image"].shape == (117, 99)
+        np.testing.assert_array_equal(item["label"], label[..., k].T)
     assert ds[95 + 50]["case"] == "brain_002" and ds[-1]["slice"] == 94
-    sagittal = NiftiSlices(mni_root, ["brain_001"], window=None, axis=0)
+    sagittal = NiftiSlices(mni_root, ["brain_001"], window=None, slice_axis=0)
     assert len(sagittal) == 99
-    np.testing.assert_allclose(sagittal[30]["image"], image[30], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sagittal[30]["image"], image[30].T, rtol=0, atol=1e-6)
     with pytest.raises(IndexError):
         ds[190]
 
@@ -408,7 +409,7 @@ def test_nifti_index_is_lazy(mni_root: Path, monkeypatch: pytest.MonkeyPatch) ->
     # Window mode reads one slice per item, never the whole volume.
     with monkeypatch.context() as m:
         m.setattr(ArrayProxy, "__array__", refuse)
-        assert ds[10]["image"].shape == (99, 117)
+        assert ds[10]["image"].shape == (117, 99)
     clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers started with spawn pickle it
     np.testing.assert_array_equal(clone[10]["label"], ds[10]["label"])
 
@@ -418,22 +419,25 @@ def test_nifti_percentiles_and_label_map(mni_root: Path) -> None:
     lo, hi = np.percentile(image, [0.5, 99.5])
     ds = NiftiSlices(mni_root, ["brain_002"], window=None, percentiles=(0.5, 99.5), label_map={3: 1, 7: 2})
     item = ds[47]
-    np.testing.assert_allclose(item["image"], (np.clip(image[..., 47], lo, hi) - lo) / (hi - lo), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(item["image"], ((np.clip(image[..., 47], lo, hi) - lo) / (hi - lo)).T, rtol=0, atol=1e-6)
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
-    expect = np.select([label[..., 47] == 3, label[..., 47] == 7], [1, 2], 0)
+    expect = np.select([label[..., 47] == 3, label[..., 47] == 7], [1, 2], 0).T
     np.testing.assert_array_equal(item["label"], expect)  # 11 is unmapped -> 0
     assert set(np.unique(item["label"])) == {0, 1, 2}
     assert ds._bounds["brain_002"] == pytest.approx((lo, hi))
 
-    vols = NiftiVolumes(mni_root, window=(-125, 275), label_map=SYNAPSE_LABEL_MAP, axis=1)
+    vols = NiftiVolumes(mni_root, window=(-125, 275), label_map=SYNAPSE_LABEL_MAP, slice_axis=1)
     vol = vols[1]
-    assert vol["case"] == "brain_002" and vol["image"].shape == (117, 99, 95)
-    np.testing.assert_allclose(vol["image"], np.moveaxis((np.clip(image, -125, 275) + 125) / 400, 1, 0), rtol=0, atol=1e-6)
+    # Cut along j: slices (j, k, i), rows along k, columns along i.
+    assert vol["case"] == "brain_002" and vol["image"].shape == (117, 95, 99)
+    np.testing.assert_allclose(vol["image"], ((np.clip(image, -125, 275) + 125) / 400).transpose(1, 2, 0), rtol=0,
+                               atol=1e-6)
     synapse = np.select([label == 3, label == 7, label == 11], [3, 6, 8], 0)  # raw 3 -> 3, 7 -> 6, 11 -> 8
-    np.testing.assert_array_equal(vol["label"], np.moveaxis(synapse, 1, 0))
+    np.testing.assert_array_equal(vol["label"], synapse.transpose(1, 2, 0))
+    np.testing.assert_array_equal(vols.to_stored("brain_002", vol["label"]), synapse)
     np.testing.assert_allclose(vol["spacing"], [2.0, 2.0, 2.0])
     assert vol["affine"].shape == (4, 4)
-    slices = NiftiSlices(mni_root, ["brain_002"], window=(-125, 275), label_map=SYNAPSE_LABEL_MAP, axis=1)
+    slices = NiftiSlices(mni_root, ["brain_002"], window=(-125, 275), label_map=SYNAPSE_LABEL_MAP, slice_axis=1)
     np.testing.assert_array_equal(slices[60]["image"], vol["image"][60])
 
 

@@ -2,8 +2,11 @@
 
 Rendering uses numpy and Pillow only (no matplotlib), so pixel positions are
 exact: every panel is the slice, upscaled by an integer factor, drawn at a
-fixed place in the grid.  Slices are shown as stored (array row 0 at the top,
-column 0 at the left); nothing is reoriented.
+fixed place in the grid.  :func:`overlay_montage` draws the arrays it is given
+as they are (row 0 at the top, column 0 at the left); :func:`overlay_volume`
+first turns a :class:`Volume` with geometry into axial slices in the
+radiological view (anterior up, the patient's right on the image's left), as
+radiologists read them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from samed_adapter.io.volumes import atomic_path
+from samed_adapter.geometry import RADIOLOGICAL
+from samed_adapter.io.volumes import Volume, atomic_path
 
-__all__ = ["colour_table", "overlay_montage"]
+__all__ = ["colour_table", "overlay_montage", "overlay_volume"]
 
 # Strong, mutually distinct colours first (Trubetskoy's 20-colour list with
 # greys, white and pastels dropped, as they vanish on a CT/MR grayscale).
@@ -222,3 +226,37 @@ def overlay_montage(
     with atomic_path(out) as tmp, open(tmp, "xb") as fh:
         canvas.save(fh, format="PNG")
     return out
+
+
+def overlay_volume(
+    volume: Volume,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    truth: np.ndarray | None = None,
+    intensity: object | None = None,
+    max_slices: int = 12,
+) -> Path:
+    """:func:`overlay_montage` of a scan in the radiological view.
+
+    Args:
+        volume: the scan as read (:func:`~samed_adapter.io.read_image`).
+        labels, truth: class ids in ``volume.array``'s layout (what ``SAMed.segment(volume)``
+            returns and :func:`~samed_adapter.io.write_labels` takes).
+        intensity: an :class:`~samed_adapter.preprocessing.Intensity` whose window (or
+            percentiles of the volume) sets the grey levels; default percentiles of the slices.
+
+    A volume with an affine is shown as axial slices with anterior up and the patient's right
+    on the image's left (reoriented to L, P, S: axis permutations and flips, no resampling); one
+    without (PNG, NPY) as stored.
+    """
+    geometry = volume.geometry(RADIOLOGICAL if volume.affine is not None else None, 2)
+    image = geometry.to_slices(volume.voxels)
+    shown = [geometry.to_slices(volume.to_voxels(a)) for a in (labels, truth) if a is not None]
+    window = None
+    bounds = getattr(intensity, "bounds", None)
+    if bounds is not None:
+        window = bounds(image)
+    return overlay_montage(image, shown[0], class_names, path, truth=shown[1] if truth is not None else None,
+                           max_slices=max_slices, window=window)

@@ -28,15 +28,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..files import atomic_path
+from ..geometry import SliceGeometry
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "ImageReadError", "Volume", "output_path",
-           "read_image", "write_labels"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "DicomSeries", "ImageReadError", "Volume",
+           "label_nifti", "list_dicom_series", "nifti_voxels", "output_path", "read_dicom_folder",
+           "read_dicom_series", "read_image", "volume_from_nifti", "write_labels"]
 
 #: Suffixes accepted by :func:`read_image` (a folder is read as a DICOM series).
 READ_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".dcm", ".png", ".npy")
@@ -91,6 +93,35 @@ class Volume:
             raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
         if self.source is not None:
             self.source = Path(self.source)
+
+    # The affine's voxel order (i, j, k) is the one geometry works in; ``array`` is its transpose.
+
+    @property
+    def voxels(self) -> np.ndarray:
+        """The image as ``(I, J, K)`` voxels in the affine's order (a view; 2-D gives K = 1)."""
+        return self.to_voxels(self.array)
+
+    def to_voxels(self, array: np.ndarray) -> np.ndarray:
+        """An array in ``self.array``'s layout (labels, say) -> ``(I, J, K)`` voxel order (a view)."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} does not match the volume's {self.array.shape}")
+        return array.T if array.ndim == 3 else array.T[..., None]
+
+    def from_voxels(self, voxels: np.ndarray) -> np.ndarray:
+        """``(I, J, K)`` voxels -> ``self.array``'s layout: the inverse of :meth:`to_voxels`."""
+        voxels = np.asarray(voxels)
+        return voxels.T if self.array.ndim == 3 else voxels[..., 0].T
+
+    def geometry(self, orientation: Any = None, slice_axis: int = 2) -> SliceGeometry:
+        """How to cut this volume into model slices for an adapter's orientation and slice axis.
+
+        Without an affine (PNG, NPY) there is nothing to reorient by: ``array`` is taken as
+        the slices, as given.
+        """
+        if self.affine is None:
+            return SliceGeometry.for_volume(self.voxels.shape, None, None, 2)
+        return SliceGeometry.for_volume(self.voxels.shape, self.affine, orientation, slice_axis)
 
 
 # --------------------------------------------------------------------------- paths
@@ -183,22 +214,38 @@ def _spacing_from_affine(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
     return tuple(float(s) for s in sizes[::-1])
 
 
-def _read_nifti(path: Path) -> Volume:
-    img = nib.load(path)
+def nifti_voxels(img: Any, index: Any = None) -> np.ndarray:
+    """A nibabel image's voxels (or the part ``index`` selects) as float32, scaled by its header.
+
+    Every reader goes through here, so a plane read alone is bit for bit the same plane of the
+    whole volume: training slices, `evaluate` volumes and `segment` see the same numbers.
+    """
+    if index is None:
+        index = (slice(None),) * len(img.shape)
+    return np.asarray(img.dataobj[index], dtype=np.float32)
+
+
+def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
+    """A :class:`Volume` from an in-memory nibabel image (NIfTI-1/2 or a pair)."""
+    name = source or "the image"
     if not isinstance(img, nib.Nifti1Pair):
-        raise ImageReadError(f"{path}: not a NIfTI image ({type(img).__name__}); {_SUPPORTED}")
+        raise ImageReadError(f"{name}: not a NIfTI image ({type(img).__name__}); {_SUPPORTED}")
     shape = img.shape
     # Trailing singleton axes (e.g. a 4-D file with one time point) carry no data.
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) not in (2, 3):
         hint = "extract one volume first (e.g. nilearn.image.index_img)"
-        raise ImageReadError(f"{path}: NIfTI shape {img.shape} is not 2-D or 3-D; {hint}")
-    data = img.get_fdata(dtype=np.float32).reshape(shape)
+        raise ImageReadError(f"{name}: NIfTI shape {img.shape} is not 2-D or 3-D; {hint}")
+    data = nifti_voxels(img).reshape(shape)
     # (X, Y, Z) -> (Z, Y, X); nibabel returns Fortran-ordered data, so no copy here.
     array = np.ascontiguousarray(data.T)
     affine = np.asarray(img.affine, dtype=np.float64)
-    return Volume(array, affine, img.header, _spacing_from_affine(affine, array.ndim), path)
+    return Volume(array, affine, img.header, _spacing_from_affine(affine, array.ndim), source)
+
+
+def _read_nifti(path: Path) -> Volume:
+    return volume_from_nifti(nib.load(path), path)
 
 
 def _read_png(path: Path) -> Volume:
@@ -280,7 +327,7 @@ def write_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str])
     out = labels.astype(_label_dtype(labels, fmt))
     with atomic_path(path) as tmp:
         if fmt in (".nii", ".nii.gz"):
-            nib.save(_label_nifti(out, like), tmp)
+            nib.save(label_nifti(out, like), tmp)
         elif fmt == ".png":
             _write_png(out, tmp)
         else:
@@ -300,8 +347,12 @@ def _write_png(labels: np.ndarray, tmp: Path) -> None:
         Image.fromarray(np.ascontiguousarray(labels)).save(fh, format="PNG")
 
 
-def _label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
-    """Build the NIfTI image for ``labels`` (already uint8/int16, slices-first)."""
+def label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
+    """The NIfTI image of ``labels`` (``like.array``'s layout) with ``like``'s grid and header."""
+    labels = np.asarray(labels)
+    if labels.shape != like.array.shape:
+        raise ValueError(f"labels shape {labels.shape} does not match image shape {like.array.shape}")
+    labels = labels.astype(_label_dtype(labels, ".nii.gz"), copy=False)
     data = labels.T  # (Z, Y, X) -> (X, Y, Z): exact inverse of the read transpose
     header = like.header if isinstance(like.header, nib.Nifti1Header) else None
     if header is not None:
@@ -332,6 +383,108 @@ def _label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
 
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
+#: (path, header read with stop_before_pixels) of one DICOM image slice.
+_Slice = tuple[Path, Any]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, found from the slice headers alone.
+
+    Attributes:
+        uid: SeriesInstanceUID (``""`` when the slices carry none).
+        name: file-name-safe label, unique in the folder (case-insensitively),
+            built like dcm2niix ``-f %s_%d``: ``"{SeriesNumber}_{SeriesDescription}"``.
+        files: the slice files, sorted by path (not by position); at least one.
+        number: SeriesNumber, or None when missing or malformed.
+        description: SeriesDescription as stored, ``""`` when missing.
+    """
+
+    uid: str
+    name: str
+    files: tuple[Path, ...]
+    number: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of str/Path, so hand-built series compare equal.
+        object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
+        if not self.files:
+            raise ValueError(f"DicomSeries {self.name!r} needs at least one slice file")
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding the first slice; the default ``Volume.source``."""
+        return self.files[0].parent
+
+
+def list_dicom_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
+    """List the DICOM series of the files directly in ``folder`` (not subfolders).
+
+    Only headers are read (no pixel data).  Files that are not DICOM image
+    slices with geometry (notes, DICOMDIR, reports) are skipped.  Series are
+    ordered by (SeriesNumber, SeriesInstanceUID); a missing number sorts last.
+
+    Raises:
+        ImageReadError: ``folder`` is not a folder or holds no DICOM image slice.
+    """
+    return [series for series, _ in _scan_folder(Path(folder))]
+
+
+def read_dicom_series(series: DicomSeries, source: str | os.PathLike[str] | None = None) -> Volume:
+    """Read one series into a ``(D, H, W)`` float32 Volume, as :func:`read_image` reads a folder.
+
+    ``source`` (default: ``series.folder``) becomes ``Volume.source`` and names
+    the folder in error messages.
+
+    Raises:
+        ImageReadError: the slices are not parallel, differ in size or pixel
+            spacing, share a position, are multi-frame or cannot be decoded.
+    """
+    where = Path(source) if source is not None else series.folder
+    return _read_guarded(where, lambda: _read_dicom_series(list(series.files), where))
+
+
+def read_dicom_folder(folder: str | os.PathLike[str]) -> list[tuple[DicomSeries, Volume]]:
+    """Read every series of ``folder``: ``[(series, (D, H, W) Volume), ...]``.
+
+    Same order as :func:`list_dicom_series`; each Volume's ``source`` is
+    ``folder``.  Headers are read once.  One unreadable series raises for the
+    whole folder; to skip it instead, call :func:`read_dicom_series` per entry
+    of :func:`list_dicom_series`.
+
+    Raises:
+        ImageReadError: as :func:`list_dicom_series` and :func:`read_dicom_series`.
+    """
+    folder = Path(folder)
+    return [(series, _read_guarded(folder, lambda s=slices: _read_dicom_slices(s, folder)))
+            for series, slices in _scan_folder(folder)]
+
+
+def _read_guarded(source: Path, read: Callable[[], Volume]) -> Volume:
+    """``read()``, turning stray decoder errors into an ImageReadError naming ``source``."""
+    try:
+        return read()
+    except ImageReadError:
+        raise
+    except Exception as exc:  # pydicom and numpy raise many types; report them as one
+        raise ImageReadError(
+            f"{source}: could not read as DICOM ({type(exc).__name__}: {exc}); "
+            f"check the files are complete DICOM slices; {_SUPPORTED}"
+        ) from exc
+
+
+def _scan_folder(folder: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
+    """Probe the files directly in ``folder`` and group them into named series."""
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: not a folder; pass the folder holding the .dcm files")
+    try:
+        files = sorted(folder.iterdir())
+    except OSError as exc:
+        hint = "check it exists and is readable"
+        raise ImageReadError(f"{folder}: cannot list the folder ({exc}); {hint}") from exc
+    return _group_series(_probe_files(files), folder)
+
 
 def _probe_dicom(path: Path) -> Any | None:
     """Header of ``path`` if it is a DICOM slice with geometry, else None."""
@@ -342,10 +495,109 @@ def _probe_dicom(path: Path) -> Any | None:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:  # old files lack the 128-byte preamble
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            with warnings.catch_warnings():  # forced reads of notes/thumbnails warn about VRs
+                warnings.simplefilter("ignore", UserWarning)
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # not DICOM at all (notes, thumbnails, ...): skip it
         return None
     return ds if all(tag in ds for tag in _GEOMETRY) else None
+
+
+def _probe_files(files: list[Path]) -> list[_Slice]:
+    """The DICOM image slices among ``files``, in the given order."""
+    return [(p, ds) for p in files if p.is_file() and (ds := _probe_dicom(p)) is not None]
+
+
+def _series_number(ds: Any) -> int | None:
+    try:
+        value = ds.get("SeriesNumber")
+        return None if value is None or str(value).strip() == "" else int(value)
+    except (TypeError, ValueError):  # a malformed IS names nothing; do not refuse the folder
+        return None
+
+
+def _safe_label(text: str) -> str:
+    """``text`` with characters outside [A-Za-z0-9._-] as ``_`` and runs of ``_`` collapsed.
+
+    Leading/trailing ``.`` and ``_`` are dropped too: a leading dot hides the
+    file and Windows silently strips a trailing one.
+    """
+    mapped = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
+    return "_".join(part for part in mapped.split("_") if part).strip("._")
+
+
+def _uid_tail(uid: str) -> str:
+    """Last 8 digits of a UID (dots removed): what tells series of one study apart."""
+    return uid.replace(".", "")[-8:] or "nouid"
+
+
+def _series_names(heads: list[tuple[str, int | None, str]]) -> list[str]:
+    """dcm2niix-style names for ``(uid, number, description)``, made unique.
+
+    Names are compared case-insensitively (macOS and Windows file systems);
+    every colliding name gets ``_`` + :func:`_uid_tail`, and a counter if even
+    that collides, so one label file per series never overwrites another.
+    """
+    bases = []
+    for uid, number, description in heads:
+        parts = [_safe_label(str(number)) if number is not None else "", _safe_label(description)]
+        bases.append("_".join(part for part in parts if part) or _uid_tail(uid))
+    keys = [base.casefold() for base in bases]
+    names = [f"{base}_{_uid_tail(uid)}" if keys.count(base.casefold()) > 1 else base
+             for base, (uid, _, _) in zip(bases, heads)]
+    unique: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate.casefold() in {u.casefold() for u in unique}:
+            n += 1
+            candidate = f"{name}_{n}"
+        unique.append(candidate)
+    return unique
+
+
+def _group_series(slices: list[_Slice], source: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
+    """Group probed slices by SeriesInstanceUID, ordered by (SeriesNumber, UID).
+
+    Each group keeps the input (path) order of its slices.
+    """
+    if not slices:
+        raise ImageReadError(
+            f"{source}: no DICOM image slices with {', '.join(_GEOMETRY[:3])}; {_SUPPORTED}"
+        )
+    groups: dict[str, list[_Slice]] = {}
+    for p, ds in slices:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
+    # Number and description come from the first slice; they are per-series tags.
+    heads = [(uid, _series_number(g[0][1]), str(g[0][1].get("SeriesDescription", "") or "").strip())
+             for uid, g in groups.items()]
+    heads.sort(key=lambda h: (h[1] is None, h[1] or 0, h[0]))
+    return [
+        (DicomSeries(uid, name, tuple(p for p, _ in groups[uid]), number, description), groups[uid])
+        for (uid, number, description), name in zip(heads, _series_names(heads))
+    ]
+
+
+def _several_series_error(source: Path, series: list[DicomSeries]) -> ImageReadError:
+    shown = ", ".join(s.name for s in series[:10]) + (", ..." if len(series) > 10 else "")
+    return ImageReadError(
+        f"{source}: holds {len(series)} DICOM series ({shown}); read them all with "
+        f"samed_adapter.io.read_dicom_folder(folder), or run `samed-adapter segment {source}`, "
+        "which writes one label file per series"
+    )
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first caller outside this module.
+
+    The DICOM readers are reached through several public functions at
+    different call depths, so a fixed level would blame the wrong line.
+    """
+    import sys
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _floats(value: Any) -> np.ndarray:
@@ -353,7 +605,19 @@ def _floats(value: Any) -> np.ndarray:
 
 
 def _read_dicom_series(files: list[Path], source: Path) -> Volume:
-    """Read one DICOM series into a ``(D, H, W)`` float32 Volume (H = Rows, W = Columns).
+    """Read the DICOM slices among ``files``, which must form one series; see _read_dicom_slices.
+
+    Raises:
+        ImageReadError: no slice at all, or slices of several series.
+    """
+    groups = _group_series(_probe_files(files), source)
+    if len(groups) > 1:
+        raise _several_series_error(source, [series for series, _ in groups])
+    return _read_dicom_slices(groups[0][1], source)
+
+
+def _read_dicom_slices(slices: list[_Slice], source: Path) -> Volume:
+    """Read one series into a ``(D, H, W)`` float32 Volume (H = Rows, W = Columns).
 
     Slices are sorted by ImagePositionPatient projected on the normal
     ``row cosine x column cosine``.  The affine is the DICOM PS3.3
@@ -362,17 +626,6 @@ def _read_dicom_series(files: list[Path], source: Path) -> Volume:
     """
     import pydicom
 
-    slices = [(p, ds) for p in files if p.is_file() and (ds := _probe_dicom(p)) is not None]
-    if not slices:
-        raise ImageReadError(
-            f"{source}: no DICOM image slices with {', '.join(_GEOMETRY[:3])}; {_SUPPORTED}"
-        )
-    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in slices})
-    if len(uids) > 1:
-        raise ImageReadError(
-            f"{source}: holds {len(uids)} DICOM series ({', '.join(uids)}); "
-            "move each series into its own folder and read them one at a time"
-        )
     first_path, first = slices[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(f"{first_path}: multi-frame DICOM unsupported; convert with dcm2niix")
@@ -398,7 +651,8 @@ def _read_dicom_series(files: list[Path], source: Path) -> Volume:
         # One affine holds one step; a missing slice shows up here.
         warnings.warn(
             f"{source}: slice spacing varies from {steps.min():.4g} to {steps.max():.4g} mm "
-            "(missing slices?); the affine uses the mean step", UserWarning, stacklevel=4
+            "(missing slices?); the affine uses the mean step", UserWarning,
+            stacklevel=_user_stacklevel()
         )
 
     affine = np.eye(4)

@@ -22,6 +22,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..config import CT_ABDOMEN_WINDOW
+from ..geometry import SliceGeometry, _check_slice_axis, axis_codes, parse_orientation
+from ..io.volumes import nifti_voxels
+from ..preprocessing import Intensity
 from .augment import _as_int_label
 
 __all__ = [
@@ -208,7 +211,12 @@ def split_cases(cases: Sequence[str], val_fraction: float, seed: int) -> tuple[l
 
 
 class _NiftiDataset(Dataset):
-    """Header index, lazy voxel access and intensity/label conversion shared by the NIfTI datasets."""
+    """Header index, lazy voxel access and intensity/label conversion shared by the NIfTI datasets.
+
+    Every case is cut into slices by :class:`~samed_adapter.geometry.SliceGeometry`: reoriented
+    to ``orientation`` (axis codes such as ``"LPS"``; None keeps each file's stored axes) and cut
+    along ``slice_axis``, exactly as `segment` cuts a file for an adapter that records them.
+    """
 
     def __init__(
         self,
@@ -218,20 +226,21 @@ class _NiftiDataset(Dataset):
         window: Optional[tuple[float, float]] = CT_ABDOMEN_WINDOW,
         percentiles: Optional[tuple[float, float]] = None,
         label_map: Optional[Mapping[int, int]] = None,
-        axis: int = 2,
+        orientation: Union[str, Sequence[str], None] = None,
+        slice_axis: int = 2,
         transform: Optional[Transform] = None,
         max_cached_volumes: int = 2,
     ) -> None:
         if window is not None and percentiles is not None:
             raise ValueError("give either window (CT) or percentiles (MR), not both; set the other to None")
-        self.window = _pair("window", window, None) if window is not None else None
-        self.percentiles = _pair("percentiles", percentiles, (0.0, 100.0)) if percentiles is not None else None
+        self.intensity = Intensity(window, percentiles)
+        self.window, self.percentiles = self.intensity.window, self.intensity.percentiles
         self.label_map = _check_label_map(label_map)
-        if axis not in (0, 1, 2):
-            raise ValueError(f"axis must be 0, 1 or 2 (the voxel axis to slice along; 2 is axial for RAS data), got {axis!r}")
+        self.orientation = parse_orientation(orientation)
+        self.slice_axis = _check_slice_axis(slice_axis)
         if not isinstance(max_cached_volumes, int) or max_cached_volumes < 0:
             raise ValueError(f"max_cached_volumes must be a non-negative int, got {max_cached_volumes!r}")
-        self.axis, self.max_cached_volumes, self.transform = axis, max_cached_volumes, transform
+        self.max_cached_volumes, self.transform = max_cached_volumes, transform
         self.root = Path(root)
         images_dir, labels_dir, found = _nifti_files(self.root)
         if cases is None and not found:
@@ -245,6 +254,7 @@ class _NiftiDataset(Dataset):
         # Only headers are read here; voxel data stays on disk until a slice is asked for.
         self.images: dict[str, Any] = {}
         self.labels: dict[str, Any] = {}
+        self.geometries: dict[str, SliceGeometry] = {}
         for case in self.cases:
             label_path = _label_path(labels_dir, case)
             if label_path is None:
@@ -257,24 +267,25 @@ class _NiftiDataset(Dataset):
                 )
             if image.shape != label.shape:
                 raise ValueError(f"image {found[case]} has shape {image.shape} but label {label_path} has {label.shape}; they must match")
+            if axis_codes(image.affine) != axis_codes(label.affine):
+                raise ValueError(
+                    f"image {found[case]} is stored {''.join(axis_codes(image.affine))} but label {label_path} "
+                    f"{''.join(axis_codes(label.affine))}; save the label on the image's voxel grid"
+                )
             self.images[case], self.labels[case] = image, label
+            self.geometries[case] = SliceGeometry.for_volume(image.shape, image.affine, self.orientation, self.slice_axis)
         # Start of each case in the flat slice index (used by NiftiSlices).
-        self._offsets = np.cumsum([0] + [int(self.images[c].shape[axis]) for c in self.cases])
+        self._offsets = np.cumsum([0] + [self.geometries[c].num_slices for c in self.cases])
         self._volumes: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bounds: dict[str, tuple[float, float]] = {}
+        self._bounds: dict[str, Optional[tuple[float, float]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get a pickled copy under spawn: send the index, not cached volumes.
         return {**self.__dict__, "_volumes": OrderedDict()}
 
-    def _slicer(self, k: int) -> tuple[Union[slice, int], ...]:
-        index: list[Union[slice, int]] = [slice(None)] * 3
-        index[self.axis] = k
-        return tuple(index)
-
     def _read_image(self, case: str) -> np.ndarray:
-        # float32 holds CT/MR intensities exactly enough and halves the memory of float64.
-        return np.asarray(self.images[case].dataobj, dtype=np.float32)
+        """The stored (I, J, K) voxels as float32, read as `segment` reads the file."""
+        return nifti_voxels(self.images[case])
 
     def _cached_image(self, case: str) -> np.ndarray:
         if case not in self._volumes:
@@ -294,18 +305,11 @@ class _NiftiDataset(Dataset):
         if self.percentiles is None:
             return self.window
         if case not in self._bounds:
-            lo, hi = np.percentile(self._cached_image(case) if volume is None else volume, self.percentiles)
-            self._bounds[case] = (float(lo), float(hi))
+            self._bounds[case] = self.intensity.bounds(self._cached_image(case) if volume is None else volume)
         return self._bounds[case]
 
     def _normalise(self, case: str, raw: np.ndarray, volume: Optional[np.ndarray] = None) -> np.ndarray:
-        bounds = self.intensity_bounds(case, volume)
-        if bounds is None:
-            return raw.astype(np.float32)
-        lo, hi = bounds
-        if hi <= lo:  # constant volume
-            return np.zeros(raw.shape, dtype=np.float32)
-        return ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        return self.intensity.apply(raw, self.intensity_bounds(case, volume))
 
     def _remap(self, raw: np.ndarray, case: str) -> np.ndarray:
         label = _as_int_label(raw, f"label of case {case!r}")
@@ -316,15 +320,19 @@ class _NiftiDataset(Dataset):
             out[label == source] = target
         return out
 
+    def to_stored(self, case: str, slices: np.ndarray) -> np.ndarray:
+        """(D, H, W) slices of ``case`` (e.g. predicted labels) -> the file's own (I, J, K) voxel grid."""
+        return self.geometries[case].from_slices(slices)
 
-def _pair(name: str, value: Sequence[float], limits: Optional[tuple[float, float]]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be two numbers (lo, hi), got {value!r}") from None
-    if not lo < hi or (limits is not None and not limits[0] <= lo < hi <= limits[1]):
-        raise ValueError(f"{name} must be (lo, hi) with lo < hi{' inside ' + str(limits) if limits else ''}, got {value!r}")
-    return lo, hi
+
+class _Float32Slices:
+    """Index a NIfTI image's voxels one plane at a time, scaled exactly as :func:`nifti_voxels`."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        return nifti_voxels(self.image, index)
 
 
 def _check_label_map(label_map: Optional[Mapping[int, int]]) -> Optional[dict[int, int]]:
@@ -345,8 +353,11 @@ class NiftiSlices(_NiftiDataset):
     Reads ``root/imagesTr/<case>.nii.gz`` (or
     nnU-Net's ``<case>_0000.nii.gz``) and ``root/labelsTr/<case>.nii.gz``; ``cases=None`` takes
     all (see :func:`find_nifti_cases`, :func:`split_cases`). Construction reads only headers, to
-    index every (case, slice); an item reads one slice (``dataobj[..., k]`` for ``axis=2``), so
-    volumes never sit in memory together. Voxel axes are used as stored (no reorientation).
+    index every (case, slice); an item reads one slice from disk, so volumes never sit in memory
+    together. Slices are cut by :mod:`samed_adapter.geometry`: each volume is reoriented to
+    ``orientation`` (None: as stored) and slice ``k`` along ``slice_axis`` is laid out with rows
+    along the later remaining axis (as stored, ``dataobj[:, :, k].T``, the layout of SAMed's
+    preprocessed Synapse data and of what `segment` feeds the model).
 
     Intensities: ``window=(lo, hi)`` (CT) clips to [lo, hi] and scales to [0, 1];
     ``percentiles=(p_lo, p_hi)`` (MR; with ``window=None``) does the same between per-volume
@@ -355,15 +366,15 @@ class NiftiSlices(_NiftiDataset):
     raw values. ``label_map`` (e.g. :data:`SYNAPSE_LABEL_MAP`) maps raw -> new labels, every
     unmapped label becoming 0.
 
-    Items: ``{"image": (H, W) float32, "label": (H, W) int64, "case": str, "slice": k}``, (H, W)
-    being the two voxel axes other than ``axis``, passed through ``transform``.
+    Items: ``{"image": (H, W) float32, "label": (H, W) int64, "case": str, "slice": k}`` passed
+    through ``transform``.
     """
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
     def locate(self, index: int) -> tuple[str, int]:
-        """Dataset index -> (case, slice index along ``axis``)."""
+        """Dataset index -> (case, slice index along ``slice_axis``)."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} slices")
@@ -374,12 +385,13 @@ class NiftiSlices(_NiftiDataset):
     def __getitem__(self, index: int) -> Sample:
         case, k = self.locate(index)
         self.intensity_bounds(case)  # percentile mode: may load (and cache) the whole volume once
+        geometry = self.geometries[case]
         if case in self._volumes:
             self._volumes.move_to_end(case)
-            raw = self._volumes[case][self._slicer(k)]
+            raw = geometry.slice(self._volumes[case], k)
         else:
-            raw = np.asarray(self.images[case].dataobj[self._slicer(k)], dtype=np.float32)
-        label = self._remap(np.asarray(self.labels[case].dataobj[self._slicer(k)]), case)
+            raw = geometry.slice(_Float32Slices(self.images[case]), k)
+        label = self._remap(geometry.slice(self.labels[case].dataobj, k), case)
         return _apply(self.transform, {"image": self._normalise(case, raw), "label": label, "case": case, "slice": k})
 
 
@@ -388,9 +400,9 @@ class NiftiVolumes(_NiftiDataset):
     (``max_cached_volumes`` is unused: each volume is read once per item).
 
     Items: ``{"image": (D, H, W) float32, "label": (D, H, W) int64, "case": str,
-    "spacing": (3,) float64 voxel sizes in (D, H, W) order, "affine": (4, 4) float64}`` with D
-    the ``axis`` dimension moved first, so ``image[k]`` equals NiftiSlices' slice k. The affine
-    is the file's, for the stored axis order: ``np.moveaxis(pred, 0, axis)`` before saving with it.
+    "spacing": (3,) float64 voxel sizes in (D, H, W) order, "affine": (4, 4) float64}``, the
+    slices of :class:`NiftiSlices` (``image[k]`` is its slice k). The affine is the file's, for
+    its stored voxel grid: ``dataset.to_stored(case, pred)`` puts predictions back on that grid.
     """
 
     def __len__(self) -> int:
@@ -399,15 +411,15 @@ class NiftiVolumes(_NiftiDataset):
     def __getitem__(self, index: int) -> Sample:
         case = self.cases[index]
         raw = self._read_image(case)
-        image = np.moveaxis(self._normalise(case, raw, volume=raw), self.axis, 0)
-        label = np.moveaxis(self._remap(np.asarray(self.labels[case].dataobj), case), self.axis, 0)
-        header = self.images[case]
-        zooms = np.asarray(header.header.get_zooms()[:3], dtype=np.float64)
+        geometry = self.geometries[case]
+        image = self._normalise(case, geometry.to_slices(raw), volume=raw)
+        label = self._remap(geometry.to_slices(np.asarray(self.labels[case].dataobj)), case)
+        nifti = self.images[case]
         sample = {
             "image": np.ascontiguousarray(image),
             "label": np.ascontiguousarray(label),
             "case": case,
-            "spacing": np.concatenate([zooms[[self.axis]], np.delete(zooms, self.axis)]),
-            "affine": np.asarray(header.affine, dtype=np.float64),
+            "spacing": np.asarray(geometry.spacing(nifti.header.get_zooms()[:3]), dtype=np.float64),
+            "affine": np.asarray(nifti.affine, dtype=np.float64),
         }
         return _apply(self.transform, sample)

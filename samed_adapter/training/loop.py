@@ -188,8 +188,23 @@ def train(
     """
     rank, world = _distributed()
     out = Path(config.output_dir)
+    created = not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(model, dataset, config, out, rank, world, val_volumes, resume)
+    except BaseException:
+        # A fresh run that stops before its first step (bad labels, bad flags) leaves nothing behind.
+        log = out / "log.jsonl"
+        if rank == 0 and not resume and log.exists() and all(_iteration(ln) == 0 for ln in log.read_text().splitlines()):
+            log.unlink()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _train(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, rank: int, world: int,
+           val_volumes: Optional[Sequence], resume: bool) -> Path:
     device = next(model.sam.image_encoder.parameters()).device
     image_size = model.config.image_size
     if config.batch_size < world:
@@ -224,7 +239,7 @@ def train(
                              rank, world)
     loader = DataLoader(_Slices(dataset, image_size, config.seed, config.augment), batch_sampler=sampler,
                         num_workers=config.num_workers)
-    log = _Log(out, rank, state.iteration, config, total=stop_iters)
+    log = _Log(out, rank, state.iteration, config, total=stop_iters, adapter=model.config.to_dict())
     model.train()
     it = state.iteration
     with _checkpointed_blocks(model, config.activation_checkpointing), log:
@@ -305,7 +320,8 @@ def _iteration(line: str) -> float:
 class _Log:
     """JSON lines of every iteration (rank 0), a tqdm bar, optionally TensorBoard."""
 
-    def __init__(self, out: Path, rank: int, start: int, config: TrainConfig, total: int) -> None:
+    def __init__(self, out: Path, rank: int, start: int, config: TrainConfig, total: int,
+                 adapter: Optional[dict] = None) -> None:
         self.path = out / "log.jsonl"
         self.active = rank == 0
         self.file = None
@@ -320,7 +336,8 @@ class _Log:
         self.path.write_text("".join(ln + "\n" for ln in lines))
         self.file = self.path.open("a")
         if start == 0:
-            self.record({"config": dataclasses.asdict(config)})
+            # The adapter's config holds the data's preprocessing and orientation: logged with the run.
+            self.record({"config": dataclasses.asdict(config), "adapter": adapter})
         if config.progress:
             from tqdm.auto import tqdm
 

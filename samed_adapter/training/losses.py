@@ -108,7 +108,8 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
         if lo < 0 or hi >= logits.shape[1]:
             raise ValueError(
                 f"target values must lie in [0, {logits.shape[1] - 1}] for {logits.shape[1]} output masks, found "
-                f"[{lo}, {hi}]; remap raw labels (see SYNAPSE_LABEL_MAP) or raise num_classes"
+                f"[{lo}, {hi}]; remap the raw labels (command line: --label-map synapse for raw Synapse/BTCV labels; "
+                "Python: label_map=SYNAPSE_LABEL_MAP) or raise the number of classes (--num-classes)"
             )
 
 

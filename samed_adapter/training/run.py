@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..config import CT_ABDOMEN_WINDOW
+from ..geometry import parse_orientation
 from .loop import RECIPES, TrainConfig, train
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -38,9 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-classes", type=int, help="K foreground classes (default: 8, or 2 for mni)")
     data.add_argument("--class-names", help="comma-separated K class names")
     data.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: raw 1,2,3,4,6,7,8,11 -> 1..8)")
-    data.add_argument("--window", type=_pair, default=(-125.0, 275.0),
-                      help="CT intensity window LO,HI, or none (default -125,275)")
-    data.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI (with --window none)")
+    data.add_argument("--window", type=_pair, default=CT_ABDOMEN_WINDOW,
+                      help="CT intensity window LO,HI, or none (default -125,275; for --format synapse: the window "
+                           "the preprocessed data was made with, recorded in the adapter)")
+    data.add_argument("--percentiles", type=_pair,
+                      help="MR: per-volume percentile normalisation LO,HI, replacing the window (mni default 0.5,99.5)")
+    data.add_argument("--orientation", type=parse_orientation, metavar="CODES",
+                      help="reorient every volume to these axis codes before slicing, e.g. LPS or RAS (default: the "
+                           "first training case's own orientation; --format synapse: not recorded)")
+    data.add_argument("--slice-axis", type=int, choices=[0, 1, 2], default=2,
+                      help="axis of the reoriented volume to cut slices along (default 2)")
     data.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of cases for validation")
 
     model = parser.add_argument_group("model")
@@ -92,25 +101,67 @@ def _build_sam(args: argparse.Namespace):
     raise SystemExit("error: give --sam CHECKPOINT (or --sam-backbone NAME --random-sam-seed N for a random SAM)")
 
 
-def _datasets(args: argparse.Namespace):
+def _preprocessing(args: argparse.Namespace) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]]:
+    """(window, percentiles) the training data is scaled with, and so the adapter records."""
+    if args.format == "mni":
+        from ..demo import MNI_PERCENTILES
+
+        return None, args.percentiles or MNI_PERCENTILES
+    if args.percentiles is not None:
+        return None, args.percentiles
+    return args.window, None
+
+
+def _orientation(args: argparse.Namespace, root: str, cases: Sequence[str]) -> Optional[tuple[str, str, str]]:
+    """--orientation, or the first training case's own (closest axis-aligned) orientation."""
+    if args.orientation is not None or args.format == "synapse":
+        return args.orientation
+    import nibabel as nib
+
+    from ..geometry import axis_codes
+    from .data import _nifti_files
+
+    first = _nifti_files(root)[2][cases[0]]
+    codes = axis_codes(nib.load(first).affine)
+    print(f"orientation: {''.join(codes)}, the first case's ({first.name}); every volume is reoriented to it and "
+          f"cut along axis {args.slice_axis} ({codes[args.slice_axis]}); --orientation sets another")
+    return codes
+
+
+def _datasets(args: argparse.Namespace, window, percentiles):
+    """(training slices, validation volumes or None, orientation the slices were cut in)."""
     from .data import SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, find_nifti_cases, split_cases
 
     if args.format == "synapse":
-        return SynapseSlices(args.data), None
+        return SynapseSlices(args.data), None, _orientation(args, args.data, [])
     if args.format == "mni":
         from ..demo import build_mni_task
 
         build_mni_task(args.data)
-        window, percentiles, train_cases, val_cases = None, None, ["mni_train"], ["mni_val"]
+        train_cases, val_cases = ["mni_train"], ["mni_val"]
     else:
-        window, percentiles = args.window, args.percentiles
         cases = find_nifti_cases(args.data)
         train_cases, val_cases = split_cases(cases, args.val_fraction, seed=0) if args.val_fraction else (cases, [])
+    orientation = _orientation(args, args.data, train_cases)
     label_map = SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None
-    kwargs = dict(window=window, percentiles=percentiles, label_map=label_map)
+    kwargs = dict(window=window, percentiles=percentiles, label_map=label_map, orientation=orientation,
+                  slice_axis=args.slice_axis)
     slices = NiftiSlices(args.data, train_cases, **kwargs)
+    _warn_on_flat_contrast(slices)
     volumes = NiftiVolumes(args.data, val_cases, **kwargs) if val_cases else None
-    return slices, volumes
+    return slices, volumes, orientation
+
+
+def _warn_on_flat_contrast(slices) -> None:
+    """Say so when the window squeezes the first training case into a sliver of [0, 1]."""
+    import sys
+
+    from ..preprocessing import contrast_warning
+
+    case = slices.cases[0]
+    message = contrast_warning(slices._read_image(case), slices.intensity, f"training case {case!r}")
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    num_classes = args.num_classes or (2 if args.format == "mni" else 8)
+    num_classes = args.num_classes if args.num_classes is not None else (2 if args.format == "mni" else 8)
     names = args.class_names.split(",") if args.class_names else None
     if names is None and args.format == "mni":
         from ..demo import MNI_CLASS_NAMES
@@ -142,15 +193,19 @@ def run(args: argparse.Namespace) -> int:
         names = list(MNI_CLASS_NAMES)
     elif names is None and num_classes == 8 and (args.format == "synapse" or args.label_map == "synapse"):
         names = list(sa.SYNAPSE_CLASS_NAMES)
-    window = args.window if args.format == "nifti" and args.percentiles is None else None
+    window, percentiles = _preprocessing(args)
+    # Checked before any data is read or written, so a bad flag changes nothing.
+    sa.AdapterConfig(num_classes=num_classes, class_names=names, intensity_window=window,
+                     intensity_percentiles=percentiles, slice_axis=args.slice_axis)
+    sam = _build_sam(args).to(device)
+    slices, volumes, orientation = _datasets(args, window, percentiles)
     adapter_config = sa.AdapterConfig(
         num_classes=num_classes, rank=args.rank, image_size=args.image_size, class_names=names,
-        intensity_window=window, decoder_lora=args.decoder_lora,
+        intensity_window=window, intensity_percentiles=percentiles, orientation=orientation,
+        slice_axis=args.slice_axis, decoder_lora=args.decoder_lora,
     )
-    sam = _build_sam(args).to(device)
     torch.manual_seed(config.seed)  # the K-sized decoder parts start the same in every process and run
     model = sa.inject(sam, adapter_config)
-    slices, volumes = _datasets(args)
     path = train(model, slices, config, val_volumes=volumes, resume=args.resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"adapter: {path}")
