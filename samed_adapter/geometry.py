@@ -64,7 +64,7 @@ def parse_orientation(codes: Union[str, Sequence[str], None]) -> Optional[Orient
     if len(letters) != 3 or any(sum(c in pair for c in letters) != 1 for pair in _PAIRS):
         raise ValueError(
             f"orientation must be three axis codes, one of L/R, one of A/P and one of S/I "
-            f"(e.g. LPS or RAS, nibabel's aff2axcodes convention), got {codes!r}"
+            f"(e.g. LPS or RAS, nibabel's aff2axcodes convention), got {str(codes)[:40]!r}"
         )
     return (letters[0], letters[1], letters[2])
 

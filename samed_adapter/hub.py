@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .adapter import Adapter
+from .geometry import describe_orientation
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from huggingface_hub import CommitInfo, ModelCard
@@ -263,8 +264,13 @@ def model_card(
     build = (f'sam_model_registry["{backbone}"](checkpoint="{ckpt}")' if backbone in STOCK_SAM
              else f'samed_adapter.build_sam("{backbone}", checkpoint="{ckpt}")')
     names = ["background", *(cfg.class_names or [])]
-    window = ("none (inputs must already be in [0, 1])" if cfg.intensity_window is None else
-              "[{:g}, {:g}] (raw values are clipped to it and scaled to [0, 1])".format(*cfg.intensity_window))
+    if cfg.intensity_window is not None:
+        window = "window [{:g}, {:g}] (raw values are clipped to it and scaled to [0, 1])".format(*cfg.intensity_window)
+    elif cfg.intensity_percentiles is not None:
+        window = ("percentile normalisation [{:g}, {:g}] (each volume clipped to its own percentiles and scaled "
+                  "to [0, 1])").format(*cfg.intensity_percentiles)
+    else:
+        window = "none (inputs must already be in [0, 1])"
     body = [
         f"# SAMed adapter `{repo_id}`", "",
         "A [SAMed](https://arxiv.org/abs/2304.13785) adapter for the `samed-adapter` library. Patched onto a "
@@ -280,13 +286,14 @@ def model_card(
         "import samed_adapter", "",
         f"sam = {build}",
         f'model = samed_adapter.patch(sam, "{repo_id}")  # downloads once, then uses the cache',
-        "labels = model.segment(volume)  # (D, H, W) raw intensities -> labels 0..K", "```", "",
+        'labels = model.segment("scan.nii.gz")  # a label image on the scan\'s own voxel grid', "```", "",
         "From the command line:", "", "```bash",
         f"samed-adapter segment --sam {ckpt} --adapter {repo_id} scan.nii.gz -o labels/", "```", "",
         "## Classes", "", "| label | class |", "|---:|---|",
         *(f"| {i} | {n} |" for i, n in enumerate(names)), "",
         "## Configuration", "",
-        f"Input size {cfg.image_size}; intensity window {window}; decoder LoRA "
+        f"Input size {cfg.image_size}; intensity preprocessing: {window}; orientation: "
+        f"{describe_orientation(cfg)}; decoder LoRA "
         f"{'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}.", "",
         "```json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True), "```",
     ]
