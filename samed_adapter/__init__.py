@@ -18,6 +18,8 @@ from .hub import push_to_hub
 from .model import SAMed
 from .patching import inject, patch, unpatch
 from .preprocessing import Intensity
+from .segmentation import segment_file
+from .statistics import label_statistics
 from .surgery import stock_fingerprint
 
 __all__ = [
@@ -38,9 +40,11 @@ __all__ = [
     "convert_published",
     "infer_backbone",
     "inject",
+    "label_statistics",
     "list_backbones",
     "patch",
     "push_to_hub",
+    "segment_file",
     "stock_fingerprint",
     "unpatch",
 ]

@@ -25,6 +25,8 @@ from .training.run import _pair
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from segment_anything.modeling import Sam
 
+    from .segmentation import OutputOptions
+
     from .adapter import Adapter
     from .io.volumes import DicomSeries
 
@@ -196,16 +198,6 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
     return sam
 
 
-def _overlay_path(label_path: Path) -> Path:
-    """`<name>_overlay.png` beside the label file `<name>.<suffix>`."""
-    name = label_path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".npy"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return label_path.with_name(f"{name}_overlay.png")
-
-
 def _device(text: str) -> torch.device:
     """--device as a torch.device that exists here."""
     try:
@@ -230,27 +222,22 @@ class _Job:
         return f"{self.source} (series {self.series.name})" if self.series is not None else self.source
 
 
-def _segment_one(model: "SAMed", job: _Job, args: argparse.Namespace) -> list[Path]:
-    """Segment one input and write its labels (and overlay); returns what it wrote."""
-    from .io import overlay_volume, read_image, write_labels
+def _segment_one(model: "SAMed", job: _Job, options: "OutputOptions") -> list[Path]:
+    """Segment one input and write its outputs; returns what it wrote."""
+    from .io import read_image
     from .io.volumes import read_dicom_series
+    from .segmentation import write_outputs
 
     volume = read_dicom_series(job.series, Path(job.source)) if job.series is not None else read_image(job.source)
-    window = None if args.window in (None, "none") else args.window
     try:
-        labels = model.segment(volume, batch_size=args.batch_size, preprocessed=args.window == "none",
-                               window=window, percentiles=args.percentiles)
+        return write_outputs(model, volume, job.out, options)[1]
     except ValueError as err:
         raise ValueError(f"{job.name}: {err}") from None
-    written = [write_labels(labels, volume, job.out)]
-    if args.overlay:
-        try:
-            written.append(overlay_volume(volume, labels, model.config.class_names, _overlay_path(job.out),
-                                          intensity=model.intensity(window, args.percentiles)))
-        except BaseException:
-            job.out.unlink(missing_ok=True)  # all or nothing per input
-            raise
-    return written
+
+
+def _is_dicom(source: str) -> bool:
+    path = Path(source)
+    return path.is_dir() or path.suffix.lower() == ".dcm"
 
 
 def _jobs_for(source: str, out_dir: Path) -> list[_Job]:
@@ -269,9 +256,11 @@ def _jobs_for(source: str, out_dir: Path) -> list[_Job]:
     return [_Job(source, out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in series]
 
 
-def _plan_outputs(inputs: Sequence[str], out_dir: Path, overlay: bool) -> tuple[list[_Job], list[str]]:
-    """A job for each label file whose name is usable and unique; messages for the other inputs."""
+def _plan_outputs(inputs: Sequence[str], out_dir: Path, options: "OutputOptions",
+                  class_names: Sequence[str]) -> tuple[list[_Job], list[str]]:
+    """A job for each label file whose outputs are usable and unique; messages for the other inputs."""
     from .io import ImageReadError
+    from .segmentation import output_files
 
     plan: list[_Job] = []
     problems: list[str] = []
@@ -283,7 +272,7 @@ def _plan_outputs(inputs: Sequence[str], out_dir: Path, overlay: bool) -> tuple[
             problems.append(f"{source}: {err}" if source not in str(err) else str(err))
             continue
         for job in jobs:
-            outs = [job.out, _overlay_path(job.out)] if overlay else [job.out]
+            outs = output_files(job.out, options, class_names)
             clash = next((o for o in outs if o in taken), None)
             if clash is not None:
                 problems.append(f"{job.name}: its output {clash} would overwrite the one of {taken[clash]}; "
@@ -295,19 +284,32 @@ def _plan_outputs(inputs: Sequence[str], out_dir: Path, overlay: bool) -> tuple[
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    """`segment`: labels for each input; 1 if some inputs failed (the others are written)."""
+    """`segment`: labels (and the outputs asked for) for each input; 1 if some inputs failed."""
     from tqdm import tqdm
 
     from .adapter import Adapter, BaseMismatchError
     from .io import ImageReadError
     from .patching import patch
+    from .segmentation import OutputOptions, resolve_classes
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.window is not None and args.percentiles is not None:
-        raise ValueError("--window and --percentiles exclude each other; give one")
     device = _device(args.device)
     adapter = Adapter.load(args.adapter, revision=args.revision)
+    names = list(adapter.config.class_names or [])
+    # Every request is checked before any model work.
+    options = OutputOptions(
+        output_types=args.output_type, classes=resolve_classes(args.classes, names), statistics=args.statistics,
+        split=args.split, save_probabilities=args.save_probabilities, overlay=args.overlay,
+        batch_size=args.batch_size, window=args.window, percentiles=args.percentiles, adapter_name=args.adapter,
+    )
+    if "dicom-seg" in options.output_types:
+        others = [s for s in args.inputs if not _is_dicom(s)]
+        if others:
+            raise ValueError(f"--output-type dicom-seg needs DICOM inputs (series folders or .dcm files), but "
+                             f"{others[0]} is not one; segment NIfTI, PNG and NPY inputs with --output-type nifti")
+    out_dir = Path(args.output)
+    plan, problems = _plan_outputs(args.inputs, out_dir, options, names)
     sam = _segment_sam(args, adapter).to(device)
     try:
         model = patch(sam, adapter, allow_base_mismatch=args.allow_base_mismatch, merge=args.merge)
@@ -316,8 +318,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
             f"{err} (here: --allow-base-mismatch; a random SAM matches an adapter made on the same backbone "
             "and seed)"
         ) from None
-    out_dir = Path(args.output)
-    plan, problems = _plan_outputs(args.inputs, out_dir, args.overlay)
     for message in problems:
         _fail("segment", message)
     failed = len(problems)
@@ -326,7 +326,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                written = _segment_one(model, job, args)
+                written = _segment_one(model, job, options)
             except (ImageReadError, ValueError, OSError) as err:
                 failed += 1
                 tqdm.write(f"samed-adapter segment: error: {err} (skipped; continuing with the other inputs)",
@@ -356,6 +356,7 @@ def add_segment_parser(sub: _SubParsers) -> None:
         "examples:\n"
         "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors ct1.nii.gz ct2.nii.gz -o labels/\n"
         "  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter org/synapse-adapter dicom_series/ -o labels/ --overlay\n"
+        "  samed-adapter segment ... ct.nii.gz -o out/ --statistics --split --classes liver,spleen\n"
         "  # without real weights: the quick start's adapter, trained on a random tiny SAM (seed 0)\n"
         "  samed-adapter quickstart --out runs/quickstart\n"
         "  samed-adapter segment --sam-backbone tiny --random-sam-seed 0 \\\n"
@@ -384,8 +385,20 @@ def add_segment_parser(sub: _SubParsers) -> None:
                    help="CT window replacing the adapter's intensity preprocessing (none: inputs already in [0, 1])")
     p.add_argument("--percentiles", type=_pair, metavar="LO,HI",
                    help="MR percentile normalisation replacing the adapter's, e.g. 0.5,99.5")
-    p.add_argument("--overlay", action="store_true",
-                   help="also write <name>_overlay.png, a montage of axial slices in the radiological view")
+    out = p.add_argument_group("outputs (beside each label file <name>.nii.gz)")
+    out.add_argument("--output-type", default="nifti", metavar="TYPE",
+                     help="nifti (default), dicom-seg (a DICOM Segmentation <name>_seg.dcm over the source series; "
+                          "DICOM inputs only), or both: nifti,dicom-seg")
+    out.add_argument("--classes", metavar="NAMES", help="comma-separated class names to keep, e.g. liver,spleen "
+                                                        "(the others become background in every output)")
+    out.add_argument("--statistics", action="store_true",
+                     help="also write <name>_statistics.json: per class voxels, volume (mm3), intensity mean/std "
+                          "and bounding box")
+    out.add_argument("--split", action="store_true", help="also write <name>/<class>.nii.gz, one binary mask per class")
+    out.add_argument("--save-probabilities", action="store_true",
+                     help="also write <name>.npz: the softmax of every class, float16, on the label file's grid")
+    out.add_argument("--overlay", action="store_true",
+                     help="also write <name>_overlay.png, a montage of axial slices in the radiological view")
     p.add_argument("--merge", action="store_true", help="fold the LoRA into the encoder weights (faster)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter even if it was made for other stock SAM weights")
@@ -512,8 +525,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.md").write_text(summary.to_markdown())
     summary.to_csv(out / "evaluation.csv")
+    summary.to_json(out / "summary.json")
     print(summary.to_markdown())
-    print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}")
+    print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}, {out / 'summary.json'} (nnU-Net's shape)")
     return 0
 
 
@@ -541,7 +555,7 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
     p.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: 1,2,3,4,6,7,8,11 -> 1..8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("-o", "--output", default=".", help="folder for evaluation.md and evaluation.csv")
+    p.add_argument("-o", "--output", default=".", help="folder for evaluation.md, evaluation.csv and summary.json")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from .metrics import PROTOCOLS, ClassScore, Summary, score_case, summarize
+from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, Summary, confusion_counts, score_case, summarize
 from .model import SAMed
 
 SAMED_ROUND_TRIP = 224  # the published training slices were stored at 224 x 224
@@ -64,12 +64,16 @@ def evaluate(
         protocol: "samed" (published) or "default" (see the module docstring).
 
     Returns:
-        The Summary (per-class means, per-case table) and the predicted labels per case.
+        The Summary (per-class means, per-case table) and the predicted labels per case. The
+        Summary also carries the protocol and each case's per-class voxel counts (TP, FP, FN,
+        TN of the same predictions against the same labels), so ``summary.to_json(path)``
+        writes nnU-Net v2's ``summary.json`` without running the model again.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     config = model.config
     cases: dict[str, list[ClassScore]] = {}
+    counts: dict[str, list[ConfusionCounts]] = {}
     predictions: dict[str, np.ndarray] = {}
     items = volumes
     if progress:
@@ -89,7 +93,9 @@ def evaluate(
             pred = model.segment(image, batch_size=batch_size, preprocessed=True).astype(np.int64)
             spacing = tuple(float(s) for s in item["spacing"]) if item.get("spacing") is not None else None
         cases[case] = score_case(pred, truth, config.num_classes, protocol=protocol, spacing=spacing)
+        counts[case] = confusion_counts(pred, truth, config.num_classes)
         predictions[case] = pred
     if not cases:
         raise ValueError("no volumes to evaluate")
-    return summarize(cases, list(config.class_names or [])), predictions
+    summary = summarize(cases, list(config.class_names or []), counts=counts, protocol=protocol)
+    return summary, predictions

@@ -10,18 +10,26 @@ Two protocols score a case (:func:`score_case`):
   non-empty truth has Dice 0 and an undefined HD95 (``None``).
 
 :func:`summarize` averages per class over cases, then over classes, skipping ``None``.
+
+:func:`confusion_counts` gives the voxel counts nnU-Net v2 reports (TP, FP, FN, TN per class) and
+:func:`nnunet_summary` / :meth:`Summary.to_json` write them, with our HD95, in the shape of
+nnU-Net v2's ``summary.json``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, TextIO, Union
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, TextIO, Union
 
 import numpy as np
 from medpy.metric import binary as _medpy
+
+from .files import atomic_path
 
 EvalProtocol = Literal["samed", "default"]
 PROTOCOLS: tuple[str, ...] = ("samed", "default")
@@ -109,6 +117,32 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Spacing = None) -> float:
     return float(_medpy.hd95(p, t, voxelspacing=sp))
 
 
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (foreground classes K), got {num_classes!r}")
+
+
+def _label_maps(
+    pred_labels: np.ndarray, truth_labels: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check two integer label maps of the same shape with values in 0..num_classes."""
+    pred, truth = np.asarray(pred_labels), np.asarray(truth_labels)
+    for name, labels in (("pred_labels", pred), ("truth_labels", truth)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name} has dtype {labels.dtype}; pass an integer label map (e.g. labels.astype(np.int64))")
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred_labels has shape {pred.shape} but truth_labels has {truth.shape}; resample to match")
+    if pred.ndim == 0:
+        raise ValueError("label maps must have at least one dimension")
+    for name, labels in (("pred_labels", pred), ("truth_labels", truth)):
+        if labels.size and (labels.min() < 0 or labels.max() > num_classes):
+            raise ValueError(
+                f"{name} holds labels in [{labels.min()}, {labels.max()}] but must be within 0..{num_classes}; "
+                "check num_classes or remap the labels"
+            )
+    return pred, truth
+
+
 @dataclass(frozen=True)
 class ClassScore:
     """Scores of one foreground class on one case; ``None`` means not scored (see the protocols)."""
@@ -139,27 +173,13 @@ def score_case(
     Returns:
         K :class:`ClassScore` items, index ``c - 1`` for class ``c``.
     """
-    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int (foreground classes K), got {num_classes!r}")
+    _check_num_classes(num_classes)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "samed" and spacing is not None:
         # The published numbers are in voxels; silently dropping spacing would mislabel the unit.
         raise ValueError("the 'samed' protocol measures HD95 in voxels; drop spacing or use protocol='default'")
-    pred, truth = np.asarray(pred_labels), np.asarray(truth_labels)
-    for name, labels in (("pred_labels", pred), ("truth_labels", truth)):
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{name} has dtype {labels.dtype}; pass an integer label map (e.g. labels.astype(np.int64))")
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred_labels has shape {pred.shape} but truth_labels has {truth.shape}; resample to match")
-    if pred.ndim == 0:
-        raise ValueError("label maps must have at least one dimension")
-    for name, labels in (("pred_labels", pred), ("truth_labels", truth)):
-        if labels.size and (labels.min() < 0 or labels.max() > num_classes):
-            raise ValueError(
-                f"{name} holds labels in [{labels.min()}, {labels.max()}] but must be within 0..{num_classes}; "
-                "check num_classes or remap the labels"
-            )
+    pred, truth = _label_maps(pred_labels, truth_labels, num_classes)
     sp = _spacing(spacing, pred.ndim)
     scores = []
     for c in range(1, num_classes + 1):
@@ -175,6 +195,69 @@ def score_case(
             d, h = 0.0, None
         scores.append(ClassScore(dice=d, hd95=h, empty_truth=t_empty, empty_prediction=p_empty))
     return scores
+
+
+@dataclass(frozen=True)
+class ConfusionCounts:
+    """Voxel counts of one foreground class on one case, as nnU-Net v2 computes them.
+
+    ``tp``: predicted and true; ``fp``: predicted, not true; ``fn``: true, not predicted;
+    ``tn``: neither. nnU-Net's Dice and IoU follow from them (see :attr:`dice`, :attr:`iou`).
+    """
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+    @property
+    def n_pred(self) -> int:
+        """Voxels predicted as the class (TP + FP)."""
+        return self.tp + self.fp
+
+    @property
+    def n_ref(self) -> int:
+        """Voxels of the class in the truth (TP + FN)."""
+        return self.tp + self.fn
+
+    @property
+    def dice(self) -> Optional[float]:
+        """2TP / (2TP + FP + FN); None when both masks are empty (nnU-Net: NaN)."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else None
+
+    @property
+    def iou(self) -> Optional[float]:
+        """TP / (TP + FP + FN); None when both masks are empty (nnU-Net: NaN)."""
+        denominator = self.tp + self.fp + self.fn
+        return self.tp / denominator if denominator else None
+
+
+def confusion_counts(pred_labels: np.ndarray, truth_labels: np.ndarray, num_classes: int) -> list[ConfusionCounts]:
+    """Per-class voxel counts of one case (one ``bincount`` over the joint labels).
+
+    Args:
+        pred_labels: integer label map, e.g. ``(D, H, W)``, values in 0..K (0 = background).
+        truth_labels: integer label map of the same shape, values in 0..K.
+        num_classes: K, the number of foreground classes.
+
+    Returns:
+        K :class:`ConfusionCounts`, index ``c - 1`` for class ``c``.
+    """
+    _check_num_classes(num_classes)
+    pred, truth = _label_maps(pred_labels, truth_labels, num_classes)
+    k = int(num_classes) + 1
+    joint = truth.astype(np.int64).ravel() * k  # a copy: the caller's array is left alone
+    joint += pred.ravel()
+    table = np.bincount(joint, minlength=k * k).reshape(k, k)  # [truth label, predicted label]
+    total = int(pred.size)
+    counts = []
+    for c in range(1, k):
+        tp = int(table[c, c])
+        fp = int(table[:, c].sum()) - tp
+        fn = int(table[c, :].sum()) - tp
+        counts.append(ConfusionCounts(tp=tp, fp=fp, fn=fn, tn=total - tp - fp - fn))
+    return counts
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -193,6 +276,9 @@ class Summary:
         mean_dice, mean_hd95: mean of the per-class means over classes that have one.
         empty_truth_counts: per class, cases whose truth is empty.
         empty_prediction_counts: per class, cases with a non-empty truth but an empty prediction.
+        counts: case id -> K voxel counts (:func:`confusion_counts`), as :func:`evaluate` records
+            them; None when not recorded. Needed by :meth:`to_nnunet_dict` / :meth:`to_json`.
+        protocol: the protocol the scores follow ("samed" or "default"); None when unknown.
     """
 
     class_names: list[str]
@@ -203,6 +289,39 @@ class Summary:
     mean_hd95: Optional[float]
     empty_truth_counts: list[int]
     empty_prediction_counts: list[int]
+    counts: Optional[dict[str, list[ConfusionCounts]]] = None
+    protocol: Optional[str] = None
+
+    def to_nnunet_dict(
+        self,
+        *,
+        prediction_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        reference_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+    ) -> dict[str, Any]:
+        """The dict of :func:`nnunet_summary` from the counts this Summary carries."""
+        return nnunet_summary(self, prediction_files=prediction_files, reference_files=reference_files)
+
+    def to_json(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        prediction_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        reference_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+    ) -> Path:
+        """Write :meth:`to_nnunet_dict` as ``path`` (e.g. ``summary.json``), atomically.
+
+        Strict JSON: undefined values are ``null`` (nnU-Net itself writes ``NaN``). Returns ``path``.
+
+        Raises:
+            ValueError: the Summary carries no counts (build it with :func:`evaluate`, or pass
+                counts to :func:`summarize`).
+        """
+        data = self.to_nnunet_dict(prediction_files=prediction_files, reference_files=reference_files)
+        text = json.dumps(data, indent=4, allow_nan=False) + "\n"
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return path
 
     def to_markdown(self) -> str:
         """Per-case table, then per-class means (Dice in percent, 2 decimals; HD95 2 decimals)."""
@@ -262,12 +381,21 @@ def _raw(v: Optional[float]) -> str:
     return "" if v is None else repr(float(v))
 
 
-def summarize(cases: dict[str, list[ClassScore]], class_names: list[str]) -> Summary:
+def summarize(
+    cases: dict[str, list[ClassScore]],
+    class_names: list[str],
+    *,
+    counts: Optional[Mapping[str, Sequence[ConfusionCounts]]] = None,
+    protocol: Optional[str] = None,
+) -> Summary:
     """Average each class over cases (skipping None), then the class means over classes.
 
     Args:
         cases: case id -> the K scores of :func:`score_case`; at least one case.
         class_names: K names, for classes 1..K.
+        counts: optional, case id -> the K :func:`confusion_counts` of the same cases, kept on
+            the Summary for :meth:`Summary.to_json`.
+        protocol: optional, the protocol ``cases`` were scored under, kept on the Summary.
     """
     names = [str(n) for n in class_names]
     if not names:
@@ -284,6 +412,9 @@ def summarize(cases: dict[str, list[ClassScore]], class_names: list[str]) -> Sum
                 f"case {case!r} does not hold {len(names)} ClassScore items (one per class name); "
                 "pass the list of ClassScore that score_case returns, one per class"
             )
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS} or None, got {protocol!r}")
+    kept_counts = None if counts is None else _check_counts(counts, [str(k) for k in cases], len(names))
     per_class = list(zip(*cases.values()))  # class index -> scores of every case
     class_dice = [_mean([s.dice for s in col]) for col in per_class]
     class_hd95 = [_mean([s.hd95 for s in col]) for col in per_class]
@@ -296,4 +427,141 @@ def summarize(cases: dict[str, list[ClassScore]], class_names: list[str]) -> Sum
         mean_hd95=_mean(class_hd95),
         empty_truth_counts=[sum(s.empty_truth for s in col) for col in per_class],
         empty_prediction_counts=[sum(s.empty_prediction and not s.empty_truth for s in col) for col in per_class],
+        counts=kept_counts,
+        protocol=protocol,
     )
+
+
+def _check_counts(
+    counts: Mapping[str, Sequence[ConfusionCounts]], cases: Sequence[str], num_classes: int
+) -> dict[str, list[ConfusionCounts]]:
+    if not isinstance(counts, Mapping):
+        raise ValueError("counts must be a dict of case id -> list of ConfusionCounts (from confusion_counts)")
+    by_case = {str(k): v for k, v in counts.items()}
+    if set(by_case) != set(cases):
+        missing, extra = sorted(set(cases) - set(by_case)), sorted(set(by_case) - set(cases))
+        raise ValueError(f"counts must cover exactly the scored cases; missing {missing}, extra {extra}")
+    for case, items in by_case.items():
+        if (
+            not isinstance(items, (list, tuple))
+            or len(items) != num_classes
+            or not all(isinstance(c, ConfusionCounts) for c in items)
+        ):
+            raise ValueError(
+                f"counts of case {case!r} do not hold {num_classes} ConfusionCounts items (one per class); "
+                "pass the list that confusion_counts returns"
+            )
+    return {case: list(by_case[case]) for case in cases}
+
+
+# nnU-Net v2's per-class metrics, in its order, and ours (HD95) after its Dice and IoU.
+_NNUNET_METRICS: tuple[str, ...] = ("Dice", "IoU", "HD95", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
+
+
+def _json_number(value: Optional[float]) -> Optional[Union[int, float]]:
+    """A plain int/float for JSON, None for missing or non-finite values."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def nnunet_summary(
+    summary: Summary,
+    counts: Optional[Mapping[str, Sequence[ConfusionCounts]]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    *,
+    protocol: Optional[str] = None,
+    prediction_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+    reference_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+) -> dict[str, Any]:
+    """The dict of nnU-Net v2's ``summary.json`` (``compute_metrics_on_folder``), plus our HD95.
+
+    Shape (class keys are the label values as strings, "1".."K"; foreground classes only)::
+
+        {"metric_per_case": [{"prediction_file": str, "reference_file": str, "case": str,
+                              "metrics": {"1": {"name", "Dice", "IoU", "HD95", "FP", "TP", "FN",
+                                                "TN", "n_pred", "n_ref"}, ...}}, ...],
+         "mean": {"1": {"name", <each metric>: mean over cases}, ...},
+         "foreground_mean": {<each metric>: mean over classes of the per-class means},
+         "class_names": {"1": name, ...},
+         "protocol": "samed" | "default" | None}
+
+    Dice = 2TP/(2TP+FP+FN) and IoU = TP/(TP+FP+FN) come from the voxel counts, as nnU-Net
+    computes them, so they are None (nnU-Net: NaN) when prediction and truth are both empty and
+    0 when only the truth is empty — unlike the protocol's Dice in ``summary.cases`` (the
+    "samed" protocol scores those 0 and 1, "default" leaves a truth-empty class unscored).
+    Where the truth is non-empty both Dice agree. HD95 is the protocol's, from
+    ``summary.cases`` (voxels for "samed", spacing units for "default"; None where unscored).
+    Means skip None, as nnU-Net's ``np.nanmean`` skips NaN; a mean with nothing to average is
+    None. Undefined values are None (JSON ``null``, where nnU-Net writes ``NaN``).
+
+    Args:
+        summary: from :func:`evaluate` or :func:`summarize`.
+        counts: case id -> K :class:`ConfusionCounts`; default: ``summary.counts``.
+        class_names: K names; default: ``summary.class_names``.
+        protocol: written as "protocol"; default: ``summary.protocol``.
+        prediction_files, reference_files: case id -> file written as "prediction_file" /
+            "reference_file"; default (and for a case not given): the case id.
+
+    Raises:
+        ValueError: no counts, or counts / names that do not match the summary's cases and classes.
+    """
+    if counts is None:
+        counts = summary.counts
+    if counts is None:
+        raise ValueError(
+            "the summary carries no voxel counts; evaluate() records them, or pass "
+            "counts={case: confusion_counts(pred, truth, K)}"
+        )
+    num_classes = len(summary.class_names)
+    names = list(summary.class_names if class_names is None else (str(n) for n in class_names))
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but the summary scores {num_classes} classes")
+    counts = _check_counts(counts, list(summary.cases), num_classes)
+    protocol = summary.protocol if protocol is None else protocol
+    keys = [str(c) for c in range(1, num_classes + 1)]
+
+    def file_of(files: Optional[Mapping[str, Union[str, os.PathLike]]], case: str) -> str:
+        if files is None or case not in files:
+            return case
+        return os.fspath(files[case])
+
+    per_case = []
+    for case, scores in summary.cases.items():
+        metrics = {}
+        for key, name, score, n in zip(keys, names, scores, counts[case]):
+            metrics[key] = {
+                "name": name,
+                "Dice": _json_number(n.dice),
+                "IoU": _json_number(n.iou),
+                "HD95": _json_number(score.hd95),
+                "FP": n.fp,
+                "TP": n.tp,
+                "FN": n.fn,
+                "TN": n.tn,
+                "n_pred": n.n_pred,
+                "n_ref": n.n_ref,
+            }
+        per_case.append({
+            "prediction_file": file_of(prediction_files, case),
+            "reference_file": file_of(reference_files, case),
+            "case": case,
+            "metrics": metrics,
+        })
+    mean: dict[str, dict[str, Any]] = {}
+    for key, name in zip(keys, names):
+        entry: dict[str, Any] = {"name": name}
+        for m in _NNUNET_METRICS:
+            entry[m] = _json_number(_mean([_json_number(c["metrics"][key][m]) for c in per_case]))
+        mean[key] = entry
+    foreground_mean = {m: _json_number(_mean([mean[key][m] for key in keys])) for m in _NNUNET_METRICS}
+    return {
+        "metric_per_case": per_case,
+        "mean": mean,
+        "foreground_mean": foreground_mean,
+        "class_names": dict(zip(keys, names)),
+        "protocol": protocol,
+    }

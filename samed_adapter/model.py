@@ -174,7 +174,8 @@ class SAMed(nn.Module):
         preprocessed: bool = False,
         window: Optional[tuple[float, float]] = None,
         percentiles: Optional[tuple[float, float]] = None,
-    ) -> Union[np.ndarray, "nib.Nifti1Image"]:
+        return_probabilities: bool = False,
+    ) -> Union[np.ndarray, "nib.Nifti1Image", tuple]:
         """Label map for a slice, a volume, a scan file or a nibabel image.
 
         Args:
@@ -192,21 +193,28 @@ class SAMed(nn.Module):
             preprocessed: the values are already in [0, 1] (skip the intensity preprocessing).
             window, percentiles: replace the adapter's intensity preprocessing for this call
                 (a CT window (lo, hi), or MR percentiles (p_lo, p_hi) of the whole input).
+            return_probabilities: also return the softmax of every class, float16, class axis
+                first and then the layout of the labels' data ((K+1, I, J, K) on a file's voxel
+                grid, (K+1, *volume.array.shape) for a Volume, (K+1, *array.shape) for an
+                array); its argmax over the class axis equals the labels.
 
         Returns:
-            Integer labels 0..K (uint8 when K < 255), as described for each kind of input.
+            Integer labels 0..K (uint8 when K < 255), as described for each kind of input, or
+            ``(labels, probabilities)`` with ``return_probabilities``.
         """
         from .io.volumes import Volume, label_nifti, read_image, volume_from_nifti
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        options = dict(batch_size=batch_size, preprocessed=preprocessed, window=window, percentiles=percentiles)
-        if isinstance(image, (str, os.PathLike)):
-            volume = read_image(image)
-            return label_nifti(self._segment_volume(volume, **options), volume)
-        if isinstance(image, nib.spatialimages.SpatialImage):
-            volume = volume_from_nifti(image)
-            return label_nifti(self._segment_volume(volume, **options), volume)
+        options = dict(batch_size=batch_size, preprocessed=preprocessed, window=window, percentiles=percentiles,
+                       probabilities=return_probabilities)
+        if isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
+            volume = read_image(image) if isinstance(image, (str, os.PathLike)) else volume_from_nifti(image)
+            result = self._segment_volume(volume, **options)
+            if not return_probabilities:
+                return label_nifti(result, volume)
+            labels, probs = result
+            return label_nifti(labels, volume), np.stack([volume.to_voxels(p) for p in probs])
         if isinstance(image, Volume):
             return self._segment_volume(image, **options)
         volume = _check_image(image)
@@ -214,12 +222,18 @@ class SAMed(nn.Module):
         volume = volume[None] if squeeze else volume
         override = dict(window=window, percentiles=percentiles)
         volume = _check_unit_range(volume) if preprocessed else self.preprocess(volume, **override)
-        labels = self._predict_slices(volume, batch_size)
-        return labels[0] if squeeze else labels
+        result = self._predict_slices(volume, batch_size, return_probabilities)
+        if not return_probabilities:
+            return result[0] if squeeze else result
+        labels, probs = result  # (D, H, W), (D, C, H, W)
+        probs = probs.transpose(1, 0, 2, 3)
+        return (labels[0], probs[:, 0]) if squeeze else (labels, probs)
 
     def _segment_volume(self, volume: "Volume", *, batch_size: int, preprocessed: bool,
-                        window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]]) -> np.ndarray:
-        """Labels in ``volume.array``'s layout: reorient, preprocess, predict, put back."""
+                        window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]],
+                        probabilities: bool = False):
+        """Labels in ``volume.array``'s layout (and probabilities, class axis first): reorient,
+        preprocess, predict, put back."""
         if self.config.orientation is None and volume.affine is not None:
             warnings.warn(
                 "this adapter records no orientation, so slices are cut as each file stores them (axis "
@@ -238,16 +252,26 @@ class SAMed(nn.Module):
             if message:
                 warnings.warn(message, UserWarning, stacklevel=3)
             slices = intensity(slices) if intensity.scales else _check_unit_range(slices)
-        labels = self._predict_slices(slices, batch_size)
-        return volume.from_voxels(geometry.from_slices(labels))
+        result = self._predict_slices(slices, batch_size, probabilities)
+        if not probabilities:
+            return volume.from_voxels(geometry.from_slices(result))
+        labels, probs = result  # (D, H, W), (D, C, H, W) in slice layout
+        back = geometry.from_slices(probs.transpose(0, 2, 3, 1))  # (I, J, K, C): extra axes ride along
+        probs = np.ascontiguousarray(np.moveaxis(back, -1, 0))  # (C, I, J, K)
+        return volume.from_voxels(geometry.from_slices(labels)), np.stack([volume.from_voxels(p) for p in probs])
 
-    def _predict_slices(self, volume: np.ndarray, batch_size: int) -> np.ndarray:
-        """(D, H, W) float32 in [0, 1] -> (D, H, W) labels, batch by batch."""
+    def _predict_slices(self, volume: np.ndarray, batch_size: int, probabilities: bool = False):
+        """(D, H, W) float32 in [0, 1] -> (D, H, W) labels, batch by batch.
+
+        With ``probabilities``, also the softmax of every class, (D, K+1, H, W) float16, resized to
+        (H, W) exactly as the labels are (nearest), so its argmax equals the labels.
+        """
         depth, height, width = volume.shape
         size = self.config.image_size
         param = next(self.sam.image_encoder.parameters())
         dtype = np.uint8 if self.config.num_classes < 255 else np.int32
         labels = np.empty((depth, height, width), dtype=dtype)
+        probs = np.empty((depth, self.config.num_classes + 1, height, width), np.float16) if probabilities else None
         was_training = self.training
         self.eval()
         try:
@@ -259,10 +283,30 @@ class SAMed(nn.Module):
                 logits = self(x.expand(-1, 3, -1, -1).to(param.dtype))["masks"]
                 pred = logits.argmax(dim=1, keepdim=True).float()  # (b, 1, S, S)
                 pred = F.interpolate(pred, (height, width), mode="nearest")
-                labels[start : start + batch_size] = pred[:, 0].to(torch.int32).cpu().numpy()
+                chunk_labels = pred[:, 0].to(torch.int32).cpu().numpy()
+                labels[start : start + batch_size] = chunk_labels
+                if probs is not None:
+                    soft = F.interpolate(torch.softmax(logits.float(), dim=1), (height, width), mode="nearest")
+                    probs[start : start + batch_size] = _agreeing_half(soft.cpu().numpy(), chunk_labels)
         finally:
             self.train(was_training)
-        return labels
+        return labels if probs is None else (labels, probs)
+
+
+def _agreeing_half(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(b, C, H, W) float32 probabilities -> float16 whose argmax is exactly ``labels`` (b, H, W).
+
+    Rounding to float16 can tie (or, from float32 ties, flip) the top two classes of a voxel;
+    there the labelled class is raised to the next float16 above the largest value, a change of
+    one unit in the last place, so the saved file and the labels never disagree.
+    """
+    half = probs.astype(np.float16)
+    wrong = half.argmax(axis=1) != labels
+    if wrong.any():
+        b, y, x = np.nonzero(wrong)
+        top = half[b, :, y, x].max(axis=1)
+        half[b, labels[b, y, x], y, x] = np.nextafter(top, np.float16(np.inf))
+    return half
 
 
 def _check_unit_range(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """One geometry everywhere, end to end on real MRI (MNI152 from nilearn) through the command line.
 
 An adapter is trained with `samed-adapter train` on a NIfTI folder whose two cases are stored in
-different orientations; `segment`, `evaluate` and the Python API must then cut exactly the
+different orientations (the `trained` fixture of conftest.py); `segment`, `evaluate` and the Python API must then cut exactly the
 training slices from any stored orientation and put the labels back on each input's own grid.
 """
 
@@ -27,28 +27,13 @@ from samed_adapter.metrics import dice
 from samed_adapter.training import NiftiSlices, NiftiVolumes, SynapseSlices
 from samed_adapter.training.data import SYNAPSE_LABEL_MAP
 
-TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]  # the SAM the `trained` fixture used
 
 
 def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def restore(img: nib.Nifti1Image, data: np.ndarray, perm: tuple[int, int, int], flips: tuple[bool, ...]):
-    """`data` (on img's grid) stored with voxel axis s = old axis perm[s], flipped where flips[s]."""
-    affine = img.affine.copy()
-    shape = data.shape
-    stored = data.transpose(perm)
-    new = affine[:, list(perm) + [3]]
-    for s, flip in enumerate(flips):
-        if flip:
-            stored = np.flip(stored, axis=s)
-            n = shape[perm[s]]
-            new[:3, 3] += new[:3, s] * (n - 1)  # the old last voxel is the new first
-            new[:3, s] *= -1
-    return np.ascontiguousarray(stored), new
 
 
 # The same scan stored five ways: (name, axis permutation, flips, writer).
@@ -59,39 +44,6 @@ WAYS = [
     ("kij", (2, 0, 1), (False, False, False)),
     ("itk_lps", (0, 1, 2), (True, True, False)),
 ]
-
-
-def store(path: Path, img: nib.Nifti1Image, perm, flips, *, itk: bool = False) -> Path:
-    data, affine = restore(img, np.asarray(img.dataobj), perm, flips)
-    if itk:
-        # As ITK writes an LPS-ordered image: int16 data, qform only (sform code 0), mm units.
-        out = nib.Nifti1Image(data.astype(np.int16), None)
-        out.set_qform(affine, code=1)
-        out.set_sform(None, code=0)
-        out.header.set_xyzt_units("mm", "sec")
-    else:
-        out = nib.Nifti1Image(data, affine)
-    nib.save(out, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """`samed-adapter train` on a NIfTI folder of two cases stored RAS and (k, i, j) with x flipped."""
-    root = tmp_path_factory.mktemp("orient")
-    data = build_mni_task(root / "data")
-    for folder in ("imagesTr", "labelsTr"):  # store the second case another way
-        path = data / folder / "mni_val.nii.gz"
-        img = nib.load(path)
-        store(path, img, (2, 0, 1), (True, False, False))
-    assert axis_codes(nib.load(data / "imagesTr" / "mni_val.nii.gz").affine) != ("R", "A", "S")
-    out = root / "run"
-    code = cli.main(["train", "--data", str(data), "--format", "nifti", "--num-classes", "2",
-                     "--class-names", "grey matter,white matter", "--window", "none", "--percentiles", "0.5,99.5",
-                     *TINY, "--image-size", "128", "--batch-size", "8", "--max-epochs", "12", "--stop-epoch", "12",
-                     "--warmup-iters", "4", "--no-progress", "--device", "cpu", "-o", str(out)])
-    assert code == 0
-    return {"data": data, "adapter": out / "adapter.safetensors", "run": out, "root": root}
 
 
 def test_train_records_orientation_and_preprocessing(trained):
@@ -111,6 +63,8 @@ def test_train_then_segment_gives_the_labels_evaluate_scored(trained, capsys, tm
     code, out, err = run(capsys, "evaluate", *TINY, "--adapter", adapter, "--data", data, "-o", tmp_path / "eval")
     assert code == 0, err
     rows = {(r["case"], r["class"]): r for r in csv.DictReader(open(tmp_path / "eval" / "evaluation.csv"))}
+    nnunet = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    per_case = {entry["case"]: entry["metrics"] for entry in nnunet["metric_per_case"]}
 
     model = sa.patch(sa.build_sam("tiny", seed=0), adapter)
     config = model.config
@@ -125,14 +79,16 @@ def test_train_then_segment_gives_the_labels_evaluate_scored(trained, capsys, tm
         assert len(np.unique(labels)) == 3  # a trained model: both tissues found
         for c, name in ((1, "grey matter"), (2, "white matter")):
             assert float(rows[(case, name)]["dice"]) == pytest.approx(dice(labels == c, truth == c), abs=1e-12)
+            assert per_case[case][str(c)]["Dice"] == pytest.approx(dice(labels == c, truth == c), abs=1e-12)
+            assert per_case[case][str(c)]["TP"] == int(((labels == c) & (truth == c)).sum())
         assert dice(labels > 0, truth > 0) > 0.6
 
 
-def test_every_storage_of_a_scan_gives_the_same_labels_in_world_space(trained, capsys, tmp_path):
+def test_every_storage_of_a_scan_gives_the_same_labels_in_world_space(trained, store_scan, capsys, tmp_path):
     source = nib.load(trained["data"] / "imagesTr" / "mni_train.nii.gz")
     scans = tmp_path / "scans"
     scans.mkdir()
-    paths = [store(scans / f"{name}.nii.gz", source, perm, flips, itk=name == "itk_lps")
+    paths = [store_scan(scans / f"{name}.nii.gz", source, perm, flips, itk=name == "itk_lps")
              for name, perm, flips in WAYS]
     assert len({axis_codes(nib.load(p).affine) for p in paths}) == 4  # itk_lps shares xy_flipped's codes
     code, out, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], *paths, "-o", tmp_path / "out")

@@ -6,6 +6,7 @@ Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 :mod:`samed_adapter.geometry` for how volumes are cut into the model's slices.
 """
 
+from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from samed_adapter.io.overlay import colour_table, overlay_montage, overlay_volume
 from samed_adapter.io.volumes import (
     READ_SUFFIXES,
@@ -38,8 +39,10 @@ __all__ = [
     "overlay_montage",
     "overlay_volume",
     "read_dicom_folder",
+    "read_dicom_seg",
     "read_dicom_series",
     "read_image",
     "volume_from_nifti",
+    "write_dicom_seg",
     "write_labels",
 ]

@@ -73,6 +73,9 @@ class Volume:
         spacing: voxel size in mm in ``array`` axis order, ``(dk, dj, di)`` or
             ``(dj, di)``; ones when unknown.
         source: the path the volume was read from, if any.
+        files: for a DICOM input, the file of each slice in ``array`` order
+            (``array[k]`` comes from ``files[k]``), so writers such as DICOM-SEG
+            can reference the source instances; ``()`` for other formats.
     """
 
     array: np.ndarray
@@ -80,6 +83,7 @@ class Volume:
     header: Any = None
     spacing: tuple[float, ...] = ()
     source: Path | None = None
+    files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.array.ndim not in (2, 3):
@@ -93,6 +97,12 @@ class Volume:
             raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
         if self.source is not None:
             self.source = Path(self.source)
+        self.files = tuple(Path(f) for f in self.files)
+        # A file list that does not match the slices would reference the wrong instances.
+        slices = self.array.shape[0] if self.array.ndim == 3 else 1
+        if self.files and len(self.files) != slices:
+            raise ValueError(f"files lists {len(self.files)} files but array {self.array.shape} "
+                             f"has {slices} slices; give one file per slice, or none")
 
     # The affine's voxel order (i, j, k) is the one geometry works in; ``array`` is its transpose.
 
@@ -358,9 +368,11 @@ def label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
     if header is not None:
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         unchanged = like.affine is None or np.allclose(like.affine, header.get_best_affine())
-        # affine=None keeps the copied qform/sform (codes and matrices) verbatim;
-        # nibabel stores an edited affine as an 'aligned' sform, qform unknown.
-        img = klass(data, None if unchanged else like.affine, header=header.copy())
+        # The header's own best affine leaves the copied qform/sform (codes and matrices)
+        # verbatim and still gives the image an .affine; nibabel stores an edited affine as an
+        # 'aligned' sform, qform unknown.
+        copied = header.copy()
+        img = klass(data, copied.get_best_affine() if unchanged else like.affine, header=copied)
     else:
         known = like.affine is not None
         zooms = (*like.spacing[::-1], 1.0)[:3]  # NIfTI order (di, dj, dk); 2-D gets dk = 1
@@ -620,7 +632,8 @@ def _read_dicom_slices(slices: list[_Slice], source: Path) -> Volume:
     """Read one series into a ``(D, H, W)`` float32 Volume (H = Rows, W = Columns).
 
     Slices are sorted by ImagePositionPatient projected on the normal
-    ``row cosine x column cosine``.  The affine is the DICOM PS3.3
+    ``row cosine x column cosine``; ``Volume.files`` lists their files in that
+    order.  The affine is the DICOM PS3.3
     C.7.6.2.1.1 voxel-to-LPS map with its first two rows negated (RAS), as
     nibabel and dcm2niix build it.
     """
@@ -682,4 +695,5 @@ def _read_dicom_slices(slices: list[_Slice], source: Path) -> Volume:
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         # Slope and intercept may change per slice, so rescale before stacking.
         planes.append((pixels.astype(np.float64) * slope + intercept).astype(np.float32))
-    return Volume(np.stack(planes), affine, None, _spacing_from_affine(affine, 3), source)
+    return Volume(np.stack(planes), affine, None, _spacing_from_affine(affine, 3), source,
+                  files=tuple(p for p, _ in slices))

@@ -1,0 +1,265 @@
+"""Segment a scan and write the files clinicians and pipelines use, for the CLI and for Python.
+
+One input gives, next to its label file ``out/<name>.nii.gz`` (PNG/NPY for 2-D inputs):
+
+- ``<name>_seg.dcm``: a DICOM Segmentation object over the source series (DICOM inputs);
+- ``<name>_statistics.json``: per-class voxels, mm³, intensity mean/std and bounding box;
+- ``<name>/<class>.nii.gz``: one binary mask per class, on the input's grid;
+- ``<name>.npz``: the softmax of every class, float16 (nnU-Net's ``--save_probabilities``);
+- ``<name>_overlay.png``: axial slices with the labels drawn, in the radiological view.
+
+Everything one input writes appears atomically and all together: a failure removes what that
+input had written, so an existing file is always a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .files import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import nibabel as nib
+    from segment_anything.modeling import Sam
+
+    from .adapter import Adapter
+    from .io.volumes import Volume
+    from .model import SAMed
+
+__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "resolve_classes", "segment_file", "write_outputs"]
+
+#: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation.
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+_LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".npy")
+
+
+@dataclass
+class OutputOptions:
+    """What `segment` writes for each input, and how it predicts.
+
+    Attributes:
+        output_types: any of :data:`OUTPUT_TYPES`.
+        classes: class ids to keep (others become background in every output); None keeps all.
+        statistics, split, save_probabilities, overlay: the extra files of the module docstring.
+        batch_size, window, percentiles: as for :meth:`SAMed.segment` (``window="none"``: the
+            inputs are already in [0, 1]).
+        adapter_name: how the DICOM-SEG names the adapter (its file name or Hub id).
+    """
+
+    output_types: Sequence[str] = ("nifti",)
+    classes: Optional[Sequence[int]] = None
+    statistics: bool = False
+    split: bool = False
+    save_probabilities: bool = False
+    overlay: bool = False
+    batch_size: int = 8
+    window: Union[None, str, tuple[float, float]] = None
+    percentiles: Optional[tuple[float, float]] = None
+    adapter_name: str = "adapter"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_types, str):
+            self.output_types = tuple(t.strip() for t in self.output_types.split(","))
+        unknown = [t for t in self.output_types if t not in OUTPUT_TYPES]
+        if unknown or not self.output_types:
+            raise ValueError(f"output type {', '.join(unknown) or '(none)'} unknown; use {' or '.join(OUTPUT_TYPES)} "
+                             "(both: nifti,dicom-seg)")
+        if self.window is not None and self.percentiles is not None:
+            raise ValueError("--window and --percentiles exclude each other; give one")
+
+
+def _stem(label_path: Path) -> str:
+    name = label_path.name
+    for suffix in _LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return label_path.stem
+
+
+def _suffix(label_path: Path) -> str:
+    return label_path.name[len(_stem(label_path)):]
+
+
+def class_file_name(name: str, label: int, taken: set[str]) -> str:
+    """A file-name-safe form of a class name (``right kidney`` -> ``right_kidney``), unique in ``taken``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or f"class_{label}"
+    if safe.lower() in taken:
+        safe = f"{safe}_{label}"
+    taken.add(safe.lower())
+    return safe
+
+
+def output_files(label_path: Path, options: OutputOptions, class_names: Sequence[str]) -> list[Path]:
+    """Every file `write_outputs` writes for an input whose label file is ``label_path``."""
+    stem, suffix, parent = _stem(label_path), _suffix(label_path), label_path.parent
+    files = [label_path] if "nifti" in options.output_types else []
+    if "dicom-seg" in options.output_types:
+        files.append(parent / f"{stem}_seg.dcm")
+    if options.statistics:
+        files.append(parent / f"{stem}_statistics.json")
+    if options.split:
+        taken: set[str] = set()
+        for c in _kept(options, len(class_names)):
+            files.append(parent / stem / f"{class_file_name(class_names[c - 1], c, taken)}{suffix}")
+    if options.save_probabilities:
+        files.append(parent / f"{stem}.npz")
+    if options.overlay:
+        files.append(parent / f"{stem}_overlay.png")
+    return files
+
+
+def _kept(options: OutputOptions, num_classes: int) -> list[int]:
+    return sorted(options.classes) if options.classes is not None else list(range(1, num_classes + 1))
+
+
+def resolve_classes(names: Union[str, Sequence[str], None], class_names: Sequence[str]) -> Optional[list[int]]:
+    """``"liver,spleen"`` -> their class ids in the adapter; None keeps every class.
+
+    Raises:
+        ValueError: a name the adapter does not have (the message lists the ones it has).
+    """
+    if names is None:
+        return None
+    wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
+    lookup = {n.lower(): i for i, n in enumerate(class_names, start=1)}
+    unknown = [n for n in wanted if n.lower() not in lookup]
+    if unknown or not wanted:
+        raise ValueError(f"--classes names {', '.join(map(repr, unknown)) or 'no class'}; this adapter's classes are "
+                         f"{', '.join(class_names)}")
+    return sorted({lookup[n.lower()] for n in wanted})
+
+
+def _write_json(data: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    return path
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return path
+
+
+def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.PathLike],
+                  options: OutputOptions) -> tuple[np.ndarray, list[Path]]:
+    """Segment ``volume`` and write every output ``options`` asks for.
+
+    Returns:
+        (labels in ``volume.array``'s layout, after ``options.classes``; the files written).
+        On any error the files this call wrote are removed before the error propagates.
+    """
+    from .io import overlay_volume, write_labels
+    from .statistics import label_statistics
+
+    label_path = Path(label_path)
+    names = list(model.config.class_names or [])
+    window = None if options.window in (None, "none") else options.window
+    result = model.segment(volume, batch_size=options.batch_size, preprocessed=options.window == "none",
+                           window=window, percentiles=options.percentiles,
+                           return_probabilities=options.save_probabilities)
+    labels, probs = result if options.save_probabilities else (result, None)
+    kept = _kept(options, len(names))
+    if options.classes is not None:
+        labels = np.where(np.isin(labels, kept), labels, 0).astype(labels.dtype)
+    planned = output_files(label_path, options, names)
+    files = iter(planned)
+    written: list[Path] = []
+    try:
+        if "nifti" in options.output_types:
+            written.append(write_labels(labels, volume, next(files)))
+        if "dicom-seg" in options.output_types:
+            from .io.dicom_seg import write_dicom_seg
+
+            written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
+                                           classes=kept))
+        if options.statistics:
+            stats = label_statistics(labels, volume, names)
+            written.append(_write_json({n: stats[n] for n in (names[c - 1] for c in kept)}, next(files)))
+        if options.split:
+            for c in kept:
+                written.append(write_labels((labels == c).astype(np.uint8), volume, next(files)))
+        if probs is not None:
+            # On the label file's grid: a NIfTI's voxel order, else the array's own layout.
+            nifti = label_path.name.lower().endswith((".nii", ".nii.gz"))
+            grid = np.stack([volume.to_voxels(p) for p in probs]) if nifti else probs
+            written.append(_write_npz(next(files), probabilities=grid,
+                                      class_names=np.array(["background", *names])))
+        if options.overlay:
+            intensity = model.intensity(window, options.percentiles)
+            written.append(overlay_volume(volume, labels, names, next(files), intensity=intensity))
+    except BaseException:
+        for path in written:  # all or nothing per input
+            path.unlink(missing_ok=True)
+        split_dir = label_path.parent / _stem(label_path)
+        if options.split and split_dir.is_dir() and not any(split_dir.iterdir()):
+            split_dir.rmdir()
+        raise
+    return labels, written
+
+
+def segment_file(
+    input: Union[str, os.PathLike, "nib.spatialimages.SpatialImage"],
+    output: Union[str, os.PathLike, None] = None,
+    *,
+    sam: Union["Sam", str, os.PathLike],
+    adapter: Union["Adapter", str, os.PathLike],
+    device: str = "cpu",
+    merge: bool = False,
+    allow_base_mismatch: bool = False,
+    **options: Any,
+) -> "nib.Nifti1Image":
+    """Segment one scan, as `samed-adapter segment` does, and return its labels.
+
+    Args:
+        input: a path (NIfTI, DICOM series folder, PNG, NPY) or a nibabel image.
+        output: the label file to write (``.nii.gz``, ...), with any extra outputs beside it
+            (``statistics=True``, ``split=True``, ``save_probabilities=True``,
+            ``output_types="nifti,dicom-seg"``, ``classes="liver,spleen"``, ``overlay=True``,
+            ``window``, ``percentiles``, ``batch_size``: see :class:`OutputOptions`); None
+            writes nothing.
+        sam: a stock SAM (left as it was found) or its checkpoint file.
+        adapter: an adapter file, Hub id or :class:`~samed_adapter.Adapter`.
+
+    Returns:
+        The labels as a ``nibabel.Nifti1Image`` on the input's grid (its shape, affine, header).
+
+    For many files, patch once (``model = samed_adapter.patch(sam, adapter)``) and call
+    ``model.segment`` (or use the command line), instead of patching per file here.
+    """
+    import nibabel as nib
+
+    from .io.volumes import label_nifti, read_image, volume_from_nifti
+    from .patching import patch, unpatch
+    from .surgery import get_stock_state
+
+    if isinstance(sam, (str, os.PathLike)):
+        from .cli import _stock_sam
+
+        sam = _stock_sam(os.fspath(sam))
+    names = options.pop("classes", None)
+    options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
+    was_patched = get_stock_state(sam) is not None
+    model = patch(sam.to(device), adapter, merge=merge, allow_base_mismatch=allow_base_mismatch)
+    try:
+        opts = OutputOptions(classes=resolve_classes(names, model.config.class_names or []), **options)
+        volume = volume_from_nifti(input) if isinstance(input, nib.spatialimages.SpatialImage) else read_image(input)
+        if output is None:
+            labels = model.segment(volume, batch_size=opts.batch_size, window=None if opts.window in (None, "none")
+                                   else opts.window, percentiles=opts.percentiles, preprocessed=opts.window == "none")
+            if opts.classes is not None:
+                labels = np.where(np.isin(labels, opts.classes), labels, 0).astype(labels.dtype)
+        else:
+            labels, _ = write_outputs(model, volume, output, opts)
+        return label_nifti(labels, volume)
+    finally:
+        if not was_patched:
+            unpatch(sam)

@@ -1,0 +1,180 @@
+"""What `segment` writes besides the labels: statistics, split masks, probabilities; segment_file.
+
+The adapter is the `trained` fixture's (conftest.py): real MRI, so every class has voxels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import samed_adapter as sa
+from samed_adapter import cli
+from samed_adapter.surgery import get_stock_state
+
+TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+NAMES = ["grey matter", "white matter"]
+
+
+def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expected_statistics(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, names) -> dict:
+    """The numbers computed the plain way, mask by mask."""
+    voxel = abs(np.linalg.det(affine[:3, :3]))
+    out = {}
+    for c, name in enumerate(names, start=1):
+        mask = labels == c
+        where = np.nonzero(mask)
+        out[name] = {
+            "label": c, "voxels": int(mask.sum()), "volume_mm3": mask.sum() * voxel,
+            "intensity_mean": float(image[mask].mean()) if mask.any() else None,
+            "intensity_std": float(image[mask].std()) if mask.any() else None,
+            "bbox": {"min": [int(w.min()) for w in where], "max": [int(w.max()) for w in where]} if mask.any() else None,
+        }
+    return out
+
+
+def assert_statistics_equal(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        g, w = got[name], want[name]
+        assert (g["label"], g["voxels"], g["bbox"]) == (w["label"], w["voxels"], w["bbox"]), name
+        assert g["volume_mm3"] == pytest.approx(w["volume_mm3"], rel=1e-9)
+        for key in ("intensity_mean", "intensity_std"):
+            assert (g[key] is None) == (w[key] is None)
+            if w[key] is not None:
+                assert g[key] == pytest.approx(w[key], rel=1e-9, abs=1e-9), (name, key)
+
+
+def test_label_statistics_match_mask_by_mask_numbers():
+    rng = np.random.default_rng(0)
+    image = rng.normal(40.0, 300.0, size=(30, 20, 8))  # HU-like
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[3:10, 4:9, 1:3] = 1
+    labels[20:29, 2:18, 5:8] = 3
+    labels[0, 0, 0] = 3
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    names = ["liver", "spleen", "kidney"]
+    img, lab = nib.Nifti1Image(image, affine), nib.Nifti1Image(labels, affine)
+    stats = sa.label_statistics(lab, img, names)
+    assert_statistics_equal(stats, expected_statistics(labels, image, affine, names))
+    assert stats["spleen"] == {"label": 2, "voxels": 0, "volume_mm3": 0.0, "intensity_mean": None,
+                               "intensity_std": None, "bbox": None}
+    assert stats["liver"]["bbox"] == {"min": [3, 4, 1], "max": [9, 8, 2]}
+    assert stats["liver"]["volume_mm3"] == pytest.approx(7 * 5 * 2 * 0.7 * 0.8 * 2.5)
+    # Bare arrays take a spacing; bone far from zero keeps its small spread (no cancellation).
+    bone = np.full((4, 4, 4), 3000.0) + np.arange(64).reshape(4, 4, 4) * 1e-3
+    stats = sa.label_statistics(np.ones((4, 4, 4), np.uint8), bone, ["bone"], spacing=(1, 2, 3))
+    assert stats["bone"]["volume_mm3"] == 64 * 6
+    assert stats["bone"]["intensity_std"] == pytest.approx(bone.std(), rel=1e-9)
+    with pytest.raises(ValueError, match="2 class names"):
+        sa.label_statistics(labels, image, ["a", "b"])
+    with pytest.raises(ValueError, match="does not match"):
+        sa.label_statistics(labels[:-1], image, names)
+
+
+def test_segment_writes_statistics_split_and_probabilities(trained, capsys, tmp_path):
+    scan = trained["data"] / "imagesTr" / "mni_val.nii.gz"  # stored (k, i, j), x flipped
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], scan, "-o", tmp_path,
+                         "--statistics", "--split", "--save-probabilities")
+    assert code == 0, err
+    labels_img = nib.load(tmp_path / "mni_val.nii.gz")
+    labels = np.asarray(labels_img.dataobj)
+    source = nib.load(scan)
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+    stats = json.loads((tmp_path / "mni_val_statistics.json").read_text())
+    assert_statistics_equal(stats, expected_statistics(labels, np.asarray(source.dataobj, dtype=np.float64),
+                                                       source.affine, NAMES))
+
+    masks = {name: nib.load(tmp_path / "mni_val" / f"{name.replace(' ', '_')}.nii.gz") for name in NAMES}
+    assembled = np.zeros_like(labels)
+    for c, name in enumerate(NAMES, start=1):
+        mask = np.asarray(masks[name].dataobj)
+        assert set(np.unique(mask)) == {0, 1} and masks[name].shape == source.shape
+        np.testing.assert_allclose(masks[name].affine, source.affine, atol=1e-5)
+        assembled[mask == 1] = c
+    np.testing.assert_array_equal(assembled, labels)
+
+    with np.load(tmp_path / "mni_val.npz") as npz:
+        probs, class_names = npz["probabilities"], list(npz["class_names"])
+    assert probs.dtype == np.float16 and probs.shape == (3, *source.shape)
+    assert class_names == ["background", *NAMES]
+    np.testing.assert_array_equal(probs.argmax(axis=0), labels)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(axis=0), 1.0, atol=3e-3)
+
+
+def test_classes_keep_only_those_in_every_output(trained, capsys, tmp_path):
+    scan = trained["data"] / "imagesTr" / "mni_train.nii.gz"
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], scan, "-o", tmp_path / "all")
+    assert code == 0, err
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], scan, "-o", tmp_path / "wm",
+                       "--classes", "White Matter", "--split", "--statistics")
+    assert code == 0, err
+    full = np.asarray(nib.load(tmp_path / "all" / "mni_train.nii.gz").dataobj)
+    kept = np.asarray(nib.load(tmp_path / "wm" / "mni_train.nii.gz").dataobj)
+    np.testing.assert_array_equal(kept, np.where(full == 2, 2, 0))
+    assert sorted(p.name for p in (tmp_path / "wm" / "mni_train").iterdir()) == ["white_matter.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "wm" / "mni_train" / "white_matter.nii.gz").dataobj),
+                                  (full == 2).astype(np.uint8))
+    assert list(json.loads((tmp_path / "wm" / "mni_train_statistics.json").read_text())) == ["white matter"]
+
+
+def test_bad_requests_stop_before_any_model_work(trained, capsys, tmp_path):
+    scan = trained["data"] / "imagesTr" / "mni_train.nii.gz"
+    missing_sam = tmp_path / "no_such_sam.pth"  # reached only if the request passed its checks
+    code, _, err = run(capsys, "segment", "--sam", missing_sam, "--adapter", trained["adapter"], scan,
+                       "-o", tmp_path / "o", "--classes", "liver")
+    assert code == 2 and "'liver'" in err and "grey matter, white matter" in err and "no_such_sam" not in err
+    code, _, err = run(capsys, "segment", "--sam", missing_sam, "--adapter", trained["adapter"], scan,
+                       "-o", tmp_path / "o", "--output-type", "dicom-seg")
+    assert code == 2 and "needs DICOM inputs" in err and "no_such_sam" not in err
+    code, _, err = run(capsys, "segment", "--sam", missing_sam, "--adapter", trained["adapter"], scan,
+                       "-o", tmp_path / "o", "--output-type", "rtstruct")
+    assert code == 2 and "rtstruct" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_segment_file_mirrors_the_command_line(trained, capsys, tmp_path):
+    scan = trained["data"] / "imagesTr" / "mni_val.nii.gz"
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], scan, "-o", tmp_path / "cli",
+                       "--statistics")
+    assert code == 0, err
+    sam = sa.build_sam("tiny", seed=0)
+    labels = sa.segment_file(scan, tmp_path / "py" / "val.nii.gz", sam=sam, adapter=trained["adapter"],
+                             statistics=True)
+    assert get_stock_state(sam) is None  # the user's SAM is left as it was
+    cli_labels = nib.load(tmp_path / "cli" / "mni_val.nii.gz")
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(cli_labels.dataobj))
+    np.testing.assert_allclose(labels.affine, nib.load(scan).affine, atol=1e-5)
+    assert (json.loads((tmp_path / "py" / "val_statistics.json").read_text())
+            == json.loads((tmp_path / "cli" / "mni_val_statistics.json").read_text()))
+    # A nibabel image in, nothing written, the same labels out; --classes by name.
+    only = sa.segment_file(nib.load(scan), sam=sam, adapter=trained["adapter"], classes=["grey matter"])
+    np.testing.assert_array_equal(np.asarray(only.dataobj), np.where(np.asarray(labels.dataobj) == 1, 1, 0))
+
+
+def test_dicom_seg_decodes_to_the_nifti_labels_of_the_same_run(ct_folder, capsys, tmp_path):
+    from samed_adapter.io import read_dicom_seg, read_image
+    from samed_adapter.testing import random_adapter
+
+    sam = sa.build_sam("tiny", seed=0)
+    config = sa.AdapterConfig(num_classes=3, image_size=64, class_names=["fat", "soft tissue", "bone"],
+                              intensity_window=(-200.0, 300.0), orientation="LPS")
+    adapter = random_adapter(sam, config, seed=5, scale=0.5).save(tmp_path / "ct.safetensors")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapter, ct_folder, "-o", tmp_path / "out",
+                         "--output-type", "nifti,dicom-seg")
+    assert code == 0, err
+    volume = read_image(ct_folder)
+    nifti = np.asarray(nib.load(tmp_path / "out" / "ct.nii.gz").dataobj)
+    decoded = read_dicom_seg(tmp_path / "out" / "ct_seg.dcm", volume)
+    assert np.any(nifti > 0)
+    np.testing.assert_array_equal(volume.to_voxels(decoded), nifti)
