@@ -145,12 +145,12 @@ class Adapter:
 
         Raises:
             FileNotFoundError: no such file, and not a Hub id.
-            samed_adapter.hub.AdapterNotFoundError (a FileNotFoundError): the Hub id could not
+            samed_adapter.hub_cache.AdapterNotFoundError (a FileNotFoundError): the Hub id could not
                 be resolved (e.g. offline and not cached); the message says how to get the file.
             AdapterFormatError: not a safetensors file, or not a valid adapter.
             ValueError: `revision` given with a local path.
         """
-        from .hub import ADAPTER_FILENAME, hf_hub_adapter_path, looks_like_repo_id
+        from .hub_cache import ADAPTER_FILENAME, hf_hub_adapter_path, looks_like_repo_id
 
         path = Path(path_or_repo_id)
         if path.is_dir() and (path / ADAPTER_FILENAME).is_file():

@@ -201,3 +201,16 @@ def backbone_for_state_dict(
         f"no registered SAM backbone has embed dim {embed_dim} and depth {depth}{where}; known: "
         f"{', '.join(list_backbones())} (register_backbone adds one)"
     )
+
+
+def load_stock_sam(checkpoint: Union[str, os.PathLike]) -> Sam:
+    """The stock SAM a checkpoint file holds, its backbone read from the tensor shapes.
+
+    Raises:
+        FileNotFoundError, ValueError: no such file, or not a SAM checkpoint (the message says
+            what was expected).
+    """
+    from .checkpoints import load_state_dict_file
+
+    backbone = backbone_for_state_dict(load_state_dict_file(checkpoint), source=checkpoint)
+    return build_sam(backbone, checkpoint=checkpoint)

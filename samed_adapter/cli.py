@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
-import torch
-
 from .files import atomic_path
 from .training.run import _pair
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
     from segment_anything.modeling import Sam
 
     from .segmentation import OutputOptions
@@ -34,16 +33,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 _SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Storage dtypes by name; torch is imported only by the commands that run (fast --help).
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _stock_sam(checkpoint: str) -> "Sam":
-    """Build the stock SAM a checkpoint file holds, its backbone read from the tensor shapes."""
-    from .backbones import backbone_for_state_dict, build_sam
-    from .checkpoints import load_state_dict_file
+    from .backbones import load_stock_sam
 
-    backbone = backbone_for_state_dict(load_state_dict_file(checkpoint), source=checkpoint)
-    return build_sam(backbone, checkpoint=checkpoint)
+    return load_stock_sam(checkpoint)
 
 
 def _window(text: Optional[str]) -> Union[None, str, tuple[float, float]]:
@@ -115,14 +112,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if percentiles is not None:
             config = dataclasses.replace(adapter.config, intensity_percentiles=percentiles)
             adapter = Adapter(config, adapter.tensors, adapter.base_fingerprint)
-    path = adapter.save(args.output, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    import torch
+
+    path = adapter.save(args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {adapter.num_parameters:,} values)")
     return 0
 
 
 def add_convert_parser(sub: _SubParsers) -> None:
     """Declare `convert` and its arguments."""
-    from .geometry import parse_orientation
+    from .training.run import _orientation_arg
 
     p = _example_parser(
         sub, "convert", "published SAMed .pth -> adapter .safetensors (or new settings for an adapter)",
@@ -139,7 +138,7 @@ def add_convert_parser(sub: _SubParsers) -> None:
     p.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
     p.add_argument("--window", type=_window, help="intensity window LO,HI, or none (default -125,275)")
     p.add_argument("--percentiles", type=_pair, metavar="LO,HI", help="MR percentile normalisation instead")
-    p.add_argument("--orientation", type=parse_orientation, metavar="CODES",
+    p.add_argument("--orientation", type=_orientation_arg, metavar="CODES",
                    help="axis codes the training volumes were cut in, e.g. LPS (default: not recorded, as stored)")
     p.add_argument("--slice-axis", type=int, choices=[0, 1, 2], help="the axis slices were cut along (default 2)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="store tensors as this dtype")
@@ -198,8 +197,10 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
     return sam
 
 
-def _device(text: str) -> torch.device:
+def _device(text: str) -> "torch.device":
     """--device as a torch.device that exists here."""
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -209,144 +210,65 @@ def _device(text: str) -> torch.device:
     return device
 
 
-@dataclass
-class _Job:
-    """One label file to write: an input (a file, a series folder, or one series of a folder)."""
-
-    source: str
-    out: Path
-    series: Optional["DicomSeries"] = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.source} (series {self.series.name})" if self.series is not None else self.source
-
-
-def _segment_one(model: "SAMed", job: _Job, options: "OutputOptions") -> list[Path]:
-    """Segment one input and write its outputs; returns what it wrote."""
-    from .io import read_image
-    from .io.volumes import read_dicom_series
-    from .segmentation import write_outputs
-
-    volume = read_dicom_series(job.series, Path(job.source)) if job.series is not None else read_image(job.source)
-    try:
-        return write_outputs(model, volume, job.out, options)[1]
-    except ValueError as err:
-        raise ValueError(f"{job.name}: {err}") from None
-
-
-def _is_dicom(source: str) -> bool:
-    path = Path(source)
-    return path.is_dir() or path.suffix.lower() == ".dcm"
-
-
-def _jobs_for(source: str, out_dir: Path) -> list[_Job]:
-    """The label files one input gives: one, or one per series of a DICOM folder holding several."""
-    from .io import output_path
-    from .io.volumes import list_dicom_series
-
-    out = output_path(source, out_dir)
-    if not Path(source).is_dir():
-        return [_Job(source, out)]
-    series = list_dicom_series(source)
-    if len(series) == 1:
-        return [_Job(source, out)]
-    # dcm2niix's naming: <folder>_<series number>_<series description>
-    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-    return [_Job(source, out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in series]
-
-
-def _plan_outputs(inputs: Sequence[str], out_dir: Path, options: "OutputOptions",
-                  class_names: Sequence[str]) -> tuple[list[_Job], list[str]]:
-    """A job for each label file whose outputs are usable and unique; messages for the other inputs."""
-    from .io import ImageReadError
-    from .segmentation import output_files
-
-    plan: list[_Job] = []
-    problems: list[str] = []
-    taken: dict[Path, str] = {}
-    for source in inputs:
-        try:
-            jobs = _jobs_for(source, out_dir)
-        except (ValueError, ImageReadError) as err:
-            problems.append(f"{source}: {err}" if source not in str(err) else str(err))
-            continue
-        for job in jobs:
-            outs = output_files(job.out, options, class_names)
-            clash = next((o for o in outs if o in taken), None)
-            if clash is not None:
-                problems.append(f"{job.name}: its output {clash} would overwrite the one of {taken[clash]}; "
-                                "rename one input or segment them into different folders")
-                continue
-            taken.update({o: job.name for o in outs})
-            plan.append(job)
-    return plan, problems
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     """`segment`: labels (and the outputs asked for) for each input; 1 if some inputs failed."""
     from tqdm import tqdm
 
     from .adapter import Adapter, BaseMismatchError
-    from .io import ImageReadError
-    from .patching import patch
-    from .segmentation import OutputOptions, resolve_classes
+    from .pipeline import SamSource, check_request, segment_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = _device(args.device)
+    if args.ray_workers < 1 or args.gpus_per_worker < 0:
+        raise ValueError("--ray-workers must be at least 1 and --gpus-per-worker at least 0")
+    _device(args.device)
     adapter = Adapter.load(args.adapter, revision=args.revision)
-    names = list(adapter.config.class_names or [])
-    # Every request is checked before any model work.
-    options = OutputOptions(
-        output_types=args.output_type, classes=resolve_classes(args.classes, names), statistics=args.statistics,
-        split=args.split, save_probabilities=args.save_probabilities, overlay=args.overlay,
-        batch_size=args.batch_size, window=args.window, percentiles=args.percentiles, adapter_name=args.adapter,
+    request = dict(
+        output_types=args.output_type, classes=args.classes, statistics=args.statistics, split=args.split,
+        save_probabilities=args.save_probabilities, overlay=args.overlay, batch_size=args.batch_size,
+        window=args.window, percentiles=args.percentiles, adapter_name=args.adapter,
     )
-    if "dicom-seg" in options.output_types:
-        others = [s for s in args.inputs if not _is_dicom(s)]
-        if others:
-            raise ValueError(f"--output-type dicom-seg needs DICOM inputs (series folders or .dcm files), but "
-                             f"{others[0]} is not one; segment NIfTI, PNG and NPY inputs with --output-type nifti")
-    out_dir = Path(args.output)
-    plan, problems = _plan_outputs(args.inputs, out_dir, options, names)
-    sam = _segment_sam(args, adapter).to(device)
+    check_request(adapter, args.inputs, **request)  # every request is checked before any model work
+    if args.sam is not None:
+        if args.random_sam_seed is not None:
+            raise ValueError("--random-sam-seed goes with --sam-backbone, not with --sam")
+        source = SamSource(checkpoint=args.sam)
+    else:  # checks the flags and says what the random SAM means for this adapter
+        source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
+    bar = tqdm(desc="segment", unit="input", disable=None)
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+
+    def show(result) -> None:
+        counts[result.status] += 1
+        if result.status == "failed":
+            bar.write(f"samed-adapter segment: error: {result.message} (skipped; continuing with the other inputs)",
+                      file=sys.stderr)
+            return
+        for line in result.message.splitlines() if result.status == "written" else []:
+            bar.write(f"samed-adapter segment: warning: {line}", file=sys.stderr)
+        what = "skipped, outputs exist" if result.status == "skipped" else ", ".join(map(str, result.files))
+        bar.write(f"{result.name} -> {what}")
+        bar.update(1)
+
     try:
-        model = patch(sam, adapter, allow_base_mismatch=args.allow_base_mismatch, merge=args.merge)
+        segment_files(
+            args.inputs, args.output, sam=source, adapter=adapter, device=args.device, merge=args.merge,
+            allow_base_mismatch=args.allow_base_mismatch, engine="ray" if args.ray else args.engine,
+            num_workers=args.num_workers, skip_existing=args.continue_, num_parts=args.num_parts,
+            part_id=args.part_id, ray_address=args.ray_address, ray_workers=args.ray_workers,
+            gpus_per_worker=args.gpus_per_worker, on_result=show, **request,
+        )
     except BaseMismatchError as err:
         raise BaseMismatchError(
             f"{err} (here: --allow-base-mismatch; a random SAM matches an adapter made on the same backbone "
             "and seed)"
         ) from None
-    for message in problems:
-        _fail("segment", message)
-    failed = len(problems)
-    said: set[str] = set()
-    for job in tqdm(plan, desc="segment", unit="image", disable=None):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                written = _segment_one(model, job, options)
-            except (ImageReadError, ValueError, OSError) as err:
-                failed += 1
-                tqdm.write(f"samed-adapter segment: error: {err} (skipped; continuing with the other inputs)",
-                           file=sys.stderr)
-                continue
-            except torch.cuda.OutOfMemoryError:
-                failed += 1
-                tqdm.write(f"samed-adapter segment: error: {job.name}: out of GPU memory (skipped); try a smaller "
-                           "--batch-size", file=sys.stderr)
-                continue
-            finally:
-                for warning in caught:  # each message once per run, on stderr
-                    text = str(warning.message)
-                    if text not in said:
-                        said.add(text)
-                        tqdm.write(f"samed-adapter segment: warning: {text}", file=sys.stderr)
-        tqdm.write(f"{job.name} -> {', '.join(map(str, written))}")
-    total = len(plan) + len(problems)
-    print(f"segmented {total - failed} of {total} inputs into {out_dir}")
-    return 1 if failed else 0
+    finally:
+        bar.close()
+    total = sum(counts.values())
+    skipped = f", {counts['skipped']} skipped (outputs existed)" if counts["skipped"] else ""
+    print(f"segmented {counts['written']} of {total} inputs into {args.output}{skipped}")
+    return 1 if counts["failed"] else 0
 
 
 def add_segment_parser(sub: _SubParsers) -> None:
@@ -368,7 +290,8 @@ def add_segment_parser(sub: _SubParsers) -> None:
         "several); PNG gives PNG and NPY gives NPY, named like the input inside OUTDIR. An input that cannot be "
         "read is reported and skipped; the exit code is then 1.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files, DICOM series folders, .png or .npy images")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI files, DICOM series folders, .png or .npy images, or folders to search")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the label files")
     p.add_argument("--adapter", required=True, metavar="FILE_OR_REPO",
                    help="an adapter .safetensors file or a Hub id org/name[@revision]")
@@ -380,7 +303,8 @@ def add_segment_parser(sub: _SubParsers) -> None:
                            "needs --random-sam-seed")
     p.add_argument("--random-sam-seed", type=int, metavar="N", help="seed of the random SAM of --sam-backbone")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="slices per forward pass, packed across volumes (default 8)")
     p.add_argument("--window", type=_window, metavar="LO,HI",
                    help="CT window replacing the adapter's intensity preprocessing (none: inputs already in [0, 1])")
     p.add_argument("--percentiles", type=_pair, metavar="LO,HI",
@@ -402,6 +326,24 @@ def add_segment_parser(sub: _SubParsers) -> None:
     p.add_argument("--merge", action="store_true", help="fold the LoRA into the encoder weights (faster)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the adapter even if it was made for other stock SAM weights")
+    run = p.add_argument_group("archives (folders are searched recursively; outputs mirror their structure)")
+    run.add_argument("--continue", dest="continue_", action="store_true",
+                     help="skip inputs whose outputs all exist (outputs are written atomically: an existing file "
+                          "is complete)")
+    run.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the sorted inputs into N parts ...")
+    run.add_argument("--part-id", type=int, default=0, metavar="I", help="... and segment part I (0..N-1) here")
+    run.add_argument("--num-workers", type=int, metavar="N",
+                     help="threads reading and writing in the background (default: the cores but one, at most 8)")
+    run.add_argument("--engine", choices=["pipeline", "serial"], default="pipeline",
+                     help="pipeline (default: reads and writes overlap the model, slices of several volumes share "
+                          "a batch) or serial (one volume after the other)")
+    run.add_argument("--ray", action="store_true",
+                     help="run on Ray Data: local Ray started inside the command, or --ray-address "
+                          "(pip install samed-adapter[ray])")
+    run.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster, e.g. ray://head:10001 or auto")
+    run.add_argument("--ray-workers", type=int, default=1, metavar="N",
+                     help="model actors, each with its own patched SAM (default 1)")
+    run.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per model actor (default 0)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -600,13 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (2 for an error, with a message on stderr)."""
-    from .adapter import AdapterError
-    from .checkpoints import UnsafeCheckpointError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AdapterError, UnsafeCheckpointError, FileNotFoundError, ValueError, OSError) as err:
+    # AdapterError and UnsafeCheckpointError are ValueErrors: no torch import needed to catch them.
+    except (FileNotFoundError, ValueError, OSError) as err:
         _fail(args.command, str(err))
         return 2
 

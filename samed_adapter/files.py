@@ -23,8 +23,7 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:])
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    stem, suffix = _split(path)
     tmp = path.with_name(f".{stem}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
         yield tmp
@@ -60,3 +59,31 @@ def _umask() -> int:
         mask = os.umask(0o077)
         os.umask(mask)
     return mask
+
+
+def _split(path: Path) -> tuple[str, str]:
+    suffix = "".join(path.suffixes[-2:])
+    return (path.name[: len(path.name) - len(suffix)] if suffix else path.name), suffix
+
+
+def remove_stale_temporaries(path: Union[str, os.PathLike]) -> list[Path]:
+    """Delete what a killed process left of writing `path` (its `atomic_path` temporaries).
+
+    Only a SIGKILL or a power cut leaves them; they never hold a complete file. Call this only
+    where no other process is writing `path` at the same time.
+    """
+    path = Path(path)
+    stem, suffix = _split(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{glob_escape(stem)}.*.tmp{glob_escape(suffix)}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import nibabel as nib
@@ -16,7 +15,9 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig
 from .geometry import SliceGeometry
-from .preprocessing import Intensity, contrast_warning
+from . import inference
+from .inference import check_unit_range
+from .preprocessing import Intensity
 from .surgery import encoder_lora_layers, get_stock_state
 from .transfer import extract_adapter
 
@@ -159,7 +160,7 @@ class SAMed(nn.Module):
         ``window=(lo, hi)`` or ``percentiles=(lo, hi)`` replace the adapter's for this call.
         """
         intensity = self.intensity(**override)
-        return intensity(slices) if intensity.scales else _check_unit_range(slices)
+        return intensity(slices) if intensity.scales else check_unit_range(slices)
 
     def slice_geometry(self, volume: "Volume") -> SliceGeometry:
         """How `volume` is cut into this adapter's slices (its recorded orientation and slice axis)."""
@@ -206,118 +207,29 @@ class SAMed(nn.Module):
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        options = dict(batch_size=batch_size, preprocessed=preprocessed, window=window, percentiles=percentiles,
-                       probabilities=return_probabilities)
+        scaling = dict(window=window, percentiles=percentiles, preprocessed=preprocessed)
         if isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
             volume = read_image(image) if isinstance(image, (str, os.PathLike)) else volume_from_nifti(image)
-            result = self._segment_volume(volume, **options)
+            prepared = inference.prepare_volume(self.config, volume, **scaling)
+            result = inference.run(self, prepared, batch_size, return_probabilities)
             if not return_probabilities:
                 return label_nifti(result, volume)
             labels, probs = result
             return label_nifti(labels, volume), np.stack([volume.to_voxels(p) for p in probs])
         if isinstance(image, Volume):
-            return self._segment_volume(image, **options)
-        volume = _check_image(image)
-        squeeze = volume.ndim == 2
-        volume = volume[None] if squeeze else volume
-        override = dict(window=window, percentiles=percentiles)
-        volume = _check_unit_range(volume) if preprocessed else self.preprocess(volume, **override)
-        result = self._predict_slices(volume, batch_size, return_probabilities)
+            return inference.run(self, inference.prepare_volume(self.config, image, **scaling), batch_size,
+                                 return_probabilities)
+        array = _check_image(image)
+        squeeze = array.ndim == 2
+        array = array[None] if squeeze else array
+        scaled, messages = inference.scale_slices(self.config, array, **scaling)
+        prepared = inference.Prepared(inference.to_model_size(scaled, self.config.image_size), scaled.shape[1:],
+                                      messages=messages)
+        result = inference.run(self, prepared, batch_size, return_probabilities)
         if not return_probabilities:
             return result[0] if squeeze else result
-        labels, probs = result  # (D, H, W), (D, C, H, W)
-        probs = probs.transpose(1, 0, 2, 3)
+        labels, probs = result  # (D, H, W), (C, D, H, W)
         return (labels[0], probs[:, 0]) if squeeze else (labels, probs)
-
-    def _segment_volume(self, volume: "Volume", *, batch_size: int, preprocessed: bool,
-                        window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]],
-                        probabilities: bool = False):
-        """Labels in ``volume.array``'s layout (and probabilities, class axis first): reorient,
-        preprocess, predict, put back."""
-        if self.config.orientation is None and volume.affine is not None:
-            warnings.warn(
-                "this adapter records no orientation, so slices are cut as each file stores them (axis "
-                f"{self.config.slice_axis}, rows along the next stored axis); if it was trained on another "
-                "orientation, record it with `samed-adapter convert ADAPTER OUT --orientation CODES`",
-                UserWarning, stacklevel=3,
-            )
-        geometry = self.slice_geometry(volume)
-        slices = geometry.to_slices(volume.voxels)
-        _check_image(slices)
-        if preprocessed:
-            slices = _check_unit_range(slices)
-        else:
-            intensity = self.intensity(window, percentiles)
-            message = contrast_warning(slices, intensity, str(volume.source or "the image"))
-            if message:
-                warnings.warn(message, UserWarning, stacklevel=3)
-            slices = intensity(slices) if intensity.scales else _check_unit_range(slices)
-        result = self._predict_slices(slices, batch_size, probabilities)
-        if not probabilities:
-            return volume.from_voxels(geometry.from_slices(result))
-        labels, probs = result  # (D, H, W), (D, C, H, W) in slice layout
-        back = geometry.from_slices(probs.transpose(0, 2, 3, 1))  # (I, J, K, C): extra axes ride along
-        probs = np.ascontiguousarray(np.moveaxis(back, -1, 0))  # (C, I, J, K)
-        return volume.from_voxels(geometry.from_slices(labels)), np.stack([volume.from_voxels(p) for p in probs])
-
-    def _predict_slices(self, volume: np.ndarray, batch_size: int, probabilities: bool = False):
-        """(D, H, W) float32 in [0, 1] -> (D, H, W) labels, batch by batch.
-
-        With ``probabilities``, also the softmax of every class, (D, K+1, H, W) float16, resized to
-        (H, W) exactly as the labels are (nearest), so its argmax equals the labels.
-        """
-        depth, height, width = volume.shape
-        size = self.config.image_size
-        param = next(self.sam.image_encoder.parameters())
-        dtype = np.uint8 if self.config.num_classes < 255 else np.int32
-        labels = np.empty((depth, height, width), dtype=dtype)
-        probs = np.empty((depth, self.config.num_classes + 1, height, width), np.float16) if probabilities else None
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, depth, batch_size):
-                chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
-                x = chunk.to(param.device, torch.float32).unsqueeze(1)  # (b, 1, H, W)
-                x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
-                                  antialias=height > size or width > size)
-                logits = self(x.expand(-1, 3, -1, -1).to(param.dtype))["masks"]
-                pred = logits.argmax(dim=1, keepdim=True).float()  # (b, 1, S, S)
-                pred = F.interpolate(pred, (height, width), mode="nearest")
-                chunk_labels = pred[:, 0].to(torch.int32).cpu().numpy()
-                labels[start : start + batch_size] = chunk_labels
-                if probs is not None:
-                    soft = F.interpolate(torch.softmax(logits.float(), dim=1), (height, width), mode="nearest")
-                    probs[start : start + batch_size] = _agreeing_half(soft.cpu().numpy(), chunk_labels)
-        finally:
-            self.train(was_training)
-        return labels if probs is None else (labels, probs)
-
-
-def _agreeing_half(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(b, C, H, W) float32 probabilities -> float16 whose argmax is exactly ``labels`` (b, H, W).
-
-    Rounding to float16 can tie (or, from float32 ties, flip) the top two classes of a voxel;
-    there the labelled class is raised to the next float16 above the largest value, a change of
-    one unit in the last place, so the saved file and the labels never disagree.
-    """
-    half = probs.astype(np.float16)
-    wrong = half.argmax(axis=1) != labels
-    if wrong.any():
-        b, y, x = np.nonzero(wrong)
-        top = half[b, :, y, x].max(axis=1)
-        half[b, labels[b, y, x], y, x] = np.nextafter(top, np.float16(np.inf))
-    return half
-
-
-def _check_unit_range(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    if x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError(
-            f"values span [{x.min():g}, {x.max():g}] but inputs already in [0, 1] are expected here "
-            "(the adapter records no intensity preprocessing, or preprocessed=True); scale the image to [0, 1] "
-            "first, or give a window=(lo, hi) / percentiles=(lo, hi) (CLI: --window / --percentiles)"
-        )
-    return x
 
 
 def _check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     import samed_adapter as sa
     from .demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
     from .evaluate import evaluate
@@ -56,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     def fresh_sam():
         if args.sam:
-            from .cli import _stock_sam
+            from .backbones import load_stock_sam
 
-            return _stock_sam(args.sam).to(device)
+            return load_stock_sam(args.sam).to(device)
         return sa.build_sam("tiny", seed=args.seed).to(device)
 
     if args.sam:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -30,10 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from segment_anything.modeling import Sam
 
     from .adapter import Adapter
+    from .config import AdapterConfig
+    from .inference import Prepared
     from .io.volumes import Volume
     from .model import SAMed
 
-__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "resolve_classes", "segment_file", "write_outputs"]
+__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "resolve_classes", "segment_file", "write_outputs",
+           "write_prepared"]
 
 #: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation.
 OUTPUT_TYPES = ("nifti", "dicom-seg")
@@ -73,6 +77,13 @@ class OutputOptions:
                              "(both: nifti,dicom-seg)")
         if self.window is not None and self.percentiles is not None:
             raise ValueError("--window and --percentiles exclude each other; give one")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+
+    def scaling(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`samed_adapter.inference.prepare_volume`."""
+        window = None if self.window in (None, "none") else self.window
+        return {"window": window, "percentiles": self.percentiles, "preprocessed": self.window == "none"}
 
 
 def _stem(label_path: Path) -> str:
@@ -157,21 +168,38 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
         (labels in ``volume.array``'s layout, after ``options.classes``; the files written).
         On any error the files this call wrote are removed before the error propagates.
     """
+    from . import inference
+
+    prepared = inference.prepare_volume(model.config, volume, **options.scaling())
+    labels, probs = inference.predict_prepared(model, prepared, options.batch_size, options.save_probabilities)
+    for message in prepared.messages:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return write_prepared(prepared, labels, probs, label_path, options, model.config, return_labels=True)
+
+
+def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.ndarray],
+                   label_path: Union[str, os.PathLike], options: OutputOptions, config: "AdapterConfig",
+                   *, return_labels: bool = False):
+    """Stage 3 and the files: put (D, H, W) slice labels (and (D, C, H, W) probabilities) back on
+    the scan's grid and write every output ``options`` asks for.
+
+    Returns the files written (and, with ``return_labels``, the labels in ``volume.array``'s
+    layout first). On any error the files this call wrote are removed before the error propagates.
+    """
+    from . import inference
     from .io import overlay_volume, write_labels
+    from .preprocessing import Intensity
     from .statistics import label_statistics
 
     label_path = Path(label_path)
-    names = list(model.config.class_names or [])
-    window = None if options.window in (None, "none") else options.window
-    result = model.segment(volume, batch_size=options.batch_size, preprocessed=options.window == "none",
-                           window=window, percentiles=options.percentiles,
-                           return_probabilities=options.save_probabilities)
-    labels, probs = result if options.save_probabilities else (result, None)
+    volume = prepared.volume
+    names = list(config.class_names or [])
+    restored = inference.restore(prepared, labels, probs)
+    labels, probs = restored if probs is not None else (restored, None)
     kept = _kept(options, len(names))
     if options.classes is not None:
         labels = np.where(np.isin(labels, kept), labels, 0).astype(labels.dtype)
-    planned = output_files(label_path, options, names)
-    files = iter(planned)
+    files = iter(output_files(label_path, options, names))
     written: list[Path] = []
     try:
         if "nifti" in options.output_types:
@@ -194,7 +222,9 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
             written.append(_write_npz(next(files), probabilities=grid,
                                       class_names=np.array(["background", *names])))
         if options.overlay:
-            intensity = model.intensity(window, options.percentiles)
+            scaling = options.scaling()
+            intensity = (Intensity(scaling["window"], scaling["percentiles"])
+                         if scaling["window"] or scaling["percentiles"] else Intensity.from_config(config))
             written.append(overlay_volume(volume, labels, names, next(files), intensity=intensity))
     except BaseException:
         for path in written:  # all or nothing per input
@@ -203,7 +233,7 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
         if options.split and split_dir.is_dir() and not any(split_dir.iterdir()):
             split_dir.rmdir()
         raise
-    return labels, written
+    return (labels, written) if return_labels else written
 
 
 def segment_file(
@@ -242,9 +272,9 @@ def segment_file(
     from .surgery import get_stock_state
 
     if isinstance(sam, (str, os.PathLike)):
-        from .cli import _stock_sam
+        from .backbones import load_stock_sam
 
-        sam = _stock_sam(os.fspath(sam))
+        sam = load_stock_sam(sam)
     names = options.pop("classes", None)
     options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
     was_patched = get_stock_state(sam) is not None

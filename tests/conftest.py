@@ -81,14 +81,13 @@ def _floats(value: object) -> list[float]:
     return [float(v) for v in value]  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def ct_folder(tmp_path: Path) -> Path:
+def _write_ct_series(folder: Path) -> Path:
     """4 slices of pydicom's CT_small, 5 mm apart along the normal, each shifted sideways."""
     ct = get_testdata_file("CT_small.dcm", download=False)  # bundled; never online
     if ct is None:
         pytest.skip("pydicom test data CT_small.dcm is not installed")
-    folder, series = tmp_path / "ct", generate_uid()
-    folder.mkdir()
+    series = generate_uid()
+    folder.mkdir(parents=True)
     for k, name in enumerate(["c.dcm", "a.dcm", "d.dcm", "b.dcm"]):  # file names not in slice order
         ds = pydicom.dcmread(ct)
         normal = np.cross(_floats(ds.ImageOrientationPatient)[:3], _floats(ds.ImageOrientationPatient)[3:])
@@ -100,3 +99,15 @@ def ct_folder(tmp_path: Path) -> Path:
         ds.PixelData = np.roll(ds.pixel_array, 9 * k, axis=1).astype(ds.pixel_array.dtype).tobytes()
         ds.save_as(folder / name)
     return folder
+
+
+@pytest.fixture
+def ct_folder(tmp_path: Path) -> Path:
+    """A 4-slice CT series folder made from pydicom's bundled CT_small.dcm (a fresh copy per test)."""
+    return _write_ct_series(tmp_path / "ct")
+
+
+@pytest.fixture(scope="session")
+def ct_series(tmp_path_factory) -> Path:
+    """The same series, written once per session (for tests that only read it)."""
+    return _write_ct_series(tmp_path_factory.mktemp("ct_series") / "ct")

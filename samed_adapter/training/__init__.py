@@ -1,18 +1,42 @@
-"""Model-independent training building blocks: augmentation, loss, lr schedule, dataset readers."""
+"""Model-independent training building blocks: augmentation, loss, lr schedule, dataset readers.
+
+Names from modules that need torch are imported on first use (PEP 562), so that the command
+line can declare its flags without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .augment import SliceAugment, augment, low_res_size
-from .data import (
-    SYNAPSE_LABEL_MAP,
-    NiftiSlices,
-    NiftiVolumes,
-    SynapseSlices,
-    SynapseVolumes,
-    find_nifti_cases,
-    split_cases,
-)
-from .losses import LossOutput, all_reduce_sum, dice_loss, segmentation_loss
-from .loop import RECIPES, NonFiniteLossError, TrainConfig, iterations_per_epoch, train
-from .schedule import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS, VIT_H_POWER, lr_at, set_lr
+from .config import RECIPES, TrainConfig
+
+_LAZY = {
+    "SYNAPSE_LABEL_MAP": "data", "NiftiSlices": "data", "NiftiVolumes": "data", "SynapseSlices": "data",
+    "SynapseVolumes": "data", "find_nifti_cases": "data", "split_cases": "data",
+    "LossOutput": "losses", "all_reduce_sum": "losses", "dice_loss": "losses", "segmentation_loss": "losses",
+    "NonFiniteLossError": "loop", "iterations_per_epoch": "loop", "train": "loop",
+    "DEFAULT_BASE_LR": "schedule", "DEFAULT_POWER": "schedule", "DEFAULT_WARMUP_ITERS": "schedule",
+    "VIT_H_POWER": "schedule", "lr_at": "schedule", "set_lr": "schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'samed_adapter.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import (SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, SynapseVolumes,
+                       find_nifti_cases, split_cases)
+    from .losses import LossOutput, all_reduce_sum, dice_loss, segmentation_loss
+    from .loop import NonFiniteLossError, iterations_per_epoch, train
+    from .schedule import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS, VIT_H_POWER, lr_at, set_lr
 
 __all__ = [
     "train",

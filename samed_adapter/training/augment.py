@@ -11,7 +11,6 @@ import zlib
 from typing import Any, Mapping
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["augment", "SliceAugment", "low_res_size"]
 
@@ -55,6 +54,8 @@ def augment(
         the image is the slice repeated over three channels. The cubic resize can overshoot
         [0, 1] slightly near sharp edges; values are not clipped, as in the published code.
     """
+    from scipy import ndimage  # here, not at import: the command line declares its flags without scipy
+
     _check_image_size(image_size)
     image = np.asarray(image)
     label = _as_int_label(label)

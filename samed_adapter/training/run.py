@@ -11,12 +11,8 @@ import dataclasses
 import os
 from typing import Optional, Sequence
 
-import torch
-import torch.distributed as dist
-
 from ..config import CT_ABDOMEN_WINDOW
-from ..geometry import parse_orientation
-from .loop import RECIPES, TrainConfig, train
+from .config import RECIPES, TrainConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -29,6 +25,16 @@ def _pair(text: str) -> Optional[tuple[float, float]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -125,275) or none, got {text!r}") from None
     return lo, hi
+
+
+def _orientation_arg(text: str):
+    """--orientation CODES (nibabel, and so geometry, is imported only when the flag is used)."""
+    from ..geometry import parse_orientation
+
+    try:
+        return parse_orientation(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "the preprocessed data was made with, recorded in the adapter)")
     data.add_argument("--percentiles", type=_pair,
                       help="MR: per-volume percentile normalisation LO,HI, replacing the window (mni default 0.5,99.5)")
-    data.add_argument("--orientation", type=parse_orientation, metavar="CODES",
+    data.add_argument("--orientation", type=_orientation_arg, metavar="CODES",
                       help="reorient every volume to these axis codes before slicing, e.g. LPS or RAS (default: the "
                            "first training case's own orientation; --format synapse: not recorded)")
     data.add_argument("--slice-axis", type=int, choices=[0, 1, 2], default=2,
@@ -91,9 +97,9 @@ def _build_sam(args: argparse.Namespace):
     from ..backbones import build_sam
 
     if args.sam:
-        from ..cli import _stock_sam
+        from ..backbones import load_stock_sam
 
-        return _stock_sam(args.sam)
+        return load_stock_sam(args.sam)
     if args.sam_backbone and args.random_sam_seed is not None:
         print(f"warning: using a SAM with RANDOM weights ({args.sam_backbone}, seed {args.random_sam_seed}); "
               "pass --sam sam_vit_b_01ec64.pth for real results")
@@ -175,7 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
     import samed_adapter as sa
+
+    from .loop import train
 
     config = train_config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))

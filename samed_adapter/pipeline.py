@@ -1,0 +1,482 @@
+"""Segment an archive: find the scans, plan the outputs, and keep the model busy.
+
+`segment_files` is what `samed-adapter segment` runs. It takes files and folders (searched
+recursively for NIfTI files and DICOM series), mirrors the folder structure under the output
+folder, and runs one of three engines over the inputs, all giving the same labels:
+
+- ``"pipeline"`` (default): background threads read, reorient and scale the next volumes while
+  the model runs; slices of several volumes are packed into full batches; labels are restored
+  and written in the background. At most ``num_workers + 2`` prepared volumes wait in memory.
+- ``"serial"``: one volume after the other (read, predict, write), today's plain path.
+- ``"ray"``: the same job on Ray Data (see :mod:`samed_adapter.ray_backend`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import inference
+from .files import remove_stale_temporaries
+from .segmentation import OutputOptions, output_files, write_prepared
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .io.volumes import DicomSeries, Volume
+    from .model import SAMed
+
+__all__ = ["InputResult", "Job", "SamSource", "check_request", "find_jobs", "select_part", "segment_files"]
+
+_NIFTI = (".nii", ".nii.gz")
+_NOT_DICOM = (".nii", ".nii.gz", ".png", ".npy", ".npz", ".json", ".txt", ".csv", ".md", ".jpg", ".jpeg", ".gz",
+              ".zip", ".xml", ".pdf", ".py", ".html")
+
+
+@dataclass
+class Job:
+    """One label file to write: from a file, a DICOM series folder, or one series of a folder."""
+
+    source: str
+    out: Path
+    series: Optional["DicomSeries"] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} (series {self.series.name})" if self.series is not None else self.source
+
+    def read(self) -> "Volume":
+        from .io import read_image
+        from .io.volumes import read_dicom_series
+
+        if self.series is not None:
+            return read_dicom_series(self.series, Path(self.source))
+        return read_image(self.source)
+
+
+@dataclass
+class InputResult:
+    """What became of one job: ``status`` is "written", "skipped" (outputs existed) or "failed"."""
+
+    name: str
+    status: str
+    files: list[Path] = field(default_factory=list)
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- finding inputs
+
+
+def _lower_suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` directly holds a DICOM image slice (the first candidate decides)."""
+    from .io.volumes import _probe_dicom
+
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and _lower_suffix(path) not in _NOT_DICOM:
+            if _probe_dicom(path) is not None:
+                return True
+    return False
+
+
+def _series_jobs(folder: Path, out: Path) -> list[Job]:
+    """One job per series: a folder with several gives `<folder>_<number>_<description>` files."""
+    from .io.volumes import list_dicom_series
+
+    series = list_dicom_series(folder)
+    if len(series) == 1:
+        return [Job(str(folder), out)]
+    stem = out.name[: -len(".nii.gz")]
+    return [Job(str(folder), out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in series]
+
+
+def _walk(root: Path, out_dir: Path, rel: Path) -> Iterator[Job]:
+    """Jobs below ``root``, their outputs at the same relative place under ``out_dir``."""
+    folders = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            folders.append(path)
+        elif _lower_suffix(path) in _NIFTI:
+            from .io import output_path
+
+            yield Job(str(path), output_path(path, out_dir / rel))
+    if _holds_dicom(root):
+        yield from _series_jobs(root, out_dir / (str(rel) + ".nii.gz") if rel.parts else out_dir / f"{root.name}.nii.gz")
+    for folder in folders:
+        yield from _walk(folder, out_dir, rel / folder.name)
+
+
+def find_jobs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike]) -> tuple[list[Job], list[str]]:
+    """(jobs, problems) for files and folders.
+
+    A file gives one job (``out_dir/<name>``). A folder that holds DICOM slices is a series (or
+    several: one job each); any other folder is searched recursively for NIfTI files and DICOM
+    series folders, whose outputs mirror their place below it. Inputs that cannot be used, or
+    whose outputs would collide, are reported in ``problems`` and left out.
+    """
+    from .io import ImageReadError, output_path
+
+    out_dir = Path(out_dir)
+    jobs: list[Job] = []
+    problems: list[str] = []
+    for given in inputs:
+        path = Path(given)
+        try:
+            if not path.exists():
+                raise ImageReadError(f"{given}: no such file or folder")
+            if path.is_file():
+                jobs.append(Job(str(given), output_path(path, out_dir)))
+            elif _holds_dicom(path):
+                jobs.extend(_series_jobs(path, out_dir / f"{path.resolve().name}.nii.gz"))
+            else:
+                found = list(_walk(path, out_dir, Path()))
+                if not found:
+                    raise ImageReadError(f"{given}: no NIfTI files or DICOM series found in this folder or below")
+                jobs.extend(found)
+        except (ImageReadError, ValueError, OSError) as err:
+            problems.append(str(err) if str(given) in str(err) else f"{given}: {err}")
+    return jobs, problems
+
+
+def select_part(jobs: Sequence[Job], num_parts: int, part_id: int) -> list[Job]:
+    """This machine's share: every ``num_parts``-th job of the list sorted by output, from ``part_id``.
+
+    The same inputs give the same split on every machine (nnU-Net's ``-num_parts``/``-part_id``).
+    """
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise ValueError(f"--num-parts must be a positive integer, got {num_parts!r}")
+    if isinstance(part_id, bool) or not isinstance(part_id, int) or not 0 <= part_id < num_parts:
+        raise ValueError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id!r}")
+    ordered = sorted(jobs, key=lambda j: str(j.out))
+    return ordered[part_id::num_parts]
+
+
+def _check_unique(jobs: Sequence[Job], options: OutputOptions, names: Sequence[str]) -> tuple[list[Job], list[str]]:
+    taken: dict[Path, str] = {}
+    kept, problems = [], []
+    for job in jobs:
+        outs = output_files(job.out, options, names)
+        clash = next((o for o in outs if o in taken), None)
+        if clash is not None:
+            problems.append(f"{job.name}: its output {clash} would overwrite the one of {taken[clash]}; "
+                            "rename one input or segment them into different folders")
+            continue
+        taken.update({o: job.name for o in outs})
+        kept.append(job)
+    return kept, problems
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _prepare(model: "SAMed", job: Job, options: OutputOptions) -> inference.Prepared:
+    return inference.prepare_volume(model.config, job.read(), **options.scaling())
+
+
+def _serial(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, report: Callable) -> None:
+    for job in jobs:
+        try:
+            prepared = _prepare(model, job, options)
+            labels, probs = inference.predict_prepared(model, prepared, options.batch_size, options.save_probabilities)
+            report(job, write_prepared(prepared, labels, probs, job.out, options, model.config), prepared.messages)
+        except Exception as err:  # noqa: BLE001 - reported per input; the others go on
+            report(job, err, [])
+
+
+class _Packer:
+    """Collects per-slice predictions of packed batches back into whole volumes."""
+
+    def __init__(self, prepared: inference.Prepared) -> None:
+        self.prepared = prepared
+        self.labels: list[Any] = []
+        self.probs: list[Any] = []
+        self.done = 0
+        self.failed = False
+
+    def add(self, labels, probs) -> bool:
+        self.labels.append(labels)
+        self.probs.append(probs)
+        self.done += labels.shape[0]
+        return self.done == self.prepared.num_slices
+
+
+def _pipeline(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, report: Callable,
+              num_workers: int) -> None:
+    """Read ahead on ``num_workers`` threads, pack slices of consecutive volumes into full batches,
+    write on a second pool; memory holds at most ``num_workers + 2`` prepared volumes."""
+    depth = num_workers + 2
+    readers = ThreadPoolExecutor(num_workers, thread_name_prefix="samed-read")
+    writers = ThreadPoolExecutor(max(1, num_workers // 2), thread_name_prefix="samed-write")
+    pending: deque[tuple[Job, Future]] = deque()
+    writes: list[tuple[Job, Future, list[str]]] = []
+    todo = iter(jobs)
+
+    def refill() -> None:
+        while len(pending) < depth:
+            job = next(todo, None)
+            if job is None:
+                return
+            pending.append((job, readers.submit(_prepare, model, job, options)))
+
+    def finish(job: Job, packer: _Packer) -> None:
+        item = packer.prepared
+        labels, probs = np.concatenate(packer.labels), None
+        if options.save_probabilities:
+            probs = np.concatenate(packer.probs)
+        writes.append((job, writers.submit(write_prepared, item, labels, probs, job.out, options, model.config),
+                       item.messages))
+
+    def flush(batch: list[tuple[Job, _Packer, int, int]]) -> None:
+        """Run one packed batch: (job, packer, first slice, last slice) pieces."""
+        inputs = [packer.prepared.inputs[a:b] for _, packer, a, b in batch]
+        labels, probs = inference.predict(model, inputs[0] if len(inputs) == 1 else torch_cat(inputs),
+                                          options.save_probabilities)
+        at = 0
+        for job, packer, a, b in batch:
+            n = b - a
+            small, soft = inference.resize_slices(labels[at : at + n], None if probs is None else probs[at : at + n],
+                                                  packer.prepared.size)
+            at += n
+            if packer.add(small, soft):
+                finish(job, packer)
+
+    try:
+        model.eval()
+        refill()
+        batch: list[tuple[Job, _Packer, int, int]] = []
+        filled = 0
+        while pending:
+            job, future = pending.popleft()
+            refill()
+            try:
+                packer = _Packer(future.result())
+            except Exception as err:  # noqa: BLE001 - a bad input is reported, the others go on
+                report(job, err, [])
+                continue
+            start = 0
+            while start < packer.prepared.num_slices:
+                take = min(options.batch_size - filled, packer.prepared.num_slices - start)
+                batch.append((job, packer, start, start + take))
+                filled += take
+                start += take
+                if filled == options.batch_size:
+                    _run_batch(flush, batch, report)
+                    batch, filled = [], 0
+            if packer.prepared.num_slices == 0:
+                finish(job, packer)
+        if batch:
+            _run_batch(flush, batch, report)
+        for job, future, messages in writes:
+            try:
+                report(job, future.result(), messages)
+            except Exception as err:  # noqa: BLE001
+                report(job, err, [])
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True)
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts)
+
+
+def _run_batch(flush: Callable, batch: list, report: Callable) -> None:
+    try:
+        flush(batch)
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory: every input in the batch fails
+        for job, packer, _, _ in batch:
+            if not packer.failed:
+                packer.failed = True
+                packer.done = -10**9  # never completes, so nothing of it is written
+                report(job, err, [])
+
+
+def default_num_workers() -> int:
+    """Readers for the pipeline: the cores but one (the model's thread), at least 1, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **options: Any) -> OutputOptions:
+    """The :class:`OutputOptions` for a request, checked before any model work.
+
+    Raises:
+        ValueError: an unknown class name or output type, DICOM-SEG asked for non-DICOM inputs,
+            conflicting intensity options.
+    """
+    from .io.volumes import _suffix
+    from .segmentation import resolve_classes
+
+    names = list(adapter.config.class_names or [])
+    classes = options.pop("classes", None)
+    opts = OutputOptions(classes=resolve_classes(classes, names), **options)
+    if "dicom-seg" in opts.output_types:
+        others = [str(p) for p in inputs if not Path(p).is_dir() and _suffix(Path(p)) != ".dcm"]
+        if others:
+            raise ValueError(f"--output-type dicom-seg needs DICOM inputs (series folders or .dcm files), but "
+                             f"{others[0]} is not one; segment NIfTI, PNG and NPY inputs with --output-type nifti")
+    return opts
+
+
+def segment_files(
+    inputs: Sequence[Union[str, os.PathLike]],
+    output_dir: Union[str, os.PathLike],
+    *,
+    sam: Any,
+    adapter: Any,
+    engine: str = "pipeline",
+    num_workers: Optional[int] = None,
+    skip_existing: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    device: str = "cpu",
+    merge: bool = False,
+    allow_base_mismatch: bool = False,
+    ray_address: Optional[str] = None,
+    ray_workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    progress: bool = False,
+    on_result: Optional[Callable[[InputResult], None]] = None,
+    **options: Any,
+) -> list[InputResult]:
+    """Segment files and folders into ``output_dir``, as `samed-adapter segment` does.
+
+    Args:
+        inputs: files (NIfTI, DICOM, PNG, NPY) and folders (searched recursively for NIfTI files
+            and DICOM series; outputs mirror the structure below each folder).
+        sam: a stock SAM (``segment_anything`` ``Sam``; patched for the run and left as found),
+            a checkpoint path, or a :class:`SamSource` (what Ray workers rebuild it from).
+        adapter: an adapter file, Hub id or :class:`~samed_adapter.Adapter`.
+        engine: "pipeline", "serial" or "ray" (see the module docstring).
+        skip_existing: skip inputs whose outputs all exist (outputs are written atomically, so an
+            existing file is a complete one): `--continue`.
+        num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
+            between machines without any engine.
+        options: what to write and how to predict, see
+            :class:`~samed_adapter.segmentation.OutputOptions` (``batch_size``, ``statistics``,
+            ``classes`` by name, ...).
+
+    Returns:
+        One :class:`InputResult` per input (and per series of multi-series folders), in the
+        order of the inputs found; problems found while planning come first, as "failed".
+    """
+    from .adapter import Adapter
+
+    if engine not in ("pipeline", "serial", "ray"):
+        raise ValueError(f"engine must be pipeline, serial or ray, got {engine!r}")
+    source = sam if isinstance(sam, SamSource) else SamSource.of(sam)
+    adapter_obj = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
+    names = list(adapter_obj.config.class_names or [])
+    options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
+    opts = check_request(adapter_obj, inputs, **options)
+    jobs, problems = find_jobs(inputs, output_dir)
+    jobs = select_part(jobs, num_parts, part_id) if num_parts > 1 else jobs
+    jobs, clashes = _check_unique(jobs, opts, names)
+    results: list[InputResult] = [InputResult(p.split(":")[0], "failed", message=p) for p in problems + clashes]
+    for result in results:
+        if on_result:
+            on_result(result)
+    if skip_existing:
+        todo = []
+        for job in jobs:
+            if all(p.exists() for p in output_files(job.out, opts, names)):
+                result = InputResult(job.name, "skipped", output_files(job.out, opts, names),
+                                     "outputs exist (--continue)")
+                results.append(result)
+                if on_result:
+                    on_result(result)
+            else:
+                todo.append(job)
+                for path in output_files(job.out, opts, names):
+                    remove_stale_temporaries(path)  # what a killed run left half written
+        jobs = todo
+    if not jobs:
+        return results
+
+    said: set[str] = set()
+
+    def report(job: Job, outcome: Any, messages: Sequence[str]) -> None:
+        if isinstance(outcome, BaseException):
+            text = str(outcome)
+            if type(outcome).__name__ == "OutOfMemoryError":
+                text = "out of GPU memory; try a smaller --batch-size"
+            result = InputResult(job.name, "failed", message=text if job.source in text else f"{job.name}: {text}")
+        else:
+            result = InputResult(job.name, "written", list(outcome))
+        fresh = [m for m in messages if m not in said]
+        said.update(fresh)
+        result.message = "\n".join([*fresh, result.message]).strip() if result.status == "written" else result.message
+        results.append(result)
+        if on_result:
+            on_result(result)
+
+    if engine == "ray":
+        from .ray_backend import run_on_ray
+
+        for job, outcome in run_on_ray(jobs, opts, source, adapter_obj, address=ray_address, workers=ray_workers,
+                                       gpus_per_worker=gpus_per_worker, device=device, merge=merge,
+                                       allow_base_mismatch=allow_base_mismatch):
+            report(job, outcome, [])
+        return results
+
+    from .patching import patch, unpatch
+    from .surgery import get_stock_state
+
+    sam_module = source.build()
+    was_patched = get_stock_state(sam_module) is not None
+    model = patch(sam_module.to(device), adapter_obj, merge=merge, allow_base_mismatch=allow_base_mismatch)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # per-input messages travel in the results
+            if engine == "serial":
+                _serial(model, jobs, opts, report)
+            else:
+                _pipeline(model, jobs, opts, report, num_workers or default_num_workers())
+    finally:
+        if source.module is not None and not was_patched:
+            unpatch(sam_module)
+    return results
+
+
+@dataclass
+class SamSource:
+    """How to get the stock SAM: a module at hand, a checkpoint file, or a random backbone (tests, demos).
+
+    Ray workers rebuild the SAM from this, each once.
+    """
+
+    module: Any = None
+    checkpoint: Optional[str] = None
+    backbone: Optional[str] = None
+    seed: Optional[int] = None
+
+    @classmethod
+    def of(cls, sam: Any) -> "SamSource":
+        if isinstance(sam, (str, os.PathLike)):
+            return cls(checkpoint=os.fspath(sam))
+        return cls(module=sam)
+
+    def build(self) -> Any:
+        from .backbones import build_sam, load_stock_sam
+
+        if self.module is not None:
+            return self.module
+        if self.checkpoint is not None:
+            return load_stock_sam(self.checkpoint)
+        if self.backbone is not None and self.seed is not None:
+            return build_sam(self.backbone, seed=self.seed)
+        raise ValueError("a SamSource needs a module, a checkpoint, or a backbone with a seed")

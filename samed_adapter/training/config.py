@@ -1,0 +1,56 @@
+"""Training options (no torch import, so the command line can declare its flags quickly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["RECIPES", "TrainConfig"]
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The published ViT-B recipe: 200 epochs planned, stopped after 160, decay exponent 0.9.
+    "vit_b": dict(batch_size=24, max_epochs=200, stop_epoch=160, power=0.9),
+    # The published ViT-H recipe: 400 planned, stopped after 300, exponent 7, fp16, TF32, compile.
+    "vit_h": dict(batch_size=24, max_epochs=400, stop_epoch=300, power=7.0, precision="fp16", tf32=True,
+                  compile=True),
+}
+
+
+
+@dataclass
+class TrainConfig:
+    """Training options; the defaults are the published SAMed (ViT-B) recipe."""
+
+    output_dir: str = field(metadata={"help": "Where adapters, the training state and the log go."})
+    batch_size: int = field(default=24, metadata={"help": "Global batch (split across processes)."})
+    max_epochs: int = field(default=200, metadata={"help": "Epochs the lr schedule is planned for."})
+    stop_epoch: Optional[int] = field(default=160, metadata={"help": "Stop after this many epochs."})
+    base_lr: float = field(default=0.005, metadata={"help": "Base learning rate."})
+    warmup_iters: int = field(default=250, metadata={"help": "Linear warm-up iterations."})
+    power: float = field(default=0.9, metadata={"help": "Polynomial decay exponent."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
+    ce_weight: float = field(default=0.2, metadata={"help": "Weight of cross-entropy in the loss."})
+    dice_weight: float = field(default=0.8, metadata={"help": "Weight of Dice in the loss."})
+    seed: int = field(default=1234, metadata={"help": "Seed of data order and augmentation."})
+    augment: bool = field(default=True, metadata={"help": "Random rotations and flips."})
+    save_every: int = field(default=1, metadata={"help": "Checkpoint every N epochs (and at the end)."})
+    save_every_iters: int = field(default=0, metadata={"help": "Also checkpoint every N iterations (0: off)."})
+    val_every: int = field(default=0, metadata={"help": "Validate every N epochs (0: never)."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (with a gradient scaler)."})
+    tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute encoder blocks in backward."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard."})
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "max_epochs", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop_epoch is not None and not 1 <= self.stop_epoch <= self.max_epochs:
+            raise ValueError(f"stop_epoch must be in 1..max_epochs ({self.max_epochs}), got {self.stop_epoch}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
