@@ -95,7 +95,7 @@ class Adapter:
         return Adapter(self.config, tensors, self.base_fingerprint)
 
     def metadata(self) -> dict[str, str]:
-        from . import __version__
+        from .version import __version__
 
         return {
             "format": FORMAT_NAME,

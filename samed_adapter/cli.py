@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from .files import atomic_path
-from .training.run import _pair
+from .arguments import orientation_argument, pair_argument, window_argument
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -41,19 +41,6 @@ def _stock_sam(checkpoint: str) -> "Sam":
     from .backbones import load_stock_sam
 
     return load_stock_sam(checkpoint)
-
-
-def _window(text: Optional[str]) -> Union[None, str, tuple[float, float]]:
-    """--window LO,HI or none."""
-    if text is None:
-        return None
-    if text.lower() == "none":
-        return "none"
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--window takes LO,HI (e.g. -125,275) or none, got {text!r}") from None
-    return (lo, hi)
 
 
 def _warn(command: str, message: str) -> None:
@@ -121,8 +108,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_convert_parser(sub: _SubParsers) -> None:
     """Declare `convert` and its arguments."""
-    from .training.run import _orientation_arg
-
     p = _example_parser(
         sub, "convert", "published SAMed .pth -> adapter .safetensors (or new settings for an adapter)",
         "examples:\n"
@@ -136,9 +121,9 @@ def add_convert_parser(sub: _SubParsers) -> None:
     p.add_argument("--sam", help="the stock SAM checkpoint it was trained on (needed for a .pth)")
     p.add_argument("--image-size", type=int, default=512, help="input size it was trained at (default 512)")
     p.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
-    p.add_argument("--window", type=_window, help="intensity window LO,HI, or none (default -125,275)")
-    p.add_argument("--percentiles", type=_pair, metavar="LO,HI", help="MR percentile normalisation instead")
-    p.add_argument("--orientation", type=_orientation_arg, metavar="CODES",
+    p.add_argument("--window", type=window_argument, help="intensity window LO,HI, or none (default -125,275)")
+    p.add_argument("--percentiles", type=pair_argument, metavar="LO,HI", help="MR percentile normalisation instead")
+    p.add_argument("--orientation", type=orientation_argument, metavar="CODES",
                    help="axis codes the training volumes were cut in, e.g. LPS (default: not recorded, as stored)")
     p.add_argument("--slice-axis", type=int, choices=[0, 1, 2], help="the axis slices were cut along (default 2)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="store tensors as this dtype")
@@ -305,9 +290,9 @@ def add_segment_parser(sub: _SubParsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="slices per forward pass, packed across volumes (default 8)")
-    p.add_argument("--window", type=_window, metavar="LO,HI",
+    p.add_argument("--window", type=window_argument, metavar="LO,HI",
                    help="CT window replacing the adapter's intensity preprocessing (none: inputs already in [0, 1])")
-    p.add_argument("--percentiles", type=_pair, metavar="LO,HI",
+    p.add_argument("--percentiles", type=pair_argument, metavar="LO,HI",
                    help="MR percentile normalisation replacing the adapter's, e.g. 0.5,99.5")
     out = p.add_argument_group("outputs (beside each label file <name>.nii.gz)")
     out.add_argument("--output-type", default="nifti", metavar="TYPE",
@@ -491,8 +476,8 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
     p.add_argument("--format", choices=["nifti", "synapse"], default="nifti")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--protocol", choices=["default", "samed"], default="default")
-    p.add_argument("--window", type=_window, help="LO,HI or none (default: the adapter's preprocessing)")
-    p.add_argument("--percentiles", type=_pair, help="MR: per-volume percentile normalisation LO,HI "
+    p.add_argument("--window", type=window_argument, help="LO,HI or none (default: the adapter's preprocessing)")
+    p.add_argument("--percentiles", type=pair_argument, help="MR: per-volume percentile normalisation LO,HI "
                                                      "(default: the adapter's preprocessing)")
     p.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: 1,2,3,4,6,7,8,11 -> 1..8)")
     p.add_argument("--device", default="cpu")

@@ -139,10 +139,10 @@ class AdapterConfig:
             from .preprocessing import Intensity
 
             self.intensity_percentiles = Intensity(percentiles=self.intensity_percentiles).percentiles
-        from .geometry import _check_slice_axis, parse_orientation
+        from .geometry import check_slice_axis, parse_orientation
 
         self.orientation = parse_orientation(self.orientation)
-        self.slice_axis = _check_slice_axis(self.slice_axis)
+        self.slice_axis = check_slice_axis(self.slice_axis)
         if self.backbone is not None and not isinstance(self.backbone, str):
             raise TypeError(f"backbone must be a string such as 'vit_b' or None, got {self.backbone!r}")
 

@@ -36,6 +36,7 @@ __all__ = [
     "Orientation",
     "SliceGeometry",
     "axis_codes",
+    "check_slice_axis",
     "describe_orientation",
     "parse_orientation",
 ]
@@ -89,7 +90,7 @@ def _io_orientation(affine: np.ndarray) -> np.ndarray:
     return ornt
 
 
-def _check_slice_axis(slice_axis: int) -> int:
+def check_slice_axis(slice_axis: int) -> int:
     if isinstance(slice_axis, bool) or not isinstance(slice_axis, (int, np.integer)) or slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2 (an axis of the reoriented volume), got {slice_axis!r}")
     return int(slice_axis)
@@ -131,7 +132,7 @@ class SliceGeometry:
             transform = identity
         else:
             transform = ornts.ornt_transform(_io_orientation(affine), ornts.axcodes2ornt(target))
-        return cls(shape, transform, _check_slice_axis(slice_axis))
+        return cls(shape, transform, check_slice_axis(slice_axis))
 
     # ------------------------------------------------------------------ shapes
 

@@ -100,7 +100,7 @@ def hf_hub_adapter_path(
         RevisionNotFoundError,
     )
 
-    from . import __version__
+    from .version import __version__
 
     repo, revision = parse_repo_id(repo_id, revision)
     spec = repo if revision is None else f"{repo}@{revision}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import Volume
     from .model import SAMed
 
-__all__ = ["Prepared", "check_unit_range", "predict", "predict_prepared", "prepare_volume", "resize_slices", "restore",
+__all__ = ["Prepared", "check_image", "check_unit_range", "predict", "predict_prepared", "prepare_volume", "resize_slices", "restore",
            "run", "scale_slices", "to_model_size"]
 
 
@@ -65,6 +65,26 @@ def check_unit_range(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """A (H, W) or (D, H, W) array of finite numbers (from numpy or torch), else a ValueError saying why."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = (array.float() if array.is_floating_point() else array).numpy()
+    volume = np.asarray(array)
+    if volume.ndim not in (2, 3):
+        raise ValueError(
+            f"expected a (H, W) slice or a (D, H, W) volume, got an array of shape {volume.shape}; "
+            "drop channel axes (e.g. array[..., 0]) or split 4-D series first"
+        )
+    if volume.size == 0:
+        raise ValueError(f"the image is empty (shape {volume.shape})")
+    if volume.dtype.kind not in "biuf":
+        raise ValueError(f"expected numeric intensities, got dtype {volume.dtype}")
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+    return volume
+
+
 def to_model_size(slices: np.ndarray, image_size: int) -> torch.Tensor:
     """(D, H, W) float32 in [0, 1] -> (D, 1, S, S) float32 on the CPU (bilinear; antialiased when shrinking)."""
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)
@@ -89,8 +109,6 @@ def scale_slices(config: AdapterConfig, slices: np.ndarray, *, window=None, perc
 def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, percentiles=None,
                    preprocessed: bool = False) -> Prepared:
     """Stage 1 for a scan: reorient to ``config``'s orientation, cut, scale and resize its slices."""
-    from .model import _check_image
-
     messages = []
     if config.orientation is None and volume.affine is not None:
         messages.append(
@@ -99,7 +117,7 @@ def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, perc
             "orientation, record it with `samed-adapter convert ADAPTER OUT --orientation CODES`"
         )
     geometry = volume.geometry(config.orientation, config.slice_axis)
-    _check_image(volume.array)
+    check_image(volume.array)
     # Scaling is elementwise (percentiles ignore order), so it runs on the stored voxels, in memory
     # order, before the reorientation view: the same numbers, without strided passes.
     scaled, notes = scale_slices(config, volume.voxels, window=window, percentiles=percentiles,

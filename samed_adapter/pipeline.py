@@ -25,6 +25,7 @@ import numpy as np
 
 from . import inference
 from .files import remove_stale_temporaries
+from .io.volumes import image_suffix, probe_dicom
 from .segmentation import OutputOptions, output_files, write_prepared
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -72,17 +73,12 @@ class InputResult:
 # --------------------------------------------------------------------------- finding inputs
 
 
-def _lower_suffix(path: Path) -> str:
-    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
-
-
 def _holds_dicom(folder: Path) -> bool:
     """Whether ``folder`` directly holds a DICOM image slice (the first candidate decides)."""
-    from .io.volumes import _probe_dicom
 
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and _lower_suffix(path) not in _NOT_DICOM:
-            if _probe_dicom(path) is not None:
+        if path.is_file() and not path.name.startswith(".") and image_suffix(path) not in _NOT_DICOM:
+            if probe_dicom(path) is not None:
                 return True
     return False
 
@@ -106,7 +102,7 @@ def _walk(root: Path, out_dir: Path, rel: Path) -> Iterator[Job]:
             continue
         if path.is_dir():
             folders.append(path)
-        elif _lower_suffix(path) in _NIFTI:
+        elif image_suffix(path) in _NIFTI:
             from .io import output_path
 
             yield Job(str(path), output_path(path, out_dir / rel))
@@ -318,14 +314,13 @@ def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **opt
         ValueError: an unknown class name or output type, DICOM-SEG asked for non-DICOM inputs,
             conflicting intensity options.
     """
-    from .io.volumes import _suffix
     from .segmentation import resolve_classes
 
     names = list(adapter.config.class_names or [])
     classes = options.pop("classes", None)
     opts = OutputOptions(classes=resolve_classes(classes, names), **options)
     if "dicom-seg" in opts.output_types:
-        others = [str(p) for p in inputs if not Path(p).is_dir() and _suffix(Path(p)) != ".dcm"]
+        others = [str(p) for p in inputs if not Path(p).is_dir() and image_suffix(Path(p)) != ".dcm"]
         if others:
             raise ValueError(f"--output-type dicom-seg needs DICOM inputs (series folders or .dcm files), but "
                              f"{others[0]} is not one; segment NIfTI, PNG and NPY inputs with --output-type nifti")

@@ -41,7 +41,6 @@ __all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "resolve_classes", "
 
 #: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation.
 OUTPUT_TYPES = ("nifti", "dicom-seg")
-_LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".npy")
 
 
 @dataclass
@@ -87,15 +86,15 @@ class OutputOptions:
 
 
 def _stem(label_path: Path) -> str:
-    name = label_path.name
-    for suffix in _LABEL_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return label_path.stem
+    from .io.volumes import image_stem
+
+    return image_stem(label_path)
 
 
 def _suffix(label_path: Path) -> str:
-    return label_path.name[len(_stem(label_path)):]
+    from .io.volumes import image_suffix
+
+    return image_suffix(label_path)
 
 
 def class_file_name(name: str, label: int, taken: set[str]) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..files import atomic_path
 from .overlay import colour_table
 from .volumes import Volume

@@ -137,14 +137,14 @@ class Volume:
 # --------------------------------------------------------------------------- paths
 
 
-def _suffix(path: Path) -> str:
+def image_suffix(path: Path) -> str:
     """Lower-case suffix, treating ``.nii.gz`` as one suffix."""
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
 
 
-def _stem(path: Path) -> str:
-    """File name without the suffix returned by :func:`_suffix`."""
-    suffix = _suffix(path)
+def image_stem(path: Path) -> str:
+    """File name without the suffix returned by :func:`image_suffix`."""
+    suffix = image_suffix(path)
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
@@ -163,8 +163,8 @@ def output_path(
             overwrite the input image itself.
     """
     src = Path(input_path)
-    in_suffix = "" if src.is_dir() else _suffix(src)
-    stem = _stem(src) if in_suffix else src.name
+    in_suffix = "" if src.is_dir() else image_suffix(src)
+    stem = image_stem(src) if in_suffix else src.name
     if suffix is None:
         suffix = ".nii.gz" if in_suffix in ("", ".dcm") else in_suffix  # DICOM -> NIfTI
     suffix = "." + suffix.lower().lstrip(".")
@@ -198,7 +198,7 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file or folder; {_SUPPORTED}")
-    suffix = "DICOM folder" if path.is_dir() else _suffix(path)
+    suffix = "DICOM folder" if path.is_dir() else image_suffix(path)
     readers: dict[str, Callable[[Path], Volume]] = {
         "DICOM folder": lambda p: _read_dicom_series(sorted(p.iterdir()), p),
         ".dcm": lambda p: _read_dicom_series([p], p),
@@ -331,7 +331,7 @@ def write_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str])
             f"labels shape {labels.shape} does not match image shape {like.array.shape}; "
             "pass labels in the slices-first layout of Volume.array"
         )
-    fmt = _suffix(path)
+    fmt = image_suffix(path)
     if fmt not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write labels to {path}; use one of {', '.join(WRITE_SUFFIXES)}")
     out = labels.astype(_label_dtype(labels, fmt))
@@ -498,7 +498,7 @@ def _scan_folder(folder: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
     return _group_series(_probe_files(files), folder)
 
 
-def _probe_dicom(path: Path) -> Any | None:
+def probe_dicom(path: Path) -> Any | None:
     """Header of ``path`` if it is a DICOM slice with geometry, else None."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -517,7 +517,7 @@ def _probe_dicom(path: Path) -> Any | None:
 
 def _probe_files(files: list[Path]) -> list[_Slice]:
     """The DICOM image slices among ``files``, in the given order."""
-    return [(p, ds) for p in files if p.is_file() and (ds := _probe_dicom(p)) is not None]
+    return [(p, ds) for p in files if p.is_file() and (ds := probe_dicom(p)) is not None]
 
 
 def _series_number(ds: Any) -> int | None:

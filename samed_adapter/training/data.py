@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..config import CT_ABDOMEN_WINDOW
-from ..geometry import SliceGeometry, _check_slice_axis, axis_codes, parse_orientation
+from ..geometry import SliceGeometry, axis_codes, check_slice_axis, parse_orientation
 from ..io.volumes import nifti_voxels
 from ..preprocessing import Intensity
 from .augment import _as_int_label
@@ -34,6 +34,7 @@ __all__ = [
     "NiftiSlices",
     "NiftiVolumes",
     "find_nifti_cases",
+    "find_nifti_images",
     "split_cases",
 ]
 
@@ -181,6 +182,11 @@ def _label_path(labels_dir: Path, case: str) -> Optional[Path]:
     return None
 
 
+def find_nifti_images(root: PathLike) -> dict[str, Path]:
+    """Case name -> image file in ``root/imagesTr`` (see :func:`find_nifti_cases`)."""
+    return _nifti_files(root)[2]
+
+
 def find_nifti_cases(root: PathLike) -> list[str]:
     """Sorted case names in ``root/imagesTr`` (``x.nii.gz`` or nnU-Net's ``x_0000.nii.gz`` -> ``x``)."""
     return sorted(_nifti_files(root)[2])
@@ -237,7 +243,7 @@ class _NiftiDataset(Dataset):
         self.window, self.percentiles = self.intensity.window, self.intensity.percentiles
         self.label_map = _check_label_map(label_map)
         self.orientation = parse_orientation(orientation)
-        self.slice_axis = _check_slice_axis(slice_axis)
+        self.slice_axis = check_slice_axis(slice_axis)
         if not isinstance(max_cached_volumes, int) or max_cached_volumes < 0:
             raise ValueError(f"max_cached_volumes must be a non-negative int, got {max_cached_volumes!r}")
         self.max_cached_volumes, self.transform = max_cached_volumes, transform

@@ -11,30 +11,11 @@ import dataclasses
 import os
 from typing import Optional, Sequence
 
+from ..arguments import orientation_argument, pair_argument
 from ..config import CT_ABDOMEN_WINDOW
 from .config import RECIPES, TrainConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _pair(text: str) -> Optional[tuple[float, float]]:
-    if text.lower() == "none":
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -125,275) or none, got {text!r}") from None
-    return lo, hi
-
-
-def _orientation_arg(text: str):
-    """--orientation CODES (nibabel, and so geometry, is imported only when the flag is used)."""
-    from ..geometry import parse_orientation
-
-    try:
-        return parse_orientation(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-classes", type=int, help="K foreground classes (default: 8, or 2 for mni)")
     data.add_argument("--class-names", help="comma-separated K class names")
     data.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: raw 1,2,3,4,6,7,8,11 -> 1..8)")
-    data.add_argument("--window", type=_pair, default=CT_ABDOMEN_WINDOW,
+    data.add_argument("--window", type=pair_argument, default=CT_ABDOMEN_WINDOW,
                       help="CT intensity window LO,HI, or none (default -125,275; for --format synapse: the window "
                            "the preprocessed data was made with, recorded in the adapter)")
-    data.add_argument("--percentiles", type=_pair,
+    data.add_argument("--percentiles", type=pair_argument,
                       help="MR: per-volume percentile normalisation LO,HI, replacing the window (mni default 0.5,99.5)")
-    data.add_argument("--orientation", type=_orientation_arg, metavar="CODES",
+    data.add_argument("--orientation", type=orientation_argument, metavar="CODES",
                       help="reorient every volume to these axis codes before slicing, e.g. LPS or RAS (default: the "
                            "first training case's own orientation; --format synapse: not recorded)")
     data.add_argument("--slice-axis", type=int, choices=[0, 1, 2], default=2,
@@ -125,9 +106,9 @@ def _orientation(args: argparse.Namespace, root: str, cases: Sequence[str]) -> O
     import nibabel as nib
 
     from ..geometry import axis_codes
-    from .data import _nifti_files
+    from .data import find_nifti_images
 
-    first = _nifti_files(root)[2][cases[0]]
+    first = find_nifti_images(root)[cases[0]]
     codes = axis_codes(nib.load(first).affine)
     print(f"orientation: {''.join(codes)}, the first case's ({first.name}); every volume is reoriented to it and "
           f"cut along axis {args.slice_axis} ({codes[args.slice_axis]}); --orientation sets another")

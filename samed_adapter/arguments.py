@@ -1,0 +1,40 @@
+"""Argument types shared by the command line and `examples/train.py` (no torch, no nibabel)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Union
+
+__all__ = ["orientation_argument", "pair_argument", "window_argument"]
+
+
+def pair_argument(text: str) -> Optional[tuple[float, float]]:
+    """``LO,HI`` -> (lo, hi); ``none`` -> None."""
+    if text.lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -125,275) or none, got {text!r}") from None
+    return lo, hi
+
+
+def window_argument(text: str) -> Union[str, tuple[float, float]]:
+    """``--window LO,HI``, or ``none``: the inputs are already in [0, 1] (kept as the string "none")."""
+    if text.lower() == "none":
+        return "none"
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window takes LO,HI (e.g. -125,275) or none, got {text!r}") from None
+    return (lo, hi)
+
+
+def orientation_argument(text: str) -> tuple[str, str, str]:
+    """``--orientation CODES`` such as LPS (nibabel, through geometry, is imported only when used)."""
+    from .geometry import parse_orientation
+
+    try:
+        return parse_orientation(text)  # type: ignore[return-value]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
