@@ -206,7 +206,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.ray_workers < 1 or args.gpus_per_worker < 0:
         raise ValueError("--ray-workers must be at least 1 and --gpus-per-worker at least 0")
-    _device(args.device)
+    if args.ray and args.gpus_per_worker > 0 and args.device == "cpu":
+        args.device = "cuda"  # a GPU reserved per actor is a GPU to run on
+    if not (args.ray and args.ray_address):  # a cluster's workers may have GPUs the driver lacks
+        _device(args.device)
     adapter = Adapter.load(args.adapter, revision=args.revision)
     request = dict(
         output_types=args.output_type, classes=args.classes, statistics=args.statistics, split=args.split,

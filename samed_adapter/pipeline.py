@@ -425,7 +425,7 @@ def segment_files(
         for job, outcome in run_on_ray(jobs, opts, source, adapter_obj, address=ray_address, workers=ray_workers,
                                        gpus_per_worker=gpus_per_worker, device=device, merge=merge,
                                        allow_base_mismatch=allow_base_mismatch):
-            report(job, outcome, [])
+            report(job, outcome, getattr(outcome, "messages", []))
         return results
 
     from .patching import patch, unpatch
