@@ -158,3 +158,14 @@ def test_continue_after_a_killed_run_writes_only_what_is_missing(archive, traine
         np.testing.assert_array_equal(found[name], labels, err_msg=name)
     assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # not rewritten
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # stale temporaries of the killed run removed
+
+
+def test_ray_gives_the_labels_of_the_plain_path(archive, trained, reference, capsys, tmp_path):
+    pytest.importorskip("ray.data", reason="Ray is an optional extra: pip install samed-adapter[ray]")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", trained["adapter"], archive, "-o", tmp_path,
+                         "--ray", "--ray-workers", "1")
+    assert code == 0, err
+    found = outputs(tmp_path)
+    assert sorted(found) == EXPECTED
+    for name, labels in reference.items():
+        np.testing.assert_array_equal(found[name], labels, err_msg=name)
