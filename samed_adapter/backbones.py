@@ -85,6 +85,7 @@ def build_sam(
     *,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     seed: Optional[int] = None,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Sam:
     """Build a stock SAM in eval mode.
 
@@ -92,6 +93,7 @@ def build_sam(
         backbone: a registered name ("vit_b", "vit_l", "vit_h", "tiny") or a Backbone.
         checkpoint: a stock SAM state dict file (Meta's `sam_vit_b_01ec64.pth`), read with
             `weights_only=True` on the CPU.
+        state_dict: the checkpoint's tensors, already read (so a file is read once).
         seed: without a checkpoint, every tensor (position embeddings included, which stock
             initialises at zero) is drawn at random from this seed, so that tests exercise
             them.
@@ -130,15 +132,16 @@ def build_sam(
         ),
     )
     sam.eval()
-    if checkpoint is not None:
+    if checkpoint is not None or state_dict is not None:
         from .checkpoints import load_state_dict_file
 
-        state = load_state_dict_file(checkpoint)
+        state = state_dict if state_dict is not None else load_state_dict_file(checkpoint)
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
+            where = os.fspath(checkpoint) if checkpoint is not None else "the state dict"
             raise ValueError(
-                f"{os.fspath(checkpoint)} is not a stock {bb.name} SAM checkpoint: {str(err).splitlines()[0]}"
+                f"{where} is not a stock {bb.name} SAM checkpoint: {str(err).splitlines()[0]}"
             ) from None
     elif seed is not None:
         _randomize(sam, seed)
@@ -212,5 +215,5 @@ def load_stock_sam(checkpoint: Union[str, os.PathLike]) -> Sam:
     """
     from .checkpoints import load_state_dict_file
 
-    backbone = backbone_for_state_dict(load_state_dict_file(checkpoint), source=checkpoint)
-    return build_sam(backbone, checkpoint=checkpoint)
+    state = load_state_dict_file(checkpoint)  # read once: 2.4 GB for ViT-H
+    return build_sam(backbone_for_state_dict(state, source=checkpoint), checkpoint=checkpoint, state_dict=state)
