@@ -3,7 +3,7 @@
 train an adapter on MNI152 grey/white matter, save it as safetensors, patch it onto a freshly
 built SAM, segment held-out slices, print Dice per class, and write a picture.
 
-    python examples/quickstart.py                         # random tiny SAM, a few minutes on a CPU
+    python examples/quickstart.py                         # random tiny SAM, about 30 s on a 2-core CPU
     python examples/quickstart.py --sam sam_vit_b_01ec64.pth --device cuda
 """
 
