@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import random_adapter
+from samed_adapter.testing import differences, random_adapter, snapshot
 
 MIB = 2**20
 RSS_LIMIT = 1 * MIB
@@ -78,34 +78,6 @@ def live_counts() -> tuple[int, int]:
     return tensors, len(objects)
 
 
-def make_adapter(sam, config: sa.AdapterConfig, seed: int) -> sa.Adapter:
-    """An adapter with every trainable tensor moved away from its initial value."""
-    return random_adapter(sam, config, seed=seed)
-
-
-def snapshot(sam) -> tuple[dict, dict, dict]:
-    state = {k: v.detach().clone() for k, v in sam.state_dict().items()}
-    types = {name: type(m) for name, m in sam.named_modules()}
-    grads = {name: p.requires_grad for name, p in sam.named_parameters()}
-    return state, types, grads
-
-
-def differences(sam, reference) -> list[str]:
-    """What differs between `sam` and a snapshot (empty: identical)."""
-    state, types, grads = reference
-    now = sam.state_dict()
-    problems = []
-    if list(now) != list(state):
-        problems.append(f"state_dict keys differ: {sorted(set(now) ^ set(state))[:5]}")
-    problems += [f"{k} differs" for k in state if k in now and not (
-        now[k].dtype == state[k].dtype and now[k].shape == state[k].shape and torch.equal(now[k], state[k]))]
-    if {name: type(m) for name, m in sam.named_modules()} != types:
-        problems.append("module types differ")
-    if {name: p.requires_grad for name, p in sam.named_parameters()} != grads:
-        problems.append("requires_grad flags differ")
-    return problems
-
-
 def soak(swaps: int = 1000, backbone: str = "tiny", measure_from: int = 100, seed: int = 0,
          log=None, trace_every: int = 0, from_files: bool = True) -> dict:
     """Run the soak (under torch.no_grad()); returns the figures (see `main` for what is printed)."""
@@ -120,8 +92,8 @@ def _soak(swaps: int, backbone: str, measure_from: int, seed: int, log, trace_ev
     sam = sa.build_sam(backbone, seed=seed)
     with torch.enable_grad():
         adapters = {
-            "A": make_adapter(sam, sa.AdapterConfig(num_classes=3, image_size=size), seed=1),
-            "B": make_adapter(sam, sa.AdapterConfig(num_classes=5, image_size=size, decoder_lora=True), seed=2),
+            "A": random_adapter(sam, sa.AdapterConfig(num_classes=3, image_size=size), seed=1),
+            "B": random_adapter(sam, sa.AdapterConfig(num_classes=5, image_size=size, decoder_lora=True), seed=2),
         }
     stock = snapshot(sam)
     figures: dict = {"swaps": swaps, "backbone": backbone, "measure_from": measure_from, "from_files": from_files}

@@ -151,6 +151,16 @@ class AdapterConfig:
         """g = image_size // 16, the side of the encoder's token grid."""
         return self.image_size // 16
 
+    # The fields that decide which modules and tensor shapes an adapter has (the rest are values
+    # or metadata): adapters with equal keys fit the same patched SAM modules.
+    STRUCTURE_FIELDS = ("rank", "lora_blocks", "lora_scale", "image_size", "num_classes", "decoder_lora",
+                        "decoder_lora_rank")
+
+    def structure_key(self) -> tuple[tuple[str, Any], ...]:
+        """((field, value), ...) over STRUCTURE_FIELDS, hashable: equal keys, equal structure."""
+        values = (getattr(self, name) for name in self.STRUCTURE_FIELDS)
+        return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in zip(self.STRUCTURE_FIELDS, values))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -39,6 +40,16 @@ class LoraBypass(nn.Module):
         return self.lora_B.weight @ self.lora_A.weight
 
 
+class MixedLora(NamedTuple):
+    """Several adapters' bypasses for one LoraQKV, and which one each image of the batch uses."""
+
+    a_q: torch.Tensor  # (n, r, C): lora_A of the query bypass, one per adapter
+    b_q: torch.Tensor  # (n, C, r)
+    a_v: torch.Tensor  # (n, r, C)
+    b_v: torch.Tensor  # (n, C, r)
+    image_adapter: torch.Tensor  # (B,) int: the adapter of each image
+
+
 class LoraQKV(nn.Module):
     """SAM's fused `attn.qkv` Linear (C -> 3C) with rank-r bypasses on the query and value thirds.
 
@@ -61,9 +72,8 @@ class LoraQKV(nn.Module):
         # While merged, `base_layer.weight` is a new tensor and the untouched stock weight waits
         # here, so that unmerge is exact however many times it is done.
         self._stock_weight: Optional[nn.Parameter] = None
-        # Set only during a mixed-adapter forward: stacked (n, r, C)/(n, C, r) tensors of the
-        # resident adapters and each image's adapter index (see resident.py).
-        self.mixed: Optional[tuple[torch.Tensor, ...]] = None
+        # Set only inside `mixing(...)`, a mixed-adapter forward (see resident.py).
+        self._mixed: Optional[MixedLora] = None
 
     @property
     def merged(self) -> bool:
@@ -93,13 +103,23 @@ class LoraQKV(nn.Module):
             self.base_layer.weight = self._stock_weight
             self._stock_weight = None
 
+    @contextmanager
+    def mixing(self, mixed: MixedLora) -> Iterator["LoraQKV"]:
+        """Within the block, forward uses `mixed`'s bypasses (image b: adapter image_adapter[b])
+        instead of its own; x must then be (B, ..., C) with B = len(image_adapter)."""
+        self._mixed = mixed
+        try:
+            yield self
+        finally:
+            self._mixed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C) -> (..., 3C)."""
         if self.merged:
             return self.base_layer(x)
         dim = self.base_layer.in_features
-        if self.mixed is not None:
-            a_q, b_q, a_v, b_v, image_adapter = self.mixed
+        if self._mixed is not None:
+            a_q, b_q, a_v, b_v, image_adapter = self._mixed
             x2d = x.reshape(-1, dim)
             rows = row_adapter_index(image_adapter, x2d.shape[0])
             y = lora_qkv_multi(x2d, self.base_layer.weight, self.base_layer.bias, a_q, b_q, a_v, b_v, self.scale, rows)

@@ -16,9 +16,9 @@ from .adapter import Adapter
 from .config import AdapterConfig
 from .geometry import SliceGeometry
 from . import inference
-from .inference import check_unit_range
+from .inference import check_image, check_unit_range
 from .preprocessing import Intensity
-from .surgery import encoder_lora_layers, get_stock_state
+from .surgery import encoder_lora_layers, require_stock_state
 from .transfer import extract_adapter
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -34,16 +34,12 @@ class SAMed(nn.Module):
 
     def __init__(self, sam: Sam) -> None:
         super().__init__()
-        if get_stock_state(sam) is None:
-            raise ValueError("this SAM is not patched; use samed_adapter.patch(sam, adapter) or inject(sam, config)")
+        require_stock_state(sam)
         self.sam = sam
 
     @property
     def config(self) -> AdapterConfig:
-        stock = get_stock_state(self.sam)
-        if stock is None:
-            raise RuntimeError("this SAM was unpatched; patch it again to use the SAMed model")
-        return stock.config
+        return require_stock_state(self.sam).config
 
     @property
     def merged(self) -> bool:
@@ -63,10 +59,7 @@ class SAMed(nn.Module):
 
     def adapter(self) -> Adapter:
         """The current adapter tensors and config (trained values, deltas against stock)."""
-        stock = get_stock_state(self.sam)
-        if stock is None:
-            raise RuntimeError("this SAM was unpatched; there is no adapter to extract")
-        return extract_adapter(self.sam, stock)
+        return extract_adapter(self.sam, require_stock_state(self.sam))
 
     def forward(self, images: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """Predict K+1 class logits for a batch of images, without prompts.
@@ -118,11 +111,11 @@ class SAMed(nn.Module):
     @property
     def active_adapter(self) -> Optional[str]:
         """The name of the adapter the model runs now (None for a freshly injected one)."""
-        return get_stock_state(self.sam).active_adapter
+        return require_stock_state(self.sam).active_adapter
 
     @property
     def adapter_names(self) -> list[str]:
-        return sorted(get_stock_state(self.sam).adapters)
+        return sorted(require_stock_state(self.sam).adapters)
 
     def load_adapter(self, source: Union[Adapter, str, os.PathLike], adapter_name: str, *,
                      allow_base_mismatch: bool = False) -> "SAMed":
@@ -219,7 +212,7 @@ class SAMed(nn.Module):
         if isinstance(image, Volume):
             return inference.run(self, inference.prepare_volume(self.config, image, **scaling), batch_size,
                                  return_probabilities)
-        array = _check_image(image)
+        array = check_image(image)
         squeeze = array.ndim == 2
         array = array[None] if squeeze else array
         scaled, messages = inference.scale_slices(self.config, array, **scaling)
@@ -230,22 +223,3 @@ class SAMed(nn.Module):
             return result[0] if squeeze else result
         labels, probs = result  # (D, H, W), (C, D, H, W)
         return (labels[0], probs[:, 0]) if squeeze else (labels, probs)
-
-
-def _check_image(array: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu()
-        array = (array.float() if array.is_floating_point() else array).numpy()
-    volume = np.asarray(array)
-    if volume.ndim not in (2, 3):
-        raise ValueError(
-            f"expected a (H, W) slice or a (D, H, W) volume, got an array of shape {volume.shape}; "
-            "drop channel axes (e.g. array[..., 0]) or split 4-D series first"
-        )
-    if volume.size == 0:
-        raise ValueError(f"the image is empty (shape {volume.shape})")
-    if volume.dtype.kind not in "biuf":
-        raise ValueError(f"expected numeric intensities, got dtype {volume.dtype}")
-    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
-        raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
-    return volume

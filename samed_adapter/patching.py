@@ -56,7 +56,7 @@ def patch(
     """
     sam = _as_sam(sam)
     if not isinstance(adapter, Adapter):
-        adapter = _load(adapter)
+        adapter = Adapter.load(adapter)
     stock = get_stock_state(sam)
     config, fingerprint = validate(sam, adapter, allow_base_mismatch=allow_base_mismatch)
 
@@ -112,7 +112,8 @@ def unpatch(sam: Union[Sam, SAMed]) -> Sam:
     return restore_stock(_as_sam(sam))
 
 
-def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_values, merge: bool) -> SAMed:
+def _apply(sam: Sam, stock: Optional[StockState], config: AdapterConfig, fingerprint: str, write_values,
+           merge: bool) -> SAMed:
     first = stock is None
     was_merged = any(layer.merged for layer in encoder_lora_layers(sam).values())
     previous = None if first else _Previous.capture(sam, stock, was_merged)
@@ -146,7 +147,7 @@ def _apply(sam: Sam, stock, config: AdapterConfig, fingerprint: str, write_value
 def _track(sam: Sam, stock: StockState, rebuilt: bool) -> None:
     """Note the in-place update counters of the adapter's live tensors: if they are unchanged at
     the next swap, nobody trained the model since, and the resident adapter still describes it."""
-    if rebuilt or not hasattr(stock, "tracked"):
+    if rebuilt or stock.versions is None:
         params = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
         for layer in encoder_lora_layers(sam).values():
             params += [layer.q.lora_A.weight, layer.q.lora_B.weight, layer.v.lora_A.weight, layer.v.lora_B.weight]
@@ -155,7 +156,7 @@ def _track(sam: Sam, stock: StockState, rebuilt: bool) -> None:
 
 
 def _versions(stock: StockState) -> tuple[int, ...]:
-    return tuple(p._version for p in getattr(stock, "tracked", ()))
+    return tuple(p._version for p in stock.tracked)
 
 
 @dataclass
@@ -164,14 +165,14 @@ class _Previous:
 
     config: AdapterConfig
     adapter: Adapter
-    adapters: dict
+    adapters: dict[str, Adapter]
     active: Optional[str]
     merged: bool
 
     @classmethod
     def capture(cls, sam: Sam, stock: StockState, merged: bool) -> "_Previous":
         adapter = stock.adapters.get(stock.active_adapter) if stock.active_adapter is not None else None
-        if adapter is None or getattr(stock, "versions", None) != _versions(stock):
+        if adapter is None or stock.versions != _versions(stock):
             adapter = extract_adapter(sam, stock)  # trained since its patch: keep the live values
         return cls(stock.config, adapter, dict(stock.adapters), stock.active_adapter, merged)
 
@@ -216,17 +217,12 @@ def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     return dataclasses.replace(config, backbone=backbone)
 
 
-def _expected(stock: StockState | None, sam: Sam, prompt_state, stock_decoder, config: AdapterConfig):
+def _expected(stock: Optional[StockState], sam: Sam, prompt_state, stock_decoder, config: AdapterConfig):
     # The table depends only on the structure, so a hot swap between adapters of one shape
     # reuses it instead of rebuilding it.
-    structure = (config.rank, tuple(config.lora_blocks or ()), config.num_classes, config.decoder_lora,
-                 config.decoder_lora_rank, config.lora_scale)
-    cache = stock.__dict__.setdefault("_expected_cache", {}) if stock is not None else {}
-    if structure not in cache:
-        cache[structure] = expected_tensors(sam, prompt_state, stock_decoder, config)
-    return cache[structure]
-
-
-def _load(source: Union[str, os.PathLike]) -> Adapter:
-    """An adapter file path, or a Hub id `"org/name[@revision]"` (a local path wins), as an Adapter."""
-    return Adapter.load(source)
+    if stock is None:
+        return expected_tensors(sam, prompt_state, stock_decoder, config)
+    key = config.structure_key()
+    if key not in stock.expected:
+        stock.expected[key] = expected_tensors(sam, prompt_state, stock_decoder, config)
+    return stock.expected[key]

@@ -9,41 +9,34 @@ once per adapter on that adapter's images.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Sequence, Union
 
 import torch
 from segment_anything.modeling import Sam
 
 from .adapter import Adapter
-from .surgery import StockState, encoder_lora_layers, get_stock_state
+from .lora import MixedLora
+from .surgery import encoder_lora_layers, require_stock_state
 from .transfer import load_head_values
-
-_STRUCTURE = ("rank", "lora_blocks", "lora_scale", "image_size", "num_classes", "decoder_lora", "decoder_lora_rank")
-
-
-def _stock(sam: Sam) -> StockState:
-    stock = get_stock_state(sam)
-    if stock is None:
-        raise RuntimeError("this SAM is not patched; patch it first")
-    return stock
 
 
 def load_adapter(sam: Sam, source: Union[Adapter, str, os.PathLike], adapter_name: str, *,
                  allow_base_mismatch: bool = False) -> Adapter:
     """Validate an adapter against `sam` and keep it resident under `adapter_name` (not active)."""
-    from .patching import _load, validate
+    from .patching import validate
 
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-    adapter = source if isinstance(source, Adapter) else _load(source)
-    stock = _stock(sam)
+    adapter = source if isinstance(source, Adapter) else Adapter.load(source)
+    stock = require_stock_state(sam)
     validate(sam, adapter, allow_base_mismatch=allow_base_mismatch)
     stock.adapters[adapter_name] = adapter
     return adapter
 
 
 def delete_adapter(sam: Sam, adapter_name: str) -> None:
-    stock = _stock(sam)
+    stock = require_stock_state(sam)
     if adapter_name not in stock.adapters:
         raise KeyError(f"no resident adapter named {adapter_name!r}; resident: {sorted(stock.adapters)}")
     if adapter_name == stock.active_adapter:
@@ -52,7 +45,7 @@ def delete_adapter(sam: Sam, adapter_name: str) -> None:
 
 
 def resident_adapter(sam: Sam, adapter_name: str) -> Adapter:
-    stock = _stock(sam)
+    stock = require_stock_state(sam)
     try:
         return stock.adapters[adapter_name]
     except KeyError:
@@ -65,14 +58,14 @@ def mixed_forward(model, images: torch.Tensor, adapter_names: Sequence[str]) -> 
     All adapters in one batch must share the encoder LoRA shape, image size and K.
     """
     sam = model.sam
-    stock = _stock(sam)
+    stock = require_stock_state(sam)
     if len(adapter_names) != images.shape[0]:
         raise ValueError(f"{len(adapter_names)} adapter names for a batch of {images.shape[0]} images")
     names = list(dict.fromkeys(adapter_names))
     adapters = [resident_adapter(sam, n) for n in names]
-    reference = stock.config
+    reference = stock.config.structure_key()
     for name, adapter in zip(names, adapters):
-        different = [f for f in _STRUCTURE if getattr(adapter.config, f) != getattr(reference, f)]
+        different = [f for (f, value), (_, ours) in zip(adapter.config.structure_key(), reference) if value != ours]
         if different:
             raise ValueError(
                 f"adapter {name!r} differs from the active one in {different}; a mixed batch needs adapters of "
@@ -85,17 +78,16 @@ def mixed_forward(model, images: torch.Tensor, adapter_names: Sequence[str]) -> 
     saved = {k: v.clone() for k, v in _head_state(sam).items()}
     try:
         model.unmerge()
-        for i, layer in layers.items():
-            prefix = f"image_encoder.blocks.{i}.attn.qkv"
-            dtype = layer.base_layer.weight.dtype
-            stacks = [
-                torch.stack([a.tensors[f"{prefix}.{part}.lora_{ab}.weight"] for a in adapters]).to(device, dtype)
-                for part, ab in (("q", "A"), ("q", "B"), ("v", "A"), ("v", "B"))
-            ]
-            layer.mixed = (*stacks, index)
-        embeddings = sam.image_encoder(model.normalize(images))
-        for layer in layers.values():
-            layer.mixed = None
+        with ExitStack() as mixing:
+            for i, layer in layers.items():
+                prefix = f"image_encoder.blocks.{i}.attn.qkv"
+                dtype = layer.base_layer.weight.dtype
+                stacks = [
+                    torch.stack([a.tensors[f"{prefix}.{part}.lora_{ab}.weight"] for a in adapters]).to(device, dtype)
+                    for part, ab in (("q", "A"), ("q", "B"), ("v", "A"), ("v", "B"))
+                ]
+                mixing.enter_context(layer.mixing(MixedLora(*stacks, index)))
+            embeddings = sam.image_encoder(model.normalize(images))
         low_res, iou = None, None
         for j, adapter in enumerate(adapters):
             chosen = (index == j).nonzero().squeeze(1)
@@ -107,8 +99,6 @@ def mixed_forward(model, images: torch.Tensor, adapter_names: Sequence[str]) -> 
             low_res[chosen] = part_low
             iou[chosen] = part_iou
     finally:
-        for layer in layers.values():
-            layer.mixed = None
         with torch.no_grad():
             for key, value in _head_state(sam).items():
                 value.copy_(saved[key])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from .adapter import Adapter
 from .attention import disable_sdpa
 from .config import AdapterConfig
 from .lora import LoraQKV, is_peft_lora, wrap_linear_with_peft
@@ -31,9 +32,18 @@ _STOCK_ATTR = "_samed_stock"
 DECODER_LORA_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
 
 
+class NotPatchedError(RuntimeError):
+    """An operation that needs a patched SAM was given a stock (or unpatched) one."""
+
+
 @dataclass
 class StockState:
-    """The stock tensors and modules that patching took out of a SAM, each kept once."""
+    """The stock tensors and modules that patching took out of a SAM, each kept once.
+
+    Beside them it carries what patching keeps per patched SAM: the config the live modules
+    have, the resident adapters, and the bookkeeping of hot swaps (`tracked`, `versions`,
+    `expected`).
+    """
 
     fingerprint: str
     config: AdapterConfig
@@ -47,8 +57,15 @@ class StockState:
     requires_grad: dict[str, bool]
     prompt_state: dict[str, torch.Tensor] = field(default_factory=dict)
     decoder_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    adapters: dict[str, "object"] = field(default_factory=dict)  # resident Adapters by name
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # resident Adapters by name
     active_adapter: Optional[str] = None
+    # The adapter's live tensors and their in-place update counters (`_version`) when it was
+    # last written: unchanged counters mean nobody trained the model since (see patching).
+    tracked: list[torch.Tensor] = field(default_factory=list)
+    versions: Optional[tuple[int, ...]] = None
+    # {config.structure_key(): expected_tensors(...)}: the table of tensors an adapter of one
+    # structure must hold, built once per structure.
+    expected: dict[tuple, dict[str, tuple[tuple[int, ...], bool]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prompt_state = dict(self.prompt_encoder.state_dict())
@@ -66,6 +83,17 @@ class StockState:
 def get_stock_state(sam: Sam) -> Optional[StockState]:
     """The StockState of a patched SAM, or None for a stock one."""
     return sam.__dict__.get(_STOCK_ATTR)
+
+
+def require_stock_state(sam: Sam) -> StockState:
+    """The StockState of a patched SAM; NotPatchedError for a stock one."""
+    stock = get_stock_state(sam)
+    if stock is None:
+        raise NotPatchedError(
+            "this SAM is not patched (or was unpatched); call samed_adapter.patch(sam, adapter) or "
+            "samed_adapter.inject(sam, config) first"
+        )
+    return stock
 
 
 def stock_fingerprint(sam: Sam) -> str:
@@ -153,10 +181,10 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     return resized.squeeze(0).t().contiguous()
 
 
-def set_image_size(sam: Sam, stock: StockState, image_size: int) -> None:
-    """Resize the encoder's position tensors from the stock ones; they stay frozen."""
+def set_image_size(sam: Sam, stock: StockState, config: AdapterConfig) -> None:
+    """Resize the encoder's position tensors from the stock ones to `config.image_size`; they stay frozen."""
     enc = sam.image_encoder
-    grid = image_size // 16
+    grid = config.grid_size
     with torch.no_grad():
         pos = resize_pos_embed(stock.pos_embed, grid)
         enc.pos_embed = stock.pos_embed if pos is stock.pos_embed else nn.Parameter(pos, requires_grad=False)
@@ -164,7 +192,7 @@ def set_image_size(sam: Sam, stock: StockState, image_size: int) -> None:
             for name, rel in (("rel_pos_h", rel_h), ("rel_pos_w", rel_w)):
                 resized = resize_rel_pos(rel, 2 * grid - 1)
                 setattr(enc.blocks[i].attn, name, rel if resized is rel else nn.Parameter(resized, requires_grad=False))
-    enc.img_size = image_size
+    enc.img_size = config.image_size
 
 
 def lora_blocks(sam: Sam, config: AdapterConfig) -> list[int]:
@@ -195,13 +223,13 @@ def encoder_lora_layers(sam: Sam) -> dict[int, LoraQKV]:
 # ---------------------------------------------------------------- prompt encoder and decoder
 
 
-def build_prompt_encoder(stock: PromptEncoder, image_size: int) -> PromptEncoder:
-    """A prompt encoder like `stock` for an image_size input (values are loaded separately)."""
-    grid = image_size // 16
+def build_prompt_encoder(stock: PromptEncoder, config: AdapterConfig) -> PromptEncoder:
+    """A prompt encoder like `stock` for a `config.image_size` input (values are loaded separately)."""
+    grid, size = config.grid_size, config.image_size
     return PromptEncoder(
         embed_dim=stock.embed_dim,
         image_embedding_size=(grid, grid),
-        input_image_size=(image_size, image_size),
+        input_image_size=(size, size),
         mask_in_chans=stock.mask_downscaling[0].out_channels * 4,
     )
 
@@ -275,8 +303,8 @@ def set_structure(sam: Sam, stock: StockState, config: AdapterConfig) -> bool:
     before = (sam.prompt_encoder, sam.mask_decoder, [blk.attn.qkv for blk in sam.image_encoder.blocks])
     device = sam.pixel_mean.device
     if sam.image_encoder.img_size != config.image_size or sam.prompt_encoder is stock.prompt_encoder:
-        set_image_size(sam, stock, config.image_size)
-        sam.prompt_encoder = build_prompt_encoder(stock.prompt_encoder, config.image_size).to(device)
+        set_image_size(sam, stock, config)
+        sam.prompt_encoder = build_prompt_encoder(stock.prompt_encoder, config).to(device)
     set_encoder_lora(sam, config)
     if sam.mask_decoder is stock.mask_decoder or not decoder_structure_matches(sam.mask_decoder, config):
         sam.mask_decoder = build_mask_decoder(stock.mask_decoder, config, device=device)

@@ -1,42 +1,25 @@
 """Adapter-loading fuzz: the harness of benchmarks/fuzz_adapter.py, for a few hundred cases.
 
-The script is the one implementation (mutations, the SAM-state digest, the outcome rules); this
-file loads it by path. Every case must end in a documented error (an AdapterError subclass or a
-FileNotFoundError with a message, the SAM unchanged) or in a clean patch.
+`samed_adapter.testing.mutations` and `samed_adapter.testing.fuzz` are the one implementation
+(mutations, the SAM-state digest, the outcome rules), shared with the script. Every case must
+end in a documented error (an AdapterError subclass or a FileNotFoundError with a message, the
+SAM unchanged) or in a clean patch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import samed_adapter as sa
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_adapter.py"
-
-
-def _load_script():
-    name = "samed_fuzz_adapter"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_script()
+from samed_adapter.testing import fuzz, mutations
 
 # Every mutation kind now ends cleanly (the bugs the first 10,000-case run found are fixed).
 KNOWN_BUG_KINDS: set[str] = set()
 
-# The representative case of every kind (fuzz.FirstChoice takes each mutator's first option)
+# The representative case of every kind (mutations.FirstChoice takes each mutator's first option)
 # and the exact outcome it must have, on a stock SAM and as a hot swap.
 EXPECTED = {
     "valid": "success",
@@ -86,7 +69,7 @@ _BUGGY_REPRESENTATIVES: set[str] = set()
 
 @pytest.fixture(scope="module")
 def fx():
-    return fuzz.Fixture()
+    return mutations.Fixture()
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +79,16 @@ def runner(fx, tmp_path_factory):
 
 def _case(fx, kind: str, target: str, variant: str = "plain", merge: bool = False, index: int = 1):
     # index 1: the success check does not run a forward pass (only every tenth case does)
-    return fuzz.Case(index, kind, variant, target, merge, fuzz.mutate(kind, fuzz.FirstChoice(), fx, variant))
+    return mutations.Case(index, kind, variant, target, merge, mutations.mutate(kind, mutations.FirstChoice(), fx, variant))
 
 
 def test_every_kind_has_an_expected_outcome():
-    assert set(EXPECTED) == set(fuzz.KINDS)
-    assert KNOWN_BUG_KINDS <= set(fuzz.KINDS)
+    assert set(EXPECTED) == set(mutations.KINDS)
+    assert KNOWN_BUG_KINDS <= set(mutations.KINDS)
 
 
 def test_random_cases_end_in_documented_errors_or_clean_patches(fx):
-    kinds = [k for k in fuzz.KINDS if k not in KNOWN_BUG_KINDS]
+    kinds = [k for k in mutations.KINDS if k not in KNOWN_BUG_KINDS]
     report = fuzz.run_in_process(300, seed=0, timeout=10.0, kinds=kinds, fx=fx)
     assert len(report.results) == 300
     assert report.failures == [], fuzz.failure_examples(report)
@@ -113,22 +96,22 @@ def test_random_cases_end_in_documented_errors_or_clean_patches(fx):
     assert {"success", "AdapterFormatError", "AdapterMismatchError", "BaseMismatchError",
             "FileNotFoundError"} <= outcomes
     assert {r["kind"] for r in report.results} == set(kinds)
-    assert {r["target"] for r in report.results} == set(fuzz.TARGETS)
+    assert {r["target"] for r in report.results} == set(mutations.TARGETS)
     table = fuzz.markdown(report)
     assert "| **all** | **300** |" in table and table.rstrip().endswith("| **0** |")
 
 
 def test_cases_are_reproducible(fx):
     for index in (3, 77, 1234):
-        a, b = fuzz.make_case(5, index, fx), fuzz.make_case(5, index, fx)
+        a, b = mutations.make_case(5, index, fx), mutations.make_case(5, index, fx)
         assert (a.kind, a.variant, a.target, a.merge, a.mutation.note) == (b.kind, b.variant, b.target, b.merge,
                                                                           b.mutation.note)
         assert a.mutation.data == b.mutation.data
-    assert [fuzz.make_case(5, i, fx).kind for i in range(20)] != [fuzz.make_case(6, i, fx).kind for i in range(20)]
+    assert [mutations.make_case(5, i, fx).kind for i in range(20)] != [mutations.make_case(6, i, fx).kind for i in range(20)]
 
 
 @pytest.mark.parametrize("target", ["stock", "decoder"])
-@pytest.mark.parametrize("kind", [k for k in fuzz.KINDS if k not in _BUGGY_REPRESENTATIVES])
+@pytest.mark.parametrize("kind", [k for k in mutations.KINDS if k not in _BUGGY_REPRESENTATIVES])
 def test_each_mutation_kind_gives_its_exact_outcome(runner, fx, kind, target):
     result = runner.run(_case(fx, kind, target))
     assert result["outcome"] == EXPECTED[kind], result
@@ -156,11 +139,11 @@ def test_the_harness_catches_undocumented_errors_and_changed_sams(runner, fx, mo
     monkeypatch.undo()
     runner.prepare("plain")  # the changed SAM was discarded; a fresh one is prepared
 
-    monkeypatch.setattr(patching, "_load", lambda source: (_ for _ in ()).throw(RuntimeError("raw")))
+    monkeypatch.setattr(sa.Adapter, "load", lambda source: (_ for _ in ()).throw(RuntimeError("raw")))
     result = runner.run(case)
     assert (result["outcome"], result["failed"], result["message"]) == ("RuntimeError", True, "raw")
 
-    monkeypatch.setattr(patching, "_load", lambda source: (_ for _ in ()).throw(sa.AdapterFormatError("")))
+    monkeypatch.setattr(sa.Adapter, "load", lambda source: (_ for _ in ()).throw(sa.AdapterFormatError("")))
     result = runner.run(case)
     assert (result["outcome"], result["failed"]) == ("AdapterFormatError (empty message)", True)
 
@@ -168,7 +151,7 @@ def test_the_harness_catches_undocumented_errors_and_changed_sams(runner, fx, mo
         import time
         time.sleep(5)
 
-    monkeypatch.setattr(patching, "_load", slow)
+    monkeypatch.setattr(sa.Adapter, "load", slow)
     runner.timeout, timeout = 0.5, runner.timeout
     try:
         result = runner.run(case)
@@ -179,11 +162,11 @@ def test_the_harness_catches_undocumented_errors_and_changed_sams(runner, fx, mo
 
 def test_header_helpers_build_what_they_say(fx):
     data = fx.files["plain"]
-    length, header, body = fuzz.split_file(data)
-    assert fuzz.assemble(json.loads(header), body)[8:].startswith(header.rstrip())
-    assert fuzz.split_file(fuzz.with_length(data, 2**64 - 1))[0] == 2**64 - 1
-    assert fuzz.flip(b"\x00\x0f", [1], [0xFF]) == b"\x00\xf0"
-    assert json.loads(fuzz.nested(3)) == [[[3]]]
+    length, header, body = mutations.split_file(data)
+    assert mutations.assemble(json.loads(header), body)[8:].startswith(header.rstrip())
+    assert mutations.split_file(mutations.with_length(data, 2**64 - 1))[0] == 2**64 - 1
+    assert mutations.flip(b"\x00\x0f", [1], [0xFF]) == b"\x00\xf0"
+    assert json.loads(mutations.nested(3)) == [[[3]]]
 
 
 # --------------------------------------------------------------------------- known bugs
@@ -241,6 +224,6 @@ def test_the_state_digest_sees_one_changed_value(runner):
 def test_an_infinite_intensity_window_is_refused(runner, fx):
     text = json.dumps(dict(fx.config["plain"], intensity_window=[float("-inf"), 275.0]))  # -Infinity in the JSON
     assert "-Infinity" in text
-    mutation = fuzz.Mutation(fx.with_config_text("plain", text), "intensity_window [-Infinity, 275]")
+    mutation = mutations.Mutation(fx.with_config_text("plain", text), "intensity_window [-Infinity, 275]")
     result = _run_one(runner, fx, "config_nan", "stock", mutation=mutation)
     assert result["outcome"] == "AdapterFormatError", result

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import samed_adapter  # noqa: E402
 from samed_adapter import Adapter, UnsafeCheckpointError, build_sam, convert_published, patch, unpatch  # noqa: E402
+from samed_adapter.testing import assert_unchanged, snapshot  # noqa: E402
 from reference_samed import build_reference, reference_forward, save_published  # noqa: E402
 
 TINY_SIZE = 128
@@ -57,29 +58,6 @@ def _assert_parity(actual: dict, expected: dict, tol: float = REL_TOL, what: str
 def _run(model, images: torch.Tensor) -> dict:
     with torch.no_grad():
         return model(images)
-
-
-def _snapshot(sam: torch.nn.Module) -> dict:
-    """Everything unpatch must give back: tensors, keys, module names/types, flags."""
-    return {
-        "state": {k: v.detach().clone() for k, v in sam.state_dict().items()},
-        "modules": [(name, type(m)) for name, m in sam.named_modules()],
-        "params": [(name, p.requires_grad, p.dtype) for name, p in sam.named_parameters()],
-        "buffers": {k: v.detach().clone() for k, v in sam.named_buffers()},
-        "training": [(name, m.training) for name, m in sam.named_modules()],
-    }
-
-
-def _assert_same_snapshot(after: dict, before: dict) -> None:
-    assert list(after["state"]) == list(before["state"]), "state_dict keys differ from stock"
-    for k, v in before["state"].items():
-        assert after["state"][k].dtype == v.dtype and torch.equal(after["state"][k], v), f"{k} differs from stock"
-    assert after["modules"] == before["modules"], "module names or types differ from stock"
-    assert after["params"] == before["params"], "parameter names, requires_grad or dtypes differ from stock"
-    assert list(after["buffers"]) == list(before["buffers"])
-    for k, v in before["buffers"].items():
-        assert torch.equal(after["buffers"][k], v), f"buffer {k} differs from stock"
-    assert after["training"] == before["training"], "train/eval flags differ from stock"
 
 
 def _prompted_stock_forward(sam) -> list:
@@ -194,9 +172,9 @@ def test_reference_published_layout():
 def test_parity_convert_patch_merge(decoder_lora, k, tmp_path):
     published, expected = _tiny_reference(decoder_lora, k, seed=1)
     sam = _tiny_stock()
-    before = _snapshot(sam)
+    before = snapshot(sam)
     adapter = _convert(published, sam, tmp_path, "a")
-    _assert_same_snapshot(_snapshot(sam), before)  # converting leaves the stock SAM alone
+    assert_unchanged(sam, before)  # converting leaves the stock SAM alone
     assert adapter.config.num_classes == k and adapter.config.decoder_lora == decoder_lora
     assert adapter.config.rank == 4 and adapter.config.image_size == TINY_SIZE
     # the in-memory dict converts to the same adapter as the file
@@ -227,7 +205,7 @@ def test_parity_hot_swap(decoder_lora, k, tmp_path):
     other = (not decoder_lora, 8 - k)  # the other variant and the other class count
     published3, expected3 = _tiny_reference(*other, seed=3)
     sam = _tiny_stock()
-    before = _snapshot(sam)
+    before = snapshot(sam)
     prompted = _prompted_stock_forward(sam)
     a1 = _convert(published1, sam, tmp_path, "a1")
     a2 = _convert(published2, sam, tmp_path, "a2")
@@ -256,7 +234,7 @@ def test_parity_hot_swap(decoder_lora, k, tmp_path):
     _assert_parity(_run(model, images), expected1, what="merged, swapped back to adapter 1")
 
     unpatch(sam)
-    _assert_same_snapshot(_snapshot(sam), before)
+    assert_unchanged(sam, before)
     _assert_same_prompted(_prompted_stock_forward(sam), prompted)
 
 
@@ -292,20 +270,20 @@ def test_parity_after_safetensors_roundtrip(decoder_lora, k, tmp_path):
 def test_unpatch_restores_stock(decoder_lora, k, tmp_path):
     published, _ = _tiny_reference(decoder_lora, k, seed=1)
     sam = _tiny_stock()
-    before = _snapshot(sam)
+    before = snapshot(sam)
     prompted = _prompted_stock_forward(sam)
     adapter = _convert(published, sam, tmp_path, "a")
     model = patch(sam, adapter, merge=True)
     _run(model, _images(2, TINY_SIZE))
     restored = unpatch(sam)
     assert restored is sam
-    _assert_same_snapshot(_snapshot(sam), before)
+    assert_unchanged(sam, before)
     _assert_same_prompted(_prompted_stock_forward(sam), prompted)
     # and it can be patched again, with the same result as the first time
     _, expected = _tiny_reference(decoder_lora, k, seed=1)
     _assert_parity(_run(patch(sam, adapter), _images(2, TINY_SIZE)), expected, what="re-patched after unpatch")
     unpatch(sam)
-    _assert_same_snapshot(_snapshot(sam), before)
+    assert_unchanged(sam, before)
 
 
 def test_parity_detects_wrong_checkpoint_mapping(tmp_path):
@@ -390,7 +368,7 @@ def test_parity_vit_b_real_shapes(tmp_path):
     assert expected[1]["low_res_logits"].shape == (1, 9, 128, 128)
     assert _ratio(expected[2]["low_res_logits"], expected[1]["low_res_logits"]) > 1e-2
 
-    before = _snapshot(stock)
+    before = snapshot(stock)
     paths = {}
     for seed in (1, 2):
         paths[seed] = tmp_path / f"samed_{seed}.pth"
@@ -443,4 +421,4 @@ def test_parity_vit_b_real_shapes(tmp_path):
     assert all(torch.equal(state[n], patched_state[n]) for n in patched_state), "unmerge is not exact"
     del patched_state, merged_state, state
     unpatch(stock)
-    _assert_same_snapshot(_snapshot(stock), before)
+    assert_unchanged(stock, before)

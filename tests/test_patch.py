@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import random_adapter
+from samed_adapter.testing import assert_unchanged, random_adapter, snapshot
 from samed_adapter.adapter import FORMAT_VERSION
 from samed_adapter.lora import LoraQKV
 
@@ -19,23 +19,6 @@ SIZE = 128
 
 def stock_sam(seed: int = 0):
     return sa.build_sam("tiny", seed=seed)
-
-
-def snapshot(sam):
-    state = {k: v.detach().clone() for k, v in sam.state_dict().items()}
-    types = {name: type(m) for name, m in sam.named_modules()}
-    grads = {name: p.requires_grad for name, p in sam.named_parameters()}
-    return state, types, grads
-
-
-def assert_same_as(sam, snap):
-    state, types, grads = snap
-    now = sam.state_dict()
-    assert list(now) == list(state)
-    for k in state:
-        assert torch.equal(now[k], state[k]), k
-    assert {name: type(m) for name, m in sam.named_modules()} == types
-    assert {name: p.requires_grad for name, p in sam.named_parameters()} == grads
 
 
 def trained_adapter(config: sa.AdapterConfig, seed: int, sam=None) -> sa.Adapter:
@@ -146,7 +129,7 @@ def test_swaps_equal_a_fresh_patch_and_unpatch_restores_stock():
     assert all(torch.equal(live[k], ref[k]) for k in ref)
 
     assert sa.unpatch(model) is sam
-    assert_same_as(sam, stock)
+    assert_unchanged(sam, stock)
     with torch.no_grad():
         again = sam(prompt_input, multimask_output=True)[0]["low_res_logits"]
     assert torch.equal(again, prompted)
@@ -205,7 +188,7 @@ def test_bad_adapters_are_refused_and_sam_is_unchanged(change, error, tmp_path):
         with pytest.raises(error) as info:
             sa.patch(sam, path)
         assert str(info.value)
-        assert_same_as(sam, before)
+        assert_unchanged(sam, before)
 
 
 def test_base_mismatch_is_allowed_only_when_asked(tmp_path):
@@ -227,11 +210,11 @@ def test_adapter_for_another_shape_is_refused():
     before = snapshot(sam)
     with pytest.raises(sa.AdapterMismatchError, match="wrong shape"):
         sa.patch(sam, odd)
-    assert_same_as(sam, before)
+    assert_unchanged(sam, before)
     extra = dict(adapter.tensors, **{"mask_decoder.unknown.weight": torch.zeros(2)})
     with pytest.raises(sa.AdapterMismatchError, match="unexpected"):
         sa.patch(sam, sa.Adapter(adapter.config, extra, adapter.base_fingerprint))
-    assert_same_as(sam, before)
+    assert_unchanged(sam, before)
 
 
 def test_non_finite_tensors_are_refused():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from test_patch import CONFIGS, SIZE, images, snapshot, assert_same_as, stock_sam, trained_adapter
+from samed_adapter.testing import assert_unchanged, snapshot
+from test_patch import CONFIGS, SIZE, images, stock_sam, trained_adapter
 
 
 @pytest.mark.parametrize("config_name", ["k3", "decoder_lora", "size_96"])
@@ -26,7 +27,7 @@ def test_a_mixed_batch_equals_each_image_alone_with_its_adapter(config_name):
     names = ["a2", "a0", "a2", "a1"]
     with torch.no_grad():
         mixed = model(x, adapter_names=names)
-    assert_same_as(sam, before)  # the active adapter is untouched
+    assert_unchanged(sam, before)  # the active adapter is untouched
     for b, name in enumerate(names):
         alone = sa.patch(stock_sam(), adapters[name])
         with torch.no_grad():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
+from samed_adapter.testing import random_adapter
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_swap.py"
 MIB = 2**20
@@ -76,7 +77,7 @@ def test_the_soak_compares_exactly():
 def test_loading_an_adapter_file_many_times_keeps_memory_flat(tmp_path):
     sam = sa.build_sam("tiny", seed=0)
     with torch.enable_grad():
-        adapter = soak.make_adapter(sam, sa.AdapterConfig(num_classes=3, image_size=64), seed=1)
+        adapter = random_adapter(sam, sa.AdapterConfig(num_classes=3, image_size=64), seed=1)
     path = adapter.save(tmp_path / "a.safetensors")
     for _ in range(50):
         sa.Adapter.load(path)

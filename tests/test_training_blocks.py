@@ -23,7 +23,6 @@ from samed_adapter.training import (
     LossOutput,
     NiftiSlices,
     NiftiVolumes,
-    SliceAugment,
     SynapseSlices,
     SynapseVolumes,
     all_reduce_sum,
@@ -120,23 +119,6 @@ def test_augment_rejects_bad_input() -> None:
         augment(image, image, 64, np.random.default_rng(0))
     with pytest.raises(TypeError, match="Generator"):
         augment(image, label, 64, 3)  # type: ignore[arg-type]
-
-
-def test_slice_augment_seeded_per_slice_and_epoch() -> None:
-    image, label = _slice()
-    sample = {"image": image, "label": label.astype(np.float32), "case": "case0005", "slice": 7}
-    t = SliceAugment(32, seed=3)
-    first = t(sample)
-    assert first["case"] == "case0005" and first["slice"] == 7 and first["low_res_label"].shape == (8, 8)
-    np.testing.assert_array_equal(first["label"], SliceAugment(32, seed=3)(sample)["label"])
-    labels = []
-    for epoch in range(6):
-        t.set_epoch(epoch)
-        labels.append(t(sample)["label"])
-    np.testing.assert_array_equal(labels[0], first["label"])
-    assert any(not np.array_equal(labels[0], lab) for lab in labels[1:])
-    plain = SliceAugment(32, train=False)(sample)
-    np.testing.assert_array_equal(plain["label"], augment(image, label, 32, None, train=False)["label"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +275,10 @@ def test_lr_schedule_values() -> None:
 # Synapse readers
 
 
+def _resize_to_32(sample: dict) -> dict:
+    return {**sample, **augment(sample["image"], sample["label"], 32, None, train=False)}
+
+
 def test_synapse_slices_and_volumes(tmp_path: Path) -> None:
     (tmp_path / "train_npz").mkdir()
     (tmp_path / "lists_Synapse").mkdir()
@@ -312,7 +298,7 @@ def test_synapse_slices_and_volumes(tmp_path: Path) -> None:
     assert item["label"].dtype == np.int64 and item["image"].dtype == np.float32
     np.testing.assert_array_equal(item["image"], arrays[names[2]][0])
     np.testing.assert_array_equal(item["label"], arrays[names[2]][1].astype(np.int64))
-    aug = SynapseSlices(tmp_path, tmp_path / "lists_Synapse" / "train.txt", transform=SliceAugment(32))[0]
+    aug = SynapseSlices(tmp_path, tmp_path / "lists_Synapse" / "train.txt", transform=_resize_to_32)[0]
     assert aug["image"].shape == (3, 32, 32) and aug["case"] == "case0005"
 
     (tmp_path / "lists_Synapse" / "bad.txt").write_text("case0099_slice000\n")

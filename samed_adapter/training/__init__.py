@@ -9,16 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .augment import SliceAugment, augment, low_res_size
-from .config import RECIPES, TrainConfig
+from .augment import augment, low_res_size
+from .config import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS, RECIPES, VIT_H_POWER, TrainConfig
 
 _LAZY = {
     "SYNAPSE_LABEL_MAP": "data", "NiftiSlices": "data", "NiftiVolumes": "data", "SynapseSlices": "data",
     "SynapseVolumes": "data", "find_nifti_cases": "data", "split_cases": "data",
     "LossOutput": "losses", "all_reduce_sum": "losses", "dice_loss": "losses", "segmentation_loss": "losses",
     "NonFiniteLossError": "loop", "iterations_per_epoch": "loop", "train": "loop",
-    "DEFAULT_BASE_LR": "schedule", "DEFAULT_POWER": "schedule", "DEFAULT_WARMUP_ITERS": "schedule",
-    "VIT_H_POWER": "schedule", "lr_at": "schedule", "set_lr": "schedule",
+    "lr_at": "schedule", "set_lr": "schedule",
 }
 
 
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
                        find_nifti_cases, split_cases)
     from .losses import LossOutput, all_reduce_sum, dice_loss, segmentation_loss
     from .loop import NonFiniteLossError, iterations_per_epoch, train
-    from .schedule import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS, VIT_H_POWER, lr_at, set_lr
+    from .schedule import lr_at, set_lr
 
 __all__ = [
     "train",
@@ -45,7 +44,6 @@ __all__ = [
     "NonFiniteLossError",
     "iterations_per_epoch",
     "augment",
-    "SliceAugment",
     "low_res_size",
     "SYNAPSE_LABEL_MAP",
     "SynapseSlices",

@@ -2,17 +2,14 @@
 
 Randomness comes only from a :class:`numpy.random.Generator` handed in by the caller, so a run can
 be reproduced (and resumed mid-way) from its seeds; nothing here touches numpy's or Python's
-global random state.
+global random state. The training loop seeds one generator per slice from (seed, epoch, index).
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Any, Mapping
-
 import numpy as np
 
-__all__ = ["augment", "SliceAugment", "low_res_size"]
+__all__ = ["augment", "low_res_size"]
 
 # The SAMed recipe: rotations by an integer angle drawn from [-20, 20).
 _MAX_ANGLE = 20
@@ -97,59 +94,6 @@ def augment(
         "label": label.astype(np.int64, copy=False),
         "low_res_label": low_res_label.astype(np.int64, copy=False),
     }
-
-
-class SliceAugment:
-    """A dataset ``transform``: applies :func:`augment` to a sample dict from the slice datasets.
-
-    Each sample gets its own generator seeded from ``(seed, epoch, case, slice)``, so the
-    augmentation of a slice depends neither on the order samples are drawn in nor on how many
-    DataLoader workers there are (each worker holds a copy of this object; a shared generator
-    would give every worker the same stream). Resuming at epoch e after :meth:`set_epoch` (e)
-    reproduces the same augmentations. Call :meth:`set_epoch` before iterating the DataLoader each
-    epoch; with ``persistent_workers=True`` the workers keep the epoch they were started with, so
-    leave persistent workers off when relying on this.
-
-    A slice that occurs twice in one epoch (oversampling) is augmented identically both times.
-    """
-
-    def __init__(self, image_size: int, *, seed: int = 0, train: bool = True) -> None:
-        _check_image_size(image_size)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.image_size = image_size
-        self.seed = int(seed)
-        self.train = bool(train)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch`` (a non-negative int)."""
-        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = int(epoch)
-
-    def rng_for(self, case: str, slice_index: int) -> np.random.Generator:
-        """The generator used for one slice in the current epoch."""
-        # crc32, not hash(): str hashes are salted per process, which would differ between workers.
-        case_key = zlib.crc32(str(case).encode("utf-8"))
-        return np.random.default_rng([self.seed, self.epoch, case_key, int(slice_index) & 0xFFFFFFFF])
-
-    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        """``{"image": (H, W), "label": (H, W), "case", "slice"}`` -> the same keys plus
-        ``"low_res_label"``, with image (3, S, S) float32 and labels int64 as in :func:`augment`."""
-        missing = [k for k in ("image", "label", "case", "slice") if k not in sample]
-        if missing:
-            raise KeyError(
-                f"SliceAugment needs a sample dict with 'image', 'label', 'case' and 'slice' (as the slice "
-                f"datasets give); missing {missing}"
-            )
-        rng = self.rng_for(sample["case"], sample["slice"]) if self.train else None
-        out = dict(sample)
-        out.update(augment(sample["image"], sample["label"], self.image_size, rng, train=self.train))
-        return out
-
-    def __repr__(self) -> str:
-        return f"SliceAugment(image_size={self.image_size}, seed={self.seed}, train={self.train}, epoch={self.epoch})"
 
 
 def _check_image_size(image_size: int) -> None:

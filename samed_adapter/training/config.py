@@ -5,16 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["RECIPES", "TrainConfig"]
+__all__ = ["RECIPES", "TrainConfig", "DEFAULT_BASE_LR", "DEFAULT_WARMUP_ITERS", "DEFAULT_POWER", "VIT_H_POWER"]
+
+# The published schedule (see schedule.lr_at), shared by both recipes but for the decay exponent.
+DEFAULT_BASE_LR = 0.005
+DEFAULT_WARMUP_ITERS = 250
+DEFAULT_POWER = 0.9
+# The published ViT-H recipe decays much faster.
+VIT_H_POWER = 7.0
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The published ViT-B recipe: 200 epochs planned, stopped after 160, decay exponent 0.9.
-    "vit_b": dict(batch_size=24, max_epochs=200, stop_epoch=160, power=0.9),
+    # The published ViT-B recipe (TrainConfig's defaults): 200 epochs planned, stopped after 160.
+    "vit_b": dict(batch_size=24, max_epochs=200, stop_epoch=160, power=DEFAULT_POWER),
     # The published ViT-H recipe: 400 planned, stopped after 300, exponent 7, fp16, TF32, compile.
-    "vit_h": dict(batch_size=24, max_epochs=400, stop_epoch=300, power=7.0, precision="fp16", tf32=True,
+    "vit_h": dict(batch_size=24, max_epochs=400, stop_epoch=300, power=VIT_H_POWER, precision="fp16", tf32=True,
                   compile=True),
 }
-
+_VIT_B = RECIPES["vit_b"]
 
 
 @dataclass
@@ -22,12 +29,12 @@ class TrainConfig:
     """Training options; the defaults are the published SAMed (ViT-B) recipe."""
 
     output_dir: str = field(metadata={"help": "Where adapters, the training state and the log go."})
-    batch_size: int = field(default=24, metadata={"help": "Global batch (split across processes)."})
-    max_epochs: int = field(default=200, metadata={"help": "Epochs the lr schedule is planned for."})
-    stop_epoch: Optional[int] = field(default=160, metadata={"help": "Stop after this many epochs."})
-    base_lr: float = field(default=0.005, metadata={"help": "Base learning rate."})
-    warmup_iters: int = field(default=250, metadata={"help": "Linear warm-up iterations."})
-    power: float = field(default=0.9, metadata={"help": "Polynomial decay exponent."})
+    batch_size: int = field(default=_VIT_B["batch_size"], metadata={"help": "Global batch (split across processes)."})
+    max_epochs: int = field(default=_VIT_B["max_epochs"], metadata={"help": "Epochs the lr schedule is planned for."})
+    stop_epoch: Optional[int] = field(default=_VIT_B["stop_epoch"], metadata={"help": "Stop after this many epochs."})
+    base_lr: float = field(default=DEFAULT_BASE_LR, metadata={"help": "Base learning rate."})
+    warmup_iters: int = field(default=DEFAULT_WARMUP_ITERS, metadata={"help": "Linear warm-up iterations."})
+    power: float = field(default=_VIT_B["power"], metadata={"help": "Polynomial decay exponent."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
     ce_weight: float = field(default=0.2, metadata={"help": "Weight of cross-entropy in the loss."})

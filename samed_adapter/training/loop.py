@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -156,17 +156,61 @@ def train(
         raise
 
 
+@dataclass
+class _Run:
+    """What one run sets up before its first step: the schedule's lengths, the optimiser and
+    the network it steps, and the state it resumes from."""
+
+    net: torch.nn.Module  # the model, or its DDP / compiled wrapper
+    named: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: TrainingState
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    reduce_fn: Any
+    per_epoch: int
+    max_iters: int
+    stop_iters: int
+
+
 def _train(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, rank: int, world: int,
            val_volumes: Optional[Sequence], resume: bool) -> Path:
+    run = _set_up(model, dataset, config, out, world, resume)
+    sampler = _GlobalBatches(len(dataset), config.batch_size, run.per_epoch, run.state.iteration, run.stop_iters,
+                             config.seed, rank, world)
+    loader = DataLoader(_Slices(dataset, model.config.image_size, config.seed, config.augment), batch_sampler=sampler,
+                        num_workers=config.num_workers)
+    log = _Log(out, rank, run.state.iteration, config, total=run.stop_iters, adapter=model.config.to_dict())
+    model.train()
+    it = run.state.iteration
+    with _checkpointed_blocks(model, config.activation_checkpointing), log:
+        for batch in loader:
+            lr, loss = _step(run, config, batch, it, out)
+            it += 1
+            log.step(it, lr, loss)
+            epoch, epoch_done = it // run.per_epoch, it % run.per_epoch == 0
+            if epoch_done and config.val_every and epoch % config.val_every == 0 and val_volumes is not None:
+                run.state.best_dice = _validate(model, val_volumes, out, rank, run.state.best_dice, epoch, log)
+            if _checkpoint_due(config, run, it):
+                run.state.iteration = it
+                _save(model, run.named, run.optimizer, run.scaler, run.state, out, rank, epoch if epoch_done else None)
+    if rank == 0:
+        final = out / "adapter.safetensors"
+        model.adapter().save(final)
+    if world > 1:
+        dist.barrier()
+    return out / "adapter.safetensors"
+
+
+def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, world: int, resume: bool) -> _Run:
+    """Check the data against the batch, build the optimiser (resumed from `out` when asked) and wrap the model."""
     device = next(model.sam.image_encoder.parameters()).device
-    image_size = model.config.image_size
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes")
     per_epoch = iterations_per_epoch(len(dataset), config.batch_size, world)
     if per_epoch == 0:
         raise ValueError(f"the dataset has {len(dataset)} slices, too few for one batch")
-    max_iters = config.max_epochs * per_epoch
-    stop_iters = (config.stop_epoch or config.max_epochs) * per_epoch
 
     named = _trainable(model)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=config.base_lr, betas=config.betas,
@@ -185,56 +229,47 @@ def _train(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, rank:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
-    reduce_fn = all_reduce_sum() if world > 1 else None
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    return _Run(
+        net=net, named=named, optimizer=optimizer, scaler=scaler, state=state, device=device,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
+        reduce_fn=all_reduce_sum() if world > 1 else None,
+        per_epoch=per_epoch,
+        max_iters=config.max_epochs * per_epoch,
+        stop_iters=(config.stop_epoch or config.max_epochs) * per_epoch,
+    )
 
-    sampler = _GlobalBatches(len(dataset), config.batch_size, per_epoch, state.iteration, stop_iters, config.seed,
-                             rank, world)
-    loader = DataLoader(_Slices(dataset, image_size, config.seed, config.augment), batch_sampler=sampler,
-                        num_workers=config.num_workers)
-    log = _Log(out, rank, state.iteration, config, total=stop_iters, adapter=model.config.to_dict())
-    model.train()
-    it = state.iteration
-    with _checkpointed_blocks(model, config.activation_checkpointing), log:
-        for batch in loader:
-            # The published loop sets the lr after each step: step j runs at lr_at(j - 1).
-            lr = lr_at(max(it - 1, 0), base_lr=config.base_lr, warmup_iters=config.warmup_iters,
-                       max_iters=max_iters, power=config.power)
-            set_lr(optimizer, lr)
-            images = batch["image"].to(device, non_blocking=True)
-            target = batch["low_res_label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits = net(images)["low_res_logits"]
-            loss = segmentation_loss(logits.float(), target, ce_weight=config.ce_weight,
-                                     dice_weight=config.dice_weight, reduce_fn=reduce_fn)
-            if not torch.isfinite(loss.total):
-                log.close()
-                raise NonFiniteLossError(
-                    f"the loss became {loss.total.item()} at iteration {it} (epoch {it // per_epoch}); the run "
-                    f"stopped and the last good checkpoint in {out} is kept. Lower --base-lr or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss.total * loss.grad_scale).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            it += 1
-            log.step(it, lr, loss)
-            epoch_done = it % per_epoch == 0
-            epoch = it // per_epoch
-            if epoch_done and config.val_every and epoch % config.val_every == 0 and val_volumes is not None:
-                state.best_dice = _validate(model, val_volumes, out, rank, state.best_dice, epoch, log)
-            last = it == stop_iters
-            if last or (epoch_done and epoch % config.save_every == 0) or (
-                config.save_every_iters and it % config.save_every_iters == 0
-            ):
-                state.iteration = it
-                _save(model, named, optimizer, scaler, state, out, rank, epoch if epoch_done else None)
-    if rank == 0:
-        final = out / "adapter.safetensors"
-        model.adapter().save(final)
-    if world > 1:
-        dist.barrier()
-    return out / "adapter.safetensors"
+
+def _step(run: _Run, config: TrainConfig, batch: dict[str, torch.Tensor], it: int, out: Path) -> tuple[float, Any]:
+    """Optimiser step `it` (0-based) on one batch; returns its lr and loss."""
+    # The published loop sets the lr after each step: step j runs at lr_at(j - 1).
+    lr = lr_at(max(it - 1, 0), base_lr=config.base_lr, warmup_iters=config.warmup_iters,
+               max_iters=run.max_iters, power=config.power)
+    set_lr(run.optimizer, lr)
+    device, autocast_dtype = run.device, run.autocast_dtype
+    images = batch["image"].to(device, non_blocking=True)
+    target = batch["low_res_label"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = run.net(images)["low_res_logits"]
+    loss = segmentation_loss(logits.float(), target, ce_weight=config.ce_weight,
+                             dice_weight=config.dice_weight, reduce_fn=run.reduce_fn)
+    if not torch.isfinite(loss.total):
+        raise NonFiniteLossError(
+            f"the loss became {loss.total.item()} at iteration {it} (epoch {it // run.per_epoch}); the run "
+            f"stopped and the last good checkpoint in {out} is kept. Lower --base-lr or check the data."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss.total * loss.grad_scale).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return lr, loss
+
+
+def _checkpoint_due(config: TrainConfig, run: _Run, it: int) -> bool:
+    """Whether to checkpoint after `it` steps: at the end, every `save_every` epochs, every `save_every_iters`."""
+    epoch, epoch_done = it // run.per_epoch, it % run.per_epoch == 0
+    return it == run.stop_iters or (epoch_done and epoch % config.save_every == 0) or bool(
+        config.save_every_iters and it % config.save_every_iters == 0
+    )
 
 
 def _save(model: SAMed, named, optimizer, scaler, state: TrainingState, out: Path, rank: int,

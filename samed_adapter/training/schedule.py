@@ -7,13 +7,9 @@ import numbers
 
 import torch
 
-__all__ = ["lr_at", "set_lr", "DEFAULT_BASE_LR", "DEFAULT_WARMUP_ITERS", "DEFAULT_POWER", "VIT_H_POWER"]
+from .config import DEFAULT_BASE_LR, DEFAULT_POWER, DEFAULT_WARMUP_ITERS
 
-DEFAULT_BASE_LR = 0.005
-DEFAULT_WARMUP_ITERS = 250
-DEFAULT_POWER = 0.9
-# The published ViT-H recipe decays much faster.
-VIT_H_POWER = 7.0
+__all__ = ["lr_at", "set_lr"]
 
 
 def lr_at(
@@ -39,7 +35,8 @@ def lr_at(
     warmup_iters``), so the lr at the last iteration (``it = max_iters - 1``) is still above
     zero. Once ``it - warmup_iters`` reaches ``max_iters`` the base of the power would be <= 0 (a
     complex number in Python for negative bases); the lr is 0.0 from there on (never negative).
-    ``warmup_iters=0`` disables warm-up. Power: 0.9 (ViT-B recipe), 7 for the ViT-H recipe.
+    ``warmup_iters=0`` disables warm-up. Power: DEFAULT_POWER (0.9, ViT-B recipe), VIT_H_POWER
+    (7) for the ViT-H recipe.
     """
     it = _int_at_least("it (the 0-based optimiser step)", it, 0)
     warmup_iters = _int_at_least("warmup_iters", warmup_iters, 0)
