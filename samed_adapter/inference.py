@@ -100,7 +100,7 @@ def scale_slices(config: AdapterConfig, slices: np.ndarray, *, window=None, perc
     """Raw (D, H, W) -> [0, 1] float32 with the adapter's (or the given) intensity preprocessing."""
     if preprocessed:
         return check_unit_range(slices), []
-    intensity = Intensity(window, percentiles) if (window or percentiles) else Intensity.from_config(config)
+    intensity = Intensity.from_config(config, window, percentiles)
     message = contrast_warning(slices, intensity, where)
     scaled = intensity(slices) if intensity.scales else check_unit_range(slices)
     return scaled, [message] if message else []

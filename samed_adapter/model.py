@@ -143,9 +143,7 @@ class SAMed(nn.Module):
     def intensity(self, window: Optional[tuple[float, float]] = None,
                   percentiles: Optional[tuple[float, float]] = None) -> Intensity:
         """The adapter's intensity preprocessing, or the override given (a window or percentiles)."""
-        if window is not None or percentiles is not None:
-            return Intensity(window, percentiles)
-        return Intensity.from_config(self.config)
+        return Intensity.from_config(self.config, window, percentiles)
 
     def preprocess(self, slices: np.ndarray, **override: Optional[tuple[float, float]]) -> np.ndarray:
         """Raw intensities (..., H, W) -> float32 in [0, 1] with the adapter's preprocessing.

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from . import inference
 from .files import remove_stale_temporaries
@@ -200,6 +201,9 @@ class _Packer:
         self.failed = False
 
     def add(self, labels, probs) -> bool:
+        """Keep one piece; True when the volume is complete (never for a failed one)."""
+        if self.failed:
+            return False
         self.labels.append(labels)
         self.probs.append(probs)
         self.done += labels.shape[0]
@@ -235,7 +239,7 @@ def _pipeline(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, repor
     def flush(batch: list[tuple[Job, _Packer, int, int]]) -> None:
         """Run one packed batch: (job, packer, first slice, last slice) pieces."""
         inputs = [packer.prepared.inputs[a:b] for _, packer, a, b in batch]
-        labels, probs = inference.predict(model, inputs[0] if len(inputs) == 1 else torch_cat(inputs),
+        labels, probs = inference.predict(model, inputs[0] if len(inputs) == 1 else torch.cat(inputs),
                                           options.save_probabilities)
         at = 0
         for job, packer, a, b in batch:
@@ -282,20 +286,13 @@ def _pipeline(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, repor
         writers.shutdown(wait=True)
 
 
-def torch_cat(parts):
-    import torch
-
-    return torch.cat(parts)
-
-
 def _run_batch(flush: Callable, batch: list, report: Callable) -> None:
     try:
         flush(batch)
     except Exception as err:  # noqa: BLE001 - e.g. out of memory: every input in the batch fails
         for job, packer, _, _ in batch:
             if not packer.failed:
-                packer.failed = True
-                packer.done = -10**9  # never completes, so nothing of it is written
+                packer.failed = True  # never completes, so nothing of it is written
                 report(job, err, [])
 
 

@@ -54,8 +54,12 @@ class Intensity:
         object.__setattr__(self, "percentiles", _pair("percentiles", self.percentiles, (0.0, 100.0)))
 
     @classmethod
-    def from_config(cls, config: Any) -> "Intensity":
-        """The preprocessing an :class:`~samed_adapter.AdapterConfig` records."""
+    def from_config(cls, config: Any, window: Optional[Bounds] = None,
+                    percentiles: Optional[Bounds] = None) -> "Intensity":
+        """The preprocessing an :class:`~samed_adapter.AdapterConfig` records, unless a window or
+        percentiles are given to replace it."""
+        if window is not None or percentiles is not None:
+            return cls(window, percentiles)
         return cls(config.intensity_window, getattr(config, "intensity_percentiles", None))
 
     @property

@@ -222,8 +222,7 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
                                       class_names=np.array(["background", *names])))
         if options.overlay:
             scaling = options.scaling()
-            intensity = (Intensity(scaling["window"], scaling["percentiles"])
-                         if scaling["window"] or scaling["percentiles"] else Intensity.from_config(config))
+            intensity = Intensity.from_config(config, scaling["window"], scaling["percentiles"])
             written.append(overlay_volume(volume, labels, names, next(files), intensity=intensity))
     except BaseException:
         for path in written:  # all or nothing per input

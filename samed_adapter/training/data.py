@@ -1,8 +1,8 @@
 """Dataset readers: SAMed's preprocessed Synapse files and nnU-Net / MSD NIfTI folders.
 
 Every slice dataset returns ``{"image": (H, W) float32 in [0, 1], "label": (H, W) int64,
-"case": str, "slice": int}`` (numpy arrays); augmentation is a separate ``transform`` callable
-(e.g. :class:`~samed_adapter.training.augment.SliceAugment`) applied to that dict. Volume datasets
+"case": str, "slice": int}`` (numpy arrays), passed through an optional ``transform`` callable
+(the training loop augments with :func:`~samed_adapter.training.augment.augment`). Volume datasets
 return ``{"image": (D, H, W) float32, "label": (D, H, W) int64, "case": str}`` (NIfTI ones add
 ``"spacing"`` and ``"affine"``), D being the axis that the slice datasets cut along.
 """
