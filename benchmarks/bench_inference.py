@@ -8,14 +8,21 @@ weights and differ only in the encoder:
   merged         LoRA folded into qkv + SDPA attention.
 One 512 slice and a batch of 8, in one run, the rows timed in turn; ratios to the stock row.
 
+With --backbones: the SAMed forward (unmerged LoRA, K = 8, at S) through SAM 2's Hiera
+encoders (hiera_t, hiera_s, hiera_b+; random weights of the stock sam2 classes) against SAM
+ViT-B, with each adapter's file size; ratios to ViT-B.
+
     python benchmarks/bench_inference.py [--device cuda] [--dtype bfloat16] [--repeats 5]
+    python benchmarks/bench_inference.py --backbones [--device cuda] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +59,55 @@ def timed(model: sa.SAMed, images: torch.Tensor, dtype) -> float:
         return time.perf_counter() - start
 
 
+BACKBONES = ("vit_b", "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+")
+
+
+def round_robin(run, rows, args, device: torch.device) -> dict[tuple[str, int], float]:
+    """{(row, batch): median seconds of `run(row, images)`} for batches 1 and 8.
+
+    Round-robin over the rows, each warmed up once first, so that a slow spell of a shared
+    machine (or a clock ramping up) spreads over every row instead of landing on one.
+    """
+    results = {}
+    for batch in (1, 8):
+        images = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+        times = {row: [] for row in rows}
+        for repeat in range(-1, args.repeats):
+            for row in rows:
+                seconds = run(row, images)
+                if repeat >= 0:
+                    times[row].append(seconds)
+        for row in rows:
+            results[row, batch] = statistics.median(times[row])
+    return results
+
+
+def backbone_rows(args, device: torch.device, dtype) -> None:
+    """The --backbones table: SAMed through each encoder, batch 1 and 8, round-robin."""
+    models, sizes = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in BACKBONES:
+            torch.manual_seed(0)
+            model = sa.inject(sa.build_sam(name, seed=0), sa.AdapterConfig(num_classes=8, image_size=args.image_size))
+            with torch.no_grad():  # trained-looking: every trainable tensor off its start, as in a real file
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.add_(torch.randn_like(param) * 0.01)
+            sizes[name] = model.adapter().save(Path(tmp) / f"{name}.safetensors").stat().st_size
+            models[name] = model.to(device).eval()
+    print(f"SAMed forward at {args.image_size}, K = 8, {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"median of {args.repeats}")
+    print("| encoder | adapter MiB | batch 1 ms | vs vit_b | batch 8 ms | vs vit_b |")
+    print("|---|---|---|---|---|---|")
+    results = round_robin(lambda name, images: timed(models[name], images, dtype), BACKBONES, args, device)
+    for name in BACKBONES:
+        cells = [f"{sizes[name] / 2**20:.1f}"]
+        for batch in (1, 8):
+            cells += [f"{results[name, batch] * 1e3:.0f}", f"{results[name, batch] / results['vit_b', batch]:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -60,10 +116,13 @@ def main() -> None:
     parser.add_argument("--backbone", default="vit_b")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backbones", action="store_true", help="SAM 2 encoders against ViT-B (needs sam2)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = None if name == "float32" else getattr(torch, name)
+    if args.backbones:
+        return backbone_rows(args, device, dtype)
 
     torch.manual_seed(0)
     model = sa.inject(sa.build_sam(args.backbone, seed=0), sa.AdapterConfig(num_classes=8, image_size=args.image_size))
@@ -79,20 +138,11 @@ def main() -> None:
           f"{name}, median of {args.repeats}")
     print("| encoder | batch 1 ms | vs stock | batch 8 ms | vs stock |")
     print("|---|---|---|---|---|")
-    results = {}
-    for batch in (1, 8):
-        images = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
-        times = {mode: [] for mode in modes}
-        # Round-robin over the modes, each warmed up once first, so that a slow spell of a shared
-        # machine (or a clock ramping up) spreads over every row instead of landing on one.
-        for repeat in range(-1, args.repeats):
-            for mode in modes:
-                configure(model, mode, layers)
-                seconds = timed(model, images, dtype)
-                if repeat >= 0:
-                    times[mode].append(seconds)
-        for mode in modes:
-            results[mode, batch] = statistics.median(times[mode])
+    def run(mode: str, images: torch.Tensor) -> float:
+        configure(model, mode, layers)
+        return timed(model, images, dtype)
+
+    results = round_robin(run, modes, args, device)
     for mode in modes:
         cells = []
         for batch in (1, 8):

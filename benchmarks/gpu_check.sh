@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, as one run: the GPU kernel tests (bf16 included) and the
 # LoRA-qkv, inference and training-step benchmarks, each with its CPU-free baseline in the same
-# process. Made for a lent GPU machine with a short time budget.
+# process, then the SAM 2 encoders against ViT-B and the hot-swap rows (compiled included).
+# Made for a lent GPU machine with a short time budget: the most wanted figures come first.
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with PyPI: wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_check.sh run       # there: writes everything under $OUT (default gpu-results/)
@@ -19,6 +20,12 @@ prepare() {
         -d .whl segment-anything==1.0 nibabel
     # MedPy ships only an sdist; its pure-Python wheel builds anywhere.
     python3 -m pip wheel -q --no-deps medpy==0.5.2 -w .whl
+    # SAM 2 and what it needs beyond torch (hydra's configs); built without its optional CUDA op.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+        -d .whl hydra-core omegaconf iopath portalocker
+    python3 -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl
+    SAM2_BUILD_CUDA=0 python3 -m pip wheel -q --no-deps --no-build-isolation sam2==1.1.0 -w .whl
     ls -l .whl
 }
 
@@ -40,6 +47,8 @@ run() {
     timeout 120 python3 benchmarks/bench_lora_qkv.py --device cuda --dtype bfloat16 2>&1 | tee "$out/bench_lora_qkv.txt"
     timeout 120 python3 benchmarks/bench_inference.py --device cuda --dtype bfloat16 --repeats 20 2>&1 | tee "$out/bench_inference.txt"
     timeout 120 python3 benchmarks/bench_train_step.py --device cuda 2>&1 | tee "$out/bench_train_step.txt"
+    timeout 120 python3 benchmarks/bench_inference.py --backbones --device cuda --dtype bfloat16 --repeats 10 2>&1 | tee "$out/bench_backbones.txt"
+    timeout 240 python3 benchmarks/bench_swap.py --compiled --device cuda 2>&1 | tee "$out/bench_swap.txt"
 }
 
 case "${1:-}" in

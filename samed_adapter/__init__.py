@@ -31,6 +31,7 @@ _EXPORTS = {
     "axis_codes": "geometry",
     "push_to_hub": "hub",
     "SAMed": "model",
+    "CompiledSwapWarning": "patching",
     "inject": "patching",
     "patch": "patching",
     "unpatch": "patching",
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .geometry import RADIOLOGICAL, SliceGeometry, axis_codes
     from .hub import push_to_hub
     from .model import SAMed
-    from .patching import inject, patch, unpatch
+    from .patching import CompiledSwapWarning, inject, patch, unpatch
     from .pipeline import segment_files
     from .preprocessing import Intensity
     from .segmentation import segment_file

@@ -6,6 +6,7 @@ File format (version 2): one safetensors file whose header metadata holds
 Tensor names (float32, float16 or bfloat16):
     image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_A.weight   (r, C)   LoRA, peft naming
     image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_B.weight   (C, r)
+        (SAM 2: image_encoder.trunk.blocks.{i}..., lora_B (C', r) where a Hiera block widens C -> C')
     prompt_encoder.{name}                whole; no_mask_embed.weight always, others if not stock
     mask_decoder.{name}                  whole: the K-sized tensors (mask_tokens,
                                          output_hypernetworks_mlps.*, the iou head's last layer)
@@ -19,8 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,6 +30,7 @@ from .config import AdapterConfig
 from .geometry import describe_orientation
 from .preprocessing import Intensity
 from .files import atomic_path
+from .tensor_file import TensorFile, TensorFileError, first_nonfinite
 
 FORMAT_NAME = "samed-adapter"
 FORMAT_VERSION = 2
@@ -38,7 +39,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = ("1", "2")
 DELTA_PREFIX = "delta."
 _STORABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ENCODER_LORA = re.compile(r"image_encoder\.blocks\.(\d+)\.attn\.qkv\.([qv])\.lora_([AB])\.weight")
+# SAM's encoder blocks, or SAM 2's Hiera trunk blocks (`image_encoder.trunk.blocks...`).
+_ENCODER_LORA = re.compile(r"image_encoder\.(trunk\.)?blocks\.(\d+)\.attn\.qkv\.([qv])\.lora_([AB])\.weight")
 _NAME = re.compile(r"(delta\.)?(prompt_encoder|mask_decoder)\.[A-Za-z0-9_.]+")
 
 
@@ -63,18 +65,25 @@ class Adapter:
     """A SAMed adapter: named tensors (see the module docstring) and their AdapterConfig.
 
     Constructing one validates names, dtypes, shapes against the config and finiteness.
+    `finite_checked=True` is for readers that have already checked every value (`load` does,
+    in one pass over the file); the rest is checked all the same.
     """
 
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     base_fingerprint: str
+    finite_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, finite_checked: bool = False) -> None:
         if not isinstance(self.config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(self.config).__name__}")
         if not isinstance(self.base_fingerprint, str) or not self.base_fingerprint.startswith("sha256:"):
             raise AdapterFormatError(f"base_fingerprint must be 'sha256:<hex>', got {self.base_fingerprint!r}")
         _validate_tensors(self.tensors, self.config)
+        if not finite_checked:
+            bad = first_nonfinite(self.tensors)
+            if bad is not None:
+                raise AdapterFormatError(f"{bad!r} holds NaN or infinite values")
 
     @property
     def num_parameters(self) -> int:
@@ -171,34 +180,31 @@ class Adapter:
                 f"no adapter file at {path}; give the path of an adapter .safetensors file or a Hugging Face "
                 "Hub id such as 'org/name'"
             )
-        tensors, metadata = _read_safetensors(path, device)
-        config, fingerprint = _parse_metadata(metadata, path)
+        file = _read_tensor_file(path)
+        config, fingerprint = _parse_metadata(file.metadata, path)
         try:
-            return cls(config, tensors, fingerprint)
+            if file.other_dtypes:
+                name, code = next(iter(file.other_dtypes.items()))
+                raise AdapterFormatError(f"{name!r} has dtype {code}; adapters hold float32/float16/bfloat16")
+            bad = file.first_nonfinite()
+            if bad is not None:
+                raise AdapterFormatError(f"{bad!r} holds NaN or infinite values")
+            tensors = file.tensors
+            if str(device) != "cpu":
+                tensors = {name: t.to(device) for name, t in tensors.items()}
+            return cls(config, tensors, fingerprint, finite_checked=True)
         except AdapterFormatError as err:
             raise AdapterFormatError(f"{path}: {err}") from None
 
 
-def _read_safetensors(path: Path, device: Union[str, torch.device]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    # From bytes, not safe_open: safetensors 0.8's safe_open keeps ~60 bytes per tensor read for
-    # the life of the process, which adds up over thousands of hot swaps from files.
-    from safetensors.torch import load
-
+def _read_tensor_file(path: Path) -> TensorFile:
     try:
-        data = path.read_bytes()
-        tensors = load(data)
-        (length,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-    except Exception as err:  # safetensors raises its own error types for every malformed file
+        return TensorFile.read(path)
+    except (TensorFileError, OSError) as err:
         raise AdapterFormatError(
             f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
             "was it truncated, or is it a .pth checkpoint (use `samed-adapter convert`)?"
         ) from None
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFormatError(f"{path} has malformed header metadata")
-    if str(device) != "cpu":
-        tensors = {name: t.to(device) for name, t in tensors.items()}
-    return tensors, metadata
 
 
 def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[AdapterConfig, str]:
@@ -232,14 +238,14 @@ def _validate_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig) -
         lora = _ENCODER_LORA.fullmatch(name)
         if lora:
             shape = tuple(tensor.shape)
-            if len(shape) != 2 or (shape[0] if lora.group(3) == "A" else shape[1]) != config.rank:
+            is_a = lora.group(4) == "A"
+            if len(shape) != 2 or (shape[0] if is_a else shape[1]) != config.rank:
                 raise AdapterFormatError(f"{name!r} has shape {shape}; rank {config.rank} LoRA needs "
-                                         f"{'(r, C)' if lora.group(3) == 'A' else '(C, r)'}")
-            dims.add(shape[1] if lora.group(3) == "A" else shape[0])
+                                         f"{'(r, C)' if is_a else '(C, r)'}")
+            if not lora.group(1):  # SAM's blocks share one width; Hiera's widen stage by stage
+                dims.add(shape[1] if is_a else shape[0])
         elif not _NAME.fullmatch(name) or name.startswith("image_encoder."):
             raise AdapterFormatError(f"unexpected tensor name {name!r} in an adapter")
-        if not torch.isfinite(tensor).all():
-            raise AdapterFormatError(f"{name!r} holds NaN or infinite values")
     if len(dims) > 1:
         raise AdapterFormatError(f"the encoder LoRA tensors disagree on the embedding size: {sorted(dims)}")
     tokens = tensors.get("mask_decoder.mask_tokens.weight")

@@ -2,7 +2,8 @@
 
 The builder makes the stock `segment_anything` classes exactly as
 `segment_anything.build_sam` does (1024 input, 4 mask tokens), optionally at a smaller
-size for tests (`"tiny"`), from a checkpoint or with random weights.
+size for tests (`"tiny"`), from a checkpoint or with random weights. SAM 2 backbones
+(`sam2.1_hiera_t`, ..., see `sam2_host.SAM2_CONFIGS`) are built by sam2's own `build_sam2`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def register_backbone(backbone: Backbone) -> Backbone:
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    """SAM backbones (registered) and SAM 2 ones (sam2's configs; building them needs `sam2`)."""
+    from .sam2_host import SAM2_CONFIGS
+
+    return sorted(_BACKBONES) + list(SAM2_CONFIGS)
 
 
 # The backbones segment_anything's own `sam_model_registry` builds ("default" is vit_h).
@@ -54,6 +58,10 @@ STOCK_BACKBONES = ("vit_b", "vit_l", "vit_h")
 
 def build_hint(name: str) -> str:
     """How to build a SAM of backbone `name`, for error messages."""
+    from .sam2_host import SAM2_CONFIGS
+
+    if name in SAM2_CONFIGS:
+        return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[name]!r}, checkpoint) (a SAM 2 {name})"
     if name in STOCK_BACKBONES:
         return f"segment_anything.sam_model_registry[{name!r}](checkpoint=...)"
     if name in _BACKBONES:  # only this library knows it
@@ -87,10 +95,11 @@ def build_sam(
     seed: Optional[int] = None,
     state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Sam:
-    """Build a stock SAM in eval mode.
+    """Build a stock SAM (or SAM 2) in eval mode.
 
     Args:
-        backbone: a registered name ("vit_b", "vit_l", "vit_h", "tiny") or a Backbone.
+        backbone: a registered name ("vit_b", "vit_l", "vit_h", "tiny") or a Backbone; or a SAM 2
+            name ("sam2.1_hiera_t", ..., built by sam2's `build_sam2`; needs the `sam2` package).
         checkpoint: a stock SAM state dict file (Meta's `sam_vit_b_01ec64.pth`), read with
             `weights_only=True` on the CPU.
         state_dict: the checkpoint's tensors, already read (so a file is read once).
@@ -98,6 +107,10 @@ def build_sam(
             initialises at zero) is drawn at random from this seed, so that tests exercise
             them.
     """
+    from .sam2_host import SAM2_CONFIGS
+
+    if isinstance(backbone, str) and backbone in SAM2_CONFIGS:
+        return _build_sam2(backbone, checkpoint, seed, state_dict)
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     grid = bb.image_size // 16
     sam = Sam(
@@ -144,12 +157,26 @@ def build_sam(
                 f"{where} is not a stock {bb.name} SAM checkpoint: {str(err).splitlines()[0]}"
             ) from None
     elif seed is not None:
-        _randomize(sam, seed)
+        randomize_weights(sam, seed)
     return sam
 
 
-def _randomize(sam: Sam, seed: int) -> None:
-    """Draw every floating tensor at random; norms stay near identity so activations stay sane."""
+def _build_sam2(name: str, checkpoint, seed: Optional[int], state_dict: Optional[dict[str, torch.Tensor]]):
+    from .sam2_host import build_sam2, sam2_backbone_for_state_dict
+
+    if state_dict is None:
+        return build_sam2(name, checkpoint, seed=seed)
+    found = sam2_backbone_for_state_dict(state_dict)
+    if found != name:
+        raise ValueError(f"{os.fspath(checkpoint) if checkpoint else 'the state dict'} holds a {found}, not a {name}")
+    model = build_sam2(name)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def randomize_weights(sam: torch.nn.Module, seed: int) -> None:
+    """Draw every floating tensor of a SAM (or SAM 2) at random; norms stay near identity so
+    activations stay sane. For tests and demos: stock initialises some tensors at zero."""
     generator = torch.Generator().manual_seed(seed)
     norms = {name for name, m in sam.named_modules() if "LayerNorm" in type(m).__name__}
     with torch.no_grad():
@@ -166,7 +193,12 @@ def _randomize(sam: Sam, seed: int) -> None:
 
 
 def infer_backbone(sam: Sam) -> str:
-    """The registered name whose shapes match `sam`'s encoder, else a descriptive custom name."""
+    """The registered name whose shapes match `sam`'s encoder, else a descriptive custom name
+    (for a SAM 2 model, its `sam2_host.SAM2_CONFIGS` name)."""
+    from .sam2_host import infer_sam2_backbone, is_sam2
+
+    if is_sam2(sam):
+        return infer_sam2_backbone(sam)
     enc = sam.image_encoder
     embed_dim = enc.patch_embed.proj.out_channels
     depth = len(enc.blocks)
@@ -206,14 +238,23 @@ def backbone_for_state_dict(
     )
 
 
-def load_stock_sam(checkpoint: Union[str, os.PathLike]) -> Sam:
-    """The stock SAM a checkpoint file holds, its backbone read from the tensor shapes.
+def load_stock_sam(checkpoint: Union[str, os.PathLike], sam2_config: Optional[str] = None) -> Sam:
+    """The stock SAM (or SAM 2) a checkpoint file holds, its backbone read from the tensor shapes.
+
+    Args:
+        sam2_config: a SAM 2 backbone name ("sam2.1_hiera_t", ...) to build instead of reading the
+            backbone from the shapes (SAM 2.0 and 2.1 checkpoints differ in one tensor only).
 
     Raises:
         FileNotFoundError, ValueError: no such file, or not a SAM checkpoint (the message says
             what was expected).
     """
     from .checkpoints import load_state_dict_file
+    from .sam2_host import sam2_backbone_for_state_dict, sam2_config as config_of
 
+    if sam2_config is not None:
+        config_of(sam2_config)  # an unknown name fails before the file is read
     state = load_state_dict_file(checkpoint)  # read once: 2.4 GB for ViT-H
+    if "image_encoder.trunk.patch_embed.proj.weight" in state or sam2_config is not None:
+        return _build_sam2(sam2_config or sam2_backbone_for_state_dict(state), checkpoint, None, state)
     return build_sam(backbone_for_state_dict(state, source=checkpoint), checkpoint=checkpoint, state_dict=state)

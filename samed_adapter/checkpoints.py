@@ -40,8 +40,10 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tenso
         state = _load_safetensors(path)
     else:
         state = _load_torch(path)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):  # Lightning-style wrappers; SAM 2 checkpoints keep theirs under "model"
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from .files import atomic_path
-from .arguments import orientation_argument, pair_argument, window_argument
+from .arguments import WindowChoice, orientation_argument, pair_argument, window_argument
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -37,10 +37,10 @@ _SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _stock_sam(checkpoint: str) -> "Sam":
+def _stock_sam(checkpoint: str, sam2_config: Optional[str] = None) -> "Sam":
     from .backbones import load_stock_sam
 
-    return load_stock_sam(checkpoint)
+    return load_stock_sam(checkpoint, sam2_config=sam2_config)
 
 
 def _warn(command: str, message: str) -> None:
@@ -78,7 +78,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.window is not None and args.percentiles is not None:
         raise ValueError("--window and --percentiles exclude each other; give one")
     if args.window is not None:
-        kwargs["intensity_window"] = None if args.window == "none" else args.window
+        kwargs["intensity_window"] = args.window.bounds  # none: the adapter records no preprocessing
     if args.percentiles is not None:
         kwargs.update(intensity_window=None, intensity_percentiles=args.percentiles)
     if args.orientation is not None:
@@ -165,7 +165,7 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
     if args.sam is not None:
         if args.random_sam_seed is not None:
             raise ValueError("--random-sam-seed goes with --sam-backbone, not with --sam")
-        return _stock_sam(args.sam)
+        return _stock_sam(args.sam, getattr(args, "sam2_config", None))
     if args.random_sam_seed is None:
         raise ValueError(
             "--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and demos "
@@ -195,6 +195,13 @@ def _device(text: str) -> "torch.device":
     return device
 
 
+def _window_options(choice: Optional[WindowChoice]) -> dict[str, object]:
+    """`OutputOptions`' window and preprocessed for ``--window`` (not given: the adapter's own)."""
+    if choice is None:
+        return {}
+    return {"window": choice.bounds, "preprocessed": choice.preprocessed}
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     """`segment`: labels (and the outputs asked for) for each input; 1 if some inputs failed."""
     from tqdm import tqdm
@@ -214,13 +221,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     request = dict(
         output_types=args.output_type, classes=args.classes, statistics=args.statistics, split=args.split,
         save_probabilities=args.save_probabilities, overlay=args.overlay, batch_size=args.batch_size,
-        window=args.window, percentiles=args.percentiles, adapter_name=args.adapter,
+        percentiles=args.percentiles, adapter_name=args.adapter, **_window_options(args.window),
     )
     check_request(adapter, args.inputs, **request)  # every request is checked before any model work
     if args.sam is not None:
         if args.random_sam_seed is not None:
             raise ValueError("--random-sam-seed goes with --sam-backbone, not with --sam")
-        source = SamSource(checkpoint=args.sam)
+        source = SamSource(checkpoint=args.sam, sam2_config=args.sam2_config)
     else:  # checks the flags and says what the random SAM means for this adapter
         source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
     bar = tqdm(desc="segment", unit="input", disable=None)
@@ -285,10 +292,13 @@ def add_segment_parser(sub: _SubParsers) -> None:
                    help="an adapter .safetensors file or a Hub id org/name[@revision]")
     p.add_argument("--revision", help="Hub branch, tag or commit of --adapter (Hub ids only)")
     base = p.add_mutually_exclusive_group(required=True)
-    base.add_argument("--sam", metavar="CKPT", help="the stock SAM checkpoint the adapter was made for")
+    base.add_argument("--sam", metavar="CKPT", help="the stock SAM (or SAM 2) checkpoint the adapter was made for")
     base.add_argument("--sam-backbone", metavar="NAME",
-                      help="build a SAM with RANDOM weights of this backbone (e.g. tiny), for tests and demos; "
-                           "needs --random-sam-seed")
+                      help="build a SAM with RANDOM weights of this backbone (e.g. tiny, sam2.1_hiera_t), for tests "
+                           "and demos; needs --random-sam-seed")
+    p.add_argument("--sam2-config", metavar="NAME",
+                   help="with --sam: the SAM 2 backbone the checkpoint holds (e.g. sam2.1_hiera_t); default: read "
+                        "from its tensors")
     p.add_argument("--random-sam-seed", type=int, metavar="N", help="seed of the random SAM of --sam-backbone")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -442,7 +452,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.window is None and args.percentiles is None:  # the adapter's own preprocessing
             window, percentiles = config.intensity_window, config.intensity_percentiles
         else:
-            window = None if args.window in (None, "none") else args.window
+            window = None if args.window is None else args.window.bounds  # none: volumes as stored
             percentiles = args.percentiles
         if config.orientation is None:
             _warn("evaluate", "the adapter records no orientation: volumes are cut as stored")
@@ -472,7 +482,9 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
                     "without a class apart.",
     )
     p.add_argument("--adapter", required=True, help="adapter file or Hub id")
-    p.add_argument("--sam", help="stock SAM checkpoint")
+    p.add_argument("--sam", help="stock SAM (or SAM 2) checkpoint")
+    p.add_argument("--sam2-config", metavar="NAME",
+                   help="with --sam: the SAM 2 backbone the checkpoint holds (default: read from its tensors)")
     p.add_argument("--sam-backbone", default="vit_b", help="with --random-sam-seed: a random SAM (tests only)")
     p.add_argument("--random-sam-seed", type=int, help="seed of random SAM weights (tests only)")
     p.add_argument("--data", required=True, help="imagesTr/labelsTr folder, or the Synapse root (test_vol_h5)")

@@ -51,22 +51,23 @@ class MixedLora(NamedTuple):
 
 
 class LoraQKV(nn.Module):
-    """SAM's fused `attn.qkv` Linear (C -> 3C) with rank-r bypasses on the query and value thirds.
+    """A fused `attn.qkv` Linear (C -> 3C') with rank-r bypasses on the query and value thirds.
 
-    y = qkv(x);  y[..., :C] += scale * B_q A_q x;  y[..., 2C:] += scale * B_v A_v x.
-    The key third is untouched.
+    y = qkv(x);  y[..., :C'] += scale * B_q A_q x;  y[..., 2C':] += scale * B_v A_v x.
+    The key third is untouched. SAM's blocks have C' = C; a SAM 2 Hiera block that starts a
+    stage widens the tokens, C' = 2C.
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, scale: float = 1.0) -> None:
         super().__init__()
-        if base_layer.out_features != 3 * base_layer.in_features:
+        if base_layer.out_features % 3:
             raise ValueError(
-                f"expected a fused qkv Linear C -> 3C, got {base_layer.in_features} -> {base_layer.out_features}"
+                f"expected a fused qkv Linear C -> 3C', got {base_layer.in_features} -> {base_layer.out_features}"
             )
-        dim = base_layer.in_features
+        dim, out = base_layer.in_features, base_layer.out_features // 3
         self.base_layer = base_layer
-        self.q = LoraBypass(dim, dim, rank)
-        self.v = LoraBypass(dim, dim, rank)
+        self.q = LoraBypass(dim, out, rank)
+        self.v = LoraBypass(dim, out, rank)
         self.rank = rank
         self.scale = scale
         # While merged, `base_layer.weight` is a new tensor and the untouched stock weight waits
@@ -80,9 +81,8 @@ class LoraQKV(nn.Module):
         return self._stock_weight is not None
 
     def get_delta_weight(self) -> torch.Tensor:
-        """(3C, C) weight delta: B_q A_q in the query rows, B_v A_v in the value rows, zero keys."""
-        dim = self.base_layer.in_features
-        zeros = self.q.lora_A.weight.new_zeros(dim, dim)
+        """(3C', C) weight delta: B_q A_q in the query rows, B_v A_v in the value rows, zero keys."""
+        zeros = self.q.lora_A.weight.new_zeros(self.base_layer.out_features // 3, self.base_layer.in_features)
         return self.scale * torch.cat([self.q.get_delta_weight(), zeros, self.v.get_delta_weight()], dim=0)
 
     def merge(self) -> None:
@@ -114,22 +114,22 @@ class LoraQKV(nn.Module):
             self._mixed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., C) -> (..., 3C)."""
+        """x (..., C) -> (..., 3C')."""
         if self.merged:
             return self.base_layer(x)
-        dim = self.base_layer.in_features
+        dim, out = self.base_layer.in_features, self.base_layer.out_features
         if self._mixed is not None:
             a_q, b_q, a_v, b_v, image_adapter = self._mixed
             x2d = x.reshape(-1, dim)
             rows = row_adapter_index(image_adapter, x2d.shape[0])
             y = lora_qkv_multi(x2d, self.base_layer.weight, self.base_layer.bias, a_q, b_q, a_v, b_v, self.scale, rows)
-            return y.view(*x.shape[:-1], 3 * dim)
+            return y.view(*x.shape[:-1], out)
         # The fused Triton kernel on CUDA; elsewhere one addmm into the output, no slice copies.
         y = lora_qkv(
             x.reshape(-1, dim), self.base_layer.weight, self.base_layer.bias,
             self.q.lora_A.weight, self.q.lora_B.weight, self.v.lora_A.weight, self.v.lora_B.weight, self.scale,
         )
-        return y.view(*x.shape[:-1], 3 * dim)
+        return y.view(*x.shape[:-1], out)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, merged={self.merged}"

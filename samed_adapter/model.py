@@ -57,22 +57,51 @@ class SAMed(nn.Module):
             layer.unmerge()
         return self
 
+    def compile(self, max_rank: Optional[int] = None, **torch_compile_kwargs) -> "SAMed":
+        """`torch.compile` this model so that hot swaps keep the compiled graphs.
+
+        The encoder LoRA is rebuilt at rank `max_rank` (default: the current adapter's) and every
+        adapter of lower rank is zero-padded into it, as peft's
+        `prepare_model_for_compiled_hotswap` does, so a later `patch` / `set_adapter` of an
+        adapter with rank <= max_rank and the same K, decoder variant, LoRA scale and image size
+        copies values into the traced tensors and recompiles nothing. A swap that cannot avoid
+        recompiling warns. `patch` keeps returning this same compiled model object.
+
+        Args:
+            max_rank: the highest encoder LoRA rank later swaps will bring.
+            torch_compile_kwargs: passed to `torch.compile` (backend, mode, dynamic, ...).
+        """
+        from .patching import set_lora_capacity
+
+        stock = require_stock_state(self.sam)
+        rank = self.config.rank if max_rank is None else max_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < self.config.rank:
+            raise ValueError(
+                f"max_rank must be an int >= the current adapter's rank {self.config.rank}, got {max_rank!r}"
+            )
+        set_lora_capacity(self.sam, stock, rank)
+        super().compile(**torch_compile_kwargs)
+        return self
+
     def adapter(self) -> Adapter:
         """The current adapter tensors and config (trained values, deltas against stock)."""
         return extract_adapter(self.sam, require_stock_state(self.sam))
 
-    def forward(self, images: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> dict:
         """Predict K+1 class logits for a batch of images, without prompts.
 
         Args:
             images: (B, 3, S, S) float in model space ([0, 1] before the config's
                 pixel mean/std), S = config.image_size.
             adapter_names: optional, one resident adapter name per image (see
-                `load_adapter`): image b is predicted with adapter_names[b].
+                `load_adapter`): image b is predicted with adapter_names[b]. The adapters may
+                differ in K, rank and decoder variant, not in image size or LoRA blocks.
 
         Returns:
             "masks": (B, K+1, S, S) logits, "low_res_logits": (B, K+1, 4g, 4g),
-            "iou_predictions": (B, K+1); channel 0 is background.
+            "iou_predictions": (B, K+1); channel 0 is background. A mixed batch whose adapters
+            differ in K gives a list of one tensor per image for each key instead
+            ((K_b+1, S, S), (K_b+1, 4g, 4g), (K_b+1,)).
         """
         size = self.config.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
@@ -81,25 +110,28 @@ class SAMed(nn.Module):
             from .resident import mixed_forward
 
             return mixed_forward(self, images, adapter_names)
-        embeddings = self.sam.image_encoder(self.normalize(images))  # (B, D, g, g)
-        return self.outputs(*self.decode(embeddings))
+        embeddings, extra = self.encode(images)
+        return self.outputs(*self.decode(embeddings, extra))
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, 3, S, S) in [0, 1] -> image embeddings (B, D, g, g) and the host's extra features
+        (none for SAM; SAM 2's two high-resolution FPN levels, (B, 256, 4g, 4g), (B, 256, 2g, 2g))."""
+        return require_stock_state(self.sam).host.image_features(self.normalize(images))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> the encoder's input, with the config's pixel mean and std."""
         return (images - self.sam.pixel_mean) / self.sam.pixel_std
 
-    def decode(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, g, g) image embeddings -> low-res logits (B, K+1, 4g, 4g), iou (B, K+1)."""
-        sam = self.sam
-        # No prompts: sparse (1, 0, D) and dense no_mask_embed (1, D, g, g), broadcast over the
-        # batch inside the decoder exactly as the published SAMed forward does.
-        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-        return sam.mask_decoder.predict_masks(
-            image_embeddings=embeddings,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
-            dense_prompt_embeddings=dense,
-        )
+    def decode(self, embeddings: torch.Tensor, extra: Sequence[torch.Tensor] = (),
+               mask_decoder: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, g, g) image embeddings (and `encode`'s extra features) -> low-res logits
+        (B, K+1, 4g, 4g), iou (B, K+1).
+
+        `mask_decoder` replaces the live one (a mixed batch's decoder of another K or variant).
+        """
+        host = require_stock_state(self.sam).host
+        decoder = host.mask_decoder if mask_decoder is None else mask_decoder
+        return host.decode(host.prompt_encoder, decoder, embeddings, list(extra))
 
     def outputs(self, low_res: torch.Tensor, iou: torch.Tensor) -> dict[str, torch.Tensor]:
         size = self.config.image_size

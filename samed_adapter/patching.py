@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -11,14 +12,18 @@ from segment_anything.modeling import Sam
 
 from .adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
 from .attention import enable_sdpa
-from .backbones import build_hint, infer_backbone
+from .backbones import build_hint
+from .hosts import host_of
 from .config import AdapterConfig
 from .model import SAMed
 from .surgery import (
     StockState,
     encoder_lora_layers,
     get_stock_state,
+    lora_rank,
+    model_device,
     restore_stock,
+    set_encoder_lora,
     set_structure,
     set_trainable,
     stock_fingerprint,
@@ -79,8 +84,9 @@ def validate(sam: Sam, adapter: Adapter, *, allow_base_mismatch: bool = False) -
             f"{fingerprint[:19]}...; load the checkpoint it was trained on, or pass allow_base_mismatch=True "
             "to apply it anyway"
         )
-    prompt_state = stock.prompt_state if stock is not None else sam.prompt_encoder.state_dict()
-    stock_decoder = stock.mask_decoder if stock is not None else sam.mask_decoder
+    host = host_of(sam)
+    prompt_state = stock.prompt_state if stock is not None else host.prompt_encoder.state_dict()
+    stock_decoder = stock.mask_decoder if stock is not None else host.mask_decoder
     check_fits(adapter, _expected(stock, sam, prompt_state, stock_decoder, config))
     return config, fingerprint
 
@@ -98,13 +104,12 @@ def inject(sam: Union[Sam, SAMed], config: AdapterConfig) -> SAMed:
     stock = get_stock_state(sam)
     config = _config_for(sam, config)
     fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
-    if stock is not None:
-        sam.mask_decoder = stock.mask_decoder  # so that set_structure builds a freshly initialised one
+
     def write(stock: StockState) -> None:
         reset_values(sam, stock)
         stock.active_adapter = None  # the live adapter is being trained, not a resident one
 
-    return _apply(sam, stock, config, fingerprint, write, merge=False)
+    return _apply(sam, stock, config, fingerprint, write, merge=False, fresh_decoder=True)
 
 
 def unpatch(sam: Union[Sam, SAMed]) -> Sam:
@@ -113,23 +118,23 @@ def unpatch(sam: Union[Sam, SAMed]) -> Sam:
 
 
 def _apply(sam: Sam, stock: Optional[StockState], config: AdapterConfig, fingerprint: str, write_values,
-           merge: bool) -> SAMed:
+           merge: bool, fresh_decoder: bool = False) -> SAMed:
     first = stock is None
     was_merged = any(layer.merged for layer in encoder_lora_layers(sam).values())
     previous = None if first else _Previous.capture(sam, stock, was_merged)
     try:
         if first:
             stock = take_stock(sam, config, fingerprint)
-        elif stock.pos_embed.device != sam.pixel_mean.device:
-            stock.to(sam.pixel_mean.device)
+        elif stock.device != model_device(sam):
+            stock.to(model_device(sam))
         for layer in encoder_lora_layers(sam).values():
             layer.unmerge()
-        rebuilt = set_structure(sam, stock, config)
+        rebuilt = set_structure(sam, stock, config, fresh_decoder=fresh_decoder)
         write_values(stock)
         if first or rebuilt:
             set_trainable(sam, config)
             enable_sdpa(sam.image_encoder)
-        model = SAMed(sam)
+        model = stock.view if stock.view is not None else SAMed(sam)
         if merge or was_merged:
             model.merge()
     except BaseException as err:
@@ -140,15 +145,46 @@ def _apply(sam: Sam, stock: Optional[StockState], config: AdapterConfig, fingerp
         if isinstance(err, NonFiniteMergeError):
             raise AdapterFormatError(f"{err}; the SAM was left as it was") from None
         raise
+    if rebuilt and not first and stock.lora_capacity is not None:
+        warnings.warn(
+            f"this swap changed the compiled model's structure (encoder LoRA rank {config.rank} vs compiled "
+            f"max_rank {stock.lora_capacity}, K, decoder variant, LoRA scale or image size), so the next call "
+            "recompiles; compile with model.compile(max_rank=...) at the highest rank you swap to, and keep "
+            "adapters of one K and variant on one compiled model",
+            CompiledSwapWarning,
+            stacklevel=3,
+        )
+    stock.view = model
     _track(sam, stock, rebuilt=first or rebuilt)
     return model
+
+
+class CompiledSwapWarning(UserWarning):
+    """A hot swap on a compiled SAMed model changed module shapes, so the model recompiles."""
+
+
+def set_lora_capacity(sam: Sam, stock: StockState, rank: int) -> None:
+    """Rebuild the encoder LoRA at `rank` (values kept, zero-padded) for SAMed.compile."""
+    was_merged = any(layer.merged for layer in encoder_lora_layers(sam).values())
+    live = extract_adapter(sam, stock)
+    for layer in encoder_lora_layers(sam).values():
+        layer.unmerge()
+    stock.lora_capacity = rank
+    set_encoder_lora(sam, stock.config, lora_rank(stock, stock.config))
+    load_values(sam, stock, live)
+    set_trainable(sam, stock.config)
+    enable_sdpa(sam.image_encoder)
+    if was_merged:
+        for layer in encoder_lora_layers(sam).values():
+            layer.merge()
+    _track(sam, stock, rebuilt=True)
 
 
 def _track(sam: Sam, stock: StockState, rebuilt: bool) -> None:
     """Note the in-place update counters of the adapter's live tensors: if they are unchanged at
     the next swap, nobody trained the model since, and the resident adapter still describes it."""
     if rebuilt or stock.versions is None:
-        params = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
+        params = [*stock.host.prompt_encoder.parameters(), *stock.host.mask_decoder.parameters()]
         for layer in encoder_lora_layers(sam).values():
             params += [layer.q.lora_A.weight, layer.q.lora_B.weight, layer.v.lora_A.weight, layer.v.lora_B.weight]
         stock.tracked = params
@@ -195,26 +231,35 @@ class _Previous:
 def _as_sam(sam: Union[Sam, SAMed]) -> Sam:
     if isinstance(sam, SAMed):
         return sam.sam
-    if not isinstance(sam, Sam):
+    if host_of(sam) is None:
         raise TypeError(
-            f"expected a segment_anything Sam (e.g. sam_model_registry['vit_b'](checkpoint=...)), "
-            f"got {type(sam).__name__}"
+            f"expected a segment_anything Sam (e.g. sam_model_registry['vit_b'](checkpoint=...)) or a sam2 "
+            f"SAM2Base (sam2.build_sam.build_sam2(config, checkpoint)), got {type(sam).__name__}"
         )
     return sam
 
 
 def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     """The config with its backbone filled in, after checking it fits this SAM's encoder."""
-    backbone = infer_backbone(sam)
+    host = host_of(sam)
+    backbone = host.backbone()
     if config.backbone is not None and config.backbone != backbone:
         raise AdapterMismatchError(
-            f"the adapter is for a {config.backbone} SAM but this SAM is {backbone}; "
-            f"build {build_hint(config.backbone)} instead"
+            f"the adapter is for a {config.backbone} {_family(config.backbone)} but this {host.family} is "
+            f"{backbone}; build {build_hint(config.backbone)} instead"
         )
-    depth = len(sam.image_encoder.blocks)
+    depth = len(host.blocks())
     if config.lora_blocks is not None and max(config.lora_blocks) >= depth:
         raise AdapterMismatchError(f"lora_blocks {config.lora_blocks} name blocks beyond this encoder's {depth}")
+    try:
+        host.check_image_size(config.image_size)
+    except ValueError as err:
+        raise AdapterMismatchError(str(err)) from None
     return dataclasses.replace(config, backbone=backbone)
+
+
+def _family(backbone: str) -> str:
+    return "SAM 2" if "hiera" in backbone else "SAM"
 
 
 def _expected(stock: Optional[StockState], sam: Sam, prompt_state, stock_decoder, config: AdapterConfig):

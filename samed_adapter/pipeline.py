@@ -455,6 +455,7 @@ class SamSource:
     checkpoint: Optional[str] = None
     backbone: Optional[str] = None
     seed: Optional[int] = None
+    sam2_config: Optional[str] = None  # with checkpoint: its SAM 2 backbone (default: read from its tensors)
 
     @classmethod
     def of(cls, sam: Any) -> "SamSource":
@@ -468,7 +469,7 @@ class SamSource:
         if self.module is not None:
             return self.module
         if self.checkpoint is not None:
-            return load_stock_sam(self.checkpoint)
+            return load_stock_sam(self.checkpoint, sam2_config=self.sam2_config)
         if self.backbone is not None and self.seed is not None:
             return build_sam(self.backbone, seed=self.seed)
         raise ValueError("a SamSource needs a module, a checkpoint, or a backbone with a seed")

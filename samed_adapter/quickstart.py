@@ -5,6 +5,7 @@ built SAM, segment held-out slices, print Dice per class, and write a picture.
 
     python examples/quickstart.py                         # random tiny SAM, about 30 s on a 2-core CPU
     python examples/quickstart.py --sam sam_vit_b_01ec64.pth --device cuda
+    python examples/quickstart.py --backbone sam2.1_hiera_t  # a random SAM 2 (needs the sam2 package)
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sam", help="stock SAM checkpoint; without it a small SAM with random weights is used")
+    parser.add_argument("--sam", help="stock SAM or SAM 2 checkpoint; without it a SAM with random weights is used")
+    parser.add_argument("--backbone", default="tiny",
+                        help="without --sam: the random SAM's backbone (default tiny; sam2.1_hiera_t for SAM 2); with "
+                             "--sam and a SAM 2 checkpoint: its SAM 2 config name, if not read from its tensors")
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    parser.add_argument("--image-size", type=int, help="default 256 (random tiny SAM) or 512 (--sam)")
+    parser.add_argument("--image-size", type=int,
+                        help="default 512 with --sam, else 256 (random tiny SAM) or 128 (random SAM 2)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -59,16 +64,18 @@ def run(args: argparse.Namespace) -> int:
         if args.sam:
             from .backbones import load_stock_sam
 
-            return load_stock_sam(args.sam).to(device)
-        return sa.build_sam("tiny", seed=args.seed).to(device)
+            sam2_config = args.backbone if "hiera" in args.backbone else None
+            return load_stock_sam(args.sam, sam2_config=sam2_config).to(device)
+        return sa.build_sam(args.backbone, seed=args.seed).to(device)
 
     if args.sam:
         print(f"SAM: {args.sam}")
     else:
-        print("SAM: RANDOM weights (a small 'tiny' SAM built from the stock classes, seed "
+        print(f"SAM: RANDOM weights (a '{args.backbone}' model built from the stock classes, seed "
               f"{args.seed}); pass --sam sam_vit_b_01ec64.pth to use the real model")
     sam = fresh_sam()  # before anything is written: a missing or bad --sam changes nothing
-    image_size = args.image_size or (512 if args.sam else 256)
+    # A random SAM 2 trains at 128: Hiera-T costs about 10x the tiny SAM per slice on a CPU.
+    image_size = args.image_size or (512 if args.sam else 128 if "hiera" in args.backbone else 256)
     root = build_mni_task(out / "data")
     held_out_path = root / "imagesTr" / "mni_val.nii.gz"
     orientation = axis_codes(read_image(root / "imagesTr" / "mni_train.nii.gz").affine)
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     truth = read_image(root / "labelsTr" / "mni_val.nii.gz").array.astype(np.int64)
     picture = overlay_volume(scan, labels, list(MNI_CLASS_NAMES), out / "quickstart.png", truth=truth, max_slices=4)
     print(f"picture: {picture} (image | truth | prediction; radiological view)")
-    backbone = f"--sam {args.sam}" if args.sam else f"--sam-backbone tiny --random-sam-seed {args.seed}"
+    backbone = f"--sam {args.sam}" if args.sam else f"--sam-backbone {args.backbone} --random-sam-seed {args.seed}"
     print(f"the same from the command line:\n  samed-adapter segment {backbone} --adapter {adapter_path} "
           f"{held_out_path} -o {out / 'labels'}")
     sa.unpatch(sam)

@@ -6,11 +6,14 @@ result of a load does not depend on what was loaded before it.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from segment_anything.modeling import Sam
+from torch import nn
 
 from .adapter import DELTA_PREFIX, Adapter, AdapterMismatchError
 from .config import AdapterConfig
+from .hosts import host_of
 from .surgery import (
     StockState,
     build_mask_decoder,
@@ -25,19 +28,20 @@ _REQUIRED, _OPTIONAL = True, False
 
 
 def expected_tensors(
-    sam: Sam, prompt_state: dict[str, torch.Tensor], stock_decoder: torch.nn.Module, config: AdapterConfig
+    sam: nn.Module, prompt_state: dict[str, torch.Tensor], stock_decoder: nn.Module, config: AdapterConfig
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """{file name: (shape, required)} for an adapter with `config` on this SAM."""
-    dim = sam.image_encoder.patch_embed.proj.out_channels
+    """{file name: (shape, required)} for an adapter with `config` on this SAM (or SAM 2)."""
+    host = host_of(sam)
     table: dict[str, tuple[tuple[int, ...], bool]] = {}
     for i in lora_blocks(sam, config):
+        dim, out = host.qkv_dims(i)
         for part in ("q", "v"):
-            prefix = f"image_encoder.blocks.{i}.attn.qkv.{part}"
+            prefix = f"{host.lora_prefix.format(i=i)}.{part}"
             table[f"{prefix}.lora_A.weight"] = ((config.rank, dim), _REQUIRED)
-            table[f"{prefix}.lora_B.weight"] = ((dim, config.rank), _REQUIRED)
+            table[f"{prefix}.lora_B.weight"] = ((out, config.rank), _REQUIRED)
     for name, tensor in prompt_state.items():
         table[f"prompt_encoder.{name}"] = (tuple(tensor.shape), name == "no_mask_embed.weight")
-    decoder = build_mask_decoder(stock_decoder, config, device=torch.device("meta"))
+    decoder = build_mask_decoder(host, stock_decoder, config, device=torch.device("meta"))
     for name, tensor in decoder.state_dict().items():
         shape = tuple(tensor.shape)
         if ".lora_" in name:
@@ -74,66 +78,113 @@ def check_fits(adapter: Adapter, expected: dict[str, tuple[tuple[int, ...], bool
 
 
 @torch.no_grad()
-def load_values(sam: Sam, stock: StockState, adapter: Adapter) -> None:
-    """Write every live SAMed tensor from the adapter (or from stock where the adapter is silent)."""
+def load_values(sam: nn.Module, stock: StockState, adapter: Adapter) -> None:
+    """Write every live SAMed tensor from the adapter (or from stock where the adapter is silent).
+
+    Live LoRA built at a higher rank than the adapter's (a compiled model's capacity) gets the
+    adapter's rows and columns first and zeros after them: the same bypass.
+    """
     tensors = adapter.tensors
     for i, layer in encoder_lora_layers(sam).items():
         for part in ("q", "v"):
             bypass = getattr(layer, part)
-            prefix = f"image_encoder.blocks.{i}.attn.qkv.{part}"
-            bypass.lora_A.weight.copy_(tensors[f"{prefix}.lora_A.weight"])
-            bypass.lora_B.weight.copy_(tensors[f"{prefix}.lora_B.weight"])
+            prefix = f"{stock.host.lora_prefix.format(i=i)}.{part}"
+            copy_padded(bypass.lora_A.weight, tensors[f"{prefix}.lora_A.weight"])
+            copy_padded(bypass.lora_B.weight, tensors[f"{prefix}.lora_B.weight"])
     load_head_values(sam, stock, adapter)
 
 
+def copy_padded(live: torch.Tensor, value: torch.Tensor) -> None:
+    """live[:a, :b] = value, zeros elsewhere; value (a, b) no larger than live."""
+    if live.shape == value.shape:
+        live.copy_(value)
+        return
+    live.zero_()
+    live[: value.shape[0], : value.shape[1]].copy_(value)
+
+
 @torch.no_grad()
-def load_head_values(sam: Sam, stock: StockState, adapter: Adapter) -> None:
-    """Write the prompt encoder and mask decoder tensors (everything after the encoder)."""
+def load_head_values(sam: nn.Module, stock: StockState, adapter: Adapter, prompt_encoder: Optional[nn.Module] = None,
+                     decoder: Optional[nn.Module] = None) -> None:
+    """Write the prompt encoder and mask decoder tensors (everything after the encoder), into
+    the live modules or the ones given (of the adapter's structure)."""
     tensors = adapter.tensors
-    for name, live in sam.prompt_encoder.state_dict(keep_vars=True).items():
-        live.copy_(tensors.get(f"prompt_encoder.{name}", stock.prompt_state[name]))
-    decoder = sam.mask_decoder
+    prompt_encoder = stock.host.prompt_encoder if prompt_encoder is None else prompt_encoder
+    for live, key, base in _write_plan(stock, prompt_encoder, _prompt_plan):
+        live.copy_(tensors.get(key, base))
+    decoder = stock.host.mask_decoder if decoder is None else decoder
+    for live, key, base in _write_plan(stock, decoder, _decoder_plan):
+        value = tensors[key] if base is None else tensors.get(key)
+        if value is None:
+            live.copy_(base)
+        elif base is None:
+            live.copy_(value)
+        else:
+            torch.add(base, value.to(device=base.device, dtype=base.dtype), out=live)
+
+
+WritePlan = list[tuple[torch.Tensor, str, Optional[torch.Tensor]]]
+
+
+def _write_plan(stock: StockState, module: nn.Module, make) -> WritePlan:
+    """(live tensor, file name, stock tensor or None) for every tensor of `module`, made once per
+    module: a hot swap then only copies (walking state_dict and matching names cost ~1 ms)."""
+    plan = stock.write_plans.get(module)
+    if plan is None:
+        plan = stock.write_plans[module] = make(stock, module)
+    return plan
+
+
+def _prompt_plan(stock: StockState, prompt_encoder: nn.Module) -> WritePlan:
+    """Written from `prompt_encoder.{name}` if the file has it, else from the stock tensor."""
+    return [(live, f"prompt_encoder.{name}", stock.prompt_state[name])
+            for name, live in prompt_encoder.state_dict(keep_vars=True).items()]
+
+
+def _decoder_plan(stock: StockState, decoder: nn.Module) -> WritePlan:
+    """LoRA and class-sized tensors come whole from the file (stock None); the rest are the
+    stock tensor plus the file's `delta.` tensor if it has one."""
+    plan: WritePlan = []
     for name, live in decoder.state_dict(keep_vars=True).items():
         if ".lora_" in name or is_class_sized(name, decoder):
-            live.copy_(tensors[f"mask_decoder.{file_lora_key(name)}"])
-            continue
-        key = stock_decoder_key(name)
-        base = stock.decoder_state[key]
-        delta = tensors.get(f"{DELTA_PREFIX}mask_decoder.{key}")
-        if delta is None:
-            live.copy_(base)
+            plan.append((live, f"mask_decoder.{file_lora_key(name)}", None))
         else:
-            torch.add(base, delta.to(device=base.device, dtype=base.dtype), out=live)
+            key = stock_decoder_key(name)
+            plan.append((live, f"{DELTA_PREFIX}mask_decoder.{key}", stock.decoder_state[key]))
+    return plan
 
 
 @torch.no_grad()
-def reset_values(sam: Sam, stock: StockState) -> None:
+def reset_values(sam: nn.Module, stock: StockState) -> None:
     """Fresh adapter values: LoRA A random and B zero; stock prompt encoder; stock decoder except
     the K-sized parts and decoder LoRA, which keep their fresh initialisation."""
+    rank = stock.config.rank
     for layer in encoder_lora_layers(sam).values():
-        layer.q.reset_parameters()
-        layer.v.reset_parameters()
-    sam.prompt_encoder.load_state_dict(stock.prompt_state)
-    decoder = sam.mask_decoder
+        for bypass in (layer.q, layer.v):
+            bypass.reset_parameters()
+            bypass.lora_A.weight[rank:].zero_()  # rows beyond the config's rank: a compiled model's padding
+    stock.host.prompt_encoder.load_state_dict(stock.prompt_state)
+    decoder = stock.host.mask_decoder
     for name, live in decoder.state_dict(keep_vars=True).items():
         if ".lora_" not in name and not is_class_sized(name, decoder):
             live.copy_(stock.decoder_state[stock_decoder_key(name)])
 
 
 @torch.no_grad()
-def extract_adapter(sam: Sam, stock: StockState) -> Adapter:
+def extract_adapter(sam: nn.Module, stock: StockState) -> Adapter:
     """The Adapter that reproduces the live SAMed tensors (deltas against the kept stock)."""
     tensors: dict[str, torch.Tensor] = {}
+    rank = stock.config.rank  # the live LoRA may be zero-padded beyond it (a compiled model)
     for i, layer in encoder_lora_layers(sam).items():
         for part in ("q", "v"):
             bypass = getattr(layer, part)
-            prefix = f"image_encoder.blocks.{i}.attn.qkv.{part}"
-            tensors[f"{prefix}.lora_A.weight"] = bypass.lora_A.weight.detach().cpu().clone()
-            tensors[f"{prefix}.lora_B.weight"] = bypass.lora_B.weight.detach().cpu().clone()
-    for name, live in sam.prompt_encoder.state_dict().items():
+            prefix = f"{stock.host.lora_prefix.format(i=i)}.{part}"
+            tensors[f"{prefix}.lora_A.weight"] = bypass.lora_A.weight[:rank].detach().cpu().clone()
+            tensors[f"{prefix}.lora_B.weight"] = bypass.lora_B.weight[:, :rank].detach().cpu().clone()
+    for name, live in stock.host.prompt_encoder.state_dict().items():
         if name == "no_mask_embed.weight" or not torch.equal(live, stock.prompt_state[name].to(live.device)):
             tensors[f"prompt_encoder.{name}"] = live.detach().cpu().clone()
-    decoder = sam.mask_decoder
+    decoder = stock.host.mask_decoder
     for name, live in decoder.state_dict().items():
         if ".lora_" in name or is_class_sized(name, decoder):
             tensors[f"mask_decoder.{file_lora_key(name)}"] = live.detach().cpu().clone()

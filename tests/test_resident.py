@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import assert_unchanged, snapshot
-from test_patch import CONFIGS, SIZE, images, stock_sam, trained_adapter
+from samed_adapter.testing import assert_unchanged, random_adapter, snapshot
+from samed_adapter.testing.tiny import CONFIGS, SIZE, images, stock_sam
 
 
 @pytest.mark.parametrize("config_name", ["k3", "decoder_lora", "size_96"])
 def test_a_mixed_batch_equals_each_image_alone_with_its_adapter(config_name):
     config = CONFIGS[config_name]
-    adapters = {f"a{i}": trained_adapter(config, seed=20 + i) for i in range(3)}
+    adapters = {f"a{i}": random_adapter(stock_sam(), config, seed=20 + i) for i in range(3)}
     sam = stock_sam()
     model = sa.patch(sam, adapters["a0"], adapter_name="a0")
     for name in ("a1", "a2"):
@@ -37,7 +37,8 @@ def test_a_mixed_batch_equals_each_image_alone_with_its_adapter(config_name):
 
 
 def test_set_adapter_swaps_and_delete_refuses_the_active_one(tmp_path):
-    a, b = trained_adapter(CONFIGS["k3"], seed=30), trained_adapter(CONFIGS["k3"], seed=31)
+    a = random_adapter(stock_sam(), CONFIGS["k3"], seed=30)
+    b = random_adapter(stock_sam(), CONFIGS["k3"], seed=31)
     path = b.save(tmp_path / "b.safetensors")
     model = sa.patch(stock_sam(), a)
     model.load_adapter(path, "b")
@@ -55,15 +56,15 @@ def test_set_adapter_swaps_and_delete_refuses_the_active_one(tmp_path):
         model.set_adapter("b")
 
 
-def test_mixed_batches_need_adapters_of_one_shape_and_keep_merging():
-    model = sa.patch(stock_sam(), trained_adapter(CONFIGS["k3"], seed=32), merge=True)
-    model.load_adapter(trained_adapter(CONFIGS["k3"], seed=33), "same")
-    other = dataclasses.replace(CONFIGS["k3"], num_classes=4, class_names=None)
-    model.load_adapter(trained_adapter(other, seed=34), "other")
+def test_mixed_batches_need_adapters_of_one_image_size_and_keep_merging():
+    model = sa.patch(stock_sam(), random_adapter(stock_sam(), CONFIGS["k3"], seed=32), merge=True)
+    model.load_adapter(random_adapter(stock_sam(), CONFIGS["k3"], seed=33), "same")
+    other = dataclasses.replace(CONFIGS["k3"], image_size=96)
+    model.load_adapter(random_adapter(stock_sam(), other, seed=34), "other")
     with torch.no_grad():
         out = model(images(batch=2), adapter_names=["same", "default"])
         assert model.merged
-        with pytest.raises(ValueError, match="one shape"):
+        with pytest.raises(ValueError, match="one image_size"):
             model(images(batch=2), adapter_names=["other", "default"])
         with pytest.raises(ValueError, match="adapter names for a batch"):
             model(images(batch=2), adapter_names=["same"])
@@ -71,8 +72,8 @@ def test_mixed_batches_need_adapters_of_one_shape_and_keep_merging():
 
 
 def test_an_adapter_that_does_not_fit_is_not_made_resident():
-    model = sa.patch(stock_sam(), trained_adapter(CONFIGS["k3"], seed=35))
-    foreign = trained_adapter(CONFIGS["k3"], seed=36, sam=stock_sam(seed=1))
+    model = sa.patch(stock_sam(), random_adapter(stock_sam(), CONFIGS["k3"], seed=35))
+    foreign = random_adapter(stock_sam(seed=1), CONFIGS["k3"], seed=36)
     with pytest.raises(sa.BaseMismatchError):
         model.load_adapter(foreign, "foreign")
     assert model.adapter_names == ["default"]

@@ -46,16 +46,18 @@ def _check_shapes(
     if x2d.dim() != 2:
         raise ValueError(f"x2d must be (N, C), got shape {tuple(x2d.shape)}")
     dim = x2d.shape[1]
-    if tuple(weight.shape) != (3 * dim, dim):
-        raise ValueError(f"weight must be (3C, C) = ({3 * dim}, {dim}), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (3 * dim,):
-        raise ValueError(f"bias must be (3C,) = ({3 * dim},), got {tuple(bias.shape)}")
+    # SAM's qkv is square per third (C -> 3C); a Hiera block at a stage boundary widens (C -> 3C').
+    if weight.dim() != 2 or weight.shape[1] != dim or weight.shape[0] % 3:
+        raise ValueError(f"weight must be (3C', C) with C = {dim}, got {tuple(weight.shape)}")
+    out = weight.shape[0] // 3
+    if bias is not None and tuple(bias.shape) != (3 * out,):
+        raise ValueError(f"bias must be (3C',) = ({3 * out},), got {tuple(bias.shape)}")
     lead = tuple(a_q.shape[:1]) if stacked else ()
     if a_q.dim() != 2 + stacked or a_q.shape[-1] != dim:
         what = "(n, R, C)" if stacked else "(R, C)"
         raise ValueError(f"a_q must be {what} with C = {dim}, got {tuple(a_q.shape)}")
     rank = a_q.shape[-2]
-    want_a, want_b = lead + (rank, dim), lead + (dim, rank)
+    want_a, want_b = lead + (rank, dim), lead + (out, rank)
     for name, t, want in (("a_v", a_v, want_a), ("b_q", b_q, want_b), ("b_v", b_v, want_b)):
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
@@ -63,6 +65,8 @@ def _check_shapes(
 
 def _use_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     if not (x2d.is_cuda and kernels_enabled() and triton_available()):
+        return False
+    if weight.shape[0] != 3 * weight.shape[1]:  # the kernels tile square thirds (SAM's C -> 3C)
         return False
     # The kernels index with 32-bit offsets, and an empty grid is no launch at all.
     if not 0 < x2d.shape[0] * 3 * x2d.shape[1] < 2**31:
@@ -88,15 +92,16 @@ def lora_qkv(
 ) -> torch.Tensor:
     """SAM's fused qkv projection with rank-R LoRA bypasses on the query and value thirds.
 
-    y = x W^T + bias;  y[:, :C] += scale * (x A_q^T) B_q^T;  y[:, 2C:] += scale * (x A_v^T) B_v^T.
+    y = x W^T + bias;  y[:, :C'] += scale * (x A_q^T) B_q^T;  y[:, 2C':] += scale * (x A_v^T) B_v^T.
 
     Args:
         x2d: (N, C) input rows.
-        weight: (3C, C) frozen qkv weight; bias: (3C,) or None.
-        a_q, a_v: (R, C) down-projections; b_q, b_v: (C, R) up-projections (cast to x's dtype).
+        weight: (3C', C) frozen qkv weight (C' = C for SAM, 2C at a Hiera stage boundary;
+            the Triton kernels serve C' = C, the torch fallback any); bias: (3C',) or None.
+        a_q, a_v: (R, C) down-projections; b_q, b_v: (C', R) up-projections (cast to x's dtype).
         scale: the LoRA scale.
     Returns:
-        (N, 3C) in x's dtype; differentiable in x2d and the LoRA tensors (and, on the torch path,
+        (N, 3C') in x's dtype; differentiable in x2d and the LoRA tensors (and, on the torch path,
         in weight and bias too).
     """
     _check_shapes(x2d, weight, bias, a_q, b_q, a_v, b_v, stacked=False)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 
 def block_up_weight(b_q: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
-    """(3C, 2R) up-projection [[B_q, 0], [0, 0], [0, B_v]] from b_q, b_v (C, R).
+    """(3C', 2R) up-projection [[B_q, 0], [0, 0], [0, B_v]] from b_q, b_v (C', R).
 
-    With stacked (n, C, R) inputs: (3C, n * 2R), adapter i in columns [2R i, 2R (i + 1)).
+    With stacked (n, C', R) inputs: (3C', n * 2R), adapter i in columns [2R i, 2R (i + 1)).
     """
     q = F.pad(b_q, (0, b_q.shape[-1]))  # (..., C, 2R): [B_q, 0]
     v = F.pad(b_v, (b_v.shape[-1], 0))  # (..., C, 2R): [0, B_v]
@@ -29,8 +29,8 @@ def lora_qkv_torch(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_q: torch.Tensor, b_q: torch.Tensor,
     a_v: torch.Tensor, b_v: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """x2d (N, C) -> (N, 3C) = x W^T + bias, + scale * B_q A_q x on the query third and
-    scale * B_v A_v x on the value third; a_q/a_v (R, C), b_q/b_v (C, R)."""
+    """x2d (N, C) -> (N, 3C') = x W^T + bias, + scale * B_q A_q x on the query third and
+    scale * B_v A_v x on the value third; a_q/a_v (R, C), b_q/b_v (C', R) (C' = C for SAM)."""
     out = F.linear(x2d, weight, bias)
     a = torch.cat([a_q, a_v], dim=0)  # (2R, C): both down-projections in one product
     s = F.linear(x2d, a.to(x2d.dtype))  # (N, 2R)

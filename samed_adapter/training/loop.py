@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..model import SAMed
+from ..surgery import require_stock_state
 from .augment import augment
 from .losses import all_reduce_sum, segmentation_loss
 from .schedule import lr_at, set_lr
@@ -89,11 +90,14 @@ def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
     is not in the loss: their gradients would be None, so AdamW (as in the published code)
     never changes them. Freezing them says so explicitly and keeps DDP free of unused parameters.
     """
+    host = require_stock_state(model.sam).host
+    # SAM 2's decoder also has an object-score head that the masks do not use.
+    unused = {id(p) for name, p in host.prompt_encoder.named_parameters() if name != "no_mask_embed.weight"}
+    unused |= {id(p) for name, p in host.mask_decoder.named_parameters()
+               if name.startswith(("iou_prediction_head.", "pred_obj_score_head."))}
     named = []
     for name, param in model.sam.named_parameters():
-        unused = (name.startswith("prompt_encoder.") and name != "prompt_encoder.no_mask_embed.weight") or \
-            name.startswith("mask_decoder.iou_prediction_head.")
-        if unused:
+        if id(param) in unused:
             param.requires_grad_(False)
         elif param.requires_grad:
             named.append((name, param))
@@ -103,7 +107,7 @@ def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
 @contextlib.contextmanager
 def _checkpointed_blocks(model: SAMed, enabled: bool):
     """Recompute encoder blocks in the backward pass instead of storing their activations."""
-    blocks = list(model.sam.image_encoder.blocks) if enabled else []
+    blocks = list(require_stock_state(model.sam).host.blocks()) if enabled else []
     # A block may already carry an instance forward (the windowed SDPA path): wrap that one and
     # put it back afterwards.
     previous = [blk.__dict__.get("forward") for blk in blocks]

@@ -40,8 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of cases for validation")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--sam", help="stock SAM checkpoint (e.g. sam_vit_b_01ec64.pth)")
-    model.add_argument("--sam-backbone", help="with --random-sam-seed: build a SAM with random weights (tests, demos)")
+    model.add_argument("--sam", help="stock SAM or SAM 2 checkpoint (e.g. sam_vit_b_01ec64.pth, sam2.1_hiera_tiny.pt)")
+    model.add_argument("--sam2-config", metavar="NAME",
+                       help="with --sam: the SAM 2 backbone the checkpoint holds (e.g. sam2.1_hiera_t); default: "
+                            "read from its tensors")
+    model.add_argument("--sam-backbone", help="with --random-sam-seed: build a SAM with random weights (tests, demos); "
+                                              "vit_b, tiny, sam2.1_hiera_t, ...")
     model.add_argument("--random-sam-seed", type=int, help="seed of the random SAM weights")
     model.add_argument("--image-size", type=int, default=512)
     model.add_argument("--rank", type=int, default=4)
@@ -80,7 +84,7 @@ def _build_sam(args: argparse.Namespace):
     if args.sam:
         from ..backbones import load_stock_sam
 
-        return load_stock_sam(args.sam)
+        return load_stock_sam(args.sam, sam2_config=args.sam2_config)
     if args.sam_backbone and args.random_sam_seed is not None:
         print(f"warning: using a SAM with RANDOM weights ({args.sam_backbone}, seed {args.random_sam_seed}); "
               "pass --sam sam_vit_b_01ec64.pth for real results")
