@@ -1,10 +1,9 @@
 """Hot-swap soak: many swaps, merges and unmerges on one SAM; exact end state, flat memory.
 
-One stock SAM (random weights) is patched back and forth between two adapters that differ in
-structure: A (K = 3, encoder LoRA) and B (K = 5, the decoder-LoRA variant). Swap i applies
-A (odd i) or B (even i), in a rotating way: from the Adapter object, from its file, with
-`merge=True`, or followed by `model.merge()` and `model.unmerge()`; every seventh swap also
-merges and leaves it merged, so the next swap starts from a merged SAM. At the end:
+The soak itself is `samed_adapter.testing.soak` (tests/test_soak.py runs it short): one stock SAM
+(random weights) patched back and forth between A (K = 3, encoder LoRA) and B (K = 5, the
+decoder-LoRA variant), from the Adapter object, from its file, with `merge=True`, or followed by
+`model.merge()` and `model.unmerge()`; every seventh swap leaves the SAM merged. At the end:
 
 - the SAM equals a fresh stock SAM patched once with the last adapter, in the same merge state
   (every state_dict tensor with torch.equal, the same module types and requires_grad flags);
@@ -26,140 +25,10 @@ Exits 1 if the end state differs or RSS grew by 1 MiB or more.
 from __future__ import annotations
 
 import argparse
-import gc
-import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Optional
 
-import torch
-
-import samed_adapter as sa
-from samed_adapter.testing import differences, random_adapter, snapshot
-
-MIB = 2**20
-RSS_LIMIT = 1 * MIB
-IMAGE_SIZE = {"tiny": 128, "vit_b": 512}
-
-
-def rss_bytes() -> int:
-    """VmRSS of this process, from /proc/self/status."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def trimmed_rss_bytes() -> int:
-    """VmRSS after glibc's malloc_trim(0) has handed free heap pages back to the system.
-
-    Raw RSS also counts memory that malloc keeps after `free` for reuse; with ViT-B tensors of
-    several MiB that is tens to hundreds of MiB and moves from one reading to the next. After
-    a trim, RSS is what is live (plus fragmentation that cannot be returned), which is what a
-    leak grows. Where glibc is not the allocator this is the raw RSS.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    return rss_bytes()
-
-
-def live_counts() -> tuple[int, int]:
-    """(live torch tensors, gc-tracked objects), after a full collection."""
-    gc.collect()
-    objects = gc.get_objects()
-    tensors = sum(1 for o in objects if issubclass(type(o), torch.Tensor))  # type(): no lazy attribute lookups
-    return tensors, len(objects)
-
-
-def soak(swaps: int = 1000, backbone: str = "tiny", measure_from: int = 100, seed: int = 0,
-         log=None, trace_every: int = 0, from_files: bool = True) -> dict:
-    """Run the soak (under torch.no_grad()); returns the figures (see `main` for what is printed)."""
-    if swaps < 2 or not 0 < measure_from < swaps:
-        raise ValueError(f"need swaps >= 2 and 0 < measure_from < swaps, got {swaps} and {measure_from}")
-    with torch.no_grad():
-        return _soak(swaps, backbone, measure_from, seed, log, trace_every, from_files)
-
-
-def _soak(swaps: int, backbone: str, measure_from: int, seed: int, log, trace_every: int, from_files: bool) -> dict:
-    size = IMAGE_SIZE.get(backbone, 512)
-    sam = sa.build_sam(backbone, seed=seed)
-    with torch.enable_grad():
-        adapters = {
-            "A": random_adapter(sam, sa.AdapterConfig(num_classes=3, image_size=size), seed=1),
-            "B": random_adapter(sam, sa.AdapterConfig(num_classes=5, image_size=size, decoder_lora=True), seed=2),
-        }
-    stock = snapshot(sam)
-    figures: dict = {"swaps": swaps, "backbone": backbone, "measure_from": measure_from, "from_files": from_files}
-    times = []
-    with tempfile.TemporaryDirectory(prefix="samed-soak-") as tmp:
-        files = {name: a.save(Path(tmp) / f"{name}.safetensors") for name, a in adapters.items()}
-        model = None
-        start = time.perf_counter()
-        for i in range(1, swaps + 1):
-            name = "A" if i % 2 else "B"
-            how = (i // 2) % 4  # each adapter meets every way of swapping
-            if how == 1 and not from_files:
-                how = 0
-            t0 = time.perf_counter()
-            if how == 0:
-                model = sa.patch(sam, adapters[name])
-            elif how == 1:
-                model = sa.patch(sam, files[name])
-            elif how == 2:
-                model = sa.patch(sam, adapters[name], merge=True)
-            else:
-                model = sa.patch(sam, adapters[name])
-                model.merge()
-                model.unmerge()
-            times.append(time.perf_counter() - t0)
-            if how == 2 and i % 7:
-                model.unmerge()  # mostly unmerged between swaps ...
-            elif how != 2 and i % 7 == 0:
-                model.merge()  # ... but every seventh swap leaves a merged SAM for the next one
-            if trace_every and i % trace_every == 0 and log and i not in (measure_from, swaps):
-                gc.collect()
-                raw = rss_bytes()
-                log(f"after swap {i}: RSS {trimmed_rss_bytes() / MIB:.2f} MiB (before malloc_trim {raw / MIB:.2f})")
-            if i == measure_from or i == swaps:
-                # live_counts() builds a list of every object (MiBs); whatever of it malloc keeps
-                # must be in the baseline, not in the growth: count before the first RSS reading
-                # and after the last.
-                if i == measure_from:
-                    tensors, objects = live_counts()
-                gc.collect()
-                figures[f"raw_rss_{i}"] = rss_bytes()
-                figures[f"rss_{i}"] = trimmed_rss_bytes()
-                if i == swaps:
-                    tensors, objects = live_counts()
-                figures[f"tensors_{i}"] = tensors
-                figures[f"objects_{i}"] = objects
-                if log:
-                    log(f"after swap {i}: RSS {figures[f'rss_{i}'] / MIB:.2f} MiB (before malloc_trim "
-                        f"{figures[f'raw_rss_{i}'] / MIB:.2f}), {tensors} live tensors, {objects} gc objects")
-        figures["seconds"] = time.perf_counter() - start
-    last = "A" if swaps % 2 else "B"
-    merged = model.merged
-    fresh_sam = sa.build_sam(backbone, seed=seed)
-    fresh = sa.patch(fresh_sam, adapters[last], merge=merged)
-    figures["last_adapter"] = last
-    figures["merged_at_end"] = merged
-    figures["config_equal"] = model.config == fresh.config
-    figures["end_differences"] = differences(sam, snapshot(fresh_sam))
-    sa.unpatch(sam)
-    figures["unpatch_differences"] = differences(sam, stock)
-    figures["median_swap_ms"] = statistics.median(times) * 1000
-    figures["rss_growth"] = figures[f"rss_{swaps}"] - figures[f"rss_{measure_from}"]
-    figures["raw_rss_growth"] = figures[f"raw_rss_{swaps}"] - figures[f"raw_rss_{measure_from}"]
-    figures["tensor_growth"] = figures[f"tensors_{swaps}"] - figures[f"tensors_{measure_from}"]
-    figures["object_growth"] = figures[f"objects_{swaps}"] - figures[f"objects_{measure_from}"]
-    return figures
+from samed_adapter.testing.soak import MIB, RSS_LIMIT, soak
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -86,18 +86,6 @@ def _evaluation_metadata(summary: "Summary") -> dict[str, Any]:
     }
 
 
-def _evaluation_markdown(summary: "Summary") -> str:
-    def cell(v: Optional[float], scale: float = 1.0) -> str:
-        return "n/a" if v is None else f"{scale * v:.2f}"
-
-    lines = [f"Mean over {len(summary.cases)} cases (Dice in %, HD95 as computed).", "",
-             "| class | Dice (%) | HD95 |", "|---|---:|---:|"]
-    for name, d, h in zip(summary.class_names, summary.class_dice, summary.class_hd95):
-        lines.append(f"| {name} | {cell(d, 100)} | {cell(h)} |")
-    lines.append(f"| **mean** | {cell(summary.mean_dice, 100)} | {cell(summary.mean_hd95)} |")
-    return "\n".join(lines)
-
-
 def model_card(
     adapter: Adapter,
     repo_id: str,
@@ -134,7 +122,8 @@ def model_card(
         if not isinstance(evaluation, Summary):
             raise TypeError(f"evaluation must be a metrics Summary or a Markdown string, got {type(evaluation).__name__}")
         extra["evaluation"] = _evaluation_metadata(evaluation)
-        evaluation_text = _evaluation_markdown(evaluation)
+        evaluation_text = (f"Mean over {len(evaluation.cases)} cases (Dice in %, HD95 as computed).\n\n"
+                           + evaluation.means_markdown().rstrip())
     data = ModelCardData(
         library_name=LIBRARY_NAME, tags=list(TAGS), pipeline_tag="image-segmentation", base_model=hub_id,
         **{k: v for k, v in extra.items() if v is not None},

@@ -330,8 +330,12 @@ class Summary:
             for name, s in zip(self.class_names, scores):
                 notes = [n for n, f in (("empty truth", s.empty_truth), ("empty prediction", s.empty_prediction)) if f]
                 lines.append(f"| {case} | {name} | {_pct(s.dice)} | {_num(s.hd95)} | {', '.join(notes)} |")
-        lines += ["", "| class | mean DSC (%) | mean HD95 | empty-truth cases | empty-prediction cases |"]
-        lines.append("|---|---:|---:|---:|---:|")
+        return "\n".join(lines) + "\n\n" + self.means_markdown()
+
+    def means_markdown(self) -> str:
+        """The per-class means table alone (the last part of :meth:`to_markdown`; the model card's)."""
+        lines = ["| class | mean DSC (%) | mean HD95 | empty-truth cases | empty-prediction cases |",
+                 "|---|---:|---:|---:|---:|"]
         for i, name in enumerate(self.class_names):
             lines.append(
                 f"| {name} | {_pct(self.class_dice[i])} | {_num(self.class_hd95[i])} "

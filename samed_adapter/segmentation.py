@@ -51,8 +51,9 @@ class OutputOptions:
         output_types: any of :data:`OUTPUT_TYPES`.
         classes: class ids to keep (others become background in every output); None keeps all.
         statistics, split, save_probabilities, overlay: the extra files of the module docstring.
-        batch_size, window, percentiles: as for :meth:`SAMed.segment` (``window="none"``: the
-            inputs are already in [0, 1]).
+        batch_size, window, percentiles, preprocessed: as for :meth:`SAMed.segment`
+            (``preprocessed=True``: the inputs are already in [0, 1]). ``window`` may also be
+            the command line's text, ``"LO,HI"`` or ``"none"`` (the same as ``preprocessed=True``).
         adapter_name: how the DICOM-SEG names the adapter (its file name or Hub id).
     """
 
@@ -63,8 +64,9 @@ class OutputOptions:
     save_probabilities: bool = False
     overlay: bool = False
     batch_size: int = 8
-    window: Union[None, str, tuple[float, float]] = None
+    window: Optional[tuple[float, float]] = None
     percentiles: Optional[tuple[float, float]] = None
+    preprocessed: bool = False
     adapter_name: str = "adapter"
 
     def __post_init__(self) -> None:
@@ -74,15 +76,21 @@ class OutputOptions:
         if unknown or not self.output_types:
             raise ValueError(f"output type {', '.join(unknown) or '(none)'} unknown; use {' or '.join(OUTPUT_TYPES)} "
                              "(both: nifti,dicom-seg)")
-        if self.window is not None and self.percentiles is not None:
+        if isinstance(self.window, str):
+            from .arguments import WindowChoice
+
+            choice = WindowChoice.parse(self.window)
+            self.window, self.preprocessed = choice.bounds, self.preprocessed or choice.preprocessed
+        if (self.window is not None or self.preprocessed) and self.percentiles is not None:
             raise ValueError("--window and --percentiles exclude each other; give one")
+        if self.window is not None and self.preprocessed:
+            raise ValueError("preprocessed inputs take no window; give one of window and preprocessed=True")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
 
     def scaling(self) -> dict[str, Any]:
         """Keyword arguments of :func:`samed_adapter.inference.prepare_volume`."""
-        window = None if self.window in (None, "none") else self.window
-        return {"window": window, "percentiles": self.percentiles, "preprocessed": self.window == "none"}
+        return {"window": self.window, "percentiles": self.percentiles, "preprocessed": self.preprocessed}
 
 
 def _stem(label_path: Path) -> str:
@@ -252,7 +260,7 @@ def segment_file(
         output: the label file to write (``.nii.gz``, ...), with any extra outputs beside it
             (``statistics=True``, ``split=True``, ``save_probabilities=True``,
             ``output_types="nifti,dicom-seg"``, ``classes="liver,spleen"``, ``overlay=True``,
-            ``window``, ``percentiles``, ``batch_size``: see :class:`OutputOptions`); None
+            ``window``, ``percentiles``, ``preprocessed``, ``batch_size``: see :class:`OutputOptions`); None
             writes nothing.
         sam: a stock SAM (left as it was found) or its checkpoint file.
         adapter: an adapter file, Hub id or :class:`~samed_adapter.Adapter`.
@@ -281,8 +289,7 @@ def segment_file(
         opts = OutputOptions(classes=resolve_classes(names, model.config.class_names or []), **options)
         volume = volume_from_nifti(input) if isinstance(input, nib.spatialimages.SpatialImage) else read_image(input)
         if output is None:
-            labels = model.segment(volume, batch_size=opts.batch_size, window=None if opts.window in (None, "none")
-                                   else opts.window, percentiles=opts.percentiles, preprocessed=opts.window == "none")
+            labels = model.segment(volume, batch_size=opts.batch_size, **opts.scaling())
             if opts.classes is not None:
                 labels = np.where(np.isin(labels, opts.classes), labels, 0).astype(labels.dtype)
         else:

@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from samed_adapter import cli
 from samed_adapter.demo import build_mni_task
 from samed_adapter.geometry import axis_codes
+from samed_adapter.testing.hub import FakeHub
 
 # The random SAM the `trained` adapter was trained on (and so matches by fingerprint).
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
@@ -111,3 +112,33 @@ def ct_folder(tmp_path: Path) -> Path:
 def ct_series(tmp_path_factory) -> Path:
     """The same series, written once per session (for tests that only read it)."""
     return _write_ct_series(tmp_path_factory.mktemp("ct_series") / "ct")
+
+
+# --------------------------------------------------------------------------- the Hub, offline
+
+
+@pytest.fixture
+def offline_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """HF_HUB_OFFLINE on and the default Hugging Face cache in tmp_path (the Hub tests use it for
+    every test: ``pytestmark = pytest.mark.usefixtures("offline_cache")``)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return cache
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, offline_cache: Path, tmp_path: Path) -> FakeHub:
+    """huggingface_hub.HfApi replaced by a `FakeHub` whose uploads land in `offline_cache`."""
+    import huggingface_hub
+
+    fake = FakeHub(offline_cache, tmp_path / "uploads")
+    fake.uploads.mkdir()
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
+    return fake

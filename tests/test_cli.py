@@ -1,7 +1,7 @@
 """Every `samed-adapter` command end to end through `cli.main`, on small random SAMs.
 
-No network: the Hub is the recording fake and the laid-out cache of test_hub.py, whose
-autouse fixture turns HF_HUB_OFFLINE on for every test here too.
+No network: the Hub is the recording fake and the laid-out cache of `samed_adapter.testing.hub`,
+and conftest's `offline_cache` turns HF_HUB_OFFLINE on for every test here, as in test_hub.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import samed_adapter as sa  # noqa: E402
 from samed_adapter import cli  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
-from test_hub import fake_hub, lay_out_cache, make_adapter, offline_cache, same_tensors  # noqa: E402,F401
+from samed_adapter.testing import random_adapter  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 NAMES = ["liver", "kidney", "spleen"]
 COMMANDS = ["convert", "info", "segment", "push", "pull"]
@@ -33,7 +35,8 @@ COMMANDS = ["convert", "info", "segment", "push", "pull"]
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An adapter made on build_sam("tiny", seed=0) and that SAM's stock checkpoint."""
     root = tmp_path_factory.mktemp("cli")
-    adapter = make_adapter(seed=1, sam_seed=0, class_names=NAMES, intensity_window=(0.0, 1.0))
+    config = sa.AdapterConfig(num_classes=3, image_size=64, class_names=NAMES, intensity_window=(0.0, 1.0))
+    adapter = random_adapter(sa.build_sam("tiny", seed=0), config, seed=1)
     sam_path = root / "sam_tiny.pth"
     torch.save(sa.build_sam("tiny", seed=0).state_dict(), sam_path)
     return {"adapter": adapter.save(root / "tiny.safetensors"), "sam": sam_path}

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from samed_adapter.io.volumes import (
     DicomSeries,
@@ -21,36 +20,11 @@ from samed_adapter.io.volumes import (
     read_dicom_series,
     read_image,
 )
+from samed_adapter.testing.dicom import write_ct_slice
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]     # rows +x, columns +y (LPS): normal +z
 CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # rows +x, columns -z: normal +y
 TILTED = [1.0, 0.0, 0.0, 0.0, 0.8, -0.6]   # not parallel to AXIAL
-
-
-def _write_slice(path: Path, pixels: np.ndarray, ipp: list[float], *, iop: list[float],
-                 spacing: list[float], uid: str, number: int | None = None,
-                 description: str | None = None, intercept: float = -1000.0) -> None:
-    """One little-endian int16 CT slice with full geometry and series tags."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID = "CT", uid
-    if number is not None:
-        ds.SeriesNumber = number
-    if description is not None:
-        ds.SeriesDescription = description
-    ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
-    ds.ImageOrientationPatient, ds.PixelSpacing = iop, spacing
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, intercept
-    ds.PixelData = pixels.astype("<i2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _series(folder: Path, prefix: str, *, uid: str, iop: list[float], spacing: list[float],
@@ -62,8 +36,8 @@ def _series(folder: Path, prefix: str, *, uid: str, iop: list[float], spacing: l
     paths = []
     for k, ipp in enumerate(origins):
         path = folder / f"{prefix}{k}.dcm"
-        _write_slice(path, 100 * k + 10 * j + i, ipp, iop=iop, spacing=spacing, uid=uid,
-                     number=number, description=description)
+        write_ct_slice(path, 100 * k + 10 * j + i, ipp, iop=iop, spacing=spacing, series=uid,
+                       number=number, description=description)
         paths.append(path)
     return paths
 
@@ -184,8 +158,8 @@ def test_bad_series_is_listed_but_refused_when_read(tmp_path: Path) -> None:
     _axial(folder, number=1, description="good")
     _series(folder, "tilt", uid="1.2.840.99.9", iop=AXIAL, spacing=[1.0, 1.0], shape=(3, 3),
             origins=[[0.0, 0.0, 0.0], [0.0, 0.0, 3.0]], number=2, description="bad")
-    _write_slice(folder / "tilt1.dcm", np.zeros((3, 3)), [0.0, 0.0, 3.0], iop=TILTED,
-                 spacing=[1.0, 1.0], uid="1.2.840.99.9", number=2, description="bad")
+    write_ct_slice(folder / "tilt1.dcm", np.zeros((3, 3)), [0.0, 0.0, 3.0], iop=TILTED,
+                   spacing=[1.0, 1.0], series="1.2.840.99.9", number=2, description="bad")
     good, bad = list_dicom_series(folder)
     assert (good.name, bad.name) == ("1_good", "2_bad") and len(bad.files) == 2
 

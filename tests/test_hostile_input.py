@@ -19,23 +19,19 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import random_adapter
 from samed_adapter import cli
+from samed_adapter.testing import random_adapter
+from samed_adapter.testing.tiny import CONFIGS
 
 K = 3
 SIZE = 64
 LO, HI = sa.AdapterConfig().intensity_window  # the CT window: (-125, 275)
-
-
-def _adapter(seed: int = 1, **config) -> sa.Adapter:
-    """An adapter on build_sam("tiny", seed=0) with every trainable tensor moved from its start."""
-    config = sa.AdapterConfig(num_classes=K, image_size=SIZE, **config)
-    return random_adapter(sa.build_sam("tiny", seed=0), config, seed=seed)
+CONFIG = sa.AdapterConfig(num_classes=K, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return sa.patch(sa.build_sam("tiny", seed=0), _adapter())
+    return sa.patch(sa.build_sam("tiny", seed=0), random_adapter(sa.build_sam("tiny", seed=0), CONFIG, seed=1))
 
 
 def _valid_labels(labels: np.ndarray, shape) -> None:
@@ -140,7 +136,8 @@ def test_lists_and_non_contiguous_arrays_segment_like_their_copies(model):
 
 
 def test_values_outside_unit_range_need_a_window_even_when_huge():
-    model = sa.patch(sa.build_sam("tiny", seed=0), _adapter(intensity_window=None))
+    config = sa.AdapterConfig(num_classes=K, image_size=SIZE, intensity_window=None)
+    model = sa.patch(sa.build_sam("tiny", seed=0), random_adapter(sa.build_sam("tiny", seed=0), config, seed=1))
     with np.errstate(over="ignore"), pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.segment(np.full((4, 4), 1e300))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -170,7 +167,7 @@ def test_segment_with_a_nonpositive_batch_size_is_a_clear_error_or_works(model, 
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_cli")
-    adapter = _adapter().save(root / "tiny.safetensors")
+    adapter = random_adapter(sa.build_sam("tiny", seed=0), CONFIG, seed=1).save(root / "tiny.safetensors")
     good = root / "good.nii.gz"
     image = np.random.default_rng(0).uniform(LO, HI, size=(16, 12, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(image, np.diag([0.8, 0.8, 2.5, 1.0])), good)
@@ -253,9 +250,7 @@ def test_segment_command_with_a_broken_adapter_stops_and_names_it(capsys, cli_fi
 
 
 def test_evaluate_command_with_mismatched_label_files(capsys, tmp_path):
-    from test_patch import CONFIGS, trained_adapter
-
-    adapter = trained_adapter(CONFIGS["k3"], seed=0).save(tmp_path / "a.safetensors")
+    adapter = random_adapter(sa.build_sam("tiny", seed=0), CONFIGS["k3"], seed=0).save(tmp_path / "a.safetensors")
     data = tmp_path / "data"
     (data / "imagesTr").mkdir(parents=True)
     (data / "labelsTr").mkdir()
@@ -324,7 +319,8 @@ def test_full_disk_while_saving_a_training_state_keeps_the_previous_one(tmp_path
 def test_full_disk_while_saving_an_adapter_keeps_the_previous_file(tmp_path, monkeypatch):
     import safetensors.torch
 
-    first, second = _adapter(seed=1), _adapter(seed=2)
+    first = random_adapter(sa.build_sam("tiny", seed=0), CONFIG, seed=1)
+    second = random_adapter(sa.build_sam("tiny", seed=0), CONFIG, seed=2)
     path = first.save(tmp_path / "adapter.safetensors")
     saved_bytes = path.read_bytes()
 

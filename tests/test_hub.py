@@ -7,13 +7,10 @@ recorder that writes each upload into that cache as a new commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import huggingface_hub
 import pytest
@@ -21,124 +18,27 @@ import torch
 from huggingface_hub import ModelCard, constants, hf_hub_download
 
 import samed_adapter as sa
-from samed_adapter.testing import random_adapter
 from samed_adapter import hub
 from samed_adapter.hub import AdapterNotFoundError
+from samed_adapter.testing import random_adapter, same_tensors
+from samed_adapter.testing.hub import lay_out_cache
+from samed_adapter.testing.tiny import stock_sam
+
+pytestmark = pytest.mark.usefixtures("offline_cache")  # conftest: HF_HUB_OFFLINE, the cache in tmp_path
 
 SIZE = 64
-
-
-# --------------------------------------------------------------------------- helpers (test_cli uses them too)
-
-
-def make_adapter(seed: int = 1, sam_seed: int = 0, num_classes: int = 3, **config: Any) -> sa.Adapter:
-    """A trained-looking adapter (every trainable tensor moved) made on build_sam("tiny", seed=sam_seed)."""
-    cfg = sa.AdapterConfig(num_classes=num_classes, image_size=SIZE, **config)
-    return random_adapter(sa.build_sam("tiny", seed=sam_seed), cfg, seed=seed)
-
-
-def lay_out_cache(cache_dir: Path, repo_id: str, files: dict[str, bytes], *, ref: Optional[str] = "main") -> str:
-    """Write one commit of a Hub model repo in the standard Hugging Face cache layout.
-
-    models--org--name/blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256> and
-    refs/<ref> holding the commit hash. Returns the commit hash.
-    """
-    repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
-    digest = hashlib.sha1(repo_id.encode())
-    for name in sorted(files):
-        digest.update(name.encode() + files[name])
-    commit = digest.hexdigest()
-    for name, data in files.items():
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo_dir / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            link.symlink_to(os.path.relpath(blob, link.parent))
-        except OSError:  # no symlinks (e.g. Windows without developer mode): the Hub copies too
-            link.write_bytes(data)
-    if ref is not None:
-        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-        (repo_dir / "refs" / ref).write_text(commit)
-    return commit
+CONFIG = sa.AdapterConfig(num_classes=3, image_size=SIZE)
 
 
 def adapter_bytes(adapter: sa.Adapter, tmp_path: Path, name: str = "a.safetensors") -> bytes:
     return adapter.save(tmp_path / name).read_bytes()
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records calls; each upload becomes a commit in `cache`."""
-
-    def __init__(self, cache: Path, uploads: Path) -> None:
-        self.cache, self.uploads = cache, uploads
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def api(self, *args: Any, **kwargs: Any) -> "FakeHub":  # HfApi(...) -> the recorder
-        self.calls.append(("HfApi", dict(kwargs)))
-        return self
-
-    def create_repo(self, repo_id: str, **kwargs: Any) -> str:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id: str, **kwargs: Any) -> None:
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs: Any) -> huggingface_hub.CommitInfo:
-        self.calls.append(("upload_folder", dict(kwargs)))
-        folder = Path(kwargs["folder_path"])
-        dest = self.uploads / str(len(list(self.uploads.iterdir())) + 1)
-        shutil.copytree(folder, dest)
-        files = {p.name: p.read_bytes() for p in folder.iterdir()}
-        ref = None if kwargs.get("create_pr") else (kwargs.get("revision") or "main")
-        commit = lay_out_cache(self.cache, kwargs["repo_id"], files, ref=ref)
-        url = f"https://huggingface.co/{kwargs['repo_id']}/commit/{commit}"
-        return huggingface_hub.CommitInfo(
-            commit_url=url, commit_message=kwargs.get("commit_message") or "", commit_description="", oid=commit,
-            pr_url=f"https://huggingface.co/{kwargs['repo_id']}/discussions/1" if kwargs.get("create_pr") else None,
-        )
-
-    def call(self, name: str) -> dict[str, Any]:
-        found = [kw for n, kw in self.calls if n == name]
-        assert len(found) == 1, (name, self.calls)
-        return found[0]
-
-    def last_upload(self) -> Path:
-        return sorted(self.uploads.iterdir(), key=lambda p: int(p.name))[-1]
-
-
-@pytest.fixture(autouse=True)
-def offline_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """HF_HUB_OFFLINE on and the default Hugging Face cache in tmp_path, for every test."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return cache
-
-
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, offline_cache: Path, tmp_path: Path) -> FakeHub:
-    fake = FakeHub(offline_cache, tmp_path / "uploads")
-    fake.uploads.mkdir()
-    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
-    return fake
-
-
-def same_tensors(a: sa.Adapter, b: sa.Adapter) -> bool:
-    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-
-
 # --------------------------------------------------------------------------- pull
 
 
 def test_hf_hub_download_resolves_the_laid_out_cache(tmp_path, offline_cache):
-    data = adapter_bytes(make_adapter(), tmp_path)
+    data = adapter_bytes(random_adapter(stock_sam(), CONFIG, seed=1), tmp_path)
     commit = lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": data})
     path = hf_hub_download("org/name", "adapter.safetensors", local_files_only=True, cache_dir=offline_cache)
     assert Path(path) == offline_cache / "models--org--name" / "snapshots" / commit / "adapter.safetensors"
@@ -147,7 +47,7 @@ def test_hf_hub_download_resolves_the_laid_out_cache(tmp_path, offline_cache):
 
 
 def test_load_and_patch_by_hub_id_offline(tmp_path, offline_cache):
-    adapter = make_adapter()
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
     lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(adapter, tmp_path)})
     assert same_tensors(sa.Adapter.load("org/name"), adapter)
     assert same_tensors(sa.Adapter.load("org/name", cache_dir=offline_cache, local_files_only=True), adapter)
@@ -159,7 +59,7 @@ def test_load_and_patch_by_hub_id_offline(tmp_path, offline_cache):
 
 
 def test_revision_selects_another_snapshot(tmp_path, offline_cache):
-    first, second = make_adapter(seed=1), make_adapter(seed=2)
+    first, second = random_adapter(stock_sam(), CONFIG, seed=1), random_adapter(stock_sam(), CONFIG, seed=2)
     old = lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(first, tmp_path, "1")},
                         ref="v1")
     lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(second, tmp_path, "2")})
@@ -183,7 +83,8 @@ def test_missing_repo_offline_says_how_to_get_it(tmp_path, offline_cache):
     assert "local path" in message
     with pytest.raises(AdapterNotFoundError, match="org/missing"):
         sa.patch(sa.build_sam("tiny", seed=0), "org/missing")
-    lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(make_adapter(), tmp_path)})
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
+    lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(adapter, tmp_path)})
     with pytest.raises(AdapterNotFoundError, match="org/name@v9"):
         sa.Adapter.load("org/name@v9")
 
@@ -199,7 +100,8 @@ def test_offline_env_is_read_when_called(monkeypatch, tmp_path, offline_cache):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(make_adapter(), tmp_path)})
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
+    lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(adapter, tmp_path)})
     hub.hf_hub_adapter_path("org/name")
     assert seen["local_files_only"] is True and seen["library_name"] == "samed-adapter"
 
@@ -230,7 +132,8 @@ def test_hub_errors_say_what_to_do(monkeypatch, error, message):
 
 
 def test_a_local_path_wins_over_the_hub(monkeypatch, tmp_path, offline_cache):
-    hub_adapter, local_adapter = make_adapter(seed=1), make_adapter(seed=2)
+    hub_adapter = random_adapter(stock_sam(), CONFIG, seed=1)
+    local_adapter = random_adapter(stock_sam(), CONFIG, seed=2)
     lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(hub_adapter, tmp_path)})
     monkeypatch.chdir(tmp_path)
     local_adapter.save(tmp_path / "org" / "name")
@@ -276,7 +179,8 @@ def _summary():
 
 
 def test_push_records_arguments_and_writes_a_model_card(fake_hub, tmp_path):
-    adapter = make_adapter(class_names=["liver", "tumour", "vessel"])
+    config = sa.AdapterConfig(num_classes=3, image_size=SIZE, class_names=["liver", "tumour", "vessel"])
+    adapter = random_adapter(stock_sam(), config, seed=1)
     info = sa.push_to_hub(
         adapter, "org/name", token="hf_secret", private=True, revision="dev", commit_message="first",
         create_pr=False, evaluation=_summary(), base_model="facebook/sam-vit-base",
@@ -309,7 +213,7 @@ def test_push_records_arguments_and_writes_a_model_card(fake_hub, tmp_path):
 
 
 def test_push_defaults_from_a_file_and_from_a_model(fake_hub, tmp_path):
-    adapter = make_adapter()
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
     path = adapter.save(tmp_path / "mine.safetensors", dtype=torch.float16)
     sa.push_to_hub(path, "org/name")
     assert fake_hub.call("create_repo")["private"] is None
@@ -337,12 +241,12 @@ def test_push_refuses_what_it_cannot_push(fake_hub, tmp_path):
     with pytest.raises(TypeError, match="Adapter, a SAMed model or a file path"):
         sa.push_to_hub(42, "org/name")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a Hub id"):
-        sa.push_to_hub(make_adapter(), "not a repo")
+        sa.push_to_hub(random_adapter(stock_sam(), CONFIG, seed=1), "not a repo")
     assert fake_hub.calls == []
 
 
 def test_model_card_for_vit_b_names_the_stock_weights():
-    adapter = make_adapter()
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
     adapter.config.backbone = "vit_b"  # only the card's text depends on it here
     card = hub.model_card(adapter, "org/name")
     meta = card.data.to_dict()

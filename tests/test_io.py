@@ -11,8 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from samed_adapter.io import (
     ImageReadError,
@@ -25,6 +24,7 @@ from samed_adapter.io import (
 )
 from samed_adapter.io import volumes as volumes_mod
 from samed_adapter.io.overlay import _ALPHA, _pick_slices
+from samed_adapter.testing.dicom import write_ct_slice
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -117,26 +117,6 @@ def test_nifti_2d_is_rows_by_columns(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _write_slice(path: Path, pixels: np.ndarray, ipp: list[str], *, iop: list[float],
-                 spacing: list[float], slope: float, intercept: float, series: str,
-                 instance: int) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, instance
-    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = ipp, iop, spacing
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype("<i2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 # Sagittal slices: rows run anterior->posterior (+y LPS), columns downward (-z).
 SAG_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
 SAG_X = {"b.dcm": 5.0, "c.dcm": 10.0, "a.dcm": 7.5}  # file name -> x (LPS), unsorted
@@ -148,9 +128,9 @@ def _sagittal_series(folder: Path, xs: dict[str, float] = SAG_X, series: str = "
     j, i = np.mgrid[0:4, 0:5]  # 4 rows, 5 columns: a transpose changes the shape
     for n, (name, x) in enumerate(xs.items()):
         raw = (100 * x + 10 * j + i).astype(np.int16)
-        _write_slice(folder / name, raw, [str(x), "-20", "30"], iop=SAG_IOP, spacing=[0.8, 0.6],
-                     slope=SAG_SLOPE.get(name, 1.0), intercept=-1000, series=series,
-                     instance=10 - n)
+        write_ct_slice(folder / name, raw, [str(x), "-20", "30"], iop=SAG_IOP, spacing=[0.8, 0.6],
+                       slope=SAG_SLOPE.get(name, 1.0), intercept=-1000, series=series,
+                       instance=10 - n)
 
 
 def test_dicom_series_orientation_spacing_hu_and_affine(tmp_path: Path) -> None:

@@ -10,32 +10,10 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import assert_unchanged, random_adapter, snapshot
 from samed_adapter.adapter import FORMAT_VERSION
 from samed_adapter.lora import LoraQKV
-
-SIZE = 128
-
-
-def stock_sam(seed: int = 0):
-    return sa.build_sam("tiny", seed=seed)
-
-
-def trained_adapter(config: sa.AdapterConfig, seed: int, sam=None) -> sa.Adapter:
-    """An adapter with every trainable tensor moved away from its initial value."""
-    return random_adapter(sam if sam is not None else stock_sam(), config, seed=seed)
-
-
-def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-CONFIGS = {
-    "k3": sa.AdapterConfig(num_classes=3, image_size=SIZE, intensity_window=None),
-    "k5_rank2_blocks": sa.AdapterConfig(num_classes=5, rank=2, lora_blocks=[1], image_size=SIZE),
-    "decoder_lora": sa.AdapterConfig(num_classes=3, image_size=SIZE, decoder_lora=True, decoder_lora_rank=2),
-    "size_96": sa.AdapterConfig(num_classes=2, image_size=96, lora_scale=0.5),
-}
+from samed_adapter.testing import assert_unchanged, random_adapter, snapshot
+from samed_adapter.testing.tiny import CONFIGS, SIZE, images, stock_sam
 
 
 def test_fresh_adapter_leaves_encoder_stock_and_freezes_it():
@@ -71,7 +49,7 @@ def test_decoder_lora_variant_freezes_the_transformer():
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_adapter_round_trip_reproduces_the_model(name, tmp_path):
     config = CONFIGS[name]
-    adapter = trained_adapter(config, seed=1)
+    adapter = random_adapter(stock_sam(), config, seed=1)
     path = adapter.save(tmp_path / "a.safetensors")
     loaded = sa.Adapter.load(path)
     assert loaded.config == dataclasses.replace(config, backbone="tiny")
@@ -91,7 +69,7 @@ def test_adapter_round_trip_reproduces_the_model(name, tmp_path):
 
 
 def test_half_precision_save_halves_the_file(tmp_path):
-    adapter = trained_adapter(CONFIGS["k3"], seed=2)
+    adapter = random_adapter(stock_sam(), CONFIGS["k3"], seed=2)
     full = adapter.save(tmp_path / "f32.safetensors").stat().st_size
     half = adapter.save(tmp_path / "f16.safetensors", dtype=torch.float16).stat().st_size
     bf16 = sa.Adapter.load(adapter.save(tmp_path / "bf16.safetensors", dtype=torch.bfloat16))
@@ -104,8 +82,9 @@ def test_half_precision_save_halves_the_file(tmp_path):
 
 
 def test_swaps_equal_a_fresh_patch_and_unpatch_restores_stock():
-    a = trained_adapter(CONFIGS["k3"], seed=3)
-    others = [trained_adapter(CONFIGS[n], seed=4 + i) for i, n in enumerate(["k5_rank2_blocks", "decoder_lora", "size_96"])]
+    a = random_adapter(stock_sam(), CONFIGS["k3"], seed=3)
+    others = [random_adapter(stock_sam(), CONFIGS[n], seed=4 + i)
+              for i, n in enumerate(["k5_rank2_blocks", "decoder_lora", "size_96"])]
     sam = stock_sam()
     stock = snapshot(sam)
     prompt_input = [{
@@ -138,7 +117,7 @@ def test_swaps_equal_a_fresh_patch_and_unpatch_restores_stock():
 def test_merge_is_close_and_unmerge_is_exact():
     sam = stock_sam()
     stock_qkv = {i: b.attn.qkv.weight.detach().clone() for i, b in enumerate(sam.image_encoder.blocks)}
-    model = sa.patch(sam, trained_adapter(CONFIGS["k3"], seed=5))
+    model = sa.patch(sam, random_adapter(stock_sam(), CONFIGS["k3"], seed=5))
     x = images()
     unmerged = model(x)["low_res_logits"]
     for _ in range(5):
@@ -151,7 +130,7 @@ def test_merge_is_close_and_unmerge_is_exact():
     for i, blk in enumerate(sam.image_encoder.blocks):
         assert torch.equal(blk.attn.qkv.base_layer.weight, stock_qkv[i])
     assert torch.equal(model(x)["low_res_logits"], unmerged)
-    merged = sa.patch(sam, trained_adapter(CONFIGS["k3"], seed=6), merge=True)
+    merged = sa.patch(sam, random_adapter(stock_sam(), CONFIGS["k3"], seed=6), merge=True)
     assert merged.merged
 
 
@@ -178,12 +157,12 @@ def _write_with_metadata(adapter, path, **changes):
     ],
 )
 def test_bad_adapters_are_refused_and_sam_is_unchanged(change, error, tmp_path):
-    adapter = trained_adapter(CONFIGS["k3"], seed=7)
+    adapter = random_adapter(stock_sam(), CONFIGS["k3"], seed=7)
     path = _write_with_metadata(adapter, tmp_path / "bad.safetensors", **change)
     for patched_first in (False, True):
         sam = stock_sam()
         if patched_first:
-            sa.patch(sam, trained_adapter(CONFIGS["decoder_lora"], seed=8))
+            sa.patch(sam, random_adapter(stock_sam(), CONFIGS["decoder_lora"], seed=8))
         before = snapshot(sam)
         with pytest.raises(error) as info:
             sa.patch(sam, path)
@@ -192,7 +171,7 @@ def test_bad_adapters_are_refused_and_sam_is_unchanged(change, error, tmp_path):
 
 
 def test_base_mismatch_is_allowed_only_when_asked(tmp_path):
-    adapter = trained_adapter(CONFIGS["k3"], seed=9, sam=stock_sam(seed=1))
+    adapter = random_adapter(stock_sam(seed=1), CONFIGS["k3"], seed=9)
     sam = stock_sam(seed=0)
     with pytest.raises(sa.BaseMismatchError, match="allow_base_mismatch"):
         sa.patch(sam, adapter)
@@ -201,7 +180,7 @@ def test_base_mismatch_is_allowed_only_when_asked(tmp_path):
 
 
 def test_adapter_for_another_shape_is_refused():
-    adapter = trained_adapter(CONFIGS["k3"], seed=10)
+    adapter = random_adapter(stock_sam(), CONFIGS["k3"], seed=10)
     tensors = dict(adapter.tensors)
     for k in [k for k in tensors if k.startswith("image_encoder.")]:
         tensors[k] = torch.randn(4, 32) if "lora_A" in k else torch.randn(32, 4)
@@ -218,7 +197,7 @@ def test_adapter_for_another_shape_is_refused():
 
 
 def test_non_finite_tensors_are_refused():
-    adapter = trained_adapter(CONFIGS["k3"], seed=11)
+    adapter = random_adapter(stock_sam(), CONFIGS["k3"], seed=11)
     tensors = dict(adapter.tensors)
     tensors["prompt_encoder.no_mask_embed.weight"] = torch.full_like(tensors["prompt_encoder.no_mask_embed.weight"], float("nan"))
     with pytest.raises(sa.AdapterFormatError, match="NaN"):
@@ -238,7 +217,7 @@ def test_config_validation_says_what_to_fix():
 
 
 def test_segment_slices_and_volumes():
-    model = sa.patch(stock_sam(), trained_adapter(CONFIGS["k3"], seed=12))
+    model = sa.patch(stock_sam(), random_adapter(stock_sam(), CONFIGS["k3"], seed=12))
     rng = np.random.default_rng(0)
     volume = rng.random((3, 70, 90)).astype(np.float32)
     labels = model.segment(volume, batch_size=2)
@@ -255,7 +234,8 @@ def test_segment_slices_and_volumes():
 
 
 def test_segment_applies_the_intensity_window():
-    adapter = trained_adapter(dataclasses.replace(CONFIGS["k3"], intensity_window=(-100.0, 300.0)), seed=13)
+    windowed = dataclasses.replace(CONFIGS["k3"], intensity_window=(-100.0, 300.0))
+    adapter = random_adapter(stock_sam(), windowed, seed=13)
     model = sa.patch(stock_sam(), adapter)
     hu = np.random.default_rng(1).uniform(-1000, 1000, size=(40, 40))
     scaled = (np.clip(hu, -100, 300) + 100) / 400

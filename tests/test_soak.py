@@ -1,4 +1,5 @@
-"""Hot-swap soak, short: benchmarks/soak_swap.py for 150 swaps on the tiny SAM.
+"""Hot-swap soak, short: `samed_adapter.testing.soak` (what benchmarks/soak_swap.py runs) for 150
+swaps on the tiny SAM.
 
 The end state must equal a fresh patch of the last adapter exactly, unpatch must give the stock
 SAM back, and resident memory must stay flat from swap 50 to swap 150. RSS is VmRSS after
@@ -12,37 +13,18 @@ adapter file; the xfail test below shows the ~9 KiB each of those keeps (safeten
 from __future__ import annotations
 
 import gc
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import random_adapter
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_swap.py"
-MIB = 2**20
-
-
-def _load_script():
-    name = "samed_soak_swap"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_script()
+from samed_adapter.testing import differences, random_adapter, snapshot
+from samed_adapter.testing.soak import MIB, soak, trimmed_rss_bytes
 
 
 @pytest.fixture(scope="module")
 def figures():
-    return soak.soak(swaps=150, backbone="tiny", measure_from=50, from_files=True)
+    return soak(swaps=150, backbone="tiny", measure_from=50, from_files=True)
 
 
 def test_end_state_equals_a_fresh_patch_of_the_last_adapter(figures):
@@ -64,14 +46,14 @@ def test_memory_stays_flat_from_swap_50_to_150(figures):
 def test_the_soak_compares_exactly():
     """`differences` sees one changed value, a changed module type and a changed flag."""
     sam = sa.build_sam("tiny", seed=0)
-    snap = soak.snapshot(sam)
-    assert soak.differences(sam, snap) == []
+    snap = snapshot(sam)
+    assert differences(sam, snap) == []
     with torch.no_grad():
         sam.mask_decoder.iou_token.weight[0, 0] += 1e-6
-    assert soak.differences(sam, snap) == ["mask_decoder.iou_token.weight differs"]
+    assert differences(sam, snap) == ["mask_decoder.iou_token.weight differs"]
     sam = sa.build_sam("tiny", seed=0)
     sam.mask_decoder.iou_token.weight.requires_grad_(False)
-    assert soak.differences(sam, snap) == ["requires_grad flags differ"]
+    assert differences(sam, snap) == ["requires_grad flags differ"]
 
 
 def test_loading_an_adapter_file_many_times_keeps_memory_flat(tmp_path):
@@ -82,11 +64,11 @@ def test_loading_an_adapter_file_many_times_keeps_memory_flat(tmp_path):
     for _ in range(50):
         sa.Adapter.load(path)
     gc.collect()
-    before = soak.trimmed_rss_bytes()
+    before = trimmed_rss_bytes()
     for _ in range(400):
         loaded = sa.Adapter.load(path)
     gc.collect()
-    growth = soak.trimmed_rss_bytes() - before
+    growth = trimmed_rss_bytes() - before
     assert torch.equal(loaded.tensors["prompt_encoder.no_mask_embed.weight"],
                        adapter.tensors["prompt_encoder.no_mask_embed.weight"])
     assert growth < 1 * MIB, (f"RSS grew {growth / MIB:.2f} MiB over 400 loads of a "

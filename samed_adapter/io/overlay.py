@@ -15,6 +15,7 @@ import colorsys
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,113 @@ def _blend(gray: np.ndarray, labels: np.ndarray | None, colours: np.ndarray) -> 
     return rgb
 
 
+def _montage_inputs(
+    image: np.ndarray, labels: np.ndarray, class_names: Sequence[str], truth: np.ndarray | None, max_slices: int
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+    """(names of labels 1..K, image, labels, truth) with the arrays as ``(D, H, W)``, all checked."""
+    names = list(class_names)
+    if names and names[0].strip().lower() in ("background", "bg"):
+        names = names[1:]
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    volume, pred = _as_slices("image", image), _as_slices("labels", labels)
+    ref = None if truth is None else _as_slices("truth", truth)
+    for name, other in (("labels", pred), ("truth", ref)):
+        if other is not None and other.shape != volume.shape:
+            raise ValueError(f"{name} shape {other.shape} differs from image {volume.shape}")
+        if other is not None:
+            _check_labels(name, other, len(names))
+    return names, volume, pred, ref
+
+
+def _display_window(shown: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+    """The window given (checked), or the 0.5th..99.5th percentile of the finite values shown."""
+    if window is not None:
+        if not window[1] > window[0]:
+            raise ValueError(f"window must be (low, high) with high > low, got {window}")
+        return window
+    finite = shown[np.isfinite(shown)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where the tiles go: the layout of :func:`overlay_montage`'s docstring, in pixels."""
+
+    scale: int  # every slice is upscaled by this integer factor
+    panel_w: int  # one panel, upscaled
+    tile_w: int
+    tile_h: int
+    line_h: int  # a caption's height, and a legend line's
+    cols: int
+    width: int  # the tiles with their padding (the legend may be wider)
+    height: int  # the tiles with their padding, legend not counted
+
+    @classmethod
+    def of(cls, slice_shape: tuple[int, ...], n_panels: int, n_tiles: int, line_h: int) -> _Grid:
+        height, width = slice_shape
+        scale = max(1, _MIN_PANEL // max(height, width))
+        tile_w = n_panels * width * scale + (n_panels - 1) * _GAP
+        tile_h = height * scale
+        cols = min(n_tiles, max(1, round(math.sqrt(n_tiles * tile_h / tile_w))))
+        rows = math.ceil(n_tiles / cols)
+        return cls(scale, width * scale, tile_w, tile_h, line_h, cols,
+                   width=cols * tile_w + (cols + 1) * _PAD, height=rows * (line_h + tile_h) + (rows + 1) * _PAD)
+
+    def origin(self, n: int) -> tuple[int, int]:
+        """(left, top) of tile ``n``; tiles fill the grid row by row."""
+        row, col = divmod(n, self.cols)
+        return _PAD + col * (self.tile_w + _PAD), _PAD + row * (self.line_h + self.tile_h + _PAD)
+
+
+@dataclass(frozen=True)
+class _Legend:
+    """A colour swatch and ``c: name`` per class, left to right, wrapped where the canvas ends."""
+
+    entries: list[tuple[int, str, int, int]]  # (label, text, x, line)
+    width: int  # of the canvas: the grid's, or wider for one long entry
+    lines: int
+
+    @classmethod
+    def of(cls, names: Sequence[str], font, grid: _Grid) -> _Legend:
+        texts = [f"{c + 1}: {n}" for c, n in enumerate(names)]
+        widths = [grid.line_h + int(font.getlength(text)) + 12 for text in texts]  # swatch, gap, text, space
+        canvas_w = max(grid.width, max(widths, default=0) + 2 * _PAD)
+        entries, x, line = [], _PAD, 0
+        for c, (text, w) in enumerate(zip(texts, widths, strict=True)):
+            if x + w > canvas_w - _PAD and x > _PAD:
+                x, line = _PAD, line + 1
+            entries.append((c + 1, text, x, line))
+            x += w
+        return cls(entries, canvas_w, line + 1)
+
+    def draw(self, draw, top: int, line_h: int, colours: np.ndarray, font) -> None:
+        swatch = line_h - 4
+        for label, text, x, line in self.entries:
+            y = top + line * line_h
+            draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=tuple(int(v) for v in colours[label]))
+            draw.text((x + swatch + 4, y + 1), text, fill=_TEXT, font=font)
+
+
+def _draw_tiles(canvas, draw, grid: _Grid, slices: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                picks: Sequence[int], window: tuple[float, float], colours: np.ndarray, font) -> None:
+    """Each picked slice under its caption: the prediction drawn on it, or image | truth | prediction."""
+    from PIL import Image
+
+    volume, pred, ref = slices
+    for n, z in enumerate(picks):
+        left, top = grid.origin(n)
+        gray = _to_gray(volume[z], window)
+        panels = [pred[z]] if ref is None else [None, ref[z], pred[z]]
+        caption = f"slice {z}" + ("   image | truth | prediction" if ref is not None else "")
+        draw.text((left, top + 1), caption, fill=_TEXT, font=font)
+        for p, lab in enumerate(panels):
+            rgb = _blend(gray, lab, colours)
+            tile = Image.fromarray(np.repeat(np.repeat(rgb, grid.scale, axis=0), grid.scale, axis=1))
+            canvas.paste(tile, (left + p * (grid.panel_w + _GAP), top + grid.line_h))
+
+
 def overlay_montage(
     image: np.ndarray,
     labels: np.ndarray,
@@ -149,78 +257,20 @@ def overlay_montage(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    names = list(class_names)
-    if names and names[0].strip().lower() in ("background", "bg"):
-        names = names[1:]
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
-    volume, pred = _as_slices("image", image), _as_slices("labels", labels)
-    ref = None if truth is None else _as_slices("truth", truth)
-    for name, other in (("labels", pred), ("truth", ref)):
-        if other is not None and other.shape != volume.shape:
-            raise ValueError(f"{name} shape {other.shape} differs from image {volume.shape}")
-        if other is not None:
-            _check_labels(name, other, len(names))
-
+    names, volume, pred, ref = _montage_inputs(image, labels, class_names, truth, max_slices)
     foreground = (pred > 0).any(axis=(1, 2))
     if ref is not None:
         foreground |= (ref > 0).any(axis=(1, 2))
     picks = _pick_slices(foreground, volume.shape[0], max_slices)
-    if window is not None and not window[1] > window[0]:
-        raise ValueError(f"window must be (low, high) with high > low, got {window}")
-    if window is None:
-        finite = volume[picks][np.isfinite(volume[picks])]
-        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-        window = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    window = _display_window(volume[picks], window)
     colours = colour_table(len(names))
-
-    height, width = volume.shape[1:]
-    scale = max(1, _MIN_PANEL // max(height, width))
-    n_panels = 1 if ref is None else 3
-    tile_w = n_panels * width * scale + (n_panels - 1) * _GAP
-    tile_h = height * scale
     font = ImageFont.load_default()
-    line_h = int(font.getbbox("Ag")[3]) + 4
-    cols = min(len(picks), max(1, round(math.sqrt(len(picks) * tile_h / tile_w))))
-    rows = math.ceil(len(picks) / cols)
-    grid_w = cols * tile_w + (cols + 1) * _PAD
-    grid_h = rows * (line_h + tile_h) + (rows + 1) * _PAD
-
-    # Legend entries wrap onto as many lines as the grid width needs.
-    swatch = line_h - 4
-    entries = [(c + 1, f"{c + 1}: {n}") for c, n in enumerate(names)]
-    widths = [swatch + 4 + int(font.getlength(text)) + 12 for _, text in entries]
-    canvas_w = max(grid_w, max(widths, default=0) + 2 * _PAD)
-    lines, x = 1, _PAD
-    for w in widths:
-        if x + w > canvas_w - _PAD and x > _PAD:
-            lines, x = lines + 1, _PAD
-        x += w
-    canvas = Image.new("RGB", (canvas_w, grid_h + lines * line_h + _PAD), _BG)
+    grid = _Grid.of(volume.shape[1:], 1 if ref is None else 3, len(picks), int(font.getbbox("Ag")[3]) + 4)
+    legend = _Legend.of(names, font, grid)
+    canvas = Image.new("RGB", (legend.width, grid.height + legend.lines * grid.line_h + _PAD), _BG)
     draw = ImageDraw.Draw(canvas)
-
-    def upscale(rgb: np.ndarray) -> Image.Image:
-        return Image.fromarray(np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1))
-
-    for n, z in enumerate(picks):
-        top = _PAD + (n // cols) * (line_h + tile_h + _PAD)
-        left = _PAD + (n % cols) * (tile_w + _PAD)
-        gray = _to_gray(volume[z], window)
-        panels = [pred[z]] if ref is None else [None, ref[z], pred[z]]
-        caption = f"slice {z}" + ("   image | truth | prediction" if ref is not None else "")
-        draw.text((left, top + 1), caption, fill=_TEXT, font=font)
-        for p, lab in enumerate(panels):
-            x0 = left + p * (width * scale + _GAP)
-            canvas.paste(upscale(_blend(gray, lab, colours)), (x0, top + line_h))
-
-    x, y = _PAD, grid_h
-    for (label, text), w in zip(entries, widths, strict=True):
-        if x + w > canvas_w - _PAD and x > _PAD:
-            x, y = _PAD, y + line_h
-        fill = tuple(int(v) for v in colours[label])
-        draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=fill)
-        draw.text((x + swatch + 4, y + 1), text, fill=_TEXT, font=font)
-        x += w
+    _draw_tiles(canvas, draw, grid, (volume, pred, ref), picks, window, colours, font)
+    legend.draw(draw, grid.height, grid.line_h, colours, font)
 
     out = Path(path)
     with atomic_path(out) as tmp, open(tmp, "xb") as fh:

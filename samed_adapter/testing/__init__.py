@@ -1,8 +1,12 @@
 """Helpers for tests, benchmarks and demos that have no trained adapter at hand.
 
 - `random_adapter`: an adapter whose every trainable tensor moved off its start;
+- `same_tensors`: two adapters hold the same tensors, bit for bit;
 - `snapshot` / `differences` / `assert_unchanged`: what a SAM is, to check that an operation
   left it exactly as it was;
+- `samed_adapter.testing.tiny`: a tiny random SAM, images and adapter configurations for it;
+- `samed_adapter.testing.hub`: a Hub cache laid out on disk and a recording HfApi (no network);
+- `samed_adapter.testing.soak`: the hot-swap soak (`benchmarks/soak_swap.py`);
 - `samed_adapter.testing.mutations` and `samed_adapter.testing.fuzz`: the adapter-loading fuzz.
 
 torch is imported on first use, so that a process that only reads fuzz results does not pay for it.
@@ -19,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..adapter import Adapter
     from ..config import AdapterConfig
 
-__all__ = ["assert_unchanged", "differences", "random_adapter", "snapshot"]
+__all__ = ["assert_unchanged", "differences", "random_adapter", "same_tensors", "snapshot"]
 
 
 def random_adapter(sam: "Sam", config: "AdapterConfig", *, seed: int = 0, scale: float = 0.05) -> "Adapter":
@@ -41,6 +45,13 @@ def random_adapter(sam: "Sam", config: "AdapterConfig", *, seed: int = 0, scale:
     adapter = model.adapter()
     unpatch(sam)
     return adapter
+
+
+def same_tensors(a: "Adapter", b: "Adapter") -> bool:
+    """Whether two adapters hold tensors of the same names and values (torch.equal each)."""
+    import torch
+
+    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def snapshot(module: "nn.Module") -> dict[str, Any]:

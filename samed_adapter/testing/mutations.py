@@ -37,13 +37,6 @@ def _configs():
     }
 
 
-def trained_adapter(sam, config, seed: int):
-    """An adapter whose every trainable tensor moved away from its initial value (as tests/test_patch.py)."""
-    from samed_adapter.testing import random_adapter
-
-    return random_adapter(sam, config, seed=seed)
-
-
 def other_backbone():
     """A small SAM that is not `tiny` (embed dim 32), for adapters made for another backbone."""
     from samed_adapter.backbones import Backbone
@@ -61,12 +54,14 @@ class Fixture:
 
         import samed_adapter as sa
 
+        from . import random_adapter
+
         sam = sa.build_sam("tiny", seed=0)
-        self.adapters = {v: trained_adapter(sam, cfg, seed=i + 1) for i, (v, cfg) in enumerate(_configs().items())}
+        self.adapters = {v: random_adapter(sam, cfg, seed=i + 1) for i, (v, cfg) in enumerate(_configs().items())}
         self.metadata = {v: a.metadata() for v, a in self.adapters.items()}
         self.config = {v: json.loads(m["config"]) for v, m in self.metadata.items()}
         self.files = {v: st_save(a.tensors, self.metadata[v]) for v, a in self.adapters.items()}
-        other = trained_adapter(sa.build_sam(other_backbone(), seed=1), _configs()["plain"], seed=3)
+        other = random_adapter(sa.build_sam(other_backbone(), seed=1), _configs()["plain"], seed=3)
         self.other_tensors = _contiguous(other.tensors)
         self.other_metadata = other.metadata()
         self.bad_dtypes = []

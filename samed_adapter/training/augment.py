@@ -16,7 +16,11 @@ _MAX_ANGLE = 20
 
 
 def low_res_size(image_size: int) -> int:
-    """Side of SAM's low-resolution mask logits, 4 * g with g = image_size // 16."""
+    """Side of SAM's low-resolution mask logits, 4 * g with g = image_size // 16 the token grid.
+
+    For the bare image size the augmentation works with; given an AdapterConfig, this is
+    ``4 * config.grid_size``.
+    """
     _check_image_size(image_size)
     return 4 * (image_size // 16)
 
@@ -36,7 +40,7 @@ def augment(
     [-20, 20) degrees, nearest neighbour (order 0) for image and label, ``reshape=False`` (corners
     that rotate in are filled with 0, i.e. background). Then the slice is resized to
     ``image_size`` (cubic spline, order 3, for the image; nearest, order 0, for the label) and a
-    low-resolution label of side 4 * (image_size // 16) is made from the resized label (order 0).
+    low-resolution label of side :func:`low_res_size` is made from the resized label (order 0).
     With ``train=False`` only the resizing happens and ``rng`` is not used (it may be ``None``).
 
     Args:

@@ -164,7 +164,7 @@ def segmentation_loss(
     """SAMed's loss: ``ce_weight * cross_entropy + dice_weight * dice`` on low-res logits.
 
     Args:
-        logits: (B, K+1, h, w) low-resolution mask logits (h = w = 4 * image_size // 16).
+        logits: (B, K+1, h, w) low-resolution mask logits (h = w = 4 * config.grid_size, `low_res_size`).
         target: (B, h, w) int64 class indices in [0, K] (the augmentation's ``low_res_label``).
         ce_weight, dice_weight: weights of the two parts (SAMed: 0.2 and 0.8).
         eps: Dice smoothing term added to numerator and denominator.
