@@ -159,7 +159,7 @@ def build_sam2(
         except (KeyError, RuntimeError) as err:  # sam2 raises a bare RuntimeError() on missing keys
             raise ValueError(_checkpoint_mismatch(path, backbone, err)) from None
     elif seed is not None:
-        from .backbones import randomize_weights
+        from .random_weights import randomize_weights
 
         randomize_weights(model, seed)
     return model.to(device)

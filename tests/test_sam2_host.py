@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("sam2", reason="SAM 2 is optional: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0")
 
 from samed_adapter import sam2_host as host  # noqa: E402
-from samed_adapter.backbones import randomize_weights  # noqa: E402
+from samed_adapter.random_weights import randomize_weights  # noqa: E402
 
 # SAM2Transforms scripts its resize with torch.jit.script, which newer torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

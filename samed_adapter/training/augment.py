@@ -59,7 +59,7 @@ def augment(
 
     _check_image_size(image_size)
     image = np.asarray(image)
-    label = _as_int_label(label)
+    label = as_int_label(label)
     if image.ndim != 2 or image.shape != label.shape:
         raise ValueError(
             f"augment takes one 2-D slice and a label of the same shape, got image {image.shape} and "
@@ -105,7 +105,7 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive multiple of 16 (SAM's patch size), got {image_size!r}")
 
 
-def _as_int_label(label: np.ndarray, where: object = "label") -> np.ndarray:
+def as_int_label(label: np.ndarray, where: object = "label") -> np.ndarray:
     """Class indices as int64; float arrays are accepted when they hold whole numbers."""
     label = np.asarray(label)
     if np.issubdtype(label.dtype, np.integer) or label.dtype == np.bool_:

@@ -25,7 +25,7 @@ from ..config import CT_ABDOMEN_WINDOW
 from ..geometry import SliceGeometry, axis_codes, check_slice_axis, parse_orientation
 from ..io.volumes import nifti_voxels
 from ..preprocessing import Intensity
-from .augment import _as_int_label
+from .augment import as_int_label
 
 __all__ = [
     "SYNAPSE_LABEL_MAP",
@@ -83,7 +83,7 @@ def _check_image(image: np.ndarray, label: np.ndarray, ndim: int, where: object)
             f"{where}: image intensities span [{image.min():.4g}, {image.max():.4g}] but preprocessed Synapse data is in "
             "[0, 1]; raw CT must be windowed to [-125, 275] HU and scaled first (NiftiSlices does this)"
         )
-    return image, _as_int_label(label, where)
+    return image, as_int_label(label, where)
 
 
 def _apply(transform: Optional[Transform], sample: Sample) -> Sample:
@@ -318,7 +318,7 @@ class _NiftiDataset(Dataset):
         return self.intensity.apply(raw, self.intensity_bounds(case, volume))
 
     def _remap(self, raw: np.ndarray, case: str) -> np.ndarray:
-        label = _as_int_label(raw, f"label of case {case!r}")
+        label = as_int_label(raw, f"label of case {case!r}")
         if self.label_map is None:
             return label
         out = np.zeros_like(label)
