@@ -12,10 +12,8 @@ import argparse
 import shutil
 import sys
 import textwrap
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .files import atomic_path
 from .arguments import WindowChoice, orientation_argument, pair_argument, window_argument
