@@ -57,8 +57,6 @@ _TRUNKS: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "hiera_l": (144, 2, (2, 6, 36, 4)),
 }
 
-# Attributes of a SAM2Base that the SAMed patch replaces (see `stock_parts`).
-STOCK_ATTRIBUTES = ("sam_prompt_encoder", "sam_mask_decoder", "image_size", "sam_image_embedding_size")
 
 QKV_PREFIX = "image_encoder.trunk.blocks.{i}.attn.qkv"
 
@@ -223,21 +221,6 @@ def sam2_backbone_for_state_dict(state: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------- encoder
 
 
-def trunk_qkv_layers(model: "SAM2Base") -> dict[int, nn.Module]:
-    """{block index: `attn.qkv`} for every Hiera trunk block, in order.
-
-    On a stock model each is an nn.Linear(dim, 3 * dim_out) with bias; dim_out = 2 * dim in the
-    first block of each later stage (blocks 1, 3, 10 for hiera_t). Its state-dict name is
-    `qkv_prefix(i) + ".weight"`.
-    """
-    return {i: blk.attn.qkv for i, blk in enumerate(model.image_encoder.trunk.blocks)}
-
-
-def qkv_prefix(block: int) -> str:
-    """The state-dict prefix of trunk block `block`'s qkv in a SAM2Base."""
-    return QKV_PREFIX.format(i=block)
-
-
 def check_image_size(model: "SAM2Base", image_size: int) -> None:
     """Raise ValueError unless the trunk runs exactly at `image_size`.
 
@@ -293,24 +276,6 @@ def project_high_res(mask_decoder: "MaskDecoder", features: list[torch.Tensor]) 
     if not features:
         return []
     return [mask_decoder.conv_s0(features[0]), mask_decoder.conv_s1(features[1])]
-
-
-def image_embeddings(
-    model: "SAM2Base", images: torch.Tensor, mask_decoder: Optional["MaskDecoder"] = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The image path of `SAM2ImagePredictor.set_image`, batched and at any valid size.
-
-    Args:
-        images: (B, 3, S, S) already normalised, S a multiple of 32.
-        mask_decoder: whose `conv_s0`/`conv_s1` project the high-resolution levels; default
-            `model.sam_mask_decoder`, as `forward_image` does.
-
-    Returns:
-        embeddings (B, 256, g, g) and high_res_features [(B, 32, 4g, 4g), (B, 64, 2g, 2g)], g = S / 16;
-        at S = 1024 equal to the predictor's `_features["image_embed"]` and `["high_res_feats"]`.
-    """
-    embeddings, high_res = image_features(model, images)
-    return embeddings, project_high_res(mask_decoder or model.sam_mask_decoder, high_res)
 
 
 # ---------------------------------------------------------------- prompt encoder and decoder
@@ -398,7 +363,7 @@ def decode(
     """All K+1 masks without prompts.
 
     Args:
-        embeddings: (B, 256, g, g) from `image_embeddings`; g must be the prompt encoder's grid.
+        embeddings: (B, 256, g, g) from `image_features`; g must be the prompt encoder's grid.
         high_res_features: [(B, 32, 4g, 4g), (B, 64, 2g, 2g)], projected by this decoder's convs
             (needed when the decoder uses them, as every stock config does).
 
@@ -429,30 +394,7 @@ def decode(
     return masks, iou
 
 
-# ---------------------------------------------------------------- what patching keeps
-
-
-def stock_parts(model: "SAM2Base") -> dict[str, Any]:
-    """The attributes of a stock SAM2Base that the SAMed patch replaces, to keep and restore.
-
-    - `sam_prompt_encoder`: replaced by `build_prompt_encoder(stock, S)` (its grid and input size);
-    - `sam_mask_decoder`: replaced by the K+1-token decoder (which also owns `conv_s0`/`conv_s1`,
-      the high-resolution projections of the image path);
-    - `image_size` (1024) and `sam_image_embedding_size` (64): S and S / 16 (`set_image_size`);
-      sam2's own heads (`_forward_sam_heads`) assert the embedding size, and a predictor made
-      afterwards resizes inputs to `image_size`.
-    Nothing else depends on the input size: Hiera interpolates its position embedding on every
-    forward, the neck's sine position cache is keyed by feature size (and unused by the image
-    path), and the memory attention's RoPE (64x64) serves only video tracking. The frozen
-    parameters' `requires_grad` flags are the caller's to keep, as for SAM.
-    """
-    return {name: getattr(model, name) for name in STOCK_ATTRIBUTES}
-
-
-def restore_parts(model: "SAM2Base", parts: dict[str, Any]) -> None:
-    """Put back what `stock_parts` returned (the same objects)."""
-    for name in STOCK_ATTRIBUTES:
-        setattr(model, name, parts[name])
+# ---------------------------------------------------------------- the input size
 
 
 def set_image_size(model: "SAM2Base", image_size: int) -> None:

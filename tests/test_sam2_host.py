@@ -13,7 +13,15 @@ import torch
 pytest.importorskip("sam2", reason="SAM 2 is optional: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0")
 
 from samed_adapter import sam2_host as host  # noqa: E402
+from samed_adapter.hosts import Sam2Host  # noqa: E402
 from samed_adapter.random_weights import randomize_weights  # noqa: E402
+
+def image_embeddings(model, images, mask_decoder=None):
+    """The whole image path, as SAM2ImagePredictor.set_image runs it: features, then the
+    decoder's projections of the high-resolution levels."""
+    embeddings, high_res = host.image_features(model, images)
+    return embeddings, host.project_high_res(mask_decoder or model.sam_mask_decoder, high_res)
+
 
 # SAM2Transforms scripts its resize with torch.jit.script, which newer torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -39,7 +47,7 @@ def at_1024(model):
     predictor.set_image(image)
     x = predictor._transforms(image)[None]  # ToTensor (/255), resize to 1024, ImageNet mean/std
     with torch.no_grad():
-        ours = host.image_embeddings(model, x)
+        ours = image_embeddings(model, x)
     return predictor, ours
 
 
@@ -158,15 +166,16 @@ def test_module_imports_without_sam2():
 
 
 def test_trunk_qkv_layers_and_their_state_names(model):
-    layers = host.trunk_qkv_layers(model)
-    blocks = model.image_encoder.trunk.blocks
-    assert list(layers) == list(range(12))
+    blocks = Sam2Host(model).blocks()
+    assert len(blocks) == 12
     state = model.state_dict(keep_vars=True)
     boundaries = []
-    for i, layer in layers.items():
+    for i, block in enumerate(blocks):
+        layer = block.attn.qkv
         assert isinstance(layer, torch.nn.Linear) and layer.bias is not None
         assert (layer.in_features, layer.out_features) == (blocks[i].dim, 3 * blocks[i].dim_out)
-        assert state[host.qkv_prefix(i) + ".weight"] is layer.weight
+        assert Sam2Host(model).qkv_dims(i) == (blocks[i].dim, blocks[i].dim_out)
+        assert state[Sam2Host.lora_prefix.format(i=i) + ".weight"] is layer.weight
         if blocks[i].dim != blocks[i].dim_out:
             boundaries.append(i)
     assert boundaries == [1, 3, 10]  # hiera_t stages (1, 2, 7, 2): dim 96 -> 192 -> 384 -> 768
@@ -185,7 +194,7 @@ def test_image_embeddings_at_512_equal_sam2s_own_path_at_512(model):
     """sam2's predictor runs at 512 once told the size (it hard-codes 1024 feature sizes)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    parts = host.stock_parts(model)
+    parts = Sam2Host(model).stock_parts()
     try:
         host.set_image_size(model, 512)
         predictor = SAM2ImagePredictor(model)  # resizes inputs to model.image_size
@@ -194,9 +203,9 @@ def test_image_embeddings_at_512_equal_sam2s_own_path_at_512(model):
         predictor.set_image_batch(images)
         x = predictor._transforms.forward_batch(images)
     finally:
-        host.restore_parts(model, parts)
+        Sam2Host(model).restore_parts(parts)
     with torch.no_grad():
-        embeddings, high_res = host.image_embeddings(model, x)
+        embeddings, high_res = image_embeddings(model, x)
     assert embeddings.shape == (2, 256, 32, 32)
     assert [tuple(f.shape) for f in high_res] == [(2, 32, 128, 128), (2, 64, 64, 64)]
     torch.testing.assert_close(embeddings, predictor._features["image_embed"], rtol=0, atol=0)
@@ -224,7 +233,7 @@ def test_a_decoders_own_high_res_projection_is_used(model):
     with torch.no_grad():
         embeddings, raw = host.image_features(model, x)
         stock = host.project_high_res(model.sam_mask_decoder, raw)
-        ours_embeddings, ours = host.image_embeddings(model, x, mask_decoder=decoder)
+        ours_embeddings, ours = image_embeddings(model, x, mask_decoder=decoder)
     assert [tuple(f.shape) for f in raw] == [(1, 256, 32, 32), (1, 256, 16, 16)]
     torch.testing.assert_close(ours_embeddings, embeddings, rtol=0, atol=0)
     torch.testing.assert_close(ours[1], stock[1], rtol=0, atol=0)
@@ -328,14 +337,17 @@ def test_class_sized_decoder_tensors_are_exactly_those_whose_shape_depends_on_k(
 
 
 def test_stock_parts_restore_the_same_objects(model):
-    parts = host.stock_parts(model)
-    assert set(parts) == set(host.STOCK_ATTRIBUTES)
-    assert (parts["image_size"], parts["sam_image_embedding_size"]) == (1024, 64)
-    model.sam_prompt_encoder = host.build_prompt_encoder(parts["sam_prompt_encoder"], 512)
-    model.sam_mask_decoder = host.build_mask_decoder(parts["sam_mask_decoder"], 8)
+    sam2 = Sam2Host(model)
+    parts = sam2.stock_parts()
+    assert parts == {"image_size": 1024, "sam_image_embedding_size": 64}
+    prompt, decoder = sam2.prompt_encoder, sam2.mask_decoder
+    sam2.prompt_encoder = host.build_prompt_encoder(prompt, 512)
+    sam2.mask_decoder = host.build_mask_decoder(decoder, 8)
     host.set_image_size(model, 512)
     assert (model.image_size, model.sam_image_embedding_size) == (512, 32)
-    host.restore_parts(model, parts)
-    assert all(getattr(model, k) is v for k, v in parts.items())
+    assert model.sam_mask_decoder.num_mask_tokens == 9
+    sam2.restore_parts(parts)
+    sam2.prompt_encoder, sam2.mask_decoder = prompt, decoder
+    assert (model.image_size, model.sam_image_embedding_size) == (1024, 64)
     assert "sam_mask_decoder.mask_tokens.weight" in model.state_dict()
     assert model.state_dict()["sam_mask_decoder.mask_tokens.weight"].shape == (4, 256)
