@@ -14,6 +14,7 @@ from torch import nn
 from .adapter import DELTA_PREFIX, Adapter, AdapterMismatchError
 from .config import AdapterConfig
 from .hosts import host_of
+from .packing import back_to_back_runs, flat_view, pack_in_place
 from .surgery import (
     StockState,
     build_mask_decoder,
@@ -113,6 +114,7 @@ def load_head_values(sam: nn.Module, stock: StockState, adapter: Adapter, prompt
     for live, key, base in _write_plan(stock, prompt_encoder, _prompt_plan):
         live.copy_(tensors.get(key, base))
     decoder = stock.host.mask_decoder if decoder is None else decoder
+    sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for live, key, base in _write_plan(stock, decoder, _decoder_plan):
         value = tensors[key] if base is None else tensors.get(key)
         if value is None:
@@ -120,7 +122,20 @@ def load_head_values(sam: nn.Module, stock: StockState, adapter: Adapter, prompt
         elif base is None:
             live.copy_(value)
         else:
-            torch.add(base, value.to(device=base.device, dtype=base.dtype), out=live)
+            sums.append((live, value, base))
+    _add_deltas(sums)
+
+
+def _add_deltas(sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """live = base + delta for each (live, delta, base), one add per run of them lying back to
+    back in all three (see `packing`)."""
+    if not sums:
+        return
+    lives, deltas, bases = zip(*sums)
+    for start, stop in back_to_back_runs(lives, deltas, bases):
+        live, delta, base = (flat_view(column[start:stop]) if stop - start > 1 else column[start]
+                             for column in (lives, deltas, bases))
+        torch.add(base, delta.to(device=base.device, dtype=base.dtype), out=live)
 
 
 WritePlan = list[tuple[torch.Tensor, str, Optional[torch.Tensor]]]
@@ -143,15 +158,20 @@ def _prompt_plan(stock: StockState, prompt_encoder: nn.Module) -> WritePlan:
 
 def _decoder_plan(stock: StockState, decoder: nn.Module) -> WritePlan:
     """LoRA and class-sized tensors come whole from the file (stock None); the rest are the
-    stock tensor plus the file's `delta.` tensor if it has one."""
-    plan: WritePlan = []
+    stock tensor plus the file's `delta.` tensor if it has one. Those come last, in the file's
+    name order, and their live tensors are packed in that order (so are the kept stock ones,
+    see StockState), so that `_add_deltas` writes them with one add."""
+    whole: WritePlan = []
+    added: WritePlan = []
     for name, live in decoder.state_dict(keep_vars=True).items():
         if ".lora_" in name or is_class_sized(name, decoder):
-            plan.append((live, f"mask_decoder.{file_lora_key(name)}", None))
+            whole.append((live, f"mask_decoder.{file_lora_key(name)}", None))
         else:
             key = stock_decoder_key(name)
-            plan.append((live, f"{DELTA_PREFIX}mask_decoder.{key}", stock.decoder_state[key]))
-    return plan
+            added.append((live, f"{DELTA_PREFIX}mask_decoder.{key}", stock.decoder_state[key]))
+    added.sort(key=lambda entry: entry[1])
+    pack_in_place([live for live, _, _ in added])
+    return whole + added
 
 
 @torch.no_grad()

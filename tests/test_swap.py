@@ -14,6 +14,8 @@ from safetensors.torch import save as safetensors_save
 import samed_adapter as sa
 from samed_adapter.adapter import AdapterFormatError
 from samed_adapter.surgery import MAX_CACHED_DECODERS, get_stock_state
+from samed_adapter import tensor_file
+from samed_adapter.packing import back_to_back_runs, flat_view, packed_copy
 from samed_adapter.tensor_file import TensorFile, TensorFileError, all_finite, first_nonfinite
 from samed_adapter.testing import assert_unchanged, random_adapter, same_tensors, snapshot
 from samed_adapter.testing.tiny import CONFIGS, SIZE, images, stock_sam
@@ -104,6 +106,118 @@ def test_loaded_adapters_equal_the_saved_ones_and_nan_files_are_refused(tmp_path
         sa.Adapter.load(tmp_path / "nan.safetensors")
     with pytest.raises(AdapterFormatError, match="NaN"):
         sa.Adapter(adapter.config, tensors, adapter.base_fingerprint)
+
+
+def _file_with(tmp_path, tensors, name="t.safetensors"):
+    path = tmp_path / name
+    path.write_bytes(safetensors_save(tensors))
+    return path
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])  # many chunks per tensor, or one for the whole file
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32, torch.bfloat16)])
+def test_reading_a_file_gives_what_safetensors_reads_and_names_the_non_finite_tensor(tmp_path, monkeypatch,
+                                                                                     chunk, dtypes):
+    monkeypatch.setattr(tensor_file, "_CHUNK_BYTES", chunk)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(40 + i, 3, generator=gen).to(dtypes[i % len(dtypes)]) for i in range(6)}
+    path = _file_with(tmp_path, tensors)
+    file = TensorFile.read(path)
+    expected = safetensors_load(path.read_bytes())
+    assert file.tensors.keys() == expected.keys()
+    assert all(torch.equal(file.tensors[k], v) and file.tensors[k].dtype == v.dtype for k, v in expected.items())
+    assert file.first_nonfinite() is None
+    for name in ("t0", "t5"):  # the first chunk and the last
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[name][-1, -1] = float("nan")
+        assert TensorFile.read(_file_with(tmp_path, bad, "bad.safetensors")).first_nonfinite() == name
+    huge = TensorFile.read(_file_with(tmp_path, {"huge": torch.full((64,), 3e38)}, "huge.safetensors"))
+    assert huge.first_nonfinite() is None  # the chunk sums overflow; the exact check decides
+
+
+def test_a_read_file_is_a_private_copy_and_its_buffer_is_reused_once_nothing_uses_it(tmp_path):
+    tensor_file.read_buffers.clear()
+    path = _file_with(tmp_path, {"a": torch.arange(1000.0), "b": torch.ones(10)})
+    first = TensorFile.read(path)
+    path.write_bytes(safetensors_save({"a": torch.zeros(1000), "b": torch.zeros(10)}))  # rewritten in place
+    assert torch.equal(first.tensors["a"], torch.arange(1000.0))
+    address = first.buffer.data_ptr()
+    kept = first.tensors["b"]  # a view keeps the buffer in use
+    del first
+    second = TensorFile.read(path)
+    assert second.buffer.data_ptr() != address and torch.equal(kept, torch.ones(10))
+    del kept
+    third = TensorFile.read(path)
+    assert third.buffer.data_ptr() == address and torch.equal(third.tensors["a"], torch.zeros(1000))
+    assert torch.equal(second.tensors["a"], torch.zeros(1000))
+
+
+def test_a_hand_made_misaligned_file_is_read_and_checked(tmp_path):
+    import json
+    import struct
+
+    values = torch.tensor([1.0, 2.0, float("inf")])
+    header = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}).encode() + b" "
+    assert (8 + len(header)) % 4  # the data starts off a 4-byte boundary
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + values.numpy().tobytes())
+    file = TensorFile.read(path)
+    assert torch.equal(file.tensors["x"], values) and file.first_nonfinite() == "x"
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(TensorFileError, match="too short"):
+        TensorFile.read(tmp_path / "empty.safetensors")
+
+
+# ---------------------------------------------------------------- the decoder write
+
+
+def test_back_to_back_runs_join_only_tensors_that_share_memory_in_order():
+    base = torch.arange(10.0)
+    a, b, c = base[:3], base[3:5], base[5:]
+    assert back_to_back_runs([a, b, c]) == [(0, 3)] and torch.equal(flat_view([a, b, c]), base)
+    assert back_to_back_runs([a, c, b]) == [(0, 1), (1, 2), (2, 3)]
+    assert back_to_back_runs([a, b, c], [a, b, torch.ones(5)]) == [(0, 2), (2, 3)]  # every column must join
+    assert back_to_back_runs([base.view(2, 5).t(), torch.ones(2)]) == [(0, 1), (1, 2)]  # not contiguous
+    # adjacent in memory but two storages (two allocations as torch sees them): never joined
+    import numpy as np
+
+    array = np.arange(8, dtype=np.float32)
+    left, right = torch.from_numpy(array[:4]), torch.from_numpy(array[4:])
+    assert left.data_ptr() + 16 == right.data_ptr()
+    assert back_to_back_runs([left, right]) == [(0, 1), (1, 2)]
+
+
+def test_packed_copies_keep_keys_and_values():
+    tensors = {"z": torch.randn(3, 2), "a": torch.randn(4), "m": torch.ones(2, dtype=torch.float16)}
+    packed = packed_copy(tensors)
+    assert list(packed) == ["z", "a", "m"]
+    assert all(torch.equal(packed[k], v) and packed[k].dtype == v.dtype for k, v in tensors.items())
+    assert back_to_back_runs([packed["a"], packed["z"]]) == [(0, 2)]  # laid out in name order
+    packed["a"].zero_()
+    assert tensors["a"].abs().sum() > 0  # copies
+
+
+def test_a_file_swap_writes_stock_plus_delta_into_packed_decoder_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from samed_adapter.surgery import stock_decoder_key
+
+    sam = stock_sam()
+    sa.patch(sam, random_adapter(stock_sam(), CONFIGS["k3"], seed=2))
+    sa.patch(sam, random_adapter(stock_sam(), CONFIGS["k3"], seed=3).save(tmp_path / "a.safetensors"))
+    stock = get_stock_state(sam)
+    adapter = stock.adapters["default"]
+    lives = []
+    for name, live in sam.mask_decoder.state_dict(keep_vars=True).items():
+        delta = adapter.tensors.get(f"delta.mask_decoder.{stock_decoder_key(name)}")
+        if delta is not None:
+            assert torch.equal(live, stock.decoder_state[stock_decoder_key(name)] + delta), name
+            lives.append((f"delta.mask_decoder.{stock_decoder_key(name)}", live))
+    assert len(back_to_back_runs([live for _, live in sorted(lives, key=lambda e: e[0])])) == 1
+    state = {k: v.contiguous() for k, v in sam.state_dict().items()}
+    save_file(state, str(tmp_path / "sam.safetensors"))  # packed views do not overlap: safetensors saves them
+    assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "sam.safetensors")).items())
 
 
 # ---------------------------------------------------------------- swaps across shapes
