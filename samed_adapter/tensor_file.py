@@ -123,9 +123,11 @@ class TensorFile:
         for dtype, begin, stop, members in layout.runs:
             region = _view(data[begin:stop], dtype, ((stop - begin) // _ITEMSIZE[dtype],))
             regions.append(region)
-            # One split into views per run instead of a slice and two views per tensor.
-            for (name, shape), piece in zip(members, region.split(layout.counts[len(regions) - 1])):
-                tensors[name] = piece.view(shape)
+            # One as_strided per tensor (offsets and strides from the cached layout): 0.39 ms for
+            # a ViT-B adapter's 214 tensors, against 0.55 ms for a split and a view each.
+            start, strided = region.storage_offset(), region.as_strided
+            for name, shape, strides, offset in members:
+                tensors[name] = strided(shape, strides, start + offset)
         file = cls(buffer, tensors, dict(layout.other_dtypes), dict(layout.metadata), regions)
         file._finite = finite
         return file
@@ -153,24 +155,30 @@ class _BufferPool:
     MAX_BUFFERS = 4
 
     def __init__(self) -> None:
-        self._mappings: list[mmap.mmap] = []
+        # The first mapping is a sentinel that is never handed out: its reference count, taken
+        # in the same loop, is what a free buffer's is on this interpreter (CPython 3.14 counts
+        # some references differently, so no constant is assumed).
+        self._mappings: list[mmap.mmap] = [mmap.mmap(-1, mmap.PAGESIZE)]
         self._lock = threading.Lock()
 
     def take(self, size: int) -> torch.Tensor:
         """A (size,) uint8 tensor on a free buffer of at least `size` bytes, or on a new one."""
         with self._lock:
+            free = None
             for mapping in self._mappings:
-                # References: the list, this loop's name, getrefcount's argument; torch adds one.
-                if len(mapping) >= size and sys.getrefcount(mapping) == 3:
+                if free is None:
+                    free = sys.getrefcount(mapping)
+                elif len(mapping) >= size and sys.getrefcount(mapping) == free:
                     return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
             mapping = mmap.mmap(-1, size)
-            self._mappings = [mapping, *self._mappings[: self.MAX_BUFFERS - 1]]  # forget the oldest
+            # the newest first; the oldest forgotten (it lives on while tensors use it)
+            self._mappings = [self._mappings[0], mapping, *self._mappings[1 : self.MAX_BUFFERS]]
             return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
 
     def clear(self) -> None:
         """Forget every buffer (those still in use stay alive as long as their tensors)."""
         with self._lock:
-            self._mappings = []
+            del self._mappings[1:]
 
 
 read_buffers = _BufferPool()  # the pool every read draws from
@@ -211,11 +219,11 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
 
 
 class _Layout(NamedTuple):
-    """What a header says, checked: runs of one float dtype [(dtype, begin, end, [(name, shape)])],
-    the element count of each tensor per run, other dtypes by name, and the metadata."""
+    """What a header says, checked: runs of one float dtype [(dtype, begin, end, members)], each
+    member (name, shape, contiguous strides, element offset in the run); other dtypes by name;
+    the metadata."""
 
     runs: list
-    counts: list[list[int]]
     other_dtypes: dict[str, str]
     metadata: dict[str, str]
 
@@ -235,7 +243,6 @@ def _layout(header_bytes: bytes, size: int) -> _Layout:
         raise TensorFileError("the header metadata is not a map of strings")
     entries = sorted((_entry(name, info) for name, info in header.items()), key=lambda e: e[3])
     runs: list[list] = []
-    counts: list[list[int]] = []
     end = 0
     for name, dtype, shape, begin, stop in entries:
         if begin != end:
@@ -245,15 +252,21 @@ def _layout(header_bytes: bytes, size: int) -> _Layout:
         if dtype is not None:  # other dtypes are reported by the adapter's own check
             if not runs or runs[-1][0] != dtype or runs[-1][2] != begin:
                 runs.append([dtype, begin, begin, []])
-                counts.append([])
+            runs[-1][3].append((name, shape, _contiguous_strides(shape), (begin - runs[-1][1]) // _ITEMSIZE[dtype]))
             runs[-1][2] = stop
-            runs[-1][3].append((name, shape))
-            counts[-1].append((stop - begin) // _ITEMSIZE[dtype])
         end = stop
     if end != size:
         raise TensorFileError(f"the tensors cover {end} bytes of a {size}-byte data region")
     others = {name: info["dtype"] for name, info in header.items() if info["dtype"] not in FLOAT_DTYPES}
-    return _Layout(runs, counts, others, metadata)
+    return _Layout(runs, others, metadata)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _entry(name: str, info) -> tuple[str, Optional[torch.dtype], tuple[int, ...], int, int]:

@@ -147,7 +147,7 @@ def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     if not pairs:
         return
     lives, values = zip(*pairs)
-    for start, stop in back_to_back_runs(lives, values):
+    for start, stop in back_to_back_runs(values, lives):
         if stop - start > 1:
             flat_view(lives[start:stop]).copy_(flat_view(values[start:stop]))
         else:
@@ -161,7 +161,7 @@ def _add_deltas(sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
     if not sums:
         return
     lives, deltas, bases = zip(*sums)
-    for start, stop in back_to_back_runs(lives, deltas, bases):
+    for start, stop in back_to_back_runs(deltas, lives, bases):
         live, delta, base = (flat_view(column[start:stop]) if stop - start > 1 else column[start]
                              for column in (lives, deltas, bases))
         torch.add(base, delta.to(device=base.device, dtype=base.dtype), out=live)
