@@ -158,7 +158,12 @@ class _BufferPool:
         # The first mapping is a sentinel that is never handed out: its reference count, taken
         # in the same loop, is what a free buffer's is on this interpreter (CPython 3.14 counts
         # some references differently, so no constant is assumed).
-        self._mappings: list[mmap.mmap] = [mmap.mmap(-1, mmap.PAGESIZE)]
+        self._mappings: list[mmap.mmap] = [_anonymous(mmap.PAGESIZE)]
+        self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):  # a child has only the forking thread: a held lock would stay held
+            os.register_at_fork(after_in_child=self._forget_lock)
+
+    def _forget_lock(self) -> None:
         self._lock = threading.Lock()
 
     def take(self, size: int) -> torch.Tensor:
@@ -170,7 +175,7 @@ class _BufferPool:
                     free = sys.getrefcount(mapping)
                 elif len(mapping) >= size and sys.getrefcount(mapping) == free:
                     return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
-            mapping = mmap.mmap(-1, size)
+            mapping = _anonymous(size)
             # the newest first; the oldest forgotten (it lives on while tensors use it)
             self._mappings = [self._mappings[0], mapping, *self._mappings[1 : self.MAX_BUFFERS]]
             return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
@@ -179,6 +184,14 @@ class _BufferPool:
         """Forget every buffer (those still in use stay alive as long as their tensors)."""
         with self._lock:
             del self._mappings[1:]
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    # Private, not mmap's default MAP_SHARED: a forked child (data loader workers, Ray) must not
+    # write into the memory of the parent's adapters when it reuses a buffer it sees as free.
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)  # Windows: no fork
 
 
 read_buffers = _BufferPool()  # the pool every read draws from

@@ -4,6 +4,7 @@ batches across adapter shapes (K, rank, decoder variant)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -151,6 +152,25 @@ def test_a_read_file_is_a_private_copy_and_its_buffer_is_reused_once_nothing_use
     third = TensorFile.read(path)
     assert third.buffer.data_ptr() == address and torch.equal(third.tensors["a"], torch.zeros(1000))
     assert torch.equal(second.tensors["a"], torch.zeros(1000))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reusing_a_buffer_does_not_write_into_the_parents_adapter(tmp_path):
+    tensor_file.read_buffers.clear()
+    kept = TensorFile.read(_file_with(tmp_path, {"a": torch.arange(1000.0)}, "kept.safetensors"))
+    other = _file_with(tmp_path, {"a": torch.zeros(1000)}, "other.safetensors")
+    pid = os.fork()
+    if pid == 0:  # the child lets the adapter go and reads another file into its buffer
+        try:
+            address = kept.buffer.data_ptr()
+            del kept
+            reused = TensorFile.read(other)
+            os._exit(0 if reused.buffer.data_ptr() == address else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # the child did reuse that memory ...
+    assert torch.equal(kept.tensors["a"], torch.arange(1000.0))  # ... its own copy of it
 
 
 def test_a_hand_made_misaligned_file_is_read_and_checked(tmp_path):
