@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from .adapter import DELTA_PREFIX, Adapter, AdapterMismatchError
 from .config import AdapterConfig
@@ -150,6 +151,7 @@ def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for start, stop in back_to_back_runs(values, lives):
         if stop - start > 1:
             flat_view(lives[start:stop]).copy_(flat_view(values[start:stop]))
+            increment_version(lives[start:stop])  # the view counts as a write to the first one only
         else:
             copy_padded(lives[start], values[start])
 
@@ -165,6 +167,8 @@ def _add_deltas(sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
         live, delta, base = (flat_view(column[start:stop]) if stop - start > 1 else column[start]
                              for column in (lives, deltas, bases))
         torch.add(base, delta.to(device=base.device, dtype=base.dtype), out=live)
+        if stop - start > 1:
+            increment_version(lives[start:stop])
 
 
 WritePlan = list[tuple[torch.Tensor, str, Optional[torch.Tensor]]]

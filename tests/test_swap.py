@@ -240,6 +240,16 @@ def test_a_file_swap_writes_stock_plus_delta_into_packed_decoder_tensors(tmp_pat
     assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "sam.safetensors")).items())
 
 
+def test_a_swap_between_a_forward_and_its_backward_is_caught_by_autograd(tmp_path):
+    paths = [random_adapter(stock_sam(), CONFIGS["k3"], seed=s).save(tmp_path / f"{s}.safetensors") for s in (4, 5)]
+    model = sa.patch(stock_sam(), paths[0])
+    sa.patch(model, paths[1])  # the write plans are made and the tensors packed
+    out = model(images(batch=1, seed=2))
+    sa.patch(model, paths[0])  # writes the packed decoder tensors through views of their runs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out["low_res_logits"].sum().backward()
+
+
 # ---------------------------------------------------------------- swaps across shapes
 
 
