@@ -52,13 +52,13 @@ class TensorFile:
     """
 
     def __init__(self, buffer: torch.Tensor, tensors: dict[str, torch.Tensor], other_dtypes: dict[str, str],
-                 metadata: dict[str, str], regions: list[torch.Tensor]) -> None:
+                 metadata: dict[str, str], regions: list[torch.Tensor], finite: Optional[bool] = None) -> None:
         self.buffer = buffer
         self.tensors = tensors
         self.other_dtypes = other_dtypes
         self.metadata = metadata
         self._regions = regions  # the data region as runs of one dtype, for the finiteness pass
-        self._finite: Optional[bool] = None  # the read's verdict, if it summed the chunks
+        self._finite = finite  # the read's verdict if it summed every chunk, else None
 
     @classmethod
     def read(cls, path: os.PathLike) -> "TensorFile":
@@ -100,10 +100,11 @@ class TensorFile:
     def _copy_checked(cls, source: torch.Tensor, buffer: torch.Tensor) -> "TensorFile":
         """Copy `source` (the mapped file) into `buffer`, summing each float chunk as it lands."""
         length, layout = _header(source)
-        start, done, sums = 8 + length, 0, []
+        start, done, sums, fused = 8 + length, 0, [], True
         for dtype, begin, stop, _ in layout.runs:
             begin, stop = start + begin, start + stop
             if begin % _ITEMSIZE[dtype]:  # a hand-made misaligned file: summed after the copy instead
+                fused = False
                 continue
             buffer[done:begin].copy_(source[done:begin])
             for a in range(begin, stop, _CHUNK_BYTES):
@@ -112,7 +113,6 @@ class TensorFile:
                 sums.append(buffer[a:b].view(dtype).sum(dtype=torch.float32))
             done = stop
         buffer[done:].copy_(source[done:])
-        fused = all((start + begin) % _ITEMSIZE[dtype] == 0 for dtype, begin, _, _ in layout.runs)
         finite = (not sums or math.isfinite(torch.stack(sums).sum().item())) if fused else None
         return cls._views(buffer, length, layout, finite)
 
@@ -128,9 +128,7 @@ class TensorFile:
             start, strided = region.storage_offset(), region.as_strided
             for name, shape, strides, offset in members:
                 tensors[name] = strided(shape, strides, start + offset)
-        file = cls(buffer, tensors, dict(layout.other_dtypes), dict(layout.metadata), regions)
-        file._finite = finite
-        return file
+        return cls(buffer, tensors, dict(layout.other_dtypes), dict(layout.metadata), regions, finite)
 
     def first_nonfinite(self) -> Optional[str]:
         """The name of the first tensor holding NaN or an infinity, or None (one pass over the data,
