@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,8 +28,39 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import Volume
     from .model import SAMed
 
-__all__ = ["Prepared", "check_image", "check_unit_range", "predict", "predict_prepared", "prepare_volume", "resize_slices", "restore",
-           "run", "scale_slices", "to_model_size"]
+__all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_unit_range", "predict",
+           "predict_prepared", "prepare_volume", "resize_slices", "restore", "run", "scale_slices", "to_model_size"]
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model gave NaN or infinite logits, so its labels would mean nothing: an error, never labels.
+
+    Inputs are checked finite and scaled to [0, 1], so the cause is the weights: an adapter (or a
+    SAM) whose finite but huge values overflow, or a pixel_std near zero.
+
+    Attributes:
+        rows: the batch rows (slices) whose logits are not all finite.
+    """
+
+    def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.rows = tuple(rows)
+
+    def __reduce__(self):  # keeps `rows` across processes (Ray, worker pools)
+        return type(self), (str(self), self.rows)
+
+
+def check_finite_logits(model: "SAMed", logits: torch.Tensor) -> None:
+    """Raise NonFiniteLogitsError unless every one of the (b, K+1, S, S) ``logits`` is finite."""
+    if bool(torch.isfinite(logits).all()):  # one pass per batch, next to the model's own cost
+        return
+    rows = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    name = model.active_adapter
+    who = f"adapter {name!r}" if name else "the adapter"
+    raise NonFiniteLogitsError(
+        f"{who} gives NaN or infinite logits on {len(rows)} of {logits.shape[0]} slices, so no labels are made "
+        "from them: its weights (or the SAM's) overflow, or its pixel_std is near zero; retrain it, or export it "
+        "again from a checkpoint that predicts finite values", rows)
 
 
 @dataclass
@@ -130,10 +161,15 @@ def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, perc
 def predict(model: "SAMed", inputs: torch.Tensor, probabilities: bool = False
             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Stage 2: (b, 1, S, S) slices -> (b, S, S) uint8/int32 labels on the CPU, and the (b, K+1, S, S)
-    float32 softmax when asked. The model must be in eval mode."""
+    float32 softmax when asked. The model must be in eval mode.
+
+    Raises:
+        NonFiniteLogitsError: some logit of the batch is NaN or infinite.
+    """
     param = next(model.sam.image_encoder.parameters())
     x = inputs.to(param.device, param.dtype, non_blocking=True).expand(-1, 3, -1, -1)
     logits = model(x)["masks"]
+    check_finite_logits(model, logits)
     dtype = torch.uint8 if model.config.num_classes < 255 else torch.int32
     # max(dim).indices is argmax (the first maximum on ties) and 7x faster on the CPU for (b, C, S, S).
     labels = logits.max(dim=1).indices.to(dtype).cpu()

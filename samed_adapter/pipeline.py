@@ -430,7 +430,8 @@ def segment_files(
 
     sam_module = source.build()
     was_patched = get_stock_state(sam_module) is not None
-    model = patch(sam_module.to(device), adapter_obj, merge=merge, allow_base_mismatch=allow_base_mismatch)
+    model = patch(sam_module.to(device), adapter_obj, merge=merge, allow_base_mismatch=allow_base_mismatch,
+                  adapter_name=opts.adapter_name)  # errors name the adapter as the user gave it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # per-input messages travel in the results
