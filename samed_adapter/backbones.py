@@ -69,6 +69,39 @@ def build_hint(name: str) -> str:
     return f"the SAM the adapter was made on (a {name} encoder)"
 
 
+# Meta's checkpoint file names: SAM's by backbone, SAM 2's by Hiera size (`sam2.1_hiera_t` is
+# in `sam2.1_hiera_tiny.pt`).
+STOCK_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+_HIERA_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+
+
+def checkpoint_name(name: str) -> Optional[str]:
+    """Meta's checkpoint file for backbone `name` (`sam_vit_b_01ec64.pth`, `sam2.1_hiera_tiny.pt`),
+    or None for a backbone without published weights (`tiny`)."""
+    if name in STOCK_CHECKPOINTS:
+        return STOCK_CHECKPOINTS[name]
+    version, _, size = name.partition("_hiera_")
+    if version in ("sam2", "sam2.1") and size in _HIERA_SIZES:
+        return f"{version}_hiera_{_HIERA_SIZES[size]}.pt"
+    return None
+
+
+def command_line_hint(name: str) -> str:
+    """How to get a SAM of backbone `name` from `samed-adapter segment` / `evaluate`, for messages
+    a command-line user reads (`build_hint` gives the Python call)."""
+    from .sam2_host import SAM2_CONFIGS
+
+    random = f"--sam-backbone {name} --random-sam-seed N for random weights (tests only)"
+    checkpoint = checkpoint_name(name)
+    if name in SAM2_CONFIGS:
+        return f"--sam {checkpoint} --sam2-config {name} (a SAM 2 {name} checkpoint), or {random}"
+    if checkpoint is not None:
+        return f"--sam {checkpoint}, or {random}"
+    if name in _BACKBONES:
+        return random
+    return f"--sam with the checkpoint of the SAM the adapter was made on (a {name} encoder)"
+
+
 def get_backbone(name: str) -> Backbone:
     try:
         return _BACKBONES[name]

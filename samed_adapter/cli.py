@@ -9,6 +9,7 @@ written), 2 an error that stopped the command (message on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .files import atomic_path
+from .printable import printable
 from .arguments import WindowChoice, orientation_argument, pair_argument, window_argument
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -41,14 +43,20 @@ def _stock_sam(checkpoint: str, sam2_config: Optional[str] = None) -> "Sam":
     return load_stock_sam(checkpoint, sam2_config=sam2_config)
 
 
+def _shown(message: str) -> str:
+    """`message` with the control characters of each line escaped (file and class names in it
+    come from files and folders anyone can name); its own line breaks are kept."""
+    return "\n".join(printable(line) for line in message.split("\n"))
+
+
 def _warn(command: str, message: str) -> None:
     """Print a warning for `command` on stderr."""
-    print(f"samed-adapter {command}: warning: {message}", file=sys.stderr)
+    print(f"samed-adapter {command}: warning: {_shown(message)}", file=sys.stderr)
 
 
 def _fail(command: str, message: str) -> None:
     """Print an error for `command` on stderr (the caller decides the exit code)."""
-    print(f"samed-adapter {command}: error: {message}", file=sys.stderr)
+    print(f"samed-adapter {command}: error: {_shown(message)}", file=sys.stderr)
 
 
 def _example_parser(
@@ -65,6 +73,60 @@ def _example_parser(
 # --------------------------------------------------------------------------- convert
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` name one file (symlinks followed, hard links included)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _is_adapter_file(path: Path) -> bool:
+    """Whether `path` is a .safetensors file that `Adapter.save` wrote (its header says so)."""
+    from safetensors import safe_open
+
+    from .adapter import FORMAT_NAME
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("format") == FORMAT_NAME
+    except Exception:  # noqa: BLE001 - any file safetensors cannot open is no adapter
+        return False
+
+
+def _adapter_output(path: Path, *, inputs: Sequence[str] = (), overwrite: bool = False) -> Path:
+    """`path` checked as the adapter file a command is about to write, before any work.
+
+    It must end in .safetensors (`convert a.safetensors scan.nii.gz` would replace a scan), lie
+    in an existing folder, be none of `inputs`, and be either new, an adapter (replaced, as a
+    newer version of itself) or `overwrite` must be given.
+    """
+    shown = printable(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"the output {shown} must be an adapter file ending in .safetensors")
+    if path.is_dir():
+        raise ValueError(f"the output {shown} is a folder; give a file path ending in .safetensors")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise ValueError(f"the output {shown} is the input {printable(source)}; write to another file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the output's folder {printable(path.parent)} does not exist; create it first")
+    if path.exists() and not overwrite and not _is_adapter_file(path):
+        raise FileExistsError(f"{shown} exists and is not an adapter file; it is kept (pass --overwrite to replace it)")
+    return path
+
+
+def _setting(field: str, value: object) -> str:
+    """A config value as `convert` reports it: LPS, -125,275, liver,spleen, or none."""
+    if value is None:
+        return "not recorded" if field == "orientation" else "none"
+    if isinstance(value, (list, tuple)):
+        if field == "orientation":
+            return "".join(value)  # axis codes, as --orientation takes them
+        return ",".join(f"{v:g}" if isinstance(v, float) else printable(v) for v in value)
+    return printable(value)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """`convert`: published SAMed .pth -> adapter .safetensors, or an adapter with new settings."""
     import dataclasses
@@ -72,6 +134,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .adapter import Adapter
     from .convert import convert_published
 
+    output = _adapter_output(Path(args.output), inputs=[args.checkpoint], overwrite=args.overwrite)
     kwargs: dict[str, object] = {}
     if args.window is not None and args.percentiles is not None:
         raise ValueError("--window and --percentiles exclude each other; give one")
@@ -88,6 +151,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.checkpoint.lower().endswith(".safetensors"):  # an adapter: rewrite its settings
         adapter = Adapter.load(args.checkpoint)
         config = dataclasses.replace(adapter.config, **kwargs)
+        # A recorded setting replaced is said, old -> new: an orientation or window changed by a
+        # flag changes every label the adapter gives.
+        for field in kwargs:
+            old, new = getattr(adapter.config, field), getattr(config, field)
+            if old != new:
+                print(f"{field}: {_setting(field, old)} -> {_setting(field, new)}")
         adapter = Adapter(config, adapter.tensors, adapter.base_fingerprint)
     else:
         if args.sam is None:
@@ -99,8 +168,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             adapter = Adapter(config, adapter.tensors, adapter.base_fingerprint)
     import torch
 
-    path = adapter.save(args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {adapter.num_parameters:,} values)")
+    path = adapter.save(output, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote {printable(path)} ({path.stat().st_size / 2**20:.2f} MiB, {adapter.num_parameters:,} values)")
     return 0
 
 
@@ -115,7 +184,9 @@ def add_convert_parser(sub: _SubParsers) -> None:
         ".safetensors instead, write a copy with the settings given (orientation, preprocessing, class names).",
     )
     p.add_argument("checkpoint", help="the published SAMed .pth (read with weights_only=True), or an adapter")
-    p.add_argument("output", help="the adapter .safetensors to write")
+    p.add_argument("output", help="the adapter .safetensors to write (an existing adapter file is replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT even if it exists and is not an adapter file (never the input)")
     p.add_argument("--sam", help="the stock SAM checkpoint it was trained on (needed for a .pth)")
     p.add_argument("--image-size", type=int, default=512, help="input size it was trained at (default 512)")
     p.add_argument("--class-names", help="comma-separated K names (default: Synapse organs when K = 8)")
@@ -136,8 +207,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .adapter import Adapter, describe
 
     adapter = Adapter.load(args.adapter, revision=args.revision)
-    print(f"file              {args.adapter}")
-    print(describe(adapter))
+    print(f"file              {printable(args.adapter)}")
+    # Class names come from the file: escape sequences in them are shown, never obeyed.
+    print("\n".join(printable(line) for line in describe(adapter).splitlines()))
     return 0
 
 
@@ -169,6 +241,7 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
             "--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and demos "
             "only); pass --sam CKPT to segment with real SAM weights"
         )
+    _check_random_backbone(args.sam_backbone, adapter)  # before a warning about weights it cannot use
     sam = build_sam(args.sam_backbone, seed=args.random_sam_seed)
     what = f"random SAM weights (backbone {args.sam_backbone}, seed {args.random_sam_seed})"
     if adapter is not None and adapter.base_fingerprint == stock_fingerprint(sam):
@@ -180,16 +253,45 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
     return sam
 
 
+def _check_random_backbone(backbone: str, adapter: Optional["Adapter"]) -> None:
+    """ValueError, worded for the command line, when `adapter` records a backbone other than the
+    --sam-backbone asked for (a random SAM of another backbone cannot take it)."""
+    from .backbones import command_line_hint
+
+    wanted = None if adapter is None else adapter.config.backbone
+    if wanted is not None and wanted != backbone:
+        raise ValueError(f"the adapter is for a {wanted} backbone but --sam-backbone is {printable(backbone)}; "
+                         f"use {command_line_hint(wanted)}")
+
+
 def _device(text: str) -> "torch.device":
-    """--device as a torch.device that exists here."""
+    """--device as a torch.device that exists here and runs models (ValueError otherwise).
+
+    torch accepts names that run nothing (`meta` holds shapes only, `cuda:7` on a one-GPU
+    machine); each would fail in the middle of a run, with a traceback.
+    """
     import torch
 
+    shown = printable(text)
     try:
         device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text} but CUDA is not available here; use --device cpu")
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {shown} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    elif device.type in ("cuda", "xpu") and hasattr(torch, device.type):
+        backend = getattr(torch, device.type)
+        available = backend.is_available()
+        count = backend.device_count() if available else 0
+    else:  # meta, and the types of backends this library does not run on
+        raise ValueError(f"--device {shown}: models do not run on {device.type!r} devices; use --device cpu or cuda")
+    if not available:
+        raise ValueError(f"--device {shown} but {device.type.upper()} is not available here; use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {shown} but this machine has {count} {device.type.upper()} device(s), "
+                         f"{device.type}:0 to {device.type}:{count - 1}")
     return device
 
 
@@ -397,17 +499,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .adapter import Adapter
     from .hub import hf_hub_adapter_path, parse_repo_id
 
+    repo, _ = parse_repo_id(args.repo_id, args.revision)
+    target = None
+    if args.output is not None:  # checked before the download
+        target = Path(args.output)
+        # A trailing slash or an existing folder means a folder (made if missing), else the file to write.
+        if args.output.endswith(("/", os.sep)) or target.is_dir():
+            if target.exists() and not target.is_dir():
+                raise FileExistsError(f"-o {printable(args.output)} names a folder, but {printable(target)} is a file")
+            target = target / f"{repo.split('/')[1]}.safetensors"
+        else:
+            _adapter_output(target, overwrite=args.overwrite)
     cached = hf_hub_adapter_path(args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token)
     adapter = Adapter.load(cached)  # check it is a valid adapter before handing it out
-    if args.output is None:
+    if target is None:
         print(cached)
         return 0
-    target = Path(args.output)
-    if target.is_dir():
-        target = target / f"{parse_repo_id(args.repo_id)[0].split('/')[1]}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _adapter_output(target, overwrite=args.overwrite)
     with atomic_path(target) as tmp:
         shutil.copyfile(cached, tmp)
-    print(f"wrote {target} ({adapter.config.num_classes} classes, {adapter.nbytes / 2**20:.2f} MiB)")
+    print(f"wrote {printable(target)} ({adapter.config.num_classes} classes, {adapter.nbytes / 2**20:.2f} MiB)")
     return 0
 
 
@@ -422,7 +534,10 @@ def add_pull_parser(sub: _SubParsers) -> None:
     p.add_argument("--revision", help="branch, tag or commit (default main)")
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
     p.add_argument("--token", help="Hub token for private or gated repositories")
-    p.add_argument("-o", "--output", metavar="PATH", help="also copy the adapter here (a file or a folder)")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help="also copy the adapter here: a folder if PATH ends with / or is one (made if missing; the "
+                        "file is NAME.safetensors), else the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace -o's file even if it is not an adapter file")
     p.set_defaults(func=cmd_pull)
 
 
@@ -439,14 +554,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .patching import patch
     from .training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
 
+    # Every option is checked before the SAM is built and the volumes read: a bad one found after
+    # evaluating everything would lose the whole run.
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"-o {printable(out)} is a file; give the folder for evaluation.md, evaluation.csv "
+                              "and summary.json")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.window is not None and args.percentiles is not None:
+        raise ValueError("--window and --percentiles exclude each other; give one")
+    if args.format == "synapse" and (args.window is not None or args.percentiles is not None):
+        raise ValueError("--window and --percentiles apply to --format nifti; the Synapse .h5 volumes are "
+                         "already preprocessed (in [0, 1])")
+    device = _device(args.device)
     adapter = Adapter.load(args.adapter)
-    model = patch(_segment_sam(args, adapter).to(_device(args.device)), adapter)
+    if args.window is not None or args.percentiles is not None:
+        from .preprocessing import Intensity
+
+        try:
+            Intensity.from_config(adapter.config, None if args.window is None else args.window.bounds,
+                                  args.percentiles)
+        except ValueError as err:
+            raise ValueError(f"{'--percentiles' if args.percentiles is not None else '--window'}: {err}") from None
+    model = patch(_segment_sam(args, adapter).to(device), adapter, allow_base_mismatch=args.allow_base_mismatch)
     config = model.config
     if args.format == "synapse":
         volumes = SynapseVolumes(args.data)
     else:
-        if args.window is not None and args.percentiles is not None:
-            raise ValueError("--window and --percentiles exclude each other; give one")
         if args.window is None and args.percentiles is None:  # the adapter's own preprocessing
             window, percentiles = config.intensity_window, config.intensity_percentiles
         else:
@@ -459,7 +594,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                label_map=SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None,
                                orientation=config.orientation, slice_axis=config.slice_axis)
     summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True)
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.md").write_text(summary.to_markdown())
     summary.to_csv(out / "evaluation.csv")
@@ -493,7 +627,9 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
     p.add_argument("--percentiles", type=pair_argument, help="MR: per-volume percentile normalisation LO,HI "
                                                      "(default: the adapter's preprocessing)")
     p.add_argument("--label-map", choices=["synapse"], help="remap raw labels (synapse: 1,2,3,4,6,7,8,11 -> 1..8)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter even if it was made for other stock SAM weights")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("-o", "--output", default=".", help="folder for evaluation.md, evaluation.csv and summary.json")
     p.set_defaults(func=cmd_evaluate)
@@ -525,11 +661,25 @@ def add_quickstart_parser(sub: _SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+# The top-level --help's epilog: the main commands as a new user runs them (each command's own
+# --help has more).
+_EXAMPLES = """\
+examples:
+  samed-adapter quickstart --out runs/quickstart        # try it: no weights, no downloads
+  samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth
+  samed-adapter info synapse.safetensors
+  samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors ct.nii.gz -o labels/
+  samed-adapter pull org/synapse-adapter               # into the Hugging Face cache, for offline use
+
+'samed-adapter COMMAND --help' shows each command's options and examples."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `samed-adapter` parser: one `add_<command>_parser` per subcommand."""
     parser = argparse.ArgumentParser(
         prog="samed-adapter",
         description="Hot-swap SAMed adapters onto a stock Segment Anything Model.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_convert_parser, add_info_parser, add_segment_parser, add_evaluate_parser, add_train_parser,
@@ -545,7 +695,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     # AdapterError and UnsafeCheckpointError are ValueErrors: no torch import needed to catch them.
     except (FileNotFoundError, ValueError, OSError) as err:
-        _fail(args.command, str(err))
+        # Errors raised by the Python API may carry the same message worded for the command line
+        # (flags instead of keyword arguments; see patching._worded).
+        _fail(args.command, getattr(err, "command_line", None) or str(err))
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -31,7 +32,11 @@ from .hub_cache import (  # noqa: F401 - re-exported: resolving Hub ids lives be
     ADAPTER_FILENAME,
     LIBRARY_NAME,
     AdapterNotFoundError,
+    HubCacheError,
+    HubUnreachableError,
+    check_revision,
     hf_hub_adapter_path,
+    hub_endpoint,
     looks_like_repo_id,
     parse_repo_id,
 )
@@ -43,6 +48,27 @@ STOCK_SAM = {
     "vit_l": ("facebook/sam-vit-large", "sam_vit_l_0b3195.pth"),
     "vit_h": ("facebook/sam-vit-huge", "sam_vit_h_4b8939.pth"),
 }
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when no connection is made (as opposed to an HTTP error answer).
+
+    Its HTTP client changed between versions (requests, httpx, httpx2); the one it imported is
+    in `sys.modules`, so nothing is imported here.
+    """
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for name in ("httpx2", "httpx"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "TransportError"):
+            errors.append(module.TransportError)
+    requests = sys.modules.get("requests.exceptions")
+    if requests is not None:
+        errors += [requests.ConnectionError, requests.Timeout]
+    return tuple(errors)
+
+
 def _resolve_adapter(source: Union[Adapter, "SAMed", str, os.PathLike]) -> tuple[Adapter, Optional[Path]]:
     """The adapter to push, and the file to upload as-is when `source` is a path."""
     from .model import SAMed
@@ -202,6 +228,11 @@ def push_to_hub(
 
     Returns:
         The `huggingface_hub.CommitInfo` of the commit (`.commit_url`, `.pr_url`).
+
+    Raises:
+        HubUnreachableError: no connection to the Hub (HF_ENDPOINT) could be made, or offline
+            mode is on; nothing was pushed.
+        huggingface_hub.errors.HfHubHTTPError: the Hub refused (not logged in, no write access).
     """
     import huggingface_hub
 
@@ -211,18 +242,28 @@ def push_to_hub(
     message = commit_message or (
         f"Upload SAMed adapter ({adapter.config.num_classes} classes, {adapter.config.backbone or 'any backbone'})"
     )
-    api = huggingface_hub.HfApi()
-    api.create_repo(repo, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision is not None and not revision.startswith("refs/"):
-        api.create_branch(repo, branch=revision, token=token, repo_type="model", exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="samed-adapter-push-") as tmp:
-        folder = Path(tmp)
-        if source_file is not None:
-            shutil.copyfile(source_file, folder / ADAPTER_FILENAME)
+    api = huggingface_hub.HfApi(endpoint=hub_endpoint())  # HF_ENDPOINT as set now, as for pulls
+    try:
+        api.create_repo(repo, token=token, private=private, repo_type="model", exist_ok=True)
+        if revision is not None and not revision.startswith("refs/"):
+            api.create_branch(repo, branch=revision, token=token, repo_type="model", exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="samed-adapter-push-") as tmp:
+            folder = Path(tmp)
+            if source_file is not None:
+                shutil.copyfile(source_file, folder / ADAPTER_FILENAME)
+            else:
+                adapter.save(folder / ADAPTER_FILENAME)
+            card.save(folder / "README.md")
+            return api.upload_folder(
+                repo_id=repo, folder_path=folder, repo_type="model", revision=revision,
+                commit_message=message, create_pr=create_pr, token=token,
+            )
+    except _connection_errors() as err:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        if isinstance(err, OfflineModeIsEnabled):
+            what = "offline mode is on (HF_HUB_OFFLINE=1); unset it to push"
         else:
-            adapter.save(folder / ADAPTER_FILENAME)
-        card.save(folder / "README.md")
-        return api.upload_folder(
-            repo_id=repo, folder_path=folder, repo_type="model", revision=revision,
-            commit_message=message, create_pr=create_pr, token=token,
-        )
+            what = (f"the Hub at {hub_endpoint()} could not be reached ({str(err).strip() or type(err).__name__}); "
+                    "connect to the network, or set HF_ENDPOINT to a reachable Hub")
+        raise HubUnreachableError(f"nothing was pushed to {repo}: {what}") from None

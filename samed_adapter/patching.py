@@ -12,7 +12,7 @@ from segment_anything.modeling import Sam
 
 from .adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
 from .attention import enable_sdpa
-from .backbones import build_hint
+from .backbones import build_hint, command_line_hint
 from .hosts import host_of
 from .config import AdapterConfig
 from .model import SAMed
@@ -79,10 +79,12 @@ def validate(sam: Sam, adapter: Adapter, *, allow_base_mismatch: bool = False) -
     config = _config_for(sam, adapter.config)
     fingerprint = stock.fingerprint if stock is not None else stock_fingerprint(sam)
     if adapter.base_fingerprint != fingerprint and not allow_base_mismatch:
-        raise BaseMismatchError(
-            f"the adapter was made for stock SAM weights {adapter.base_fingerprint[:19]}..., but this SAM's are "
-            f"{fingerprint[:19]}...; load the checkpoint it was trained on, or pass allow_base_mismatch=True "
-            "to apply it anyway"
+        facts = (f"the adapter was made for stock SAM weights {adapter.base_fingerprint[:19]}..., but this SAM's "
+                 f"are {fingerprint[:19]}...")
+        raise _worded(
+            BaseMismatchError(f"{facts}; load the checkpoint it was trained on, or pass allow_base_mismatch=True "
+                              "to apply it anyway"),
+            f"{facts}; pass the checkpoint it was trained on (--sam), or --allow-base-mismatch to apply it anyway",
         )
     host = host_of(sam)
     prompt_state = stock.prompt_state if stock is not None else host.prompt_encoder.state_dict()
@@ -244,10 +246,9 @@ def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     host = host_of(sam)
     backbone = host.backbone()
     if config.backbone is not None and config.backbone != backbone:
-        raise AdapterMismatchError(
-            f"the adapter is for a {config.backbone} {_family(config.backbone)} but this {host.family} is "
-            f"{backbone}; build {build_hint(config.backbone)} instead"
-        )
+        facts = f"the adapter is for a {config.backbone} {_family(config.backbone)} but this {host.family} is {backbone}"
+        raise _worded(AdapterMismatchError(f"{facts}; build {build_hint(config.backbone)} instead"),
+                      f"{facts}; use {command_line_hint(config.backbone)}")
     depth = len(host.blocks())
     if config.lora_blocks is not None and max(config.lora_blocks) >= depth:
         raise AdapterMismatchError(f"lora_blocks {config.lora_blocks} name blocks beyond this encoder's {depth}")
@@ -256,6 +257,13 @@ def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     except ValueError as err:
         raise AdapterMismatchError(str(err)) from None
     return dataclasses.replace(config, backbone=backbone)
+
+
+def _worded(error: Exception, command_line: str) -> Exception:
+    """`error` (worded for Python: keyword arguments, calls) with `command_line`, the same
+    facts and remedy for the command line (flags), which `samed-adapter` prints instead."""
+    error.command_line = command_line  # type: ignore[attr-defined]
+    return error
 
 
 def _family(backbone: str) -> str:

@@ -1,6 +1,6 @@
-"""The README's main job, end to end on real data that ships with nilearn (no downloads):
+"""The README's main job, end to end on real data that ships with nilearn (no downloads).
 
-train an adapter on MNI152 grey/white matter, save it as safetensors, patch it onto a freshly
+Train an adapter on MNI152 grey/white matter, save it as safetensors, patch it onto a freshly
 built SAM, segment held-out slices, print Dice per class, and write a picture.
 
     python examples/quickstart.py                         # random tiny SAM, about 30 s on a 2-core CPU
@@ -11,16 +11,23 @@ built SAM, segment held-out slices, print Dice per class, and write a picture.
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 
 
+# What --help says: the module docstring's first two paragraphs, whole sentences, wrapped.
+DESCRIPTION = textwrap.fill(" ".join(" ".join(__doc__.split("\n\n")[:2]).split()), 88)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="quickstart", description=__doc__.splitlines()[0],
-        epilog="example: python examples/quickstart.py --out runs/quickstart",
+        prog="quickstart", description=DESCRIPTION,
+        epilog="examples:\n  python examples/quickstart.py --out runs/quickstart\n"
+               "  python examples/quickstart.py --backbone sam2.1_hiera_t   # a random SAM 2 (needs the sam2 package)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return parser
@@ -38,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def random_sam_note(backbone: str, seed: int) -> str:
+    """What the run says about a random SAM: that it is one, and the real weights of its family
+    to pass instead (a SAM 2 run is pointed at a SAM 2 checkpoint, not at SAM's)."""
+    from .backbones import checkpoint_name
+
+    real = checkpoint_name(backbone) or checkpoint_name("vit_b")
+    return (f"RANDOM weights (a '{backbone}' model built from the stock classes, seed {seed}); pass --sam {real} "
+            "to use the real model")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -71,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sam:
         print(f"SAM: {args.sam}")
     else:
-        print(f"SAM: RANDOM weights (a '{args.backbone}' model built from the stock classes, seed "
-              f"{args.seed}); pass --sam sam_vit_b_01ec64.pth to use the real model")
+        print(f"SAM: {random_sam_note(args.backbone, args.seed)}")
     sam = fresh_sam()  # before anything is written: a missing or bad --sam changes nothing
     # A random SAM 2 trains at 128: Hiera-T costs about 10x the tiny SAM per slice on a CPU.
     image_size = args.image_size or (512 if args.sam else 128 if "hiera" in args.backbone else 256)
@@ -90,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     data = dict(window=None, percentiles=MNI_PERCENTILES, orientation=orientation, slice_axis=2)
     slices = NiftiSlices(root, ["mni_train"], **data)
     start = time.perf_counter()
+    # out/run is the quick start's own scratch run: a second quick start replaces it.
     train(model, slices, TrainConfig(output_dir=str(out / "run"), batch_size=args.batch_size, max_epochs=args.epochs,
-                                     stop_epoch=args.epochs, warmup_iters=10, save_every=args.epochs,
-                                     seed=args.seed))
+                                     stop_epoch=args.epochs, warmup_iters=10, seed=args.seed), overwrite=True)
     print(f"trained {args.epochs} epochs on {len(slices)} slices in {time.perf_counter() - start:.0f} s")
     adapter_path = model.adapter().save(out / "mni_brain.safetensors")
     print(f"adapter: {adapter_path} ({adapter_path.stat().st_size / 2**10:.0f} KiB; it records its "
@@ -126,4 +142,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "build_parser", "main", "run"]
+__all__ = ["add_arguments", "build_parser", "main", "random_sam_note", "run"]

@@ -8,6 +8,8 @@ recorder that writes each upload into that cache as a new commit.
 from __future__ import annotations
 
 import json
+import os
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -252,3 +254,103 @@ def test_model_card_for_vit_b_names_the_stock_weights():
     meta = card.data.to_dict()
     assert meta["base_model"] == "facebook/sam-vit-base" and meta["base_checkpoint"] == "sam_vit_b_01ec64.pth"
     assert 'sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")' in card.text
+
+
+# --------------------------------------------------------------------------- revisions, no network, the cache
+
+
+@pytest.mark.parametrize("revision", ["../../x", "a/../../x", "..", ".hidden", "v1/.x", "x.lock", "a b", "x~1", "x^",
+                                      "a:b", "a?", "a*", "a[", "a\\b", "/abs", "x/", "a//b", "x.", "@", "a@{1}",
+                                      "x\x1b[2J", "x\x7f", ""])
+def test_a_revision_that_is_no_ref_name_is_refused_before_any_lookup(monkeypatch, tmp_path, offline_cache, revision):
+    """huggingface_hub reads the cache file refs/<revision>: `../../x` read a file outside the cache."""
+    adapter = random_adapter(stock_sam(), CONFIG, seed=1)
+    lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": adapter_bytes(adapter, tmp_path)})
+    (offline_cache / "x").write_text("a secret outside the repository's folder")
+    calls: list[Any] = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or "")
+    expected = "not a branch, tag or commit name" if revision else "non-empty"
+    with pytest.raises(ValueError, match=expected) as info:
+        sa.Adapter.load("org/name", revision=revision)
+    assert "secret" not in str(info.value) and "\n" not in str(info.value)
+    if revision and " " not in revision:  # the same in the id's @revision form
+        with pytest.raises(ValueError, match=expected):
+            hub.hf_hub_adapter_path(f"org/name@{revision}")
+    assert calls == []
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "dev/feature-1", "refs/pr/1", "release_2024.03", "0" * 40])
+def test_branch_tag_and_commit_names_are_accepted(revision):
+    assert hub.check_revision(revision) == revision
+    assert hub.parse_repo_id(f"org/name@{revision}") == ("org/name", revision)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Online mode with HF_ENDPOINT at a closed local port (nothing listens on the discard port)."""
+    endpoint = "http://127.0.0.1:9"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return endpoint
+
+
+def test_without_network_loading_fails_fast_and_says_what_to_do(no_network, offline_cache):
+    """It used to retry for 26 s and then suggest the command just run (`samed-adapter pull`)."""
+    start = time.perf_counter()
+    with pytest.raises(AdapterNotFoundError) as info:
+        hub.hf_hub_adapter_path("org/name")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    for needed in (str(offline_cache), "HF_HUB_OFFLINE", "HF_ENDPOINT", no_network, "local path", "cannot be reached"):
+        assert needed in message, needed
+    assert "samed-adapter pull" not in message and "\n" not in message
+
+
+def test_without_network_a_cached_adapter_is_used_at_once(no_network, tmp_path, offline_cache):
+    data = adapter_bytes(random_adapter(stock_sam(), CONFIG, seed=1), tmp_path)
+    commit = lay_out_cache(offline_cache, "org/name", {"adapter.safetensors": data})
+    start = time.perf_counter()
+    path = hub.hf_hub_adapter_path("org/name")
+    assert time.perf_counter() - start < 5
+    assert path == offline_cache / "models--org--name" / "snapshots" / commit / "adapter.safetensors"
+
+
+def test_push_without_network_is_one_line_and_pushes_nothing(no_network, tmp_path):
+    path = random_adapter(stock_sam(), CONFIG, seed=1).save(tmp_path / "a.safetensors")
+    start = time.perf_counter()
+    with pytest.raises(hub.HubUnreachableError) as info:
+        hub.push_to_hub(path, "org/name")
+    assert time.perf_counter() - start < 20  # no retries
+    message = str(info.value)
+    assert message.startswith("nothing was pushed to org/name") and no_network in message and "HF_ENDPOINT" in message
+    assert "\n" not in message and isinstance(info.value, OSError)
+
+
+@pytest.mark.parametrize("broken", ["cache is a file", "repo folder is a file"])
+def test_an_unreadable_cache_is_not_called_a_missing_adapter(monkeypatch, tmp_path, offline_cache, broken):
+    if broken == "cache is a file":
+        cache = tmp_path / "cache-file"
+        cache.write_text("not a folder")
+    else:
+        cache = offline_cache
+        (cache / "models--org--name").write_text("not a folder")
+    with pytest.raises(hub.HubCacheError) as info:
+        hub.hf_hub_adapter_path("org/name", cache_dir=cache)
+    message = str(info.value)
+    assert "cannot be read" in message and "is not a folder" in message and "not in the" not in message
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any folder")
+def test_a_cache_folder_without_permission_is_not_called_a_missing_adapter(tmp_path, offline_cache):
+    folder = offline_cache / "models--org--name"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        with pytest.raises(hub.HubCacheError, match="cannot be read"):
+            hub.hf_hub_adapter_path("org/name")
+    finally:
+        folder.chmod(0o755)
