@@ -471,7 +471,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                       f"{args.repo_id}")
         return 2
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
-    print(f"pushed {args.adapter} to {args.repo_id}: {url}")
+    print(f"pushed {printable(args.adapter)} to {args.repo_id}: {url}")
     return 0
 
 
@@ -508,12 +508,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
             if target.exists() and not target.is_dir():
                 raise FileExistsError(f"-o {printable(args.output)} names a folder, but {printable(target)} is a file")
             target = target / f"{repo.split('/')[1]}.safetensors"
+            if target.parent.is_dir():
+                _adapter_output(target, overwrite=args.overwrite)
         else:
             _adapter_output(target, overwrite=args.overwrite)
     cached = hf_hub_adapter_path(args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token)
     adapter = Adapter.load(cached)  # check it is a valid adapter before handing it out
     if target is None:
-        print(cached)
+        print(printable(cached))
         return 0
     target.parent.mkdir(parents=True, exist_ok=True)
     _adapter_output(target, overwrite=args.overwrite)
@@ -598,7 +600,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (out / "evaluation.md").write_text(summary.to_markdown())
     summary.to_csv(out / "evaluation.csv")
     summary.to_json(out / "summary.json")
-    print(summary.to_markdown())
+    print(_shown(summary.to_markdown()))  # class names from the adapter, shown escaped (the files keep them)
     print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}, {out / 'summary.json'} (nnU-Net's shape)")
     return 0
 
@@ -665,11 +667,11 @@ def add_quickstart_parser(sub: _SubParsers) -> None:
 # --help has more).
 _EXAMPLES = """\
 examples:
-  samed-adapter quickstart --out runs/quickstart        # try it: no weights, no downloads
+  samed-adapter quickstart --out runs/quickstart   # try it: no weights, no downloads
   samed-adapter convert epoch_159.pth synapse.safetensors --sam sam_vit_b_01ec64.pth
   samed-adapter info synapse.safetensors
   samed-adapter segment --sam sam_vit_b_01ec64.pth --adapter synapse.safetensors ct.nii.gz -o labels/
-  samed-adapter pull org/synapse-adapter               # into the Hugging Face cache, for offline use
+  samed-adapter pull org/synapse-adapter           # into the Hugging Face cache, for offline use
 
 'samed-adapter COMMAND --help' shows each command's options and examples."""
 

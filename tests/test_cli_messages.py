@@ -168,6 +168,17 @@ def test_pull_to_a_missing_folder_with_a_slash_makes_the_folder(capsys, tmp_path
     assert code == 0 and (tmp_path / "missing_dir").is_dir(), err
 
 
+def test_pull_into_a_folder_keeps_a_file_there_that_is_no_adapter(capsys, tmp_path, cached):
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "tiny.safetensors").write_text("my notes")
+    code, _, err = run(capsys, "pull", "org/tiny", "-o", f"{folder}/")
+    assert code == 2 and "is not an adapter file" in one_error_line(err)
+    assert (folder / "tiny.safetensors").read_text() == "my notes"
+    code, _, err = run(capsys, "pull", "org/tiny", "-o", folder, "--overwrite")
+    assert code == 0 and (folder / "tiny.safetensors").read_bytes() == cached, err
+
+
 def test_pull_to_a_file_needs_its_folder_and_a_safetensors_name(capsys, tmp_path, cached):
     code, _, err = run(capsys, "pull", "org/tiny", "-o", tmp_path / "nowhere" / "a.safetensors")
     assert code == 2 and "does not exist" in one_error_line(err) and not (tmp_path / "nowhere").exists()
