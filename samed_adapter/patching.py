@@ -246,7 +246,8 @@ def _config_for(sam: Sam, config: AdapterConfig) -> AdapterConfig:
     host = host_of(sam)
     backbone = host.backbone()
     if config.backbone is not None and config.backbone != backbone:
-        facts = f"the adapter is for a {config.backbone} {_family(config.backbone)} but this {host.family} is {backbone}"
+        facts = (f"the adapter is for a {config.backbone} {_family(config.backbone)} but this {host.family} "
+                 f"is {backbone}")
         raise _worded(AdapterMismatchError(f"{facts}; build {build_hint(config.backbone)} instead"),
                       f"{facts}; use {command_line_hint(config.backbone)}")
     depth = len(host.blocks())
