@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mni, tmp_path):
     slices = NiftiSlices(mni, ["mni_train"], window=None, percentiles=MNI_PERCENTILES)
     config = run_config(tmp_path, save_every=1)
     per_epoch = iterations_per_epoch(len(slices), 8)
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=f"the checkpoint after step {per_epoch} is kept"):
         train(fresh_model(), CrashingSlices(slices, after=8 * (per_epoch + 1), mode="nan"), config)
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["iteration"] == per_epoch

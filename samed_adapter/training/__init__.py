@@ -16,7 +16,8 @@ _LAZY = {
     "SYNAPSE_LABEL_MAP": "data", "NiftiSlices": "data", "NiftiVolumes": "data", "SynapseSlices": "data",
     "SynapseVolumes": "data", "find_nifti_cases": "data", "split_cases": "data",
     "LossOutput": "losses", "all_reduce_sum": "losses", "dice_loss": "losses", "segmentation_loss": "losses",
-    "NonFiniteLossError": "loop", "iterations_per_epoch": "loop", "train": "loop",
+    "NonFiniteLossError": "errors", "RunFolderError": "errors", "TrainingError": "errors",
+    "TrainingInterrupted": "errors", "TrainingStateError": "errors", "iterations_per_epoch": "loop", "train": "loop",
     "lr_at": "schedule", "set_lr": "schedule",
 }
 
@@ -34,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import (SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, SynapseVolumes,
                        find_nifti_cases, split_cases)
     from .losses import LossOutput, all_reduce_sum, dice_loss, segmentation_loss
-    from .loop import NonFiniteLossError, iterations_per_epoch, train
+    from .errors import NonFiniteLossError, RunFolderError, TrainingError, TrainingInterrupted, TrainingStateError
+    from .loop import iterations_per_epoch, train
     from .schedule import lr_at, set_lr
 
 __all__ = [
@@ -42,6 +44,10 @@ __all__ = [
     "TrainConfig",
     "RECIPES",
     "NonFiniteLossError",
+    "RunFolderError",
+    "TrainingError",
+    "TrainingInterrupted",
+    "TrainingStateError",
     "iterations_per_epoch",
     "augment",
     "low_res_size",

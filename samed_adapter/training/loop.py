@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -24,13 +26,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..model import SAMed
 from ..surgery import require_stock_state
 from .augment import augment
+from .config import RECIPES, TrainConfig
+from .errors import NonFiniteLossError, TrainingError, TrainingInterrupted
+from .folder import BEST, FINAL, LAST, LOG, STATE, check_run_folder, clear_run, epoch_adapter
 from .losses import all_reduce_sum, segmentation_loss
 from .schedule import lr_at, set_lr
-from .config import RECIPES, TrainConfig
 from .state import TrainingState, load_state, save_state
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
 
 
 class _Slices(Dataset):
@@ -130,33 +131,54 @@ def train(
     *,
     val_volumes: Optional[Sequence] = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Train the adapter on `model` (made by `inject` or `patch`) in place.
+
+    `output_dir` receives `adapter.safetensors` (the final adapter), `adapter_last.safetensors`
+    and `train_state.pt` (the checkpoint, rewritten after every epoch and every
+    `save_every_iters` steps), `best.safetensors` (with validation), `adapter_epochNNN.safetensors`
+    every `save_every` epochs (only when asked), and `log.jsonl`.
 
     Args:
         dataset: 2-D slices, items {"image": (H, W) float in [0, 1], "label": (H, W) ints}.
         val_volumes: volumes for validation (see `evaluate.evaluate`), every `val_every` epochs;
             the adapter with the best mean Dice is kept as best.safetensors.
-        resume: continue from `output_dir/train_state.pt` if it exists.
+        resume: continue the run in `output_dir` from its `train_state.pt` (from the start when
+            there is none yet: killed before its first checkpoint).
+        overwrite: delete the run files in `output_dir` (only those, see `folder.run_files`) and
+            start over; they are deleted once the data and model have been checked, just before
+            the first write.
 
     Returns:
         The path of the final adapter, `output_dir/adapter.safetensors`. Under
         torch.distributed only rank 0 writes.
+
+    Raises:
+        RunFolderError: `output_dir` holds a run and neither `resume` nor `overwrite` was given
+            (raised before anything is written, so the old run is intact).
+        TrainingStateError: `resume` with a train_state.pt that is damaged or made for another adapter.
+        NonFiniteLossError: the loss became NaN or infinite; names the checkpoint kept, if any.
+        TrainingInterrupted: Ctrl-C; the live adapter and state were saved at the current step.
     """
     rank, world = _distributed()
     out = Path(config.output_dir)
+    # Both read only: a refused run changes nothing.
+    check_device(next(model.sam.image_encoder.parameters()).device)
+    check_run_folder(out, resume=resume, overwrite=overwrite)
     created = not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(model, dataset, config, out, rank, world, val_volumes, resume)
+        return _train(model, dataset, config, out, rank, world, val_volumes, resume, overwrite)
     except BaseException:
-        # A fresh run that stops before its first step (bad labels, bad flags) leaves nothing behind.
-        log = out / "log.jsonl"
+        # A fresh run that stops before its first step (bad labels, bad flags) leaves nothing behind;
+        # the folder held no run before (checked above), so this log is its own.
+        log = out / LOG
         if rank == 0 and not resume and log.exists() and all(_iteration(ln) == 0 for ln in log.read_text().splitlines()):
             log.unlink()
-            if created and not any(out.iterdir()):
-                out.rmdir()
+        if rank == 0 and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
 
 
@@ -176,35 +198,72 @@ class _Run:
     per_epoch: int
     max_iters: int
     stop_iters: int
+    # Steps done at the checkpoint now in the folder (None: none yet), named by a diverging run.
+    checkpointed: Optional[int] = None
 
 
 def _train(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, rank: int, world: int,
-           val_volumes: Optional[Sequence], resume: bool) -> Path:
+           val_volumes: Optional[Sequence], resume: bool, overwrite: bool) -> Path:
     run = _set_up(model, dataset, config, out, world, resume)
-    sampler = _GlobalBatches(len(dataset), config.batch_size, run.per_epoch, run.state.iteration, run.stop_iters,
+    if overwrite and rank == 0:
+        clear_run(out)
+    start = run.state.iteration
+    sampler = _GlobalBatches(len(dataset), config.batch_size, run.per_epoch, start, run.stop_iters,
                              config.seed, rank, world)
     loader = DataLoader(_Slices(dataset, model.config.image_size, config.seed, config.augment), batch_sampler=sampler,
                         num_workers=config.num_workers)
-    log = _Log(out, rank, run.state.iteration, config, total=run.stop_iters, adapter=model.config.to_dict())
+    log = _Log(out, rank, start, config, total=run.stop_iters, adapter=model.config.to_dict())
     model.train()
-    it = run.state.iteration
-    with _checkpointed_blocks(model, config.activation_checkpointing), log:
-        for batch in loader:
-            lr, loss = _step(run, config, batch, it, out)
-            it += 1
-            log.step(it, lr, loss)
-            epoch, epoch_done = it // run.per_epoch, it % run.per_epoch == 0
-            if epoch_done and config.val_every and epoch % config.val_every == 0 and val_volumes is not None:
-                run.state.best_dice = _validate(model, val_volumes, out, rank, run.state.best_dice, epoch, log)
-            if _checkpoint_due(config, run, it):
-                run.state.iteration = it
-                _save(model, run.named, run.optimizer, run.scaler, run.state, out, rank, epoch if epoch_done else None)
+    it = start
+    try:
+        with _checkpointed_blocks(model, config.activation_checkpointing), log:
+            for batch in loader:
+                lr, loss = _forward_backward(run, config, batch, it, out)
+                # Ctrl-C waits for the update, the count and the log line: a checkpoint saved on
+                # interrupt never holds a half-applied step.
+                with _sigint_deferred():
+                    run.scaler.step(run.optimizer)
+                    run.scaler.update()
+                    it += 1
+                    log.step(it, lr, loss)
+                epoch, epoch_done = it // run.per_epoch, it % run.per_epoch == 0
+                if epoch_done and config.val_every and epoch % config.val_every == 0 and val_volumes is not None:
+                    run.state.best_dice = _validate(model, val_volumes, out, rank, run.state.best_dice, epoch, log)
+                if _checkpoint_due(config, run, it):
+                    keep_epoch = epoch_done and bool(config.save_every) and epoch % config.save_every == 0
+                    _checkpoint(model, run, out, rank, it, epoch if keep_epoch else None)
+    except KeyboardInterrupt:
+        if it > start and run.checkpointed != it:
+            _checkpoint(model, run, out, rank, it, None)
+        # The checkpoint at `it` (just written, or already there); none when a fresh run made no step.
+        saved = [p for p in (out / LAST, out / STATE) if p.exists()] if run.checkpointed == it else []
+        raise TrainingInterrupted(it, run.stop_iters, saved) from None
     if rank == 0:
-        final = out / "adapter.safetensors"
-        model.adapter().save(final)
+        model.adapter().save(out / FINAL)
     if world > 1:
         dist.barrier()
-    return out / "adapter.safetensors"
+    return out / FINAL
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) back until the block is done, then raise it as KeyboardInterrupt.
+
+    Only where Python's own handler is installed and in the main thread (the only one that may
+    set handlers): another handler is the caller's to keep.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, world: int, resume: bool) -> _Run:
@@ -221,9 +280,11 @@ def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, worl
                                   weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     state = TrainingState(iteration=0, best_dice=None)
-    state_path = out / "train_state.pt"
+    checkpointed = None
+    state_path = out / STATE
     if resume and state_path.exists():
         state = load_state(state_path, named, optimizer, scaler)
+        checkpointed = state.iteration
     if config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -240,11 +301,30 @@ def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, worl
         per_epoch=per_epoch,
         max_iters=config.max_epochs * per_epoch,
         stop_iters=(config.stop_epoch or config.max_epochs) * per_epoch,
+        checkpointed=checkpointed,
     )
 
 
-def _step(run: _Run, config: TrainConfig, batch: dict[str, torch.Tensor], it: int, out: Path) -> tuple[float, Any]:
-    """Optimiser step `it` (0-based) on one batch; returns its lr and loss."""
+# Device types a model can train on: they hold values and run autograd and AdamW.
+TRAINING_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: torch.device) -> None:
+    """Raise TrainingError unless the model's `device` can train (meta holds no values, for one)."""
+    if device.type not in TRAINING_DEVICES:
+        raise TrainingError(lambda opt: (
+            f"the model is on the {device.type} device, which cannot train (it "
+            f"{'holds shapes but no values' if device.type == 'meta' else 'is not one training supports'}); "
+            f"use one of {', '.join(TRAINING_DEVICES)}"))
+
+
+def _forward_backward(run: _Run, config: TrainConfig, batch: dict[str, torch.Tensor], it: int,
+                      out: Path) -> tuple[float, Any]:
+    """Gradients of step `it` (0-based) on one batch, not yet applied; returns its lr and loss.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite (nothing was changed by this step).
+    """
     # The published loop sets the lr after each step: step j runs at lr_at(j - 1).
     lr = lr_at(max(it - 1, 0), base_lr=config.base_lr, warmup_iters=config.warmup_iters,
                max_iters=run.max_iters, power=config.power)
@@ -257,34 +337,39 @@ def _step(run: _Run, config: TrainConfig, batch: dict[str, torch.Tensor], it: in
     loss = segmentation_loss(logits.float(), target, ce_weight=config.ce_weight,
                              dice_weight=config.dice_weight, reduce_fn=run.reduce_fn)
     if not torch.isfinite(loss.total):
-        raise NonFiniteLossError(
-            f"the loss became {loss.total.item()} at iteration {it} (epoch {it // run.per_epoch}); the run "
-            f"stopped and the last good checkpoint in {out} is kept. Lower --base-lr or check the data."
-        )
+        kept = None
+        if run.checkpointed is not None:
+            kept = (run.checkpointed, [p for p in (out / LAST, out / STATE) if p.exists()])
+        raise NonFiniteLossError(loss.total.item(), step=it + 1, epoch=it // run.per_epoch + 1, kept=kept,
+                                 base_lr=config.base_lr, precision=config.precision)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss.total * loss.grad_scale).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
     return lr, loss
 
 
 def _checkpoint_due(config: TrainConfig, run: _Run, it: int) -> bool:
-    """Whether to checkpoint after `it` steps: at the end, every `save_every` epochs, every `save_every_iters`."""
-    epoch, epoch_done = it // run.per_epoch, it % run.per_epoch == 0
-    return it == run.stop_iters or (epoch_done and epoch % config.save_every == 0) or bool(
+    """Whether to checkpoint after `it` steps: at the end, after every epoch, every `save_every_iters`."""
+    return it == run.stop_iters or it % run.per_epoch == 0 or bool(
         config.save_every_iters and it % config.save_every_iters == 0
     )
 
 
-def _save(model: SAMed, named, optimizer, scaler, state: TrainingState, out: Path, rank: int,
-          epoch: Optional[int]) -> None:
+def _checkpoint(model: SAMed, run: _Run, out: Path, rank: int, it: int, epoch: Optional[int]) -> list[Path]:
+    """Save the live adapter as adapter_last (and as the epoch's adapter when `epoch` is given) and
+    the state at `it` steps, each atomically; returns the files written (none off rank 0)."""
+    run.state.iteration = it
     if rank != 0:
-        return
+        run.checkpointed = it
+        return []
     adapter = model.adapter()
+    written = []
     if epoch is not None:
-        adapter.save(out / f"adapter_epoch{epoch:03d}.safetensors")
-    adapter.save(out / "adapter_last.safetensors")
-    save_state(out / "train_state.pt", named, optimizer, scaler, state)
+        written.append(adapter.save(out / epoch_adapter(epoch)))
+    written.append(adapter.save(out / LAST))
+    # The state last: a resume reads it first, so it never points past the adapter beside it.
+    save_state(out / STATE, run.named, run.optimizer, run.scaler, run.state)
+    run.checkpointed = it  # only once both are written: an interrupted save is saved again
+    return written + [out / STATE]
 
 
 def _validate(model: SAMed, volumes, out: Path, rank: int, best: Optional[float], epoch: int, log) -> Optional[float]:
@@ -297,7 +382,7 @@ def _validate(model: SAMed, volumes, out: Path, rank: int, best: Optional[float]
     if dice is not None and (best is None or dice > best):
         best = dice
         if rank == 0:
-            model.adapter().save(out / "best.safetensors")
+            model.adapter().save(out / BEST)
     return best
 
 
@@ -314,7 +399,7 @@ class _Log:
 
     def __init__(self, out: Path, rank: int, start: int, config: TrainConfig, total: int,
                  adapter: Optional[dict] = None) -> None:
-        self.path = out / "log.jsonl"
+        self.path = out / LOG
         self.active = rank == 0
         self.file = None
         self.bar = None
@@ -370,4 +455,5 @@ class _Log:
         self.close()
 
 
-__all__ = ["RECIPES", "NonFiniteLossError", "TrainConfig", "iterations_per_epoch", "train"]
+__all__ = ["RECIPES", "NonFiniteLossError", "TRAINING_DEVICES", "TrainConfig", "check_device", "iterations_per_epoch",
+           "train"]

@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Optional, Sequence
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..arguments import orientation_argument, pair_argument
 from ..config import CT_ABDOMEN_WINDOW
 from .config import RECIPES, TrainConfig
+from .errors import TrainingError, TrainingInterrupted, cli_spelling
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -50,12 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=int, default=512)
     model.add_argument("--rank", type=int, default=4)
     model.add_argument("--decoder-lora", action="store_true", help="the SAMed_s variant (LoRA in the decoder)")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
 
     run = parser.add_argument_group("training (defaults: the published ViT-B recipe)")
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--recipe", choices=sorted(RECIPES), help="published recipe presets; flags given override them")
-    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    run.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its train_state.pt")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the run files in OUTPUT (adapters, train_state.pt, log.jsonl, TensorBoard events; "
+                          "nothing else) and start over; without it or --resume a folder holding a run is refused")
     for name, f in _FIELDS.items():
         if name == "output_dir" or name == "betas":
             continue
@@ -155,17 +165,161 @@ def _warn_on_flat_contrast(slices) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, invocation: str = "python examples/train.py") -> int:
+    """`examples/train.py`: the exit code; errors are one line on stderr (2), Ctrl-C exits with 130.
+
+    Args:
+        invocation: how the user started this script, for the ``--resume`` command printed on Ctrl-C.
+    """
     parser = argparse.ArgumentParser(
         prog="train", description="Fine-tune a SAMed adapter.",
         epilog="example: python examples/train.py --format mni --data runs/mni --sam-backbone tiny "
                "--random-sam-seed 0 --image-size 128 --batch-size 8 --max-epochs 20 --stop-epoch 20 -o runs/demo",
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(invocation=invocation, prog="train")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    # `samed-adapter` catches these in cli.main; this script has no other front.
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def training_device(text: Optional[str]) -> "torch.device":
+    """--device as a torch.device that can train here (default: cuda when available, else cpu).
+
+    Raises:
+        ValueError: not a torch device, one that cannot train (meta), or one this machine lacks;
+            the message names the device and what to use.
+    """
+    import torch
+
+    from .loop import TRAINING_DEVICES
+
+    usable = "--device cuda" if torch.cuda.is_available() else "--device cpu"
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a torch device; use {usable} (or cuda:N for the N-th GPU)") from None
+    if device.type not in TRAINING_DEVICES:
+        why = "it holds shapes but no values" if device.type == "meta" else f"training runs on {', '.join(TRAINING_DEVICES)}"
+        raise ValueError(f"--device {text} cannot train ({why}); use {usable}")
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if device.type in backend:
+        module = backend[device.type]
+        if module is None or not module.is_available():
+            raise ValueError(f"--device {text} but {device.type} is not available here; use {usable}")
+        count = module.device_count() if hasattr(module, "device_count") else 1
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {text} but this machine has {count} {device.type} device(s) "
+                             f"({device.type}:0 to {device.type}:{count - 1}); use one of those")
+    return device
+
+
+def _word(value: object) -> str:
+    """A parsed flag value as the command line writes it (-125,275; LPS; none)."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    if isinstance(value, (tuple, list)):
+        if all(isinstance(v, str) and len(v) == 1 for v in value):
+            return "".join(value)  # axis codes
+        return ",".join(_word(v) for v in value)
+    return str(value)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues the run `args` started: every flag given (as parsed), plus --resume.
+
+    Rebuilt from the parsed values rather than the raw words, so it is the same whichever front
+    (`samed-adapter train`, `examples/train.py`) parsed them.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    words: list[str] = []
+    for action in parser._actions:  # argparse has no public list of a parser's options
+        if not action.option_strings or action.dest in ("resume", "overwrite"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))  # --output, --progress
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == 0:  # store_true
+            words.append(flag)
+        else:
+            words += [flag, _word(value)]
+    invocation = getattr(args, "invocation", "samed-adapter train")
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if world > 1 and invocation.startswith("python "):
+        invocation = f"torchrun --nproc_per_node {world} " + invocation[len("python "):]
+    return " ".join([invocation, shlex.join(words + ["--resume"])])
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train as `args` say; the exit code.
+
+    Errors of the run itself (a folder holding a run, a damaged state, a diverging loss) are one
+    line on stderr with flags spelled as flags (2); Ctrl-C saves the checkpoint, prints the command
+    that continues the run and returns 130 (the shell's code for SIGINT). Other bad input is
+    raised as ValueError / OSError for the front to print.
+    """
+    prog = getattr(args, "prog", "samed-adapter train")
+    try:
+        return _run(args)
+    except TrainingInterrupted as stop:
+        if _rank() == 0:
+            print(f"{prog}: {stop.describe(cli_spelling)}", file=sys.stderr)
+            if stop.saved:
+                print(f"continue with: {resume_command(args)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+    except TrainingError as err:
+        if _rank() == 0:
+            print(f"{prog}: error: {err.for_cli()}", file=sys.stderr)
+        return 2
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .folder import check_run_folder
+
+    config = train_config(args)
+    # Before any model or data is read (or, for --format mni, written): a refused run changes nothing.
+    check_run_folder(Path(args.output), resume=args.resume, overwrite=args.overwrite)
+    device = training_device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(args, config, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device") -> int:
     import torch
     import torch.distributed as dist
 
@@ -173,14 +327,6 @@ def run(args: argparse.Namespace) -> int:
 
     from .loop import train
 
-    config = train_config(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     num_classes = args.num_classes if args.num_classes is not None else (2 if args.format == "mni" else 8)
     names = args.class_names.split(",") if args.class_names else None
     if names is None and args.format == "mni":
@@ -202,9 +348,7 @@ def run(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(config.seed)  # the K-sized decoder parts start the same in every process and run
     model = sa.inject(sam, adapter_config)
-    path = train(model, slices, config, val_volumes=volumes, resume=args.resume)
+    path = train(model, slices, config, val_volumes=volumes, resume=args.resume, overwrite=args.overwrite)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"adapter: {path}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
