@@ -17,6 +17,7 @@ Tensor names (float32, float16 or bfloat16):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -92,6 +93,25 @@ class Adapter:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def fingerprint(self) -> str:
+        """``"sha256:<hex>"`` of what the adapter predicts with: its config, base fingerprint and tensors.
+
+        Two adapters with the same fingerprint give the same labels on the same SAM; file name,
+        storage order and ``created_by`` do not enter it. Computed once (about 20 ms for ViT-B's
+        4.9 M values); the tensors are not expected to change afterwards.
+        """
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            digest = hashlib.sha256(self.config.to_json().encode())
+            digest.update(self.base_fingerprint.encode())
+            for name in sorted(self.tensors):
+                t = self.tensors[name].detach().to("cpu").contiguous()
+                digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            cached = self.__dict__["_fingerprint"] = "sha256:" + digest.hexdigest()
+        return cached
 
     @property
     def dtype(self) -> torch.dtype:

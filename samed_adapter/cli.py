@@ -307,10 +307,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .adapter import Adapter, BaseMismatchError
-    from .pipeline import SamSource, check_request, segment_files
+    from .pipeline import SamSource, check_request, check_run, segment_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_run(num_workers=args.num_workers, num_parts=args.num_parts, part_id=args.part_id)
     if args.ray_workers < 1 or args.gpus_per_worker < 0:
         raise ValueError("--ray-workers must be at least 1 and --gpus-per-worker at least 0")
     if args.ray and args.gpus_per_worker > 0 and args.device == "cpu":
@@ -321,7 +322,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     request = dict(
         output_types=args.output_type, classes=args.classes, statistics=args.statistics, split=args.split,
         save_probabilities=args.save_probabilities, overlay=args.overlay, batch_size=args.batch_size,
-        percentiles=args.percentiles, adapter_name=args.adapter, **_window_options(args.window),
+        percentiles=args.percentiles, adapter_name=args.adapter, max_voxels=args.max_voxels,
+        **_window_options(args.window),
     )
     check_request(adapter, args.inputs, **request)  # every request is checked before any model work
     if args.sam is not None:
@@ -331,18 +333,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:  # checks the flags and says what the random SAM means for this adapter
         source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
     bar = tqdm(desc="segment", unit="input", disable=None)
-    counts = {"written": 0, "skipped": 0, "failed": 0}
+    counts = {"written": 0, "skipped": 0, "failed": 0, "ignored": 0, "redone": 0}
 
     def show(result) -> None:
         counts[result.status] += 1
+        counts["redone"] += result.redone
+        if result.status == "ignored":
+            bar.write(f"samed-adapter segment: note: not segmented: {_shown(result.message)}", file=sys.stderr)
+            return
         if result.status == "failed":
-            bar.write(f"samed-adapter segment: error: {result.message} (skipped; continuing with the other inputs)",
-                      file=sys.stderr)
+            bar.write(f"samed-adapter segment: error: {_shown(result.message)} (skipped; continuing with the other "
+                      "inputs)", file=sys.stderr)
+            bar.update(1)
             return
         for line in result.message.splitlines() if result.status == "written" else []:
-            bar.write(f"samed-adapter segment: warning: {line}", file=sys.stderr)
-        what = "skipped, outputs exist" if result.status == "skipped" else ", ".join(map(str, result.files))
-        bar.write(f"{result.name} -> {what}")
+            bar.write(f"samed-adapter segment: warning: {_shown(line)}", file=sys.stderr)
+        shown = [printable(f) for f in result.files if not f.name.endswith(".samed-adapter.json")]  # the record: hidden
+        what = "skipped, outputs exist" if result.status == "skipped" else ", ".join(shown)
+        bar.write(f"{printable(result.name)} -> {what}")
         bar.update(1)
 
     try:
@@ -351,18 +359,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
             allow_base_mismatch=args.allow_base_mismatch, engine="ray" if args.ray else args.engine,
             num_workers=args.num_workers, skip_existing=args.continue_, num_parts=args.num_parts,
             part_id=args.part_id, ray_address=args.ray_address, ray_workers=args.ray_workers,
-            gpus_per_worker=args.gpus_per_worker, on_result=show, **request,
+            gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=lambda n: bar.reset(total=n), **request,
         )
     except BaseMismatchError as err:
-        raise BaseMismatchError(
-            f"{err} (here: --allow-base-mismatch; a random SAM matches an adapter made on the same backbone "
-            "and seed)"
-        ) from None
+        if args.sam is None:  # the wording stays the command line's (err.command_line); only the hint is added
+            err.command_line = (f"{getattr(err, 'command_line', None) or err}; a random SAM matches an adapter made "
+                                "on the same backbone and seed")
+        raise
     finally:
         bar.close()
-    total = sum(counts.values())
-    skipped = f", {counts['skipped']} skipped (outputs existed)" if counts["skipped"] else ""
-    print(f"segmented {counts['written']} of {total} inputs into {args.output}{skipped}")
+    total = counts["written"] + counts["skipped"] + counts["failed"]
+    parts = [f"{counts['skipped']} skipped (outputs existed)"] if counts["skipped"] else []
+    parts += [f"{counts['failed']} failed"] if counts["failed"] else []
+    parts += [f"{counts['redone']} made again (made by another adapter or with other options)"] \
+        if counts["redone"] else []
+    parts += [f"{counts['ignored']} DICOM file(s) not segmented (listed above)"] if counts["ignored"] else []
+    print(f"segmented {counts['written']} of {total} inputs into {args.output}" + "".join(f", {p}" for p in parts))
     return 1 if counts["failed"] else 0
 
 
@@ -428,6 +440,9 @@ def add_segment_parser(sub: _SubParsers) -> None:
     run.add_argument("--continue", dest="continue_", action="store_true",
                      help="skip inputs whose outputs all exist (outputs are written atomically: an existing file "
                           "is complete)")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse inputs holding more voxels than this, checked from their headers before reading "
+                        "(default 2**30, about 1 G: four times a 1024 x 1024 x 1000 CT)")
     run.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the sorted inputs into N parts ...")
     run.add_argument("--part-id", type=int, default=0, metavar="I", help="... and segment part I (0..N-1) here")
     run.add_argument("--num-workers", type=int, metavar="N",

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import Volume
     from .model import SAMed
 
-__all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_unit_range", "predict",
+__all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_model_size", "check_unit_range", "predict",
            "predict_prepared", "prepare_volume", "resize_slices", "restore", "run", "scale_slices", "to_model_size"]
 
 
@@ -137,9 +137,34 @@ def scale_slices(config: AdapterConfig, slices: np.ndarray, *, window=None, perc
     return scaled, [message] if message else []
 
 
+def check_model_size(num_slices: int, image_size: int, max_voxels: Optional[int], where: str = "the image") -> None:
+    """Refuse a scan whose slices, resized to the model's ``image_size``, exceed ``max_voxels``.
+
+    The file's own size says little here: 8 x 8 x 30000 voxels (1.9 M) become 30000 slices of
+    S x S, 7.9 GB of float32 at S = 256, allocated before the first batch runs.
+
+    Raises:
+        ImageTooLargeError: naming the slices, the size and the limit.
+    """
+    from .io.errors import ImageTooLargeError
+    from .io.limits import DEFAULT_MAX_VOXELS
+
+    limit = DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels
+    need = num_slices * image_size * image_size
+    if need > limit:
+        raise ImageTooLargeError(
+            f"{where}: {num_slices} slices at the model's size {image_size} x {image_size} are {need:,} voxels "
+            f"({need * 4 / 2**30:.1f} GiB as float32), over the limit of {limit:,}; crop the scan, or raise "
+            "--max-voxels (max_voxels=) if this machine has the memory")
+
+
 def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, percentiles=None,
-                   preprocessed: bool = False) -> Prepared:
-    """Stage 1 for a scan: reorient to ``config``'s orientation, cut, scale and resize its slices."""
+                   preprocessed: bool = False, max_voxels: Optional[int] = None) -> Prepared:
+    """Stage 1 for a scan: reorient to ``config``'s orientation, cut, scale and resize its slices.
+
+    ``max_voxels`` (None: :data:`samed_adapter.io.DEFAULT_MAX_VOXELS`) bounds the slices at the
+    model's size, checked before they are made (:func:`check_model_size`).
+    """
     messages = []
     if config.orientation is None and volume.affine is not None:
         messages.append(
@@ -149,6 +174,8 @@ def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, perc
         )
     geometry = volume.geometry(config.orientation, config.slice_axis)
     check_image(volume.array)
+    check_model_size(geometry.slices_shape[0], config.image_size, max_voxels,
+                     str(volume.source or "the image"))
     # Scaling is elementwise (percentiles ignore order), so it runs on the stored voxels, in memory
     # order, before the reorientation view: the same numbers, without strided passes.
     scaled, notes = scale_slices(config, volume.voxels, window=window, percentiles=percentiles,

@@ -13,6 +13,7 @@ folder, and runs one of three engines over the inputs, all giving the same label
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import deque
@@ -26,14 +27,14 @@ import torch
 
 from . import inference
 from .files import remove_stale_temporaries
-from .io.volumes import image_suffix, probe_dicom
+from .io.volumes import image_suffix
 from .segmentation import OutputOptions, output_files, write_prepared
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import DicomSeries, Volume
     from .model import SAMed
 
-__all__ = ["InputResult", "Job", "SamSource", "check_request", "find_jobs", "select_part", "segment_files"]
+__all__ = ["InputResult", "Job", "SamSource", "check_request", "check_run", "find_jobs", "select_part", "segment_files"]
 
 _NIFTI = (".nii", ".nii.gz")
 _NOT_DICOM = (".nii", ".nii.gz", ".png", ".npy", ".npz", ".json", ".txt", ".csv", ".md", ".jpg", ".jpeg", ".gz",
@@ -47,70 +48,165 @@ class Job:
     source: str
     out: Path
     series: Optional["DicomSeries"] = None
+    #: the output types this input can have when not all asked for can be made (a NIfTI input
+    #: with ``nifti,dicom-seg`` gets no DICOM-SEG); None: as asked.
+    output_types: Optional[tuple[str, ...]] = None
 
     @property
     def name(self) -> str:
         return f"{self.source} (series {self.series.name})" if self.series is not None else self.source
 
-    def read(self) -> "Volume":
-        from .io import read_image
-        from .io.volumes import read_dicom_series
+    @property
+    def is_dicom(self) -> bool:
+        """Whether the input is DICOM (a series folder, one series of a folder, or a DICOM file)."""
+        from .io.dicom_series import is_dicom_file
 
+        path = Path(self.source)
+        return self.series is not None or path.is_dir() or image_suffix(path) == ".dcm" or is_dicom_file(path)
+
+    def options(self, options: OutputOptions) -> OutputOptions:
+        """``options`` as they apply to this input."""
+        if self.output_types is None:
+            return options
+        return dataclasses.replace(options, output_types=self.output_types)
+
+    def read(self, options: Optional[OutputOptions] = None) -> "Volume":
+        """The input as a Volume, bounded by ``options.max_voxels``.
+
+        An unevenly spaced DICOM series is read only when every output asked for references the
+        source instances (a DICOM-SEG, an overlay); else it is an UnevenSpacingError, since one
+        affine would put some of its slices where they were not.
+        """
+        from .io import DEFAULT_MAX_VOXELS, read_dicom_series, read_image
+
+        options = self.options(options) if options is not None else None
+        limit = DEFAULT_MAX_VOXELS if options is None or options.max_voxels is None else options.max_voxels
+        uneven = options is not None and "nifti" not in options.output_types and not (options.split or options.statistics)
         if self.series is not None:
-            return read_dicom_series(self.series, Path(self.source))
-        return read_image(self.source)
+            return read_dicom_series(self.series, Path(self.source), max_voxels=limit, allow_uneven=uneven)
+        return read_image(self.source, max_voxels=limit, allow_uneven=uneven)
 
 
 @dataclass
 class InputResult:
-    """What became of one job: ``status`` is "written", "skipped" (outputs existed) or "failed"."""
+    """What became of one job.
+
+    ``status`` is "written", "skipped" (outputs existed and were made as asked: ``--continue``),
+    "failed", or "ignored" (a DICOM file that is no slice of a volume, such as a CR image or a
+    report: ``message`` says why). ``redone``: written again by ``--continue`` because the
+    outputs there were made by another adapter or with other options.
+    """
 
     name: str
     status: str
     files: list[Path] = field(default_factory=list)
     message: str = ""
+    redone: bool = False
 
 
 # --------------------------------------------------------------------------- finding inputs
 
 
-def _holds_dicom(folder: Path) -> bool:
-    """Whether ``folder`` directly holds a DICOM image slice (the first candidate decides)."""
+@dataclass
+class _Found:
+    """What a search of the inputs gave: jobs, problems (inputs left out), and DICOM files that
+    are not segmented, each with why (``"CR/6154: single projection image (CR): ..."``)."""
 
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and image_suffix(path) not in _NOT_DICOM:
-            if probe_dicom(path) is not None:
-                return True
-    return False
-
-
-def _series_jobs(folder: Path, out: Path) -> list[Job]:
-    """One job per series: a folder with several gives `<folder>_<number>_<description>` files."""
-    from .io.volumes import list_dicom_series
-
-    series = list_dicom_series(folder)
-    if len(series) == 1:
-        return [Job(str(folder), out)]
-    stem = out.name[: -len(".nii.gz")]
-    return [Job(str(folder), out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in series]
+    jobs: list[Job] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
 
-def _walk(root: Path, out_dir: Path, rel: Path) -> Iterator[Job]:
-    """Jobs below ``root``, their outputs at the same relative place under ``out_dir``."""
+def _dicom_jobs(folder: Path, out: Path, found: _Found) -> int:
+    """Add one job per segmentable series directly in ``folder`` (several give
+    ``<out stem>_<number>_<description>`` files) and note the DICOM files in none.
+
+    Returns how many series ``folder`` holds.
+    """
+    from .io.dicom_series import find_dicom
+
+    dicom = find_dicom(folder)
+    found.ignored.extend(f"{path}: {reason}" for path, reason in dicom.skipped)
+    if len(dicom.series) == 1:
+        found.jobs.append(Job(str(folder), out))
+    elif dicom.series:
+        stem = out.name[: -len(".nii.gz")]
+        found.jobs.extend(Job(str(folder), out.with_name(f"{stem}_{s.name}.nii.gz"), s) for s in dicom.series)
+    return len(dicom.series)
+
+
+def _real_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: Path, out_dir: Path, rel: Path, found: _Found, seen: set[tuple[int, int]], skip: Path,
+          top: Optional[str] = None) -> None:
+    """Jobs below ``root``, their outputs at the same relative place under ``out_dir``.
+
+    ``top`` (the folder given, by its real name): a series directly in it is one input named
+    ``out_dir/<top>.nii.gz`` and its subfolders are not searched, as for a series folder. Each real folder is visited once (a symlink loop or a second link to a folder adds nothing),
+    the output folder ``skip`` is never searched (its labels are not inputs of the next run), and
+    a folder that cannot be listed is a problem of its own while the search goes on.
+    """
+    from .io import output_path
+
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as err:
+        found.problems.append(f"{root}: cannot list this folder ({err.strerror or err}); its scans are left out, "
+                              "check its permissions")
+        return
     folders = []
-    for path in sorted(root.iterdir()):
+    for path in entries:
         if path.name.startswith("."):
             continue
-        if path.is_dir():
-            folders.append(path)
-        elif image_suffix(path) in _NIFTI:
-            from .io import output_path
-
-            yield Job(str(path), output_path(path, out_dir / rel))
-    if _holds_dicom(root):
-        yield from _series_jobs(root, out_dir / (str(rel) + ".nii.gz") if rel.parts else out_dir / f"{root.name}.nii.gz")
+        try:
+            if path.is_dir():
+                key = _real_key(path)
+                if key not in seen and path.resolve() != skip:
+                    seen.add(key)
+                    folders.append(path)
+            elif image_suffix(path) in _NIFTI:
+                found.jobs.append(Job(str(path), output_path(path, out_dir / rel)))
+        except (OSError, ValueError) as err:
+            found.problems.append(f"{path}: {err}")
+    try:
+        series = _dicom_jobs(root, out_dir / (str(rel) + ".nii.gz") if rel.parts else out_dir / f"{top}.nii.gz", found)
+    except (OSError, ValueError) as err:
+        found.problems.append(str(err) if str(root) in str(err) else f"{root}: {err}")
+        series = 0
+    if top is not None and series:
+        return
     for folder in folders:
-        yield from _walk(folder, out_dir, rel / folder.name)
+        _walk(folder, out_dir, rel / folder.name, found, seen, skip)
+
+
+def _find(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike]) -> _Found:
+    from .io import ImageReadError, output_path
+
+    out_dir = Path(out_dir)
+    skip = out_dir.resolve()
+    found = _Found()
+    for given in inputs:
+        path = Path(given)
+        try:
+            if not path.exists():
+                raise ImageReadError(f"{given}: no such file or folder")
+            if path.is_file():
+                found.jobs.append(Job(str(given), output_path(path, out_dir)))
+                continue
+            before = (len(found.jobs), len(found.problems), len(found.ignored))
+            _walk(path, out_dir, Path(), found, {_real_key(path)}, skip, top=path.resolve().name)
+            if len(found.jobs) == before[0] and len(found.problems) == before[1]:
+                what = "no NIfTI files or DICOM series found in this folder or below"
+                if len(found.ignored) > before[2]:
+                    what += f"; {len(found.ignored) - before[2]} DICOM file(s) found, none a slice of a volume " \
+                            "(listed above)"
+                raise ImageReadError(f"{given}: {what}")
+        except (ImageReadError, ValueError, OSError) as err:
+            found.problems.append(str(err) if str(given) in str(err) else f"{given}: {err}")
+    return found
 
 
 def find_jobs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike]) -> tuple[list[Job], list[str]]:
@@ -118,31 +214,11 @@ def find_jobs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.
 
     A file gives one job (``out_dir/<name>``). A folder that holds DICOM slices is a series (or
     several: one job each); any other folder is searched recursively for NIfTI files and DICOM
-    series folders, whose outputs mirror their place below it. Inputs that cannot be used, or
-    whose outputs would collide, are reported in ``problems`` and left out.
+    series folders, whose outputs mirror their place below it (each real folder once, never the
+    output folder). Inputs that cannot be used are reported in ``problems`` and left out.
     """
-    from .io import ImageReadError, output_path
-
-    out_dir = Path(out_dir)
-    jobs: list[Job] = []
-    problems: list[str] = []
-    for given in inputs:
-        path = Path(given)
-        try:
-            if not path.exists():
-                raise ImageReadError(f"{given}: no such file or folder")
-            if path.is_file():
-                jobs.append(Job(str(given), output_path(path, out_dir)))
-            elif _holds_dicom(path):
-                jobs.extend(_series_jobs(path, out_dir / f"{path.resolve().name}.nii.gz"))
-            else:
-                found = list(_walk(path, out_dir, Path()))
-                if not found:
-                    raise ImageReadError(f"{given}: no NIfTI files or DICOM series found in this folder or below")
-                jobs.extend(found)
-        except (ImageReadError, ValueError, OSError) as err:
-            problems.append(str(err) if str(given) in str(err) else f"{given}: {err}")
-    return jobs, problems
+    found = _find(inputs, out_dir)
+    return found.jobs, found.problems
 
 
 def select_part(jobs: Sequence[Job], num_parts: int, part_id: int) -> list[Job]:
@@ -162,7 +238,7 @@ def _check_unique(jobs: Sequence[Job], options: OutputOptions, names: Sequence[s
     taken: dict[Path, str] = {}
     kept, problems = [], []
     for job in jobs:
-        outs = output_files(job.out, options, names)
+        outs = output_files(job.out, job.options(options), names)
         clash = next((o for o in outs if o in taken), None)
         if clash is not None:
             problems.append(f"{job.name}: its output {clash} would overwrite the one of {taken[clash]}; "
@@ -173,11 +249,76 @@ def _check_unique(jobs: Sequence[Job], options: OutputOptions, names: Sequence[s
     return kept, problems
 
 
+def _fit_output_types(jobs: Sequence[Job], options: OutputOptions) -> tuple[list[Job], list[str]]:
+    """Give each input the output types it can have: a DICOM-SEG needs a DICOM input.
+
+    With ``nifti,dicom-seg`` a NIfTI found in a folder gets its label file and a note; with
+    ``dicom-seg`` alone it is a problem of its own. (A non-DICOM input named directly refuses the
+    whole request earlier, in :func:`check_request`.)
+    """
+    if "dicom-seg" not in options.output_types:
+        return list(jobs), []
+    kept, problems = [], []
+    for job in jobs:
+        if job.is_dicom:
+            kept.append(job)
+            continue
+        rest = tuple(t for t in options.output_types if t != "dicom-seg")
+        if not rest:
+            problems.append(f"{job.source}: not a DICOM input, so no DICOM-SEG can reference it; segment it with "
+                            "--output-type nifti")
+            continue
+        job.output_types = rest
+        kept.append(job)
+    return kept, problems
+
+
+def _input_files(jobs: Sequence[Job], given: Sequence[Union[str, os.PathLike]]) -> dict[Path, str]:
+    """Every file a run reads, by real path (symlinks followed): files named, found, and the files
+    of every DICOM folder (a series' slices and whatever lies beside them)."""
+    files: dict[Path, str] = {}
+    for job in jobs:
+        path = Path(job.source)
+        if job.series is not None:
+            files.update((Path(f).resolve(), str(f)) for f in job.series.files)
+        elif path.is_dir():
+            try:
+                files.update((f.resolve(), str(f)) for f in path.iterdir() if f.is_file())
+            except OSError:  # reported when it is read
+                pass
+        else:
+            files[path.resolve()] = str(path)
+    for item in given:
+        if Path(item).is_file():
+            files[Path(item).resolve()] = str(item)
+    return files
+
+
+def _check_inputs(jobs: Sequence[Job], every_job: Sequence[Job], given: Sequence[Union[str, os.PathLike]],
+                  options: OutputOptions, names: Sequence[str]) -> tuple[list[Job], list[str]]:
+    """Leave out (as problems) the inputs any of whose planned outputs is a file this run reads.
+
+    Checked against every input of the run, not only the job's own, before anything is written:
+    ``segment ct/ ct.nii.gz -o .`` would otherwise write the DICOM series' labels over the NIfTI.
+    """
+    inputs = _input_files(every_job, given)
+    kept, problems = [], []
+    for job in jobs:
+        outs = output_files(job.out, job.options(options), names)
+        hit = next(((o, inputs[o.resolve()]) for o in outs if o.resolve() in inputs), None)
+        if hit is not None:
+            problems.append(f"{job.name}: its output {hit[0]} would overwrite the input {hit[1]}; nothing is "
+                            "written for it: choose an output folder (-o) outside the inputs, or rename the input")
+            continue
+        kept.append(job)
+    return kept, problems
+
+
 # --------------------------------------------------------------------------- engines
 
 
 def _prepare(model: "SAMed", job: Job, options: OutputOptions) -> inference.Prepared:
-    return inference.prepare_volume(model.config, job.read(), **options.scaling())
+    return inference.prepare_volume(model.config, job.read(options), **options.preparing())
 
 
 def _serial(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, report: Callable) -> None:
@@ -185,7 +326,8 @@ def _serial(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, report:
         try:
             prepared = _prepare(model, job, options)
             labels, probs = inference.predict_prepared(model, prepared, options.batch_size, options.save_probabilities)
-            report(job, write_prepared(prepared, labels, probs, job.out, options, model.config), prepared.messages)
+            report(job, write_prepared(prepared, labels, probs, job.out, job.options(options), model.config),
+                   prepared.messages)
         except Exception as err:  # noqa: BLE001 - reported per input; the others go on
             report(job, err, [])
 
@@ -233,8 +375,8 @@ def _pipeline(model: "SAMed", jobs: Sequence[Job], options: OutputOptions, repor
         labels, probs = np.concatenate(packer.labels), None
         if options.save_probabilities:
             probs = np.concatenate(packer.probs)
-        writes.append((job, writers.submit(write_prepared, item, labels, probs, job.out, options, model.config),
-                       item.messages))
+        writes.append((job, writers.submit(write_prepared, item, labels, probs, job.out, job.options(options),
+                                           model.config), item.messages))
 
     def flush(batch: list[tuple[Job, _Packer, int, int]]) -> None:
         """Run one packed batch: (job, packer, first slice, last slice) pieces."""
@@ -304,6 +446,21 @@ def default_num_workers() -> int:
 # --------------------------------------------------------------------------- the entry point
 
 
+def check_run(*, engine: str = "pipeline", num_workers: Optional[int] = None, num_parts: int = 1,
+              part_id: int = 0) -> None:
+    """Check how a run is to go (engine, threads, share of the archive) before any work.
+
+    Raises:
+        ValueError: naming the flag and what it takes.
+    """
+    if engine not in ("pipeline", "serial", "ray"):
+        raise ValueError(f"engine must be pipeline, serial or ray, got {engine!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise ValueError(f"--num-workers must be a positive integer (threads reading and writing), got {num_workers!r}")
+    select_part([], num_parts, part_id)
+
+
 def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **options: Any) -> OutputOptions:
     """The :class:`OutputOptions` for a request, checked before any model work.
 
@@ -311,11 +468,17 @@ def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **opt
         ValueError: an unknown class name or output type, DICOM-SEG asked for non-DICOM inputs,
             conflicting intensity options.
     """
+    from .preprocessing import Intensity
     from .segmentation import resolve_classes
 
     names = list(adapter.config.class_names or [])
     classes = options.pop("classes", None)
     opts = OutputOptions(classes=resolve_classes(classes, names), **options)
+    try:  # a window with lo >= hi or percentiles outside 0..100 would otherwise fail on every input
+        Intensity.from_config(adapter.config, opts.window, opts.percentiles)
+    except ValueError as err:
+        flag = "--percentiles" if opts.percentiles is not None else "--window"
+        raise ValueError(f"{flag}: {err}") from None
     if "dicom-seg" in opts.output_types:
         others = [str(p) for p in inputs if not Path(p).is_dir() and image_suffix(Path(p)) != ".dcm"]
         if others:
@@ -343,6 +506,7 @@ def segment_files(
     gpus_per_worker: float = 0.0,
     progress: bool = False,
     on_result: Optional[Callable[[InputResult], None]] = None,
+    on_plan: Optional[Callable[[int], None]] = None,
     **options: Any,
 ) -> list[InputResult]:
     """Segment files and folders into ``output_dir``, as `samed-adapter segment` does.
@@ -354,6 +518,9 @@ def segment_files(
             a checkpoint path, or a :class:`SamSource` (what Ray workers rebuild it from).
         adapter: an adapter file, Hub id or :class:`~samed_adapter.Adapter`.
         engine: "pipeline", "serial" or "ray" (see the module docstring).
+        on_result: called with each :class:`InputResult` as it comes.
+        on_plan: called once, before any input is read, with how many results will follow
+            through ``on_result`` apart from "ignored" ones (for a progress bar's total).
         skip_existing: skip inputs whose outputs all exist (outputs are written atomically, so an
             existing file is a complete one): `--continue`.
         num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
@@ -367,34 +534,44 @@ def segment_files(
         order of the inputs found; problems found while planning come first, as "failed".
     """
     from .adapter import Adapter
+    from .segmentation import provenance, same_record
 
-    if engine not in ("pipeline", "serial", "ray"):
-        raise ValueError(f"engine must be pipeline, serial or ray, got {engine!r}")
+    check_run(engine=engine, num_workers=num_workers, num_parts=num_parts, part_id=part_id)
     source = sam if isinstance(sam, SamSource) else SamSource.of(sam)
     adapter_obj = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
     names = list(adapter_obj.config.class_names or [])
     options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
     opts = check_request(adapter_obj, inputs, **options)
-    jobs, problems = find_jobs(inputs, output_dir)
-    jobs = select_part(jobs, num_parts, part_id) if num_parts > 1 else jobs
+    opts.record = provenance(adapter_obj, opts, allow_base_mismatch=bool(allow_base_mismatch))
+    found = _find(inputs, output_dir)
+    jobs = select_part(found.jobs, num_parts, part_id) if num_parts > 1 else found.jobs
+    jobs, not_made = _fit_output_types(jobs, opts)
     jobs, clashes = _check_unique(jobs, opts, names)
-    results: list[InputResult] = [InputResult(p.split(":")[0], "failed", message=p) for p in problems + clashes]
+    jobs, overwrites = _check_inputs(jobs, found.jobs, inputs, opts, names)
+    results: list[InputResult] = [InputResult(n.split(": ")[0], "ignored", message=n) for n in found.ignored]
+    results += [InputResult(p.split(":")[0], "failed", message=p) for p in found.problems + not_made + clashes
+                + overwrites]
+    if on_plan:
+        on_plan(len(results) - len(found.ignored) + len(jobs))
     for result in results:
         if on_result:
             on_result(result)
+    redo: set[int] = set()
     if skip_existing:
         todo = []
         for job in jobs:
-            if all(p.exists() for p in output_files(job.out, opts, names)):
-                result = InputResult(job.name, "skipped", output_files(job.out, opts, names),
-                                     "outputs exist (--continue)")
+            files = output_files(job.out, job.options(opts), names)
+            if all(p.exists() for p in files) and same_record(job.out, opts.record):
+                result = InputResult(job.name, "skipped", files, "outputs exist (--continue)")
                 results.append(result)
                 if on_result:
                     on_result(result)
-            else:
-                todo.append(job)
-                for path in output_files(job.out, opts, names):
-                    remove_stale_temporaries(path)  # what a killed run left half written
+                continue
+            if all(p.exists() for p in files[:-1]):  # complete, but made by another adapter or with other options
+                redo.add(id(job))
+            todo.append(job)
+            for path in files:
+                remove_stale_temporaries(path)  # what a killed run left half written
         jobs = todo
     if not jobs:
         return results
@@ -408,7 +585,10 @@ def segment_files(
                 text = "out of GPU memory; try a smaller --batch-size"
             result = InputResult(job.name, "failed", message=text if job.source in text else f"{job.name}: {text}")
         else:
-            result = InputResult(job.name, "written", list(outcome))
+            result = InputResult(job.name, "written", list(outcome), redone=id(job) in redo)
+            if result.redone:
+                messages = [*messages, f"{job.name}: made again: its outputs were made by another adapter or with "
+                                       "other options (--continue redoes those)"]
         fresh = [m for m in messages if m not in said]
         said.update(fresh)
         result.message = "\n".join([*fresh, result.message]).strip() if result.status == "written" else result.message

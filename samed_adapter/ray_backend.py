@@ -141,7 +141,7 @@ def _read_and_prepare(row: dict, *, options: "OutputOptions", config: "AdapterCo
            "error": b""}
     try:
         job = pickle.loads(row["job"])
-        prepared = inference.prepare_volume(config, job.read(), **options.scaling())
+        prepared = inference.prepare_volume(config, job.read(options), **options.preparing())
         inputs = prepared.inputs.numpy()
         prepared.inputs = prepared.inputs[:0]  # the actor takes the slices; the writer the rest
         out.update(inputs=_dumps(inputs), meta=_dumps(prepared), height=int(prepared.size[0]),
@@ -234,6 +234,7 @@ def _write(row: dict, *, options: "OutputOptions", config: "AdapterConfig") -> d
         job = pickle.loads(row["job"])
         prepared = pickle.loads(row["meta"])
         labels, probs = pickle.loads(row["labels"])
+        options = job.options(options)  # as they apply to this input
         for path in output_files(job.out, options, list(config.class_names or [])):
             remove_stale_temporaries(path)  # what an earlier, killed attempt of this write left
         files = write_prepared(prepared, labels, probs, job.out, options, config)

@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import Volume
     from .model import SAMed
 
-__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "resolve_classes", "segment_file", "write_outputs",
-           "write_prepared"]
+__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "provenance", "record_path", "resolve_classes",
+           "same_record", "segment_file", "write_outputs", "write_prepared"]
 
 #: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation.
 OUTPUT_TYPES = ("nifti", "dicom-seg")
@@ -55,6 +55,11 @@ class OutputOptions:
             (``preprocessed=True``: the inputs are already in [0, 1]). ``window`` may also be
             the command line's text, ``"LO,HI"`` or ``"none"`` (the same as ``preprocessed=True``).
         adapter_name: how the DICOM-SEG names the adapter (its file name or Hub id).
+        max_voxels: the most voxels an input may hold, checked from its header before it is
+            read (None: :data:`samed_adapter.io.DEFAULT_MAX_VOXELS`).
+        record: what made the outputs (see :func:`provenance`); when set, it is written last,
+            beside the label file as :func:`record_path`, so that ``--continue`` can tell
+            outputs made by another adapter or with other options from its own.
     """
 
     output_types: Sequence[str] = ("nifti",)
@@ -68,6 +73,8 @@ class OutputOptions:
     percentiles: Optional[tuple[float, float]] = None
     preprocessed: bool = False
     adapter_name: str = "adapter"
+    record: Optional[dict[str, Any]] = None
+    max_voxels: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_types, str):
@@ -87,10 +94,17 @@ class OutputOptions:
             raise ValueError("preprocessed inputs take no window; give one of window and preprocessed=True")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        if self.max_voxels is not None and (isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int)
+                                            or self.max_voxels < 1):
+            raise ValueError(f"--max-voxels must be a positive integer, got {self.max_voxels!r}")
 
     def scaling(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`samed_adapter.inference.prepare_volume`."""
+        """The intensity keyword arguments of :func:`samed_adapter.inference.prepare_volume`."""
         return {"window": self.window, "percentiles": self.percentiles, "preprocessed": self.preprocessed}
+
+    def preparing(self) -> dict[str, Any]:
+        """Every keyword argument of :func:`samed_adapter.inference.prepare_volume`."""
+        return {**self.scaling(), "max_voxels": self.max_voxels}
 
 
 def _stem(label_path: Path) -> str:
@@ -130,7 +144,57 @@ def output_files(label_path: Path, options: OutputOptions, class_names: Sequence
         files.append(parent / f"{stem}.npz")
     if options.overlay:
         files.append(parent / f"{stem}_overlay.png")
+    if options.record is not None:
+        files.append(record_path(label_path))
     return files
+
+
+def record_path(label_path: Path) -> Path:
+    """Where the record of what made ``label_path``'s outputs lives: a hidden sibling JSON file.
+
+    Hidden so that archive searches and viewers pass it by; beside the outputs (not one file
+    per folder) so that machines splitting an archive with ``--num-parts`` never write one file.
+    """
+    return label_path.parent / f".{_stem(label_path)}.samed-adapter.json"
+
+
+def provenance(adapter: "Adapter", options: OutputOptions, **labels_options: Any) -> dict[str, Any]:
+    """What makes the labels of `segment` what they are, as JSON: compared by ``--continue``.
+
+    The adapter by content (:attr:`Adapter.fingerprint`, not its file name, which a retrained
+    adapter keeps), the outputs asked for, every option that changes a label or probability,
+    and ``labels_options`` (e.g. ``allow_base_mismatch``). The tool's version is recorded but
+    not compared: a new version gives the same labels unless its notes say otherwise.
+    """
+    return {
+        "adapter": options.adapter_name,
+        "adapter_fingerprint": adapter.fingerprint,
+        "base_fingerprint": adapter.base_fingerprint,
+        "output_types": list(options.output_types),
+        "classes": None if options.classes is None else [int(c) for c in options.classes],
+        "window": None if options.window is None else [float(v) for v in options.window],
+        "percentiles": None if options.percentiles is None else [float(v) for v in options.percentiles],
+        "preprocessed": bool(options.preprocessed),
+        "statistics": options.statistics, "split": options.split,
+        "save_probabilities": options.save_probabilities, "overlay": options.overlay,
+        **labels_options,
+    }
+
+
+def same_record(label_path: Path, record: dict[str, Any]) -> bool:
+    """Whether ``label_path``'s record says its outputs were made as ``record`` would make them.
+
+    A missing or unreadable record counts as made otherwise (outputs of another tool or version).
+    The adapter's name and the tool's version are recorded for people, not compared: the same
+    adapter named by another path makes the same labels.
+    """
+    try:
+        found = json.loads(record_path(label_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    ignored = ("version", "adapter")
+    return isinstance(found, dict) and ({k: v for k, v in found.items() if k not in ignored}
+                                        == {k: v for k, v in record.items() if k not in ignored})
 
 
 def _kept(options: OutputOptions, num_classes: int) -> list[int]:
@@ -147,6 +211,11 @@ def resolve_classes(names: Union[str, Sequence[str], None], class_names: Sequenc
         return None
     wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
     lookup = {n.lower(): i for i, n in enumerate(class_names, start=1)}
+    # The names --split gives its files (white_matter for "white matter") are accepted too, so a
+    # name copied from an output file works; a class's own name wins if the two forms collide.
+    taken: set[str] = set()
+    for i, n in enumerate(class_names, start=1):
+        lookup.setdefault(class_file_name(n, i, taken).lower(), i)
     unknown = [n for n in wanted if n.lower() not in lookup]
     if unknown or not wanted:
         raise ValueError(f"--classes names {', '.join(map(repr, unknown)) or 'no class'}; this adapter's classes are "
@@ -177,7 +246,7 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
     """
     from . import inference
 
-    prepared = inference.prepare_volume(model.config, volume, **options.scaling())
+    prepared = inference.prepare_volume(model.config, volume, **options.preparing())
     labels, probs = inference.predict_prepared(model, prepared, options.batch_size, options.save_probabilities)
     for message in prepared.messages:
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -232,6 +301,10 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
             scaling = options.scaling()
             intensity = Intensity.from_config(config, scaling["window"], scaling["percentiles"])
             written.append(overlay_volume(volume, labels, names, next(files), intensity=intensity))
+        if options.record is not None:  # last: its presence says every other output is complete
+            from .version import __version__
+
+            written.append(_write_json({**options.record, "version": __version__}, next(files)))
     except BaseException:
         for path in written:  # all or nothing per input
             path.unlink(missing_ok=True)

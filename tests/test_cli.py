@@ -157,7 +157,8 @@ def test_segment_png_and_npy_with_overlays_on_a_random_sam(capsys, files, tmp_pa
     for name in ("slice", "volume", "plane"):
         assert Image.open(out_dir / f"{name}_overlay.png").format == "PNG"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        ["slice.png", "volume.npy", "plane.npy", "slice_overlay.png", "volume_overlay.png", "plane_overlay.png"])
+        ["slice.png", "volume.npy", "plane.npy", "slice_overlay.png", "volume_overlay.png", "plane_overlay.png",
+         ".slice.samed-adapter.json", ".volume.samed-adapter.json", ".plane.samed-adapter.json"])  # + what made them
 
 
 def test_segment_a_dicom_series(capsys, files, tmp_path):
@@ -185,7 +186,8 @@ def test_segment_reports_bad_inputs_and_goes_on(capsys, files, tmp_path):
     assert "segmented 1 of 4" in out
     for name in ("broken.nii.gz", "missing.png", "notes.txt"):
         assert name in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["good.npy", "good_overlay.png"]  # no partial files
+    assert sorted(p.name for p in out_dir.iterdir()) == [".good.samed-adapter.json", "good.npy",
+                                                         "good_overlay.png"]  # no partial files
 
 
 def test_segment_argument_errors(capsys, files, tmp_path):

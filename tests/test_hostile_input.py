@@ -224,7 +224,7 @@ def test_segment_command_writes_the_good_inputs_and_only_them(capsys, cli_files,
     assert f"segmented 1 of {len(bad) + 1}" in stdout
     for path in bad.values():
         assert str(path) in stderr
-    assert _leftovers(out) == ["good.nii.gz", "good_overlay.png"]  # no partial or temporary files
+    assert _leftovers(out) == [".good.samed-adapter.json", "good.nii.gz", "good_overlay.png"]  # no partial files
     labels = nib.load(out / "good.nii.gz")
     assert labels.shape == (16, 12, 3)
     data = np.asarray(labels.dataobj)

@@ -108,6 +108,6 @@ def test_cli_non_finite_input_fails_alone(adapters, capsys, tmp_path, monkeypatc
                          tmp_path / "out", "--engine", engine, "--batch-size", "4")
     assert code == 1
     assert "white.nii.gz" in err and "gives NaN or infinite logits on 4 of 4 slices" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".fine.samed-adapter.json", "fine.nii.gz"]
     assert "segmented 1 of 2" in out
     assert torch.is_grad_enabled()  # nothing left in inference mode

@@ -1,0 +1,349 @@
+"""`segment` never loses data and never drops an input without a word (issue 20).
+
+Outputs are checked against every input of the run before anything is written; the output
+folder is never searched as an input; each real folder is searched once; `--continue` redoes
+outputs made by another adapter or with other options; the summary counts every input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom.data
+import pytest
+
+import samed_adapter as sa
+from samed_adapter import cli
+from samed_adapter.testing import random_adapter
+
+TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+CONFIG = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=(0.0, 100.0),
+                          class_names=["white matter", "grey matter"])
+
+
+def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    sam = sa.build_sam("tiny", seed=0)
+    return {name: random_adapter(sam, CONFIG, seed=seed).save(root / f"{name}.safetensors")
+            for name, seed in (("a", 1), ("b", 2))}
+
+
+def _scan(path: Path, seed: int = 0, shape=(40, 36, 4)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).uniform(0.0, 100.0, size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), path)
+    return path
+
+
+CR = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033"
+
+
+def _series(folder: Path, ct_series: Path) -> Path:
+    shutil.copytree(ct_series, folder)
+    return folder
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------- inputs never overwritten
+
+
+def test_dicom_output_never_overwrites_a_nifti_input(adapters, capsys, tmp_path, monkeypatch, ct_series):
+    """`segment ct/ ct.nii.gz -o .`: both outputs would be ./ct.nii.gz, the NIfTI input itself."""
+    _series(tmp_path / "ct", ct_series)
+    nifti = _scan(tmp_path / "ct.nii.gz")
+    before = _digest(nifti)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], "ct", "ct.nii.gz", "-o", ".")
+    assert code == 1
+    assert _digest(nifti) == before
+    assert "ct (series" not in err and "its output ct.nii.gz would overwrite the input ct.nii.gz" in err, err
+    assert "segmented 0 of 2 inputs into ., 2 failed" in out
+
+
+@pytest.mark.parametrize("flag, victim", [("--overlay", "scan_overlay.png"), ("--statistics", "scan_statistics.json"),
+                                          ("--split", "scan/white_matter.nii.gz")])
+def test_extra_outputs_never_overwrite_inputs(adapters, capsys, tmp_path, flag, victim):
+    """The per-class files, statistics and pictures of one input land on another input: refused,
+    and the other inputs are still segmented."""
+    _scan(tmp_path / "src" / "scan.nii.gz")
+    target = tmp_path / "in" / victim
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if victim.endswith(".png"):
+        from PIL import Image
+
+        Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(target)
+    elif victim.endswith(".json"):
+        target.write_text('{"mine": 1}\n')
+    else:
+        _scan(target, seed=3)
+    before = _digest(target)
+    inputs = [tmp_path / "src" / "scan.nii.gz", target]
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *inputs, "-o", tmp_path / "in", flag)
+    assert _digest(target) == before
+    assert f"would overwrite the input {target}" in err, err
+    assert code == 1 and "failed" in out
+
+
+def test_symlinked_output_onto_an_input_is_refused(adapters, capsys, tmp_path):
+    """Paths are compared after following symlinks: out/b.nii.gz -> in/a.nii.gz is the input a."""
+    a = _scan(tmp_path / "in" / "a.nii.gz")
+    _scan(tmp_path / "in2" / "b.nii.gz", seed=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b.nii.gz").symlink_to(a)
+    before = _digest(a)
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], a, tmp_path / "in2" / "b.nii.gz",
+                       "-o", tmp_path / "out")
+    assert _digest(a) == before
+    assert f"would overwrite the input {a}" in err
+    assert code == 1
+
+
+# --------------------------------------------------------------------------- what is searched
+
+
+def test_output_folder_inside_the_input_is_never_searched(adapters, capsys, tmp_path):
+    src = tmp_path / "in"
+    for i in range(2):
+        _scan(src / f"s{i}.nii.gz", seed=i)
+    for _ in range(3):
+        code, out, _ = run(capsys, "segment", *TINY, "--adapter", adapters["a"], src, "-o", src / "labels",
+                           "--continue")
+        assert code == 0
+    assert _tree(src) == ["labels/s0.nii.gz", "labels/s1.nii.gz", "s0.nii.gz", "s1.nii.gz"]
+    assert "segmented 0 of 2 inputs" in out and "2 skipped" in out
+
+
+def test_symlink_loops_and_second_links_are_searched_once(adapters, capsys, tmp_path):
+    src = tmp_path / "in"
+    for i in range(3):
+        _scan(src / "scans" / f"s{i}.nii.gz", seed=i)
+    (src / "scans" / "loop").symlink_to(src)        # a loop back to the top
+    (src / "again").symlink_to(src / "scans")       # a second name for one folder
+    from samed_adapter.pipeline import find_jobs
+
+    jobs, problems = find_jobs([src], tmp_path / "out")
+    assert problems == []
+    assert sorted(Path(j.source).name for j in jobs) == ["s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]
+
+
+def test_unreadable_subfolder_is_reported_and_the_rest_segmented(adapters, capsys, tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    _scan(src / "good" / "a.nii.gz")
+    _scan(src / "locked" / "b.nii.gz", seed=1)
+    iterdir = Path.iterdir
+
+    def guarded(self):
+        if self.name == "locked":  # root may read anything, so the refusal is simulated
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", guarded)
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], src, "-o", tmp_path / "out")
+    assert code == 1
+    assert f"{src / 'locked'}: cannot list this folder (Permission denied)" in err
+    assert _tree(tmp_path / "out") == ["good/a.nii.gz"]
+    assert "segmented 1 of 2 inputs" in out and "1 failed" in out
+
+
+# --------------------------------------------------------------------------- --continue
+
+
+def test_continue_redoes_outputs_made_by_another_adapter_or_classes(adapters, capsys, tmp_path):
+    src = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(2)]
+    out_dir = tmp_path / "out"
+    args = ["segment", *TINY, *src, "-o", out_dir, "--continue"]
+    assert run(capsys, *args[:1], "--adapter", adapters["a"], *args[1:])[0] == 0
+    made_by_a = {p.name: _digest(p) for p in out_dir.glob("*.nii.gz")}
+
+    code, out, _ = run(capsys, *args[:1], "--adapter", adapters["a"], *args[1:])
+    assert "segmented 0 of 2 inputs" in out and "2 skipped" in out
+    renamed = shutil.copy(adapters["a"], tmp_path / "same_adapter_other_name.safetensors")
+    code, out, _ = run(capsys, *args[:1], "--adapter", renamed, *args[1:])
+    assert "segmented 0 of 2 inputs" in out and "2 skipped" in out  # judged by content, not by name
+
+    code, out, err = run(capsys, *args[:1], "--adapter", adapters["b"], *args[1:])
+    assert code == 0 and "segmented 2 of 2 inputs" in out and "2 made again" in out, out
+    assert err.count("made again") == 2
+    made_by_b = {p.name: _digest(p) for p in out_dir.glob("*.nii.gz")}
+    assert made_by_b.keys() == made_by_a.keys() and made_by_b != made_by_a
+
+    code, out, _ = run(capsys, *args[:1], "--adapter", adapters["b"], *args[1:], "--classes", "grey matter")
+    assert "segmented 2 of 2 inputs" in out and "2 made again" in out
+    kept = np.asarray(nib.load(out_dir / "s0.nii.gz").dataobj)
+    assert set(np.unique(kept)) <= {0, 2}
+
+
+def test_classes_accept_the_names_split_gives_files(adapters, capsys, tmp_path):
+    scan = _scan(tmp_path / "in" / "s.nii.gz")
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], scan, "-o", tmp_path / "out",
+                       "--split", "--classes", "white_matter")
+    assert code == 0, err
+    assert _tree(tmp_path / "out") == ["s.nii.gz", "s/white_matter.nii.gz"]
+    labels = np.asarray(nib.load(tmp_path / "out" / "s.nii.gz").dataobj)
+    assert set(np.unique(labels)) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- options checked first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-parts", "0"], "--num-parts must be a positive integer, got 0"),
+    (["--num-parts", "-1"], "--num-parts must be a positive integer, got -1"),
+    (["--num-parts", "2", "--part-id", "2"], "--part-id must be in 0..1 for --num-parts 2, got 2"),
+    (["--part-id", "1"], "--part-id must be in 0..0 for --num-parts 1, got 1"),
+    (["--num-workers", "-3"], "--num-workers must be a positive integer (threads reading and writing), got -3"),
+    (["--percentiles", "99,1"], "--percentiles: percentiles must be finite (lo, hi) with lo < hi inside [0, 100]"),
+    (["--window", "5,3"], "--window: intensity window must be finite (lo, hi) with lo < hi, got (5.0, 3.0)"),
+])
+def test_bad_archive_options_refuse_the_run(adapters, capsys, tmp_path, flags, message):
+    scan = _scan(tmp_path / "in" / "s.nii.gz")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], scan, "-o", tmp_path / "out", *flags)
+    assert code == 2
+    assert message in err and err.count("error:") == 1 and "warning" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- DICOM-SEG inside folders
+
+
+def test_nifti_and_dicom_seg_write_what_each_input_can_have(adapters, capsys, tmp_path, ct_series):
+    _series(tmp_path / "in" / "ct", ct_series)
+    _scan(tmp_path / "in" / "mr.nii.gz")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], tmp_path / "in", "-o",
+                         tmp_path / "out", "--output-type", "nifti,dicom-seg")
+    assert code == 0, err
+    assert _tree(tmp_path / "out") == ["ct.nii.gz", "ct_seg.dcm", "mr.nii.gz"]
+    assert "Volume.files" not in err
+
+
+def test_dicom_seg_alone_fails_the_nifti_in_a_folder_with_a_reason(adapters, capsys, tmp_path, ct_series):
+    _series(tmp_path / "in" / "ct", ct_series)
+    _scan(tmp_path / "in" / "mr.nii.gz")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], tmp_path / "in", "-o",
+                         tmp_path / "out", "--output-type", "dicom-seg")
+    assert code == 1
+    assert f"{tmp_path / 'in' / 'mr.nii.gz'}: not a DICOM input, so no DICOM-SEG can reference it" in err
+    assert _tree(tmp_path / "out") == ["ct_seg.dcm"]
+    assert "segmented 1 of 2 inputs" in out and "1 failed" in out
+
+
+# --------------------------------------------------------------------------- what is not segmented
+
+
+def test_dicom_files_that_are_no_volume_slice_are_listed(adapters, capsys, tmp_path, ct_series):
+    """A CT series beside CR images of pydicom's test CD (one without a suffix, as on CDs): the
+    series is segmented, each CR image is named with why it is not."""
+    folder = _series(tmp_path / "study", ct_series)
+    shutil.copy(CR / "CR1" / "6154", folder / "6154")
+    shutil.copy(next((CR / "CR2").iterdir()), folder / "cr2.dcm")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], folder, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert _tree(tmp_path / "out") == ["study.nii.gz"]
+    for name in ("6154", "cr2.dcm"):
+        assert f"note: not segmented: {folder / name}: single projection image (CR)" in err, err
+    assert "segmented 1 of 1 inputs" in out and "2 DICOM file(s) not segmented" in out
+
+    only_cr = tmp_path / "cr_only"
+    only_cr.mkdir()
+    shutil.copy(folder / "6154", only_cr / "6154")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], only_cr, "-o", tmp_path / "out2")
+    assert code == 1
+    assert f"note: not segmented: {only_cr / '6154'}: single projection image (CR)" in err
+    assert "1 DICOM file(s) found, none a slice of a volume" in err
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_slices_at_the_model_size_are_bounded_before_they_are_made(adapters, capsys, tmp_path, monkeypatch):
+    """8 x 8 x 2000 voxels (128 k) are 2000 slices of 64 x 64 (8.2 M) for the model: refused
+    under --max-voxels 1000000 before any slice is resized, and the other input is written."""
+    from samed_adapter import inference
+
+    tall = _scan(tmp_path / "in" / "tall.nii.gz", shape=(8, 8, 2000))
+    fine = _scan(tmp_path / "in" / "fine.nii.gz")
+    resized = []
+    to_model_size = inference.to_model_size
+    monkeypatch.setattr(inference, "to_model_size", lambda s, n: resized.append(s.shape) or to_model_size(s, n))
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], tall, fine, "-o", tmp_path / "out",
+                         "--max-voxels", "1000000")
+    assert code == 1
+    assert f"{tall}: 2000 slices at the model's size 64 x 64 are 8,192,000 voxels" in err, err
+    assert "over the limit of 1,000,000" in err and "--max-voxels" in err
+    assert resized == [(4, 36, 40)]  # only the other input's slices were made
+    assert _tree(tmp_path / "out") == ["fine.nii.gz"]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_bar_on_a_terminal_and_none_otherwise(adapters, tmp_path):
+    """A bar with the number of inputs when stderr is a terminal (a pty here); nothing of it in a log."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    scans = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(3)]
+    argv = [sys.executable, "-m", "samed_adapter.cli", "segment", *TINY, "--adapter", str(adapters["a"]),
+            str(tmp_path / "in")]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([*argv, "-o", str(tmp_path / "tty")], stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)  # read while it runs: a full pty buffer would block the child
+    seen = b""
+    try:
+        while chunk := os.read(master, 65536):
+            seen += chunk
+    except OSError:  # the child closed its end: everything is read
+        pass
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    assert "segment: 100%" in seen.decode() and "3/3" in seen.decode()
+    logged = subprocess.run([*argv, "-o", str(tmp_path / "log")], capture_output=True, text=True, timeout=300)
+    assert logged.returncode == 0 and "%|" not in logged.stderr and "segmented 3 of 3 inputs" in logged.stdout
+    assert len(scans) == 3
+
+
+def test_file_names_are_shown_escaped(adapters, capsys, tmp_path):
+    """A file named with a terminal escape (clear screen) is shown, never obeyed."""
+    scan = _scan(tmp_path / "in" / "evil\x1b[2J.nii.gz")
+    broken = tmp_path / "in" / "bad\x1b]0;title\x07.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], tmp_path / "in", "-o",
+                         tmp_path / "out")
+    assert code == 1
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "evil\\x1b[2J.nii.gz ->" in out and "bad\\x1b]0;title\\x07.nii.gz" in err
+    assert (tmp_path / "out" / scan.name).is_file()
+
+
+def test_base_mismatch_on_the_command_line_names_the_flag(adapters, capsys, tmp_path):
+    scan = _scan(tmp_path / "in" / "s.nii.gz")
+    code, _, err = run(capsys, "segment", "--sam-backbone", "tiny", "--random-sam-seed", "1", "--adapter",
+                       adapters["a"], scan, "-o", tmp_path / "out")
+    assert code == 2
+    assert "--allow-base-mismatch" in err and "allow_base_mismatch=True" not in err, err
+    assert "a random SAM matches an adapter made on the same backbone and seed" in err
+    assert not (tmp_path / "out").exists()
