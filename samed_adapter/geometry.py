@@ -37,8 +37,10 @@ __all__ = [
     "SliceGeometry",
     "axis_codes",
     "check_slice_axis",
+    "check_voxel_sizes",
     "describe_orientation",
     "parse_orientation",
+    "voxel_sizes",
 ]
 
 Orientation = tuple[str, str, str]
@@ -80,8 +82,41 @@ def axis_codes(affine: np.ndarray) -> Orientation:
     return tuple(ornts.ornt2axcodes(ornt))  # type: ignore[return-value]
 
 
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes ``(di, dj, dk)`` in mm: the norms of the affine's first three columns.
+
+    The one source of voxel size for statistics, HD95 and everything else, as nibabel and MONAI
+    take it: a NIfTI's pixdim may disagree with its sform, and the sform is what places voxels.
+    """
+    return tuple(float(s) for s in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def check_voxel_sizes(affine: np.ndarray, zooms: Sequence[float], name: object = "the image") -> tuple[float, float, float]:
+    """:func:`voxel_sizes` of ``affine``, with a ``UserWarning`` when a header's ``zooms`` (pixdim) differ.
+
+    SimpleITK warns the same way; the affine wins, since it is what places the voxels. Axes a
+    2-D header leaves out (or gives as 0) are not compared.
+    """
+    sizes = voxel_sizes(affine)
+    stated = [float(z) for z in zooms][:3]
+    differ = [(s, z) for s, z in zip(sizes, stated) if z > 0 and not np.isclose(s, z, rtol=1e-3, atol=1e-5)]
+    if differ:
+        import warnings
+
+        shown = ", ".join(f"{z:.4g}" for z in stated)
+        warnings.warn(f"{name}: the header's voxel size (pixdim {shown} mm) disagrees with its affine "
+                      f"({', '.join(f'{s:.4g}' for s in sizes[:len(stated)])} mm); using the affine's, which places "
+                      "the voxels", UserWarning, stacklevel=2)
+    return sizes
+
+
 def _io_orientation(affine: np.ndarray) -> np.ndarray:
-    ornt = ornts.io_orientation(np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        # numpy's SVD would fail with "SVD did not converge", which names nothing the user can fix.
+        raise ValueError("the affine holds NaN or infinity; the file's header (qform/sform or pixdim) is damaged: "
+                         "fix it before segmenting it")
+    ornt = ornts.io_orientation(affine)
     if np.isnan(ornt).any():
         raise ValueError(
             f"the affine {np.asarray(affine).round(4).tolist()} gives a voxel axis no direction in space; "

@@ -229,16 +229,19 @@ def test_single_series_folder_unchanged(tmp_path: Path) -> None:
     np.testing.assert_array_equal(other.affine, vol.affine)
 
 
-def test_uneven_spacing_warning_points_at_the_caller(tmp_path: Path) -> None:
-    folder = tmp_path / "gap"
+def test_left_out_localizer_warning_points_at_the_caller(tmp_path: Path) -> None:
+    folder = tmp_path / "scout"
+    # Three slices 2.5 mm apart and one 100 mm away (a localizer stored in the series).
     _series(folder, "g", uid="1.2.840.99.8", iop=AXIAL, spacing=[1.0, 1.0], shape=(2, 2),
-            origins=[[0.0, 0.0, 0.0], [0.0, 0.0, 2.5], [0.0, 0.0, 7.5]])
+            origins=[[0.0, 0.0, 0.0], [0.0, 0.0, 2.5], [0.0, 0.0, 5.0], [0.0, 0.0, 105.0]])
     (series,) = list_dicom_series(folder)
     for read in (lambda: read_image(folder), lambda: read_dicom_series(series),
-                 lambda: read_dicom_folder(folder)):
-        with pytest.warns(UserWarning, match="missing slices") as record:
-            read()
+                 lambda: read_dicom_folder(folder)[0][1]):
+        with pytest.warns(UserWarning, match="left out 1 slice.* at 105.00 mm") as record:
+            volume = read()
         assert record[0].filename == __file__
+        assert volume.array.shape == (3, 2, 2) and volume.positions == (0.0, 2.5, 5.0)
+        assert len(volume.messages) == 1 and "105.00" in volume.messages[0]
 
 
 def test_segment_writes_one_label_file_per_series_on_its_own_grid(tmp_path: Path) -> None:
@@ -260,7 +263,8 @@ def test_segment_writes_one_label_file_per_series_on_its_own_grid(tmp_path: Path
     code = cli.main(["segment", "--sam", str(tmp_path / "sam.pth"), "--adapter", str(adapter), str(study),
                      "-o", str(out)])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["study_10_cor.nii.gz", "study_2_T1_axial.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [  # hidden: what made them
+        "study_10_cor.nii.gz", "study_2_T1_axial.nii.gz"]
     model = sa.patch(sam, adapter)
     for series, volume in read_dicom_folder(study):
         written = nib.load(out / f"study_{series.name}.nii.gz")

@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 
 from samed_adapter.io import (
     ImageReadError,
+    UnevenSpacingError,
     Volume,
     colour_table,
     output_path,
@@ -216,10 +217,13 @@ def test_dicom_folder_problems_raise(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="share one position"):
         read_image(tmp_path / "dup")
 
+    # A missing slice: no affine holds it (the mean step, 3.75 mm, would misplace the middle one).
     _sagittal_series(tmp_path / "gap", {"a.dcm": 10.0, "b.dcm": 7.5, "c.dcm": 2.5})
-    with pytest.warns(UserWarning, match="missing slices"):
-        vol = read_image(tmp_path / "gap")
-    np.testing.assert_allclose(vol.affine[0, 2], 3.75)  # mean step, RAS sign
+    with pytest.raises(UnevenSpacingError, match="unevenly spaced .*-10, -7.5, -2.5 mm.*dicom-seg") as uneven:
+        read_image(tmp_path / "gap")
+    assert uneven.value.positions == (-10.0, -7.5, -2.5)
+    vol = read_image(tmp_path / "gap", allow_uneven=True)  # for outputs exact per instance
+    assert vol.uneven and vol.positions == (-10.0, -7.5, -2.5)
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing here")

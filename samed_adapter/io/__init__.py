@@ -2,47 +2,67 @@
 
 Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 ``Volume.array[k, j, i]`` is NIfTI voxel ``(i, j, k)``.  See
-:mod:`samed_adapter.io.volumes` for the full convention and
+:mod:`samed_adapter.io.volumes` for the full convention,
+:mod:`samed_adapter.io.dicom_series` for DICOM folders and series (even slice spacing),
+:mod:`samed_adapter.io.limits` for how big an input may be, and
 :mod:`samed_adapter.geometry` for how volumes are cut into the model's slices.
 """
 
 from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg
+from samed_adapter.io.dicom_series import (
+    DicomFolder,
+    DicomSeries,
+    find_dicom,
+    is_dicom_file,
+    list_dicom_series,
+    probe_dicom,
+    read_dicom_folder,
+    read_dicom_series,
+)
+from samed_adapter.io.errors import ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
+from samed_adapter.io.limits import DEFAULT_MAX_VOXELS, check_voxels
 from samed_adapter.io.overlay import colour_table, overlay_montage, overlay_volume
 from samed_adapter.io.volumes import (
     READ_SUFFIXES,
     WRITE_SUFFIXES,
-    DicomSeries,
-    ImageReadError,
     Volume,
     label_nifti,
-    list_dicom_series,
     nifti_voxels,
     output_path,
-    read_dicom_folder,
-    read_dicom_series,
     read_image,
     volume_from_nifti,
+    voxel_sizes,
     write_labels,
 )
 
 __all__ = [
+    "DEFAULT_MAX_VOXELS",
     "READ_SUFFIXES",
     "WRITE_SUFFIXES",
+    "DicomFolder",
     "DicomSeries",
     "ImageReadError",
+    "ImageTooLargeError",
+    "TruncatedImageError",
+    "UnevenSpacingError",
     "Volume",
+    "check_voxels",
     "colour_table",
+    "find_dicom",
+    "is_dicom_file",
     "label_nifti",
     "list_dicom_series",
     "nifti_voxels",
     "output_path",
     "overlay_montage",
     "overlay_volume",
+    "probe_dicom",
     "read_dicom_folder",
     "read_dicom_seg",
     "read_dicom_series",
     "read_image",
     "volume_from_nifti",
+    "voxel_sizes",
     "write_dicom_seg",
     "write_labels",
 ]

@@ -23,39 +23,47 @@ written back line up voxel for voxel with what was read.
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..files import atomic_path
-from ..geometry import SliceGeometry
+from ..geometry import SliceGeometry, check_voxel_sizes, voxel_sizes as _column_sizes
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "DicomSeries", "ImageReadError", "Volume",
-           "label_nifti", "list_dicom_series", "nifti_voxels", "output_path", "read_dicom_folder",
-           "read_dicom_series", "read_image", "volume_from_nifti", "write_labels"]
+from .dicom_series import (
+    DicomFolder,
+    DicomSeries,
+    find_dicom,
+    is_dicom_file,
+    list_dicom_series,
+    probe_dicom,
+    read_dicom_folder,
+    read_dicom_series,
+)
+from .dicom_series import _read_dicom_series
+from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
+from .limits import DEFAULT_MAX_VOXELS, check_voxels, file_size, read_bounded, resolve_max_voxels
 
-#: Suffixes accepted by :func:`read_image` (a folder is read as a DICOM series).
+__all__ = ["DEFAULT_MAX_VOXELS", "READ_SUFFIXES", "WRITE_SUFFIXES", "DicomFolder", "DicomSeries", "ImageReadError",
+           "ImageTooLargeError", "TruncatedImageError", "UnevenSpacingError", "Volume", "check_voxels",
+           "find_dicom", "is_dicom_file", "label_nifti", "list_dicom_series", "nifti_voxels", "output_path",
+           "probe_dicom", "read_dicom_folder", "read_dicom_series", "read_image", "volume_from_nifti",
+           "voxel_sizes", "write_labels"]
+
+#: Suffixes accepted by :func:`read_image` (a folder is read as a DICOM series, and so is a file
+#: of any name holding ``DICM`` at byte 128).
 READ_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".dcm", ".png", ".npy")
 #: Suffixes accepted by :func:`write_labels`.
 WRITE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".png", ".npy")
 
-_SUPPORTED = (
-    "supported inputs are NIfTI (.nii, .nii.gz), a folder holding one DICOM "
-    "series (or a single .dcm file), 2-D grayscale .png and 2-D/3-D .npy"
-)
-
-# DICOM patient coordinates are LPS+; NIfTI affines are RAS+.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class ImageReadError(ValueError):
-    """An input image could not be read; the message names the file."""
+_SUPPORTED = SUPPORTED
 
 
 @dataclass
@@ -76,6 +84,13 @@ class Volume:
         files: for a DICOM input, the file of each slice in ``array`` order
             (``array[k]`` comes from ``files[k]``), so writers such as DICOM-SEG
             can reference the source instances; ``()`` for other formats.
+        messages: what the reader did that the user should hear of, one line each (a
+            localizer left out of a DICOM series, ...); also given as ``UserWarning``.
+        uneven: the slices are unevenly spaced (a DICOM series read with
+            ``allow_uneven=True``): ``affine``'s slice step is only approximate, so the NIfTI
+            writers refuse the volume; outputs that reference each file in ``files`` are exact.
+        positions: for a DICOM input, each slice's position along the slice normal in mm
+            (LPS), in ``array`` order; ``()`` for other formats.
     """
 
     array: np.ndarray
@@ -84,6 +99,9 @@ class Volume:
     spacing: tuple[float, ...] = ()
     source: Path | None = None
     files: tuple[Path, ...] = ()
+    messages: tuple[str, ...] = ()
+    uneven: bool = False
+    positions: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.array.ndim not in (2, 3):
@@ -98,6 +116,9 @@ class Volume:
         if self.source is not None:
             self.source = Path(self.source)
         self.files = tuple(Path(f) for f in self.files)
+        self.messages = tuple(str(m) for m in self.messages)
+        self.uneven = bool(self.uneven)
+        self.positions = tuple(float(z) for z in self.positions)
         # A file list that does not match the slices would reference the wrong instances.
         slices = self.array.shape[0] if self.array.ndim == 3 else 1
         if self.files and len(self.files) != slices:
@@ -181,28 +202,48 @@ def output_path(
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | os.PathLike[str]) -> Volume:
+def read_image(path: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VOXELS,
+               allow_uneven: bool = False) -> Volume:
     """Read an image into a slices-first :class:`Volume`.
 
     * ``.nii`` / ``.nii.gz``: float32 ``(Z, Y, X)`` (or ``(Y, X)``) from
-      nibabel's ``(X, Y, Z)``; affine and header kept.
-    * folder (or single ``.dcm``): one DICOM series, slices sorted along the
-      slice normal, RescaleSlope/Intercept applied (CT gives HU), RAS affine.
+      nibabel's ``(X, Y, Z)``; affine and header kept. The voxel size is the affine's (a
+      ``UserWarning`` when the header's pixdim says otherwise, as SimpleITK gives).
+    * folder, ``.dcm`` or any file with ``DICM`` at byte 128 (``CR1/6154`` on a CD): one DICOM
+      series, slices sorted along the slice normal, RescaleSlope/Intercept applied (CT gives
+      HU), RAS affine; the slices must be evenly spaced (see
+      :func:`~samed_adapter.io.dicom_series.read_dicom_series`).
     * ``.png``: 2-D grayscale, raw 8/16-bit values as float32, no scaling.
     * ``.npy``: 2-D ``(H, W)`` or 3-D ``(D, H, W)`` array as float32, as stored.
 
+    Args:
+        max_voxels: the most voxels the image may hold, checked against the size its header
+            claims before anything else is read (a hostile 416-byte header can claim 16 GiB).
+        allow_uneven: read an unevenly spaced DICOM series into a Volume marked ``uneven``
+            (NIfTI writers refuse it) instead of raising :class:`UnevenSpacingError`.
+
     Raises:
-        ImageReadError: the file is missing, has an unknown suffix or cannot
-            be decoded; the message names the file.
+        ImageReadError: the file is missing, unreadable, of an unknown type or cannot be
+            decoded; the one-line message names the file and what to do. Subclasses:
+            ImageTooLargeError (over ``max_voxels``), TruncatedImageError (fewer bytes than the
+            header says), UnevenSpacingError.
     """
     path = Path(path)
+    limit = resolve_max_voxels(max_voxels)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file or folder; {_SUPPORTED}")
-    suffix = "DICOM folder" if path.is_dir() else image_suffix(path)
+    if path.is_dir():
+        suffix = "DICOM folder"
+    else:
+        _check_readable(path)
+        suffix = image_suffix(path)
+        if suffix not in READ_SUFFIXES and is_dicom_file(path):
+            suffix = ".dcm"  # DICOM files on CDs and in PACS exports carry no suffix
     readers: dict[str, Callable[[Path], Volume]] = {
-        "DICOM folder": lambda p: _read_dicom_series(sorted(p.iterdir()), p),
-        ".dcm": lambda p: _read_dicom_series([p], p),
-        ".nii": _read_nifti, ".nii.gz": _read_nifti, ".png": _read_png, ".npy": _read_npy,
+        "DICOM folder": lambda p: _read_dicom_series(sorted(p.iterdir()), p, limit, allow_uneven),
+        ".dcm": lambda p: _read_dicom_series([p], p, limit, allow_uneven),
+        ".nii": lambda p: _read_nifti(p, limit), ".nii.gz": lambda p: _read_nifti(p, limit),
+        ".png": lambda p: _read_png(p, limit), ".npy": lambda p: _read_npy(p, limit),
     }
     if suffix not in readers:
         kind = suffix or "(no suffix)"
@@ -211,17 +252,37 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
         return readers[suffix](path)
     except ImageReadError:
         raise
+    except MemoryError as exc:  # the header passed the limit but the machine has less
+        raise ImageTooLargeError(f"{path}: not enough memory to read it (limit {limit:,} voxels); "
+                                 "free memory or lower --max-voxels to refuse such files early") from exc
     except Exception as exc:  # decoders raise many types; report them as one
+        kind = "DICOM" if suffix in ("DICOM folder", ".dcm") else suffix
         raise ImageReadError(
-            f"{path}: could not read as {suffix} ({type(exc).__name__}: {exc}); "
-            f"check the file is complete and really of that type; {_SUPPORTED}"
+            f"{path}: could not decode it as {kind} ({type(exc).__name__}: {exc}); the file is damaged "
+            f"or not really {kind}; {_SUPPORTED}"
         ) from exc
 
 
-def _spacing_from_affine(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
-    """Voxel sizes in array order; column norms stay right for oblique affines."""
-    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:ndim]
-    return tuple(float(s) for s in sizes[::-1])
+def _check_readable(path: Path) -> None:
+    """Refuse a file that cannot be opened, saying why (permissions, a broken disk) not "damaged"."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open the file ({exc.strerror or exc}); check that it is readable "
+                             "(its permissions, the disk or network share it is on)") from exc
+
+
+def voxel_sizes(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
+    """Voxel sizes in ``array`` order, ``(dk, dj, di)`` or ``(dj, di)``, from the affine's columns.
+
+    The affine is the one source of voxel size everywhere (as nibabel and MONAI take it):
+    column norms stay right for oblique affines.
+    """
+    return tuple(float(s) for s in _column_sizes(affine)[:ndim][::-1])
+
+
+_spacing_from_affine = voxel_sizes  # the earlier private name
 
 
 def nifti_voxels(img: Any, index: Any = None) -> np.ndarray:
@@ -236,7 +297,11 @@ def nifti_voxels(img: Any, index: Any = None) -> np.ndarray:
 
 
 def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
-    """A :class:`Volume` from an in-memory nibabel image (NIfTI-1/2 or a pair)."""
+    """A :class:`Volume` from an in-memory nibabel image (NIfTI-1/2 or a pair).
+
+    Raises:
+        ImageReadError: not NIfTI, not 2-D/3-D, or an affine holding NaN or infinity.
+    """
     name = source or "the image"
     if not isinstance(img, nib.Nifti1Pair):
         raise ImageReadError(f"{name}: not a NIfTI image ({type(img).__name__}); {_SUPPORTED}")
@@ -247,21 +312,95 @@ def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
     if len(shape) not in (2, 3):
         hint = "extract one volume first (e.g. nilearn.image.index_img)"
         raise ImageReadError(f"{name}: NIfTI shape {img.shape} is not 2-D or 3-D; {hint}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        # Left alone, geometry fails much later with "SVD did not converge".
+        raise ImageReadError(f"{name}: the header's affine (sform/qform or pixdim) holds NaN or infinity; the header "
+                             "is damaged: fix it (e.g. nibabel: img.set_sform(good_affine)) or export the image again")
+    check_voxel_sizes(affine, img.header.get_zooms()[:3], name)
     data = nifti_voxels(img).reshape(shape)
     # (X, Y, Z) -> (Z, Y, X); nibabel returns Fortran-ordered data, so no copy here.
     array = np.ascontiguousarray(data.T)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    return Volume(array, affine, img.header, _spacing_from_affine(affine, array.ndim), source)
+    return Volume(array, affine, img.header, voxel_sizes(affine, array.ndim), source)
 
 
-def _read_nifti(path: Path) -> Volume:
-    return volume_from_nifti(nib.load(path), path)
+#: The most bytes a NIfTI may hold between its header and its voxels (extensions): real ones
+#: (CIFTI, JSON sidecars, DICOM headers) are kilobytes to a few MiB; a gzip stream inflates all
+#: of them, so a hostile vox_offset must not be able to ask for gigabytes.
+_MAX_EXTENSION_BYTES = 64 << 20
 
 
-def _read_png(path: Path) -> Volume:
+def _nifti_header(head: bytes, path: Path) -> Any:
+    """The NIfTI-1 or NIfTI-2 header of the first bytes of a file, or an ImageReadError."""
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    klass = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes else None
+    if klass is None or len(head) < (348 if klass is nib.Nifti1Header else 540):
+        raise ImageReadError(f"{path}: not a NIfTI file (its first bytes are no NIfTI-1/2 header); {_SUPPORTED}")
+    try:
+        return klass.from_fileobj(io.BytesIO(head), check=False)
+    except Exception as exc:  # nibabel's header checks raise several types
+        raise ImageReadError(f"{path}: damaged NIfTI header ({type(exc).__name__}: {exc})") from exc
+
+
+def _nifti_layout(header: Any, path: Path, max_voxels: int) -> tuple[int, int]:
+    """(vox_offset, data bytes) that ``header`` claims, checked against ``max_voxels`` and sanity."""
+    dims = [int(d) for d in header["dim"]]
+    if not 1 <= dims[0] <= 7:
+        raise ImageReadError(f"{path}: damaged NIfTI header: dim[0] = {dims[0]} axes (must be 1..7)")
+    shape = dims[1:dims[0] + 1]
+    count = check_voxels(shape, max_voxels, path)
+    if count == 0:
+        raise ImageReadError(f"{path}: NIfTI shape {tuple(shape)} holds no voxels")
+    try:
+        itemsize = header.get_data_dtype().itemsize
+    except Exception as exc:  # an unknown datatype code
+        raise ImageReadError(f"{path}: damaged NIfTI header: unknown datatype {header['datatype']}") from exc
+    raw_offset = float(header["vox_offset"])
+    least = header.single_vox_offset if hasattr(header, "single_vox_offset") else header.sizeof_hdr + 4
+    if not (np.isfinite(raw_offset) and least <= raw_offset <= least + _MAX_EXTENSION_BYTES):
+        raise ImageReadError(f"{path}: damaged NIfTI header: vox_offset {raw_offset:g} is not where voxels can start "
+                             f"({least} to {least + _MAX_EXTENSION_BYTES} bytes)")
+    return int(raw_offset), count * itemsize
+
+
+def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read a NIfTI after checking its header's claims: size, layout, and the bytes really held.
+
+    A ``.nii.gz`` is inflated into memory up to what its header says and no further (a gzip bomb
+    stops there; a stream holding more, or cut off, is an error); a ``.nii`` must hold at least
+    its claimed bytes, so nibabel never maps past the end of the file.
+    """
+    gz = image_suffix(path) == ".nii.gz"
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+        try:
+            head = fh.read(348)
+            if len(head) == 348 and 540 in {int.from_bytes(head[:4], o) for o in ("little", "big")}:
+                head += fh.read(540 - 348)
+        except (EOFError, OSError) as exc:  # not gzip at all, or cut off in the header
+            raise ImageReadError(f"{path}: cannot read a NIfTI header from it ({type(exc).__name__}: {exc}); "
+                                 f"the file is damaged or not really NIfTI; {_SUPPORTED}") from exc
+        header = _nifti_header(head, path)
+        offset, nbytes = _nifti_layout(header, path, max_voxels)
+        if gz:
+            raw = head + read_bounded(fh, offset + nbytes - len(head), path)
+    if gz:
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = klass.from_bytes(raw)
+    else:
+        held = file_size(path)
+        if held < offset + nbytes:
+            raise TruncatedImageError(f"{path}: truncated: its header claims {offset + nbytes:,} bytes, the file holds "
+                                      f"{held:,}; copy it again from the source")
+        img = nib.load(path)
+    return volume_from_nifti(img, path)
+
+
+def _read_png(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     from PIL import Image
 
     with Image.open(path) as im:
+        # The IHDR size is known before any pixel is inflated.
+        check_voxels((im.height, im.width), max_voxels, path)
         if im.mode == "P":
             raise ImageReadError(f"{path}: palette PNG; save the scan as 8- or 16-bit grayscale")
         mode, pixels = im.mode, np.asarray(im)
@@ -275,12 +414,26 @@ def _read_png(path: Path) -> Volume:
     return Volume(array=pixels.astype(np.float32), source=path)
 
 
-def _read_npy(path: Path) -> Volume:
+def _read_npy(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as fh:
+        try:
+            version = npy_format.read_magic(fh)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+        except ValueError as exc:  # not .npy, or a header numpy will not parse (pickled dtypes included)
+            raise ImageReadError(f"{path}: not a readable .npy file ({exc}); {_SUPPORTED}") from exc
+        start = fh.tell()
+    if len(shape) not in (2, 3):
+        raise ImageReadError(f"{path}: .npy shape {shape}; expected (H, W) or (D, H, W)")
+    if not (np.issubdtype(dtype, np.number) or dtype == bool) or np.issubdtype(dtype, np.complexfloating):
+        raise ImageReadError(f"{path}: .npy dtype {dtype} is not a real-valued image")
+    count = check_voxels(shape, max_voxels, path)
+    if file_size(path) < start + count * dtype.itemsize:
+        raise TruncatedImageError(f"{path}: truncated: its header claims {start + count * dtype.itemsize:,} bytes, "
+                                  f"the file holds {file_size(path):,}; copy it again from the source")
     array = np.load(path, allow_pickle=False)
-    if array.ndim not in (2, 3):
-        raise ImageReadError(f"{path}: .npy shape {array.shape}; expected (H, W) or (D, H, W)")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
-        raise ImageReadError(f"{path}: .npy dtype {array.dtype} is not a real-valued image")
     return Volume(array=np.ascontiguousarray(array, dtype=np.float32), source=path)
 
 
@@ -323,6 +476,7 @@ def write_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str])
     Raises:
         ValueError: shape mismatch, unsupported suffix or labels that do not
             fit the output type.
+        UnevenSpacingError: a NIfTI asked for ``like.uneven`` (unevenly spaced DICOM slices).
     """
     path = Path(path)
     labels = np.asarray(labels)
@@ -334,6 +488,8 @@ def write_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str])
     fmt = image_suffix(path)
     if fmt not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write labels to {path}; use one of {', '.join(WRITE_SUFFIXES)}")
+    if like.uneven and fmt in (".nii", ".nii.gz"):  # checked before the temporary file exists
+        raise UnevenSpacingError(uneven_message(like), like.positions)
     out = labels.astype(_label_dtype(labels, fmt))
     with atomic_path(path) as tmp:
         if fmt in (".nii", ".nii.gz"):
@@ -357,11 +513,23 @@ def _write_png(labels: np.ndarray, tmp: Path) -> None:
         Image.fromarray(np.ascontiguousarray(labels)).save(fh, format="PNG")
 
 
+def uneven_message(like: Volume) -> str:
+    """Why an unevenly spaced volume gets no NIfTI: the slice positions and what to do instead."""
+    from .slice_spacing import shortened
+
+    where = like.source or "the image"
+    shown = f" at {shortened(like.positions)} mm along the slice normal" if like.positions else ""
+    return (f"{where}: its slices are unevenly spaced{shown}, and a NIfTI places slices at one even step, so it would "
+            "put some where they were not; use --output-type dicom-seg (exact per instance)")
+
+
 def label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
     """The NIfTI image of ``labels`` (``like.array``'s layout) with ``like``'s grid and header."""
     labels = np.asarray(labels)
     if labels.shape != like.array.shape:
         raise ValueError(f"labels shape {labels.shape} does not match image shape {like.array.shape}")
+    if like.uneven:
+        raise UnevenSpacingError(uneven_message(like), like.positions)
     labels = labels.astype(_label_dtype(labels, ".nii.gz"), copy=False)
     data = labels.T  # (Z, Y, X) -> (X, Y, Z): exact inverse of the read transpose
     header = like.header if isinstance(like.header, nib.Nifti1Header) else None
@@ -389,311 +557,3 @@ def label_nifti(labels: np.ndarray, like: Volume) -> nib.Nifti1Image:
     hdr["cal_max"] = float(labels.max()) if labels.size else 0.0
     hdr["descrip"] = b"samed-adapter labels"
     return img
-
-
-# --------------------------------------------------------------------------- DICOM
-
-_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-
-#: (path, header read with stop_before_pixels) of one DICOM image slice.
-_Slice = tuple[Path, Any]
-
-
-@dataclass(frozen=True)
-class DicomSeries:
-    """One DICOM series of a folder, found from the slice headers alone.
-
-    Attributes:
-        uid: SeriesInstanceUID (``""`` when the slices carry none).
-        name: file-name-safe label, unique in the folder (case-insensitively),
-            built like dcm2niix ``-f %s_%d``: ``"{SeriesNumber}_{SeriesDescription}"``.
-        files: the slice files, sorted by path (not by position); at least one.
-        number: SeriesNumber, or None when missing or malformed.
-        description: SeriesDescription as stored, ``""`` when missing.
-    """
-
-    uid: str
-    name: str
-    files: tuple[Path, ...]
-    number: int | None = None
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        # Accept any iterable of str/Path, so hand-built series compare equal.
-        object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
-        if not self.files:
-            raise ValueError(f"DicomSeries {self.name!r} needs at least one slice file")
-
-    @property
-    def folder(self) -> Path:
-        """The folder holding the first slice; the default ``Volume.source``."""
-        return self.files[0].parent
-
-
-def list_dicom_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
-    """List the DICOM series of the files directly in ``folder`` (not subfolders).
-
-    Only headers are read (no pixel data).  Files that are not DICOM image
-    slices with geometry (notes, DICOMDIR, reports) are skipped.  Series are
-    ordered by (SeriesNumber, SeriesInstanceUID); a missing number sorts last.
-
-    Raises:
-        ImageReadError: ``folder`` is not a folder or holds no DICOM image slice.
-    """
-    return [series for series, _ in _scan_folder(Path(folder))]
-
-
-def read_dicom_series(series: DicomSeries, source: str | os.PathLike[str] | None = None) -> Volume:
-    """Read one series into a ``(D, H, W)`` float32 Volume, as :func:`read_image` reads a folder.
-
-    ``source`` (default: ``series.folder``) becomes ``Volume.source`` and names
-    the folder in error messages.
-
-    Raises:
-        ImageReadError: the slices are not parallel, differ in size or pixel
-            spacing, share a position, are multi-frame or cannot be decoded.
-    """
-    where = Path(source) if source is not None else series.folder
-    return _read_guarded(where, lambda: _read_dicom_series(list(series.files), where))
-
-
-def read_dicom_folder(folder: str | os.PathLike[str]) -> list[tuple[DicomSeries, Volume]]:
-    """Read every series of ``folder``: ``[(series, (D, H, W) Volume), ...]``.
-
-    Same order as :func:`list_dicom_series`; each Volume's ``source`` is
-    ``folder``.  Headers are read once.  One unreadable series raises for the
-    whole folder; to skip it instead, call :func:`read_dicom_series` per entry
-    of :func:`list_dicom_series`.
-
-    Raises:
-        ImageReadError: as :func:`list_dicom_series` and :func:`read_dicom_series`.
-    """
-    folder = Path(folder)
-    return [(series, _read_guarded(folder, lambda s=slices: _read_dicom_slices(s, folder)))
-            for series, slices in _scan_folder(folder)]
-
-
-def _read_guarded(source: Path, read: Callable[[], Volume]) -> Volume:
-    """``read()``, turning stray decoder errors into an ImageReadError naming ``source``."""
-    try:
-        return read()
-    except ImageReadError:
-        raise
-    except Exception as exc:  # pydicom and numpy raise many types; report them as one
-        raise ImageReadError(
-            f"{source}: could not read as DICOM ({type(exc).__name__}: {exc}); "
-            f"check the files are complete DICOM slices; {_SUPPORTED}"
-        ) from exc
-
-
-def _scan_folder(folder: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
-    """Probe the files directly in ``folder`` and group them into named series."""
-    if not folder.is_dir():
-        raise ImageReadError(f"{folder}: not a folder; pass the folder holding the .dcm files")
-    try:
-        files = sorted(folder.iterdir())
-    except OSError as exc:
-        hint = "check it exists and is readable"
-        raise ImageReadError(f"{folder}: cannot list the folder ({exc}); {hint}") from exc
-    return _group_series(_probe_files(files), folder)
-
-
-def probe_dicom(path: Path) -> Any | None:
-    """Header of ``path`` if it is a DICOM slice with geometry, else None."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:  # old files lack the 128-byte preamble
-            with warnings.catch_warnings():  # forced reads of notes/thumbnails warn about VRs
-                warnings.simplefilter("ignore", UserWarning)
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:  # not DICOM at all (notes, thumbnails, ...): skip it
-        return None
-    return ds if all(tag in ds for tag in _GEOMETRY) else None
-
-
-def _probe_files(files: list[Path]) -> list[_Slice]:
-    """The DICOM image slices among ``files``, in the given order."""
-    return [(p, ds) for p in files if p.is_file() and (ds := probe_dicom(p)) is not None]
-
-
-def _series_number(ds: Any) -> int | None:
-    try:
-        value = ds.get("SeriesNumber")
-        return None if value is None or str(value).strip() == "" else int(value)
-    except (TypeError, ValueError):  # a malformed IS names nothing; do not refuse the folder
-        return None
-
-
-def _safe_label(text: str) -> str:
-    """``text`` with characters outside [A-Za-z0-9._-] as ``_`` and runs of ``_`` collapsed.
-
-    Leading/trailing ``.`` and ``_`` are dropped too: a leading dot hides the
-    file and Windows silently strips a trailing one.
-    """
-    mapped = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
-    return "_".join(part for part in mapped.split("_") if part).strip("._")
-
-
-def _uid_tail(uid: str) -> str:
-    """Last 8 digits of a UID (dots removed): what tells series of one study apart."""
-    return uid.replace(".", "")[-8:] or "nouid"
-
-
-def _series_names(heads: list[tuple[str, int | None, str]]) -> list[str]:
-    """dcm2niix-style names for ``(uid, number, description)``, made unique.
-
-    Names are compared case-insensitively (macOS and Windows file systems);
-    every colliding name gets ``_`` + :func:`_uid_tail`, and a counter if even
-    that collides, so one label file per series never overwrites another.
-    """
-    bases = []
-    for uid, number, description in heads:
-        parts = [_safe_label(str(number)) if number is not None else "", _safe_label(description)]
-        bases.append("_".join(part for part in parts if part) or _uid_tail(uid))
-    keys = [base.casefold() for base in bases]
-    names = [f"{base}_{_uid_tail(uid)}" if keys.count(base.casefold()) > 1 else base
-             for base, (uid, _, _) in zip(bases, heads)]
-    unique: list[str] = []
-    for name in names:
-        candidate, n = name, 1
-        while candidate.casefold() in {u.casefold() for u in unique}:
-            n += 1
-            candidate = f"{name}_{n}"
-        unique.append(candidate)
-    return unique
-
-
-def _group_series(slices: list[_Slice], source: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
-    """Group probed slices by SeriesInstanceUID, ordered by (SeriesNumber, UID).
-
-    Each group keeps the input (path) order of its slices.
-    """
-    if not slices:
-        raise ImageReadError(
-            f"{source}: no DICOM image slices with {', '.join(_GEOMETRY[:3])}; {_SUPPORTED}"
-        )
-    groups: dict[str, list[_Slice]] = {}
-    for p, ds in slices:
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
-    # Number and description come from the first slice; they are per-series tags.
-    heads = [(uid, _series_number(g[0][1]), str(g[0][1].get("SeriesDescription", "") or "").strip())
-             for uid, g in groups.items()]
-    heads.sort(key=lambda h: (h[1] is None, h[1] or 0, h[0]))
-    return [
-        (DicomSeries(uid, name, tuple(p for p, _ in groups[uid]), number, description), groups[uid])
-        for (uid, number, description), name in zip(heads, _series_names(heads))
-    ]
-
-
-def _several_series_error(source: Path, series: list[DicomSeries]) -> ImageReadError:
-    shown = ", ".join(s.name for s in series[:10]) + (", ..." if len(series) > 10 else "")
-    return ImageReadError(
-        f"{source}: holds {len(series)} DICOM series ({shown}); read them all with "
-        f"samed_adapter.io.read_dicom_folder(folder), or run `samed-adapter segment {source}`, "
-        "which writes one label file per series"
-    )
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` that points a warning at the first caller outside this module.
-
-    The DICOM readers are reached through several public functions at
-    different call depths, so a fixed level would blame the wrong line.
-    """
-    import sys
-
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        level, frame = level + 1, frame.f_back
-    return level
-
-
-def _floats(value: Any) -> np.ndarray:
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def _read_dicom_series(files: list[Path], source: Path) -> Volume:
-    """Read the DICOM slices among ``files``, which must form one series; see _read_dicom_slices.
-
-    Raises:
-        ImageReadError: no slice at all, or slices of several series.
-    """
-    groups = _group_series(_probe_files(files), source)
-    if len(groups) > 1:
-        raise _several_series_error(source, [series for series, _ in groups])
-    return _read_dicom_slices(groups[0][1], source)
-
-
-def _read_dicom_slices(slices: list[_Slice], source: Path) -> Volume:
-    """Read one series into a ``(D, H, W)`` float32 Volume (H = Rows, W = Columns).
-
-    Slices are sorted by ImagePositionPatient projected on the normal
-    ``row cosine x column cosine``; ``Volume.files`` lists their files in that
-    order.  The affine is the DICOM PS3.3
-    C.7.6.2.1.1 voxel-to-LPS map with its first two rows negated (RAS), as
-    nibabel and dcm2niix build it.
-    """
-    import pydicom
-
-    first_path, first = slices[0]
-    if int(first.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageReadError(f"{first_path}: multi-frame DICOM unsupported; convert with dcm2niix")
-    orient, pixel_spacing = _floats(first.ImageOrientationPatient), _floats(first.PixelSpacing)
-    row_cos, col_cos = orient[:3], orient[3:]
-    normal = np.cross(row_cos, col_cos)
-    for p, ds in slices:
-        same = (ds.Rows, ds.Columns) == (first.Rows, first.Columns)
-        same &= np.allclose(_floats(ds.ImageOrientationPatient), orient, atol=1e-4)
-        if not (same and np.allclose(_floats(ds.PixelSpacing), pixel_spacing, atol=1e-4)):
-            raise ImageReadError(
-                f"{p}: size, orientation or pixel spacing differs from {first_path}; "
-                "the folder must hold one series of parallel, equally sized slices"
-            )
-    positions = np.stack([_floats(ds.ImagePositionPatient) for _, ds in slices])
-    order = np.argsort(positions @ normal, kind="stable")
-    positions, slices = positions[order], [slices[i] for i in order]
-    steps = np.diff(positions @ normal)
-    if steps.size and steps.min() < 1e-3:
-        hint = "echoes, phases or time points? put each volume in its own folder"
-        raise ImageReadError(f"{source}: several slices share one position ({hint})")
-    if steps.size and np.ptp(steps) > 0.01 * steps.mean():
-        # One affine holds one step; a missing slice shows up here.
-        warnings.warn(
-            f"{source}: slice spacing varies from {steps.min():.4g} to {steps.max():.4g} mm "
-            "(missing slices?); the affine uses the mean step", UserWarning,
-            stacklevel=_user_stacklevel()
-        )
-
-    affine = np.eye(4)
-    affine[:3, 0] = row_cos * pixel_spacing[1]  # i: along a row, so column spacing
-    affine[:3, 1] = col_cos * pixel_spacing[0]  # j: down the rows, so row spacing
-    if len(slices) > 1:
-        # The first-to-last vector keeps the shear of gantry-tilted stacks.
-        affine[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
-    else:
-        step = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
-        affine[:3, 2] = normal * float(step)
-    affine[:3, 3] = positions[0]
-    affine = _LPS_TO_RAS @ affine
-
-    planes = []
-    for p, _ in slices:
-        ds = pydicom.dcmread(p, force=True)
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # missing decoder, truncated data, ...
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-            hint = "install a decoder such as pylibjpeg, or convert with dcm2niix"
-            raise ImageReadError(f"{p}: cannot decode {syntax} pixel data ({exc}); {hint}") from exc
-        if pixels.ndim != 2:
-            raise ImageReadError(f"{p}: pixel data {pixels.shape} is not one grayscale slice")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        # Slope and intercept may change per slice, so rescale before stacking.
-        planes.append((pixels.astype(np.float64) * slope + intercept).astype(np.float32))
-    return Volume(np.stack(planes), affine, None, _spacing_from_affine(affine, 3), source,
-                  files=tuple(p for p, _ in slices))

@@ -1,0 +1,557 @@
+"""DICOM series: find them in a folder (headers only), say what is not one, read one into a Volume.
+
+Finding
+-------
+:func:`find_dicom` looks at the files directly in a folder and returns a :class:`DicomFolder`:
+the segmentable series (:class:`DicomSeries`, grouped by SeriesInstanceUID) and, for every file
+that *is* DICOM but belongs to no segmentable series, ``(path, reason)``: a single projection
+image (CR, DX, MG: no ImagePositionPatient), not an image at all (SR, RTSTRUCT, SEG, a
+presentation state), a multi-frame image, an unreadable header. A file is DICOM when it holds
+``DICM`` at byte 128 (whatever its name: ``CR1/6154`` on a CD) or, for old files without the
+preamble, when a forced read finds a SOP Class UID. DICOMDIR files (the media's index) and files
+that are not DICOM (notes, thumbnails) are in neither list.
+
+Reading
+-------
+:func:`read_dicom_series` stacks one series' slices along the slice normal. Their spacing must be
+even (see :mod:`samed_adapter.io.slice_spacing`): a localizer standing apart at one end is left
+out, with a message in ``Volume.messages`` (and a ``UserWarning``); any other uneven series is an
+:class:`~samed_adapter.io.errors.UnevenSpacingError`, unless ``allow_uneven=True`` (for outputs
+that reference each instance, such as DICOM-SEG), which gives a Volume marked ``uneven``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
+from .limits import DEFAULT_MAX_VOXELS, check_voxels
+from .slice_spacing import even_run, shortened
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .volumes import Volume
+
+__all__ = ["DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series", "probe_dicom",
+           "read_dicom_folder", "read_dicom_series"]
+
+_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+#: Modalities that hold no pixels to segment (PS3.3 C.7.3.1.1.1).
+_NOT_IMAGES = {
+    "SR": "a structured report", "RTSTRUCT": "an RT structure set", "SEG": "a segmentation",
+    "PR": "a presentation state", "KO": "a key object selection", "RTPLAN": "an RT plan",
+    "RTRECORD": "an RT treatment record", "DOC": "a document", "REG": "a registration",
+    "FID": "fiducials", "AU": "audio", "ECG": "a waveform", "PLAN": "a plan",
+}
+_PROJECTION = {"CR", "DX", "MG", "IO", "PX", "XA", "RF", "RG", "OP", "XC", "ES", "SM", "US", "OT"}
+
+#: (path, header read with stop_before_pixels) of one DICOM image slice.
+_Slice = tuple[Path, Any]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, found from the slice headers alone.
+
+    Attributes:
+        uid: SeriesInstanceUID (``""`` when the slices carry none).
+        name: file-name-safe label, unique in the folder (case-insensitively),
+            built like dcm2niix ``-f %s_%d``: ``"{SeriesNumber}_{SeriesDescription}"``.
+        files: the slice files, sorted by path (not by position); at least one.
+        number: SeriesNumber, or None when missing or malformed.
+        description: SeriesDescription as stored, ``""`` when missing.
+    """
+
+    uid: str
+    name: str
+    files: tuple[Path, ...]
+    number: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of str/Path, so hand-built series compare equal.
+        object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
+        if not self.files:
+            raise ValueError(f"DicomSeries {self.name!r} needs at least one slice file")
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding the first slice; the default ``Volume.source``."""
+        return self.files[0].parent
+
+
+@dataclass(frozen=True)
+class DicomFolder:
+    """What :func:`find_dicom` found in one folder.
+
+    Attributes:
+        series: the segmentable series, ordered by (SeriesNumber, SeriesInstanceUID).
+        skipped: ``(path, reason)`` for each DICOM file that is in no series, sorted by path;
+            the reason is one phrase, e.g. ``"single projection image (CR): no slice position"``.
+    """
+
+    series: list[DicomSeries] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file with the DICOM Part 10 magic ``DICM`` at byte 128."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _read_header(path: Path) -> Any | None:
+    """The header of a DICOM file (no pixel data), or None when ``path`` is not DICOM."""
+    import pydicom
+
+    if is_dicom_file(path):
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    with warnings.catch_warnings():  # forced reads of notes/thumbnails warn about VRs
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            known = "SOPClassUID" in ds or all(tag in ds for tag in _GEOMETRY)
+        except Exception:  # not DICOM at all (notes, thumbnails, ...)
+            return None
+    return ds if known else None
+
+
+def _why_not_a_slice(ds: Any) -> str | None:
+    """None when ``ds`` is a segmentable image slice, else why not (one phrase)."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in _NOT_IMAGES:
+        return f"not an image ({modality}: {_NOT_IMAGES[modality]})"
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        return f"multi-frame image ({frames} frames), unsupported; convert it with dcm2niix"
+    if all(tag in ds for tag in _GEOMETRY):
+        return None
+    if "Rows" not in ds:
+        return f"not an image ({modality or 'no Modality'}: no pixel data attributes)"
+    if modality in _PROJECTION or "ImagePositionPatient" not in ds:
+        return f"single projection image ({modality or 'no Modality'}): no slice position (ImagePositionPatient)"
+    missing = ", ".join(tag for tag in _GEOMETRY if tag not in ds)
+    return f"image without slice geometry (missing {missing})"
+
+
+def classify_dicom(path: Path) -> tuple[Any | None, str | None]:
+    """``(header, None)`` for an image slice, ``(None, reason)`` for other DICOM, ``(None, None)`` else."""
+    try:
+        ds = _read_header(path)
+    except Exception as exc:  # DICM magic but a damaged header
+        return None, f"unreadable DICOM header ({type(exc).__name__}: {str(exc)[:120]})"
+    if ds is None or str(ds.get("SOPClassUID", "")) == _DICOMDIR or "DirectoryRecordSequence" in ds:
+        return None, None
+    reason = _why_not_a_slice(ds)
+    return (None, reason) if reason else (ds, None)
+
+
+def probe_dicom(path: Path) -> Any | None:
+    """Header of ``path`` if it is a DICOM slice with geometry, else None."""
+    return classify_dicom(Path(path))[0]
+
+
+def _scan(files: list[Path]) -> tuple[list[_Slice], list[tuple[Path, str]]]:
+    slices, skipped = [], []
+    for p in files:
+        if not p.is_file():
+            continue
+        ds, reason = classify_dicom(p)
+        if ds is not None:
+            slices.append((p, ds))
+        elif reason is not None:
+            skipped.append((p, reason))
+    return slices, skipped
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: not a folder; pass the folder holding the DICOM files")
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        hint = "check it exists and is readable"
+        raise ImageReadError(f"{folder}: cannot list the folder ({exc}); {hint}") from exc
+
+
+def find_dicom(folder: str | os.PathLike[str]) -> DicomFolder:
+    """The DICOM series of the files directly in ``folder``, and the DICOM files in none.
+
+    Only headers are read. Unlike :func:`list_dicom_series` this does not raise when the folder
+    holds no series: a folder of CR images gives ``series == []`` and one ``skipped`` entry per
+    image, so a caller can say what was found and why it is not segmented.
+
+    Raises:
+        ImageReadError: ``folder`` is not a folder or cannot be listed.
+    """
+    folder = Path(folder)
+    slices, skipped = _scan(_folder_files(folder))
+    series = [s for s, _ in _group_series(slices, folder)] if slices else []
+    return DicomFolder(series, skipped)
+
+
+def list_dicom_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
+    """List the DICOM series of the files directly in ``folder`` (not subfolders).
+
+    Only headers are read (no pixel data).  Files that are not DICOM image
+    slices with geometry (notes, DICOMDIR, reports) are skipped; :func:`find_dicom`
+    also says which DICOM files were skipped and why.  Series are
+    ordered by (SeriesNumber, SeriesInstanceUID); a missing number sorts last.
+
+    Raises:
+        ImageReadError: ``folder`` is not a folder or holds no DICOM image slice.
+    """
+    return [series for series, _ in _scan_folder(Path(folder))]
+
+
+def _scan_folder(folder: Path) -> list[tuple[DicomSeries, list[_Slice]]]:
+    """Probe the files directly in ``folder`` and group them into named series."""
+    slices, skipped = _scan(_folder_files(folder))
+    return _group_series(slices, folder, skipped)
+
+
+def _series_number(ds: Any) -> int | None:
+    try:
+        value = ds.get("SeriesNumber")
+        return None if value is None or str(value).strip() == "" else int(value)
+    except (TypeError, ValueError):  # a malformed IS names nothing; do not refuse the folder
+        return None
+
+
+def _safe_label(text: str) -> str:
+    """``text`` with characters outside [A-Za-z0-9._-] as ``_`` and runs of ``_`` collapsed.
+
+    Leading/trailing ``.`` and ``_`` are dropped too: a leading dot hides the
+    file and Windows silently strips a trailing one.
+    """
+    mapped = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
+    return "_".join(part for part in mapped.split("_") if part).strip("._")
+
+
+def _uid_tail(uid: str) -> str:
+    """Last 8 digits of a UID (dots removed): what tells series of one study apart."""
+    return uid.replace(".", "")[-8:] or "nouid"
+
+
+def _series_names(heads: list[tuple[str, int | None, str]]) -> list[str]:
+    """dcm2niix-style names for ``(uid, number, description)``, made unique.
+
+    Names are compared case-insensitively (macOS and Windows file systems);
+    every colliding name gets ``_`` + :func:`_uid_tail`, and a counter if even
+    that collides, so one label file per series never overwrites another.
+    """
+    bases = []
+    for uid, number, description in heads:
+        parts = [_safe_label(str(number)) if number is not None else "", _safe_label(description)]
+        bases.append("_".join(part for part in parts if part) or _uid_tail(uid))
+    keys = [base.casefold() for base in bases]
+    names = [f"{base}_{_uid_tail(uid)}" if keys.count(base.casefold()) > 1 else base
+             for base, (uid, _, _) in zip(bases, heads)]
+    unique: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate.casefold() in {u.casefold() for u in unique}:
+            n += 1
+            candidate = f"{name}_{n}"
+        unique.append(candidate)
+    return unique
+
+
+def _no_slices_error(source: Path, skipped: list[tuple[Path, str]]) -> ImageReadError:
+    if not skipped:
+        return ImageReadError(f"{source}: no DICOM image slices with {', '.join(_GEOMETRY[:3])}; {SUPPORTED}")
+    shown = "; ".join(f"{p.name}: {reason}" for p, reason in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    return ImageReadError(f"{source}: no DICOM series to segment; {len(skipped)} DICOM file(s) that are not "
+                          f"slices of one ({shown})")
+
+
+def _group_series(slices: list[_Slice], source: Path, skipped: list[tuple[Path, str]] | None = None
+                  ) -> list[tuple[DicomSeries, list[_Slice]]]:
+    """Group probed slices by SeriesInstanceUID, ordered by (SeriesNumber, UID).
+
+    Each group keeps the input (path) order of its slices.
+    """
+    if not slices:
+        raise _no_slices_error(source, skipped or [])
+    groups: dict[str, list[_Slice]] = {}
+    for p, ds in slices:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
+    # Number and description come from the first slice; they are per-series tags.
+    heads = [(uid, _series_number(g[0][1]), str(g[0][1].get("SeriesDescription", "") or "").strip())
+             for uid, g in groups.items()]
+    heads.sort(key=lambda h: (h[1] is None, h[1] or 0, h[0]))
+    return [
+        (DicomSeries(uid, name, tuple(p for p, _ in groups[uid]), number, description), groups[uid])
+        for (uid, number, description), name in zip(heads, _series_names(heads))
+    ]
+
+
+def _several_series_error(source: Path, series: list[DicomSeries]) -> ImageReadError:
+    shown = ", ".join(s.name for s in series[:10]) + (", ..." if len(series) > 10 else "")
+    return ImageReadError(
+        f"{source}: holds {len(series)} DICOM series ({shown}); read them all with "
+        f"samed_adapter.io.read_dicom_folder(folder), or run `samed-adapter segment {source}`, "
+        "which writes one label file per series"
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_dicom_series(series: DicomSeries, source: str | os.PathLike[str] | None = None, *,
+                      max_voxels: int = DEFAULT_MAX_VOXELS, allow_uneven: bool = False) -> "Volume":
+    """Read one series into a ``(D, H, W)`` float32 Volume, as :func:`read_image` reads a folder.
+
+    ``source`` (default: ``series.folder``) becomes ``Volume.source`` and names
+    the folder in error messages. ``max_voxels`` bounds Rows x Columns x slices, checked from
+    the headers before any pixel is read. ``allow_uneven=True`` reads a series whose slices are
+    unevenly spaced into a Volume marked ``uneven`` (its affine's slice step is the median one,
+    so it is only good for orientation; NIfTI writers refuse it): for outputs that reference
+    each source instance, such as DICOM-SEG.
+
+    Raises:
+        ImageReadError: the slices are not parallel, differ in size or pixel
+            spacing, share a position, are multi-frame or cannot be decoded.
+        UnevenSpacingError: the slices are unevenly spaced (and ``allow_uneven`` is False).
+        ImageTooLargeError: the series holds more than ``max_voxels`` voxels.
+    """
+    where = Path(source) if source is not None else series.folder
+    return _read_guarded(where, lambda: _read_dicom_series(list(series.files), where, max_voxels, allow_uneven))
+
+
+def read_dicom_folder(folder: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VOXELS,
+                      allow_uneven: bool = False) -> list[tuple[DicomSeries, "Volume"]]:
+    """Read every series of ``folder``: ``[(series, (D, H, W) Volume), ...]``.
+
+    Same order as :func:`list_dicom_series`; each Volume's ``source`` is
+    ``folder``.  Headers are read once.  One unreadable series raises for the
+    whole folder; to skip it instead, call :func:`read_dicom_series` per entry
+    of :func:`list_dicom_series`.
+
+    Raises:
+        ImageReadError: as :func:`list_dicom_series` and :func:`read_dicom_series`.
+    """
+    folder = Path(folder)
+    return [(series, _read_guarded(folder, lambda s=slices: _read_dicom_slices(s, folder, max_voxels, allow_uneven)))
+            for series, slices in _scan_folder(folder)]
+
+
+def _read_guarded(source: Path, read: Callable[[], "Volume"]) -> "Volume":
+    """``read()``, turning stray decoder errors into an ImageReadError naming ``source``."""
+    try:
+        return read()
+    except ImageReadError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLargeError(f"{source}: not enough memory to read the series") from exc
+    except Exception as exc:  # pydicom and numpy raise many types; report them as one
+        raise ImageReadError(
+            f"{source}: could not read as DICOM ({type(exc).__name__}: {exc}); {SUPPORTED}"
+        ) from exc
+
+
+def _read_dicom_series(files: list[Path], source: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+                       allow_uneven: bool = False) -> "Volume":
+    """Read the DICOM slices among ``files``, which must form one series; see _read_dicom_slices.
+
+    Raises:
+        ImageReadError: no slice at all, or slices of several series.
+    """
+    slices, skipped = _scan(files)
+    groups = _group_series(slices, source, skipped)
+    if len(groups) > 1:
+        raise _several_series_error(source, [series for series, _ in groups])
+    return _read_dicom_slices(groups[0][1], source, max_voxels, allow_uneven)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first caller outside ``samed_adapter.io``.
+
+    The readers are reached through several public functions at different call depths, so a
+    fixed level would blame the wrong line.
+    """
+    import sys
+
+    here = os.path.dirname(__file__)
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _floats(value: Any) -> np.ndarray:
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+def _check_orientation(path: Path, orient: np.ndarray) -> None:
+    """Refuse an ImageOrientationPatient that is not two unit vectors at right angles."""
+    row_cos, col_cos = orient[:3], orient[3:]
+    ok = orient.size == 6 and np.isfinite(orient).all()
+    ok = ok and abs(np.linalg.norm(row_cos) - 1) < 1e-2 and abs(np.linalg.norm(col_cos) - 1) < 1e-2
+    if not (ok and abs(row_cos @ col_cos) < 1e-2):
+        shown = [round(float(v), 4) for v in orient]
+        raise ImageReadError(f"{path}: ImageOrientationPatient {shown} is not two unit vectors at right angles; "
+                             "the header is damaged (fix it, or convert the series with dcm2niix)")
+
+
+def _check_slices(slices: list[_Slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(orientation (6,), pixel spacing (2,)) shared by every slice, else an ImageReadError."""
+    first_path, first = slices[0]
+    orient, pixel_spacing = _floats(first.ImageOrientationPatient), _floats(first.PixelSpacing)
+    _check_orientation(first_path, orient)
+    if pixel_spacing.size != 2 or not (np.isfinite(pixel_spacing).all() and (pixel_spacing > 0).all()):
+        raise ImageReadError(f"{first_path}: PixelSpacing {pixel_spacing.tolist()} is not two positive sizes; "
+                             "the header is damaged")
+    for p, ds in slices:
+        same = (ds.Rows, ds.Columns) == (first.Rows, first.Columns)
+        same &= np.allclose(_floats(ds.ImageOrientationPatient), orient, atol=1e-4)
+        if not (same and np.allclose(_floats(ds.PixelSpacing), pixel_spacing, atol=1e-4)):
+            raise ImageReadError(
+                f"{p}: size, orientation or pixel spacing differs from {first_path}; "
+                "the folder must hold one series of parallel, equally sized slices"
+            )
+    return orient, pixel_spacing
+
+
+def _uneven_error(source: Path, offsets: np.ndarray) -> UnevenSpacingError:
+    steps = np.diff(offsets)
+    k = int(np.argmax(np.abs(steps - np.median(steps))))
+    return UnevenSpacingError(
+        f"{source}: slices are unevenly spaced (positions along the normal {shortened(offsets)} mm; "
+        f"steps {steps.min():.4g} to {steps.max():.4g} mm, the odd one between {offsets[k]:.2f} and "
+        f"{offsets[k + 1]:.2f}), so no NIfTI can hold them; use --output-type dicom-seg (exact per instance, "
+        "Python: allow_uneven=True), or resample the series (e.g. dcm2niix)", tuple(float(o) for o in offsets))
+
+
+def _dropped_message(source: Path, offsets: np.ndarray, run: Any) -> str:
+    kept = offsets[list(run.keep)]
+    dropped = ", ".join(f"{offsets[i]:.2f}" for i in run.dropped)
+    return (f"{source}: left out {len(run.dropped)} slice(s) at {dropped} mm standing apart from the "
+            f"{len(run.keep)} evenly spaced slices ({kept[0]:.2f} to {kept[-1]:.2f} mm, step {run.step:.4g} mm), "
+            "e.g. a localizer stored in the series; the label file covers those slices only")
+
+
+def _stack_order(slices: list[_Slice], source: Path, normal: np.ndarray, allow_uneven: bool
+                 ) -> tuple[list[_Slice], np.ndarray, float, bool, list[str]]:
+    """(slices sorted and kept, their positions, step, uneven, messages) along ``normal``."""
+    positions = np.stack([_floats(ds.ImagePositionPatient) for _, ds in slices])
+    if positions.shape[1] != 3 or not np.isfinite(positions).all():
+        raise ImageReadError(f"{source}: an ImagePositionPatient is not three finite numbers; the header is damaged")
+    order = np.argsort(positions @ normal, kind="stable")
+    positions, slices = positions[order], [slices[i] for i in order]
+    offsets = positions @ normal
+    if len(slices) > 1 and np.diff(offsets).min() < 1e-3:
+        hint = "echoes, phases or time points? put each volume in its own folder"
+        raise ImageReadError(f"{source}: several slices share one position ({hint})")
+    run = even_run(positions, offsets)
+    if run is None:
+        if not allow_uneven:
+            raise _uneven_error(source, offsets)
+        return slices, positions, float(np.median(np.diff(offsets))), True, []
+    messages = [_dropped_message(source, offsets, run)] if run.dropped else []
+    keep = list(run.keep)
+    return [slices[i] for i in keep], positions[keep], run.step, False, messages
+
+
+def _affine(first: Any, orient: np.ndarray, pixel_spacing: np.ndarray, positions: np.ndarray,
+            step: float, even: bool) -> np.ndarray:
+    """DICOM PS3.3 C.7.6.2.1.1 voxel-to-LPS map with its first two rows negated (RAS)."""
+    row_cos, col_cos = orient[:3], orient[3:]
+    normal = np.cross(row_cos, col_cos)
+    affine = np.eye(4)
+    affine[:3, 0] = row_cos * pixel_spacing[1]  # i: along a row, so column spacing
+    affine[:3, 1] = col_cos * pixel_spacing[0]  # j: down the rows, so row spacing
+    if len(positions) > 1 and even:
+        # The first-to-last vector keeps the shear of gantry-tilted stacks.
+        affine[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    elif len(positions) > 1:
+        affine[:3, 2] = normal * step  # uneven: orientation only, never written as a grid
+    else:
+        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+        affine[:3, 2] = normal * float(thickness)
+    affine[:3, 3] = positions[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}  # uncompressed syntaxes
+
+
+def _pixels(path: Path) -> np.ndarray:
+    """One slice's stored pixel values, or an error naming what is wrong with the file."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # the file ends inside an element, ...
+        raise TruncatedImageError(f"{path}: the DICOM file ends early or is damaged ({type(exc).__name__}: "
+                                  f"{exc}); copy it again from the source") from exc
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: the slice holds no pixel data (PixelData); copy it again from the source")
+    if syntax in _NATIVE:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+        held = len(ds.PixelData)
+        if held < expected:
+            raise TruncatedImageError(f"{path}: truncated: {expected} bytes of pixel data expected "
+                                      f"({ds.Rows} x {ds.Columns} x {bits} bits), the file holds {held}; "
+                                      "copy it again from the source")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        if syntax not in _NATIVE and any(w in text.lower() for w in ("missing", "plugin", "dependenc", "no pixel data handler")):
+            hint = "install a decoder such as pylibjpeg (pip install pylibjpeg pylibjpeg-libjpeg), or convert with dcm2niix"
+            raise ImageReadError(f"{path}: no decoder installed for transfer syntax {syntax} ({text}); {hint}") from exc
+        raise ImageReadError(f"{path}: pixel data ({syntax}) could not be decoded ({text}); the file is damaged "
+                             "or truncated: copy it again from the source") from exc
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: pixel data {pixels.shape} is not one grayscale slice")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    # Slope and intercept may change per slice, so rescale before stacking.
+    return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _read_dicom_slices(slices: list[_Slice], source: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+                       allow_uneven: bool = False) -> "Volume":
+    """Read one series into a ``(D, H, W)`` float32 Volume (H = Rows, W = Columns).
+
+    Slices are sorted by ImagePositionPatient projected on the normal
+    ``row cosine x column cosine``; ``Volume.files`` lists their files in that
+    order.  The affine is the DICOM PS3.3
+    C.7.6.2.1.1 voxel-to-LPS map with its first two rows negated (RAS), as
+    nibabel and dcm2niix build it.
+    """
+    from .volumes import Volume, voxel_sizes
+
+    first_path, first = slices[0]
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageReadError(f"{first_path}: multi-frame DICOM unsupported; convert with dcm2niix")
+    check_voxels((len(slices), int(first.Rows), int(first.Columns)), max_voxels, source)
+    orient, pixel_spacing = _check_slices(slices)
+    normal = np.cross(orient[:3], orient[3:])
+    slices, positions, step, uneven, messages = _stack_order(slices, source, normal, allow_uneven)
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+    affine = _affine(first, orient, pixel_spacing, positions, step, not uneven)
+    planes = np.stack([_pixels(p) for p, _ in slices])
+    return Volume(planes, affine, None, voxel_sizes(affine, 3), source, files=tuple(p for p, _ in slices),
+                  messages=tuple(messages), uneven=uneven, positions=tuple(positions @ normal))
