@@ -165,7 +165,7 @@ def prepare_volume(config: AdapterConfig, volume: "Volume", *, window=None, perc
     ``max_voxels`` (None: :data:`samed_adapter.io.DEFAULT_MAX_VOXELS`) bounds the slices at the
     model's size, checked before they are made (:func:`check_model_size`).
     """
-    messages = []
+    messages = list(getattr(volume, "messages", ()))  # what the reader had to say (a localizer left out, ...)
     if config.orientation is None and volume.affine is not None:
         messages.append(
             "this adapter records no orientation, so slices are cut as each file stores them (axis "

@@ -347,3 +347,35 @@ def test_base_mismatch_on_the_command_line_names_the_flag(adapters, capsys, tmp_
     assert "--allow-base-mismatch" in err and "allow_base_mismatch=True" not in err, err
     assert "a random SAM matches an adapter made on the same backbone and seed" in err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- uneven DICOM series
+
+
+def test_a_localizer_in_the_series_is_left_out_and_said(adapters, capsys, tmp_path):
+    """pydicom's CT2: slices at z = -99.48, 103.02, 104.27, 105.52 mm. The first stands 200 mm
+    apart (a localizer): the label file holds the three even slices, at their own places."""
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], CR / "CT2", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert "left out 1 slice(s) at -99.48 mm" in err
+    img = nib.load(tmp_path / "out" / "CT2.nii.gz")
+    assert img.shape[2] == 3
+    np.testing.assert_allclose(img.affine[2, 2:], [1.25, 103.02], atol=0.01)
+
+
+def test_a_series_missing_a_slice_gets_no_lying_nifti(adapters, capsys, tmp_path, ct_series):
+    """Slices at 0, 10, 15 mm (the one at 5 mm missing): no affine holds them; the NIfTI is
+    refused with the positions, and a DICOM-SEG (one frame per source instance) is written."""
+    folder = _series(tmp_path / "ct", ct_series)
+    (folder / "a.dcm").unlink()  # the second slice
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], folder, "-o", tmp_path / "out")
+    assert code == 1
+    assert "--output-type dicom-seg" in err and "unevenly spaced" in err.lower(), err
+    assert not (tmp_path / "out").exists() or _tree(tmp_path / "out") == []
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], folder, "-o", tmp_path / "out",
+                         "--output-type", "dicom-seg")
+    assert code == 0, err
+    assert _tree(tmp_path / "out") == ["ct_seg.dcm"]
+    seg = pydicom.dcmread(tmp_path / "out" / "ct_seg.dcm")
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in folder.iterdir()}
