@@ -404,6 +404,16 @@ def test_resume_from_a_damaged_state_is_a_training_state_error(finished, slices,
     assert all(torch.equal(model.adapter().tensors[k], v) for k, v in tensors.items())
 
 
+def test_resume_without_a_state_beside_adapters_is_refused(finished, slices, tmp_path):
+    out = shutil.copytree(finished, tmp_path / "run")
+    (out / "train_state.pt").unlink()
+    before = snapshot(out)
+    with pytest.raises(TrainingStateError, match=r"it does not exist, though the folder holds the final adapter "
+                                                 r"of a run \(adapter.safetensors\)"):
+        train(fresh_model(), slices, run_config(out), resume=True)
+    assert snapshot(out) == before
+
+
 def test_cli_resume_from_a_truncated_state_is_one_line(finished, train_only, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -411,6 +421,23 @@ def test_cli_resume_from_a_truncated_state_is_one_line(finished, train_only, tmp
     assert main(cli_args(train_only, out, "--resume")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "is not a readable training state" in line and "start over with --overwrite" in line
+
+
+def test_examples_train_speaks_in_one_line_too(finished, train_only, tmp_path):
+    """examples/train.py has no cli.main around it: its errors are its own one line (no traceback)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    before = snapshot(finished)
+    done = subprocess.run([sys.executable, str(script), *cli_args(train_only, finished)[1:]], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "pass --resume to continue it" in one_error_line(done.stderr, command="train")
+    done = subprocess.run([sys.executable, str(script), *cli_args(train_only, tmp_path / "run", "--device", "meta")[1:]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--device meta cannot train" in one_error_line(done.stderr, command="train")
+    assert snapshot(finished) == before and not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- 5. devices that cannot train

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import RunFolderError, TrainingError
+from .errors import RunFolderError, TrainingError, TrainingStateError
 
 __all__ = ["LOG", "STATE", "FINAL", "LAST", "BEST", "epoch_adapter", "run_files", "check_run_folder", "clear_run"]
 
@@ -48,7 +48,12 @@ def run_files(folder: Path) -> list[Path]:
 
 
 def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> list[Path]:
-    """The run files `overwrite` would delete; RunFolderError when a fresh run would mix with them.
+    """The run files `overwrite` would delete; an error when a run would mix with them.
+
+    Raises:
+        RunFolderError: `folder` holds a run and neither `resume` nor `overwrite` is set.
+        TrainingStateError: `resume` where a finished run's adapter lies but its train_state.pt is gone.
+        TrainingError: both `resume` and `overwrite`.
 
     Reads only: nothing is deleted here, so a run refused later (bad data, bad flags) loses nothing.
     """
@@ -58,6 +63,12 @@ def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> list[Pat
     files = run_files(folder)
     if files and not (resume or overwrite):
         raise RunFolderError(Path(folder), files)
+    if resume and (Path(folder) / FINAL).exists() and not (Path(folder) / STATE).exists():
+        # A run killed before its first checkpoint resumes from step 0; a finished one always has
+        # its state (written before the final adapter), so without it a restart would overwrite
+        # the finished adapter in silence.
+        raise TrainingStateError(Path(folder) / STATE, f"it does not exist, though the folder holds the final "
+                                                       f"adapter of a run ({FINAL})")
     return files if overwrite else []
 
 
