@@ -81,7 +81,8 @@ def check_voxels(shape: Sequence[int], max_voxels: Optional[int] = DEFAULT_MAX_V
     return total
 
 
-def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *, exact: bool = True) -> bytes:
+def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *, exact: bool = True,
+                 already: int = 0) -> bytes:
     """Exactly ``size`` bytes from a (gzip) stream, inflating no more than ``size`` + 1 MiB.
 
     Args:
@@ -90,6 +91,7 @@ def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *,
         source: the file, named in messages.
         exact: also require the stream to end there (a gzip holding more than its header claims
             is damaged or a bomb: one more byte is read to see it, never the rest).
+        already: bytes of the stream read before (the header), counted in messages.
 
     Raises:
         TruncatedImageError: the stream ends early, or its gzip data is cut off.
@@ -105,16 +107,16 @@ def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *,
             held += len(chunk)
         extra = stream.read(1) if exact and held == size else b""
     except (EOFError, zlib.error) as exc:  # a cut-off stream, or damaged deflate data
-        raise TruncatedImageError(f"{source}: the gzip stream is cut off or damaged after {held:,} of {size:,} "
-                                  f"bytes ({exc}); copy the file again from the source") from exc
+        raise TruncatedImageError(f"{source}: the gzip stream is cut off or damaged after {already + held:,} of "
+                                  f"{already + size:,} bytes ({exc}); copy the file again from the source") from exc
     except gzip.BadGzipFile as exc:  # bytes after the last member that are not gzip
         raise ImageReadError(f"{source}: data after the image that is not gzip ({exc}); "
                              "the file is damaged: copy it again from the source") from exc
     if held < size:
-        raise TruncatedImageError(f"{source}: truncated: {size:,} bytes expected from its header, the file holds "
-                                  f"{held:,}; copy it again from the source")
+        raise TruncatedImageError(f"{source}: truncated: its header claims {already + size:,} bytes, the file holds "
+                                  f"{already + held:,}; copy it again from the source")
     if extra:
-        raise ImageReadError(f"{source}: holds more data than its header claims ({size:,} bytes); the file is "
+        raise ImageReadError(f"{source}: holds more data than its header claims ({already + size:,} bytes); the file is "
                              "damaged or not what it says: copy it again from the source")
     return b"".join(chunks)
 

@@ -382,7 +382,7 @@ def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         header = _nifti_header(head, path)
         offset, nbytes = _nifti_layout(header, path, max_voxels)
         if gz:
-            raw = head + read_bounded(fh, offset + nbytes - len(head), path)
+            raw = head + read_bounded(fh, offset + nbytes - len(head), path, already=len(head))
     if gz:
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = klass.from_bytes(raw)
@@ -398,8 +398,13 @@ def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
 def _read_png(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     from PIL import Image
 
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        # The IHDR chunk gives the size before PIL looks at it (its own bomb check raises first).
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        check_voxels((height, width), max_voxels, path)
     with Image.open(path) as im:
-        # The IHDR size is known before any pixel is inflated.
         check_voxels((im.height, im.width), max_voxels, path)
         if im.mode == "P":
             raise ImageReadError(f"{path}: palette PNG; save the scan as 8- or 16-bit grayscale")
