@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -250,7 +251,8 @@ def test_cli_diverging_train_is_one_line_and_fails(train_only, tmp_path, capsys)
     code = main(cli_args(train_only, tmp_path / "run", "--base-lr", "1e30"))
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
-    assert "the loss became nan" in line and "nothing to resume from" in line and "--base-lr (now 1e+30)" in line
+    assert re.search(r"the loss became (nan|inf|-inf) at step \d+ \(epoch 1\)", line), line
+    assert "nothing to resume from" in line and "--base-lr (now 1e+30)" in line
     assert "kept" not in line
 
 
@@ -481,3 +483,9 @@ def test_save_every_keeps_every_nth_epoch(slices, train_only, tmp_path):
         "adapter_epoch001.safetensors", "adapter_epoch002.safetensors"]
     with pytest.raises(ValueError, match="save_every must be 0"):
         run_config(tmp_path, save_every=-1)
+
+
+def test_cli_refuses_a_bad_save_every_with_its_flag(train_only, tmp_path, capsys):
+    assert main(cli_args(train_only, tmp_path / "run", "--save-every", "-1")) == 2
+    assert one_error_line(capsys.readouterr().err).endswith("error: --save-every must be 0 (off) or more, got -1")
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -80,12 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the flags ask for; a refused value is told with its flag (--save-every, not save_every)."""
     values = dict(RECIPES[args.recipe]) if args.recipe else {}
     for name in _FIELDS:
         value = getattr(args, name, None)
         if value is not None and name != "output_dir":
             values[name] = value
-    return TrainConfig(output_dir=args.output, **values)
+    try:
+        return TrainConfig(output_dir=args.output, **values)
+    except ValueError as err:
+        message = str(err)
+        for name in _FIELDS:
+            message = re.sub(rf"\b{name}\b", cli_spelling(name), message)
+        raise ValueError(message) from None
 
 
 def _build_sam(args: argparse.Namespace):
