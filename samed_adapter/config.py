@@ -23,8 +23,14 @@ CT_ABDOMEN_WINDOW = (-125.0, 275.0)
 # Bounds that no real adapter comes near; a value past them is a corrupt or hostile file, and
 # checking here keeps such a file from allocating unbounded memory before it is refused.
 MAX_CLASSES = 1024
-MAX_IMAGE_SIZE = 4096
+# SAM (ViT) and SAM 2 (Hiera) were trained at 1024 x 1024 and SAMed at 512: past 1024 the
+# position embeddings are stretched beyond anything trained, and the encoder's global attention
+# grows as (S / 16)^4, so 4096 asks for 16 GiB per input; no adapter gains from it.
+MAX_IMAGE_SIZE = 1024
 MAX_LORA_SCALE = 1e4
+# Inputs are in [0, 1]; dividing by a std below this scales them past 1000 and, at 1e-30, turns
+# the encoder's logits into NaN. Real normalisations use 0.2 to 1 (ImageNet's in [0, 1]: 0.225).
+MIN_PIXEL_STD = 1e-3
 
 
 @dataclass
@@ -99,7 +105,9 @@ class AdapterConfig:
         if (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
                 or not 16 <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % 16):
             raise ValueError(
-                f"image_size must be a multiple of 16 (SAM's patch size) in 16..{MAX_IMAGE_SIZE}, got {self.image_size!r}"
+                f"image_size must be a multiple of 16 (SAM's patch size) in 16..{MAX_IMAGE_SIZE} (SAM and SAM 2 were "
+                f"trained at 1024; larger inputs stretch their position embeddings and cost (S/16)^4 attention), "
+                f"got {self.image_size!r}"
             )
         if not isinstance(self.decoder_lora, bool):
             raise TypeError(f"decoder_lora must be true or false, got {self.decoder_lora!r}")
@@ -120,8 +128,9 @@ class AdapterConfig:
             )
         self.pixel_mean = _triple("pixel_mean", self.pixel_mean)
         self.pixel_std = _triple("pixel_std", self.pixel_std)
-        if any(s <= 0 for s in self.pixel_std):
-            raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
+        if any(s < MIN_PIXEL_STD for s in self.pixel_std):
+            raise ValueError(f"pixel_std must be at least {MIN_PIXEL_STD:g} per channel (inputs are in [0, 1]; a smaller "
+                             f"std scales them past 1000 and gives non-finite logits), got {self.pixel_std}")
         if self.intensity_window is not None:
             try:
                 lo, hi = (float(v) for v in self.intensity_window)
