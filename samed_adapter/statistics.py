@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .geometry import check_voxel_sizes
+
 __all__ = ["label_statistics"]
 
 
@@ -23,7 +25,9 @@ def _as_voxels(name: str, value: Any) -> tuple[np.ndarray, Optional[np.ndarray]]
     if isinstance(value, Volume):
         return value.voxels, value.affine
     if isinstance(value, nib.spatialimages.SpatialImage):
-        return np.asanyarray(value.dataobj), np.asarray(value.affine, dtype=np.float64)
+        affine = np.asarray(value.affine, dtype=np.float64)
+        check_voxel_sizes(affine, value.header.get_zooms()[:3], f"the {name}")  # warns when pixdim disagrees
+        return np.asanyarray(value.dataobj), affine
     if isinstance(value, np.ndarray):
         return value, None
     raise TypeError(f"{name} must be a numpy array, a samed_adapter.io.Volume or a nibabel image, "
@@ -48,7 +52,8 @@ def label_statistics(
         class_names: K names of classes 1..K.
         spacing: voxel sizes in mm along the arrays' axes, for bare arrays (default 1 mm).
             Volumes and nibabel images use their affine; the voxel volume is |det| of its
-            3 x 3 part, right for oblique grids too.
+            3 x 3 part, right for oblique grids too (a ``UserWarning`` when a nibabel
+            image's pixdim disagrees: the affine, which places the voxels, wins everywhere).
 
     Returns:
         ``{name: {"label": c, "voxels": n, "volume_mm3": v, "intensity_mean": m,

@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..config import CT_ABDOMEN_WINDOW
-from ..geometry import SliceGeometry, axis_codes, check_slice_axis, parse_orientation
+from ..geometry import SliceGeometry, axis_codes, check_slice_axis, check_voxel_sizes, parse_orientation
 from ..io.volumes import nifti_voxels
 from ..preprocessing import Intensity
 from .augment import as_int_label
@@ -425,7 +425,9 @@ class NiftiVolumes(_NiftiDataset):
             "image": np.ascontiguousarray(image),
             "label": np.ascontiguousarray(label),
             "case": case,
-            "spacing": np.asarray(geometry.spacing(nifti.header.get_zooms()[:3]), dtype=np.float64),
+            # The affine's voxel size, as statistics take it (a warning when pixdim says otherwise).
+            "spacing": np.asarray(geometry.spacing(check_voxel_sizes(nifti.affine, nifti.header.get_zooms()[:3], case)),
+                                  dtype=np.float64),
             "affine": np.asarray(nifti.affine, dtype=np.float64),
         }
         return _apply(self.transform, sample)
