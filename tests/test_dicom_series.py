@@ -272,3 +272,33 @@ def test_segment_writes_one_label_file_per_series_on_its_own_grid(tmp_path: Path
         np.testing.assert_allclose(written.affine, volume.affine, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(written.dataobj), volume.to_voxels(model.segment(volume)))
     sa.unpatch(sam)
+
+
+def test_dicom_files_without_a_suffix_are_recognised_by_their_magic(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from samed_adapter.io import find_dicom, is_dicom_file
+
+    # As on CDs and in PACS exports: no suffix. DICM at byte 128 says what it is.
+    path = tmp_path / "IM000001"
+    write_ct_slice(path, np.arange(12).reshape(3, 4), [1.0, 2.0, 3.0], iop=AXIAL, spacing=[0.5, 0.5], series="1.2.3")
+    assert is_dicom_file(path) and not is_dicom_file(tmp_path)
+    volume = read_image(path)
+    assert volume.array.shape == (1, 3, 4) and volume.files == (path,)
+    np.testing.assert_array_equal(volume.array[0], np.arange(12).reshape(3, 4) - 1000.0)
+
+    # pydicom's CR1/6154: DICOM without a suffix, but a single projection image.
+    cr = Path(get_testdata_file("DICOMDIR")).parent / "77654033" / "CR1" / "6154"
+    assert is_dicom_file(cr)
+    with pytest.raises(ImageReadError) as err:
+        read_image(cr)
+    assert "unknown image type" not in str(err.value)
+    assert "6154: single projection image (CR): no slice position" in str(err.value)
+    found = find_dicom(cr.parent)
+    assert found.series == [] and found.skipped == [(cr, "single projection image (CR): no slice position "
+                                                         "(ImagePositionPatient)")]
+
+    notes = tmp_path / "README"
+    notes.write_text("not an image")
+    with pytest.raises(ImageReadError, match="unknown image type '\\(no suffix\\)'"):
+        read_image(notes)

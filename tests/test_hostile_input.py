@@ -345,3 +345,97 @@ def test_full_disk_while_saving_an_adapter_keeps_the_previous_file(tmp_path, mon
     assert all(torch.equal(loaded.tensors[k], first.tensors[k]) for k in first.tensors)
     assert not torch.equal(loaded.tensors["prompt_encoder.no_mask_embed.weight"],
                            second.tensors["prompt_encoder.no_mask_embed.weight"])
+
+
+# --------------------------------------------------------------------------- messages that name the real problem
+
+
+def _one_line_error(read) -> str:
+    from samed_adapter.io import ImageReadError
+
+    with pytest.raises(ImageReadError) as err:
+        read()
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_truncated_dicom_is_called_truncated_not_missing_a_decoder(tmp_path):
+    from samed_adapter.io import TruncatedImageError, read_image
+    from samed_adapter.testing.dicom import write_ct_slice
+
+    path = tmp_path / "cut.dcm"
+    write_ct_slice(path, np.zeros((64, 64)), [0.0, 0.0, 0.0], iop=[1, 0, 0, 0, 1, 0], spacing=[1, 1], series="1.2.3")
+    path.write_bytes(path.read_bytes()[:-3000])
+    message = _one_line_error(lambda: read_image(path))
+    assert "truncated: 8192 bytes of pixel data expected (64 x 64 x 16 bits), the file holds 5192" in message
+    assert "decoder" not in message and "pylibjpeg" not in message
+    with pytest.raises(TruncatedImageError):
+        read_image(path)
+
+
+def test_an_unreadable_file_is_called_unreadable_not_incomplete(tmp_path, monkeypatch):
+    import builtins
+
+    from samed_adapter.io import read_image
+
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):  # root reads any file: imitate chmod 000
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    message = _one_line_error(lambda: read_image(path))
+    assert message == (f"{path}: cannot open the file (Permission denied); check that it is readable "
+                       "(its permissions, the disk or network share it is on)")
+    assert "complete" not in message
+
+
+def test_a_damaged_file_is_called_damaged(tmp_path):
+    from samed_adapter.io import read_image
+
+    path = tmp_path / "noise.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    message = _one_line_error(lambda: read_image(path))
+    assert "could not decode it as .png" in message and "damaged or not really .png" in message
+
+
+def test_a_nan_affine_is_named_not_svd(tmp_path):
+    import struct
+
+    from samed_adapter.geometry import SliceGeometry
+    from samed_adapter.io import read_image
+
+    img = nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4))
+    img.set_qform(None, code=0)
+    img.set_sform(np.eye(4), code=1)
+    path = tmp_path / "nan.nii"
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    raw[280:284] = struct.pack("<f", float("nan"))  # srow_x[0]
+    path.write_bytes(bytes(raw))
+    message = _one_line_error(lambda: read_image(path))
+    assert "affine (sform/qform or pixdim) holds NaN or infinity" in message and "SVD" not in message
+    nan_affine = np.eye(4)
+    nan_affine[0, 0] = np.nan
+    with pytest.raises(ValueError, match="the affine holds NaN or infinity") as err:
+        SliceGeometry.for_volume((3, 3, 3), nan_affine, "LPS")  # the training path, without read_image
+    assert "SVD" not in str(err.value)
+
+
+def test_an_all_zero_dicom_orientation_is_named_not_shared_positions(tmp_path):
+    from samed_adapter.io import read_image
+    from samed_adapter.testing.dicom import write_ct_slice
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(3):
+        write_ct_slice(folder / f"{k}.dcm", np.zeros((4, 4)), [0.0, 0.0, 2.0 * k], iop=[0.0] * 6, spacing=[1, 1],
+                       series="1.2.3")
+    message = _one_line_error(lambda: read_image(folder))
+    assert "ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not two unit vectors at right angles" in message
+    assert "share one position" not in message
