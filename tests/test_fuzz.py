@@ -227,3 +227,82 @@ def test_an_infinite_intensity_window_is_refused(runner, fx):
     mutation = mutations.Mutation(fx.with_config_text("plain", text), "intensity_window [-Infinity, 275]")
     result = _run_one(runner, fx, "config_nan", "stock", mutation=mutation)
     assert result["outcome"] == "AdapterFormatError", result
+
+
+# --------------------------------------------------------------------------- hostile images (issue 20)
+
+# The outcome every image kind must have whatever its random choice; None: ImageReadError or any
+# subclass (which one depends on the bytes flipped or cut).
+EXPECTED_IMAGES = {
+    "valid": "success",
+    "valid_gz": "success",
+    "huge_dims": "ImageTooLargeError",
+    "huge_dims_gz": "ImageTooLargeError",
+    "negative_dims": "ImageReadError",
+    "zero_dims": "ImageReadError",
+    "bad_dim0": "ImageReadError",
+    "nan_pixdim": "ImageReadError",
+    "zero_pixdim": "success",  # nibabel reads 0 as 1 mm, as it warns
+    "nan_sform": "ImageReadError",
+    "nan_qform": "ImageReadError",
+    "bad_vox_offset": "ImageReadError",
+    "bad_vox_offset_gz": None,
+    "bad_datatype": "ImageReadError",
+    "bad_sizeof_hdr": "ImageReadError",
+    "huge_scl_slope": "success",  # finite header, odd values: the intensity window copes
+    "truncated": None,
+    "header_bytes_flipped": None,
+    "gzip_bomb": "ImageReadError",
+    "gzip_truncated": "TruncatedImageError",
+    "gzip_trailing_garbage": "ImageReadError",
+    "gzip_zero_padding": "success",
+    "gzip_second_member": "ImageReadError",
+    "gzip_bad_crc": "ImageReadError",
+    "gzip_not_gzip": "ImageReadError",
+    "gzip_flipped": None,
+}
+
+
+def test_every_image_kind_has_an_expected_outcome():
+    assert set(EXPECTED_IMAGES) == set(fuzz.IMAGE_KINDS)
+
+
+def test_hostile_images_end_in_read_errors_with_bounded_memory(tmp_path):
+    records = fuzz.run_image_cases(tmp_path, repeats=4)
+    assert len(records) == 4 * len(fuzz.IMAGE_KINDS)
+    failures = [r for r in records if r["failed"]]
+    assert failures == [], failures[:3]
+    for r in records:
+        expected = EXPECTED_IMAGES[r["kind"]]
+        if expected is None:
+            assert r["outcome"] in ("success", "ImageReadError", "TruncatedImageError", "ImageTooLargeError"), r
+        else:
+            assert r["outcome"] == expected, r
+        assert r["peak"] < fuzz.IMAGE_MEMORY_BOUND
+    bombs = [r for r in records if r["kind"] == "gzip_bomb"]
+    # 256 MiB of zeros behind a 864-byte image: stopped after one more byte, not inflated.
+    assert all("more data than its header claims (864 bytes)" in r["message"] and r["peak"] < 4 * 2**20 for r in bombs)
+    assert not list(tmp_path.iterdir())  # the harness removes its files
+
+
+def test_the_image_harness_catches_other_exceptions_and_memory(tmp_path, monkeypatch):
+    import numpy as np
+
+    import samed_adapter.io as sio
+
+    path = tmp_path / "x.nii"
+    path.write_bytes(fuzz._nifti_bytes())
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(sio, "read_image", out_of_memory)
+    result = fuzz.run_image_case(path)
+    assert result["failed"] and result["outcome"] == "MemoryError"
+
+    def greedy(*args, **kwargs):
+        np.ones(fuzz.IMAGE_MEMORY_BOUND + 2**20, dtype=np.uint8)  # traced by tracemalloc
+
+    monkeypatch.setattr(sio, "read_image", greedy)
+    result = fuzz.run_image_case(path)
+    assert result["failed"] and result["outcome"] == "success" and result["message"].startswith("peak ")

@@ -109,9 +109,8 @@ def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *,
     except (EOFError, zlib.error) as exc:  # a cut-off stream, or damaged deflate data
         raise TruncatedImageError(f"{source}: the gzip stream is cut off or damaged after {already + held:,} of "
                                   f"{already + size:,} bytes ({exc}); copy the file again from the source") from exc
-    except gzip.BadGzipFile as exc:  # bytes after the last member that are not gzip
-        raise ImageReadError(f"{source}: data after the image that is not gzip ({exc}); "
-                             "the file is damaged: copy it again from the source") from exc
+    except gzip.BadGzipFile as exc:  # a failed CRC or length check, bytes after the last member that are not gzip
+        raise ImageReadError(f"{source}: the gzip stream is damaged ({exc}); copy the file again from the source") from exc
     if held < size:
         raise TruncatedImageError(f"{source}: truncated: its header claims {already + size:,} bytes, the file holds "
                                   f"{already + held:,}; copy it again from the source")

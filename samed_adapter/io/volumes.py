@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,12 +333,15 @@ _MAX_EXTENSION_BYTES = 64 << 20
 
 def _nifti_header(head: bytes, path: Path) -> Any:
     """The NIfTI-1 or NIfTI-2 header of the first bytes of a file, or an ImageReadError."""
-    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
-    klass = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes else None
-    if klass is None or len(head) < (348 if klass is nib.Nifti1Header else 540):
+    little = int.from_bytes(head[:4], "little")
+    size = little if little in (348, 540) else int.from_bytes(head[:4], "big")
+    klass = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
+    if klass is None or len(head) < size:
         raise ImageReadError(f"{path}: not a NIfTI file (its first bytes are no NIfTI-1/2 header); {_SUPPORTED}")
     try:
-        return klass.from_fileobj(io.BytesIO(head), check=False)
+        # The byte order is sizeof_hdr's: nibabel would guess it from dim[0], which a damaged
+        # header gets wrong, and then report byte-swapped dimensions.
+        return klass.from_fileobj(io.BytesIO(head), endianness="<" if little == size else ">", check=False)
     except Exception as exc:  # nibabel's header checks raise several types
         raise ImageReadError(f"{path}: damaged NIfTI header ({type(exc).__name__}: {exc})") from exc
 
@@ -376,7 +380,7 @@ def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
             head = fh.read(348)
             if len(head) == 348 and 540 in {int.from_bytes(head[:4], o) for o in ("little", "big")}:
                 head += fh.read(540 - 348)
-        except (EOFError, OSError) as exc:  # not gzip at all, or cut off in the header
+        except (EOFError, OSError, zlib.error) as exc:  # not gzip at all, cut off or damaged in the header
             raise ImageReadError(f"{path}: cannot read a NIfTI header from it ({type(exc).__name__}: {exc}); "
                                  f"the file is damaged or not really NIfTI; {_SUPPORTED}") from exc
         header = _nifti_header(head, path)

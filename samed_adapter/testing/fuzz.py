@@ -10,6 +10,12 @@ Anything else is a failure: another exception type (RuntimeError, ValueError, Ke
 MemoryError, ...), an empty message, a changed SAM after an error, a case over the time limit (a
 hang). `run_in_process` runs cases here (what the tests use); `benchmarks/fuzz_adapter.py` runs
 them in worker subprocesses as well and prints the report.
+
+A second harness (`IMAGE_KINDS`, `run_image_cases`) reads hostile images with
+`samed_adapter.io.read_image`: NIfTI headers with huge, negative or zero dimensions, NaN pixdim or
+affines, bad vox_offset or datatype, and gzip streams that are bombs, cut off, padded, followed by
+garbage or a second member. Each must end in an `ImageReadError` (or a subclass) with a one-line
+message, or a Volume, under `IMAGE_MEMORY_BOUND` of traced memory.
 """
 
 from __future__ import annotations
@@ -338,3 +344,170 @@ def memory_summary(report: Report) -> str:
         return "\n".join(parts)
     return (f"RSS {report.rss['start'] / mib:.0f} MiB after warm-up, {report.rss['end'] / mib:.0f} MiB at the end "
             f"({(report.rss['end'] - report.rss['start']) / mib:+.1f} MiB)")
+
+
+# --------------------------------------------------------------------------- hostile images
+
+# A second harness, for `samed_adapter.io.read_image`: hostile NIfTI headers and gzip streams. A
+# case passes when it ends in an `ImageReadError` (or a subclass) with a one-line message, or in a
+# Volume, and the peak of traced memory (tracemalloc: numpy buffers and Python objects) stays
+# under IMAGE_MEMORY_BOUND, so no header claim or gzip stream makes the reader allocate what the
+# file does not hold. Anything else (MemoryError, an OverflowError, a nibabel or zlib exception,
+# a traceback in the message) is a failure.
+
+#: Every image case's files are under 1 MiB on disk and hold at most 4 MiB of voxels; a reader
+#: that allocates more was made to by a claim or a stream, not by the data.
+IMAGE_MEMORY_BOUND = 32 * 2**20
+
+#: How many MiB of zeros the gzip bomb inflates to if read to the end.
+BOMB_MIB = 256
+
+
+def _nifti_bytes(shape=(8, 8, 4), dtype="<i2", **fields) -> bytes:
+    """A valid single-file NIfTI-1 (header, 4 extension bytes, voxels) with header ``fields`` set."""
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.dtype(dtype))
+    header.set_sform(np.diag([0.8, 0.8, 2.5, 1.0]), code=1)
+    header.set_qform(np.diag([0.8, 0.8, 2.5, 1.0]), code=1)
+    header["vox_offset"] = 352
+    for name, value in fields.items():
+        header[name] = value
+    voxels = np.arange(int(np.prod(shape)), dtype=dtype).tobytes()
+    return header.binaryblock + b"\x00" * 4 + voxels
+
+
+def _with_dims(*dims: int) -> bytes:
+    """A NIfTI whose dim field is ``dims`` (dim[0] first), voxels of the valid 8 x 8 x 4 file after it."""
+    raw = bytearray(_nifti_bytes())
+    raw[40:56] = struct_pack("<8h", *(list(dims) + [1] * (8 - len(dims))))
+    return bytes(raw)
+
+
+def struct_pack(fmt: str, *values) -> bytes:
+    import struct
+
+    return struct.pack(fmt, *values)
+
+
+def _patched(offset: int, fmt: str, *values) -> bytes:
+    raw = bytearray(_nifti_bytes())
+    raw[offset:offset + len(struct_pack(fmt, *values))] = struct_pack(fmt, *values)
+    return bytes(raw)
+
+
+def _bomb() -> bytes:
+    """gzip: a 8 x 8 x 4 int16 NIfTI followed by BOMB_MIB MiB of zeros (about BOMB_MIB KiB compressed)."""
+    import zlib
+
+    stream = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [stream.compress(_nifti_bytes())]
+    block = b"\x00" * 2**20
+    parts += [stream.compress(block) for _ in range(BOMB_MIB)]
+    return b"".join(parts) + stream.flush()
+
+
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=1, mtime=0)
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+#: kind -> (file suffix, a function of a random.Random giving the file's bytes).
+IMAGE_KINDS: dict = {
+    "valid": (".nii", lambda rng: _nifti_bytes()),
+    "valid_gz": (".nii.gz", lambda rng: _gz(_nifti_bytes())),
+    "huge_dims": (".nii", lambda rng: _with_dims(3, 32767, 32767, rng.choice([32767, 1024, 2]))),
+    "huge_dims_gz": (".nii.gz", lambda rng: _gz(_with_dims(4, 32767, 32767, 32767, 32767))),
+    "negative_dims": (".nii", lambda rng: _with_dims(3, 8, rng.choice([-1, -8, -32768]), 4)),
+    "zero_dims": (".nii", lambda rng: _with_dims(3, 8, 0, 4)),
+    "bad_dim0": (".nii", lambda rng: _with_dims(rng.choice([0, -1, 8, 32767]), 8, 8, 4)),
+    "nan_pixdim": (".nii", lambda rng: _nifti_bytes(qform_code=0, sform_code=0,
+                                                   pixdim=[1, rng.choice([_NAN, _INF, -_INF]), 1, 1, 1, 1, 1, 1])),
+    "zero_pixdim": (".nii", lambda rng: _nifti_bytes(qform_code=0, sform_code=0, pixdim=[1, 0, 0, 0, 1, 1, 1, 1])),
+    "nan_sform": (".nii", lambda rng: _nifti_bytes(qform_code=0, srow_x=[rng.choice([_NAN, _INF]), 0, 0, 0])),
+    "nan_qform": (".nii", lambda rng: _nifti_bytes(sform_code=0, quatern_b=_NAN, qoffset_x=_NAN)),
+    "bad_vox_offset": (".nii", lambda rng: _nifti_bytes(vox_offset=rng.choice([-352.0, 0.0, _NAN, _INF, 1e30,
+                                                                                 2.0**31, 100.0, 351.0]))),
+    "bad_vox_offset_gz": (".nii.gz", lambda rng: _gz(_nifti_bytes(vox_offset=rng.choice([2.0**40, 60e6, _NAN])))),
+    "bad_datatype": (".nii", lambda rng: _patched(70, "<h", rng.choice([0, 3, 9999, -1]))),
+    "bad_sizeof_hdr": (".nii", lambda rng: _patched(0, "<i", rng.choice([0, 349, -348, 2**31 - 1]))),
+    "huge_scl_slope": (".nii", lambda rng: _nifti_bytes(scl_slope=rng.choice([1e38, _INF, _NAN]), scl_inter=0.0)),
+    "truncated": (".nii", lambda rng: _nifti_bytes()[:rng.choice([0, 4, 200, 348, 352, 400])]),
+    "header_bytes_flipped": (".nii", lambda rng: _flip(_nifti_bytes(), rng, 348)),
+    "gzip_bomb": (".nii.gz", lambda rng: _bomb()),
+    "gzip_truncated": (".nii.gz", lambda rng: (lambda z: z[:rng.randint(1, len(z) - 1)])(_gz(_nifti_bytes()))),
+    "gzip_trailing_garbage": (".nii.gz", lambda rng: _gz(_nifti_bytes()) + rng.choice([b"garbage", b"\xff" * 64,
+                                                                                    b"\x1f\x8b"])),
+    # Zero bytes after the last member are padding (tape blocks), which gzip itself allows.
+    "gzip_zero_padding": (".nii.gz", lambda rng: _gz(_nifti_bytes()) + b"\x00" * rng.choice([1, 64, 4096])),
+    "gzip_second_member": (".nii.gz", lambda rng: _gz(_nifti_bytes()) + _gz(b"\x00" * 4096)),
+    "gzip_bad_crc": (".nii.gz", lambda rng: (lambda z: z[:-8] + bytes(b ^ 0xFF for b in z[-8:-4]) + z[-4:])(
+        _gz(_nifti_bytes()))),
+    "gzip_not_gzip": (".nii.gz", lambda rng: _nifti_bytes()),
+    "gzip_flipped": (".nii.gz", lambda rng: _flip(_gz(_nifti_bytes()), rng, None)),
+}
+
+
+def _flip(data: bytes, rng, within) -> bytes:
+    raw = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        at = rng.randrange(within or len(raw))
+        raw[at] ^= 1 << rng.randrange(8)
+    return bytes(raw)
+
+
+def run_image_case(path: Path, max_voxels: Optional[int] = None) -> dict:
+    """Read ``path`` with ``read_image``: ``{"outcome", "failed", "message", "seconds", "peak"}``.
+
+    outcome is "success", the exception's class name, or "over memory bound".
+    """
+    import tracemalloc
+
+    from ..io import ImageReadError, read_image
+    from ..io.limits import resolve_max_voxels
+
+    limit = resolve_max_voxels(max_voxels)
+    start = time.perf_counter()
+    tracemalloc.start()
+    try:
+        read_image(path, max_voxels=limit)
+        outcome, failed, message = SUCCESS, False, ""
+    except ImageReadError as err:
+        message = _safe_str(err)
+        outcome, failed = type(err).__name__, not message or "\n" in message or "Traceback" in message
+    except BaseException as err:  # noqa: BLE001 - any other type is what the harness reports
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        outcome, failed, message = type(err).__name__, True, _safe_str(err)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    if peak > IMAGE_MEMORY_BOUND:
+        failed, message = True, f"peak {peak / 2**20:.1f} MiB over {IMAGE_MEMORY_BOUND / 2**20:.0f} MiB; {message}"
+    result = _result(outcome, failed, message, time.perf_counter() - start)
+    result["peak"] = peak
+    return result
+
+
+def run_image_cases(workdir: Path, kinds: Optional[list[str]] = None, repeats: int = 1, seed: int = 0) -> list[dict]:
+    """Every kind (or ``kinds``) ``repeats`` times with seeds ``seed``, ``seed + 1``, ...: one record per case."""
+    import random
+
+    records = []
+    for name in kinds or list(IMAGE_KINDS):
+        suffix, make = IMAGE_KINDS[name]
+        for r in range(repeats):
+            rng = random.Random(f"{seed}:{name}:{r}")
+            path = Path(workdir) / f"{name}_{r}{suffix}"
+            path.write_bytes(make(rng))
+            try:
+                records.append({"kind": name, "repeat": r, **run_image_case(path)})
+            finally:
+                path.unlink()
+    return records
