@@ -125,3 +125,15 @@ def test_even_series_affine_places_every_slice(tmp_path: Path) -> None:
     np.testing.assert_array_equal(volume.array[:, 0, 0], [3, 1, 2, 0])
     written = nib.load(write_labels(np.zeros(volume.array.shape, np.uint8), volume, tmp_path / "even.nii.gz"))
     np.testing.assert_allclose(written.affine, volume.affine)
+
+
+def test_the_tolerance_passes_jitter_and_catches_a_tenth_of_a_step(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # Table positions with jitter of up to 0.5 % of a 3 mm step: within the slice, accepted.
+    jittered = [3.0 * k + float(rng.uniform(-0.015, 0.015)) for k in range(20)]
+    assert not read_image(_series(tmp_path / "jitter", jittered)).uneven
+    # One slice 0.3 mm (a tenth of the step) off its place: the affine would misplace it.
+    off = [3.0 * k for k in range(20)]
+    off[7] += 0.3
+    with pytest.raises(UnevenSpacingError, match="between 18.00 and 21.30|between 21.30 and 24.00"):
+        read_image(_series(tmp_path / "off", off))

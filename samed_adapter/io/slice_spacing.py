@@ -7,13 +7,14 @@ step of 68.33 mm puts two of them at -31.15 and 37.19 mm).
 
 The tolerance
 -------------
-``SPACING_ATOL + SPACING_RTOL * step``, i.e. 0.01 mm plus 0.1 % of the step. ImagePositionPatient
+``SPACING_ATOL + SPACING_RTOL * step``, i.e. 0.01 mm plus 1 % of the step. ImagePositionPatient
 is a decimal string (DS); scanners write 2 to 6 decimals, so each position may be off its true
 value by up to 0.005 mm and a step by up to 0.01 mm (two roundings). Positions that a scanner
 computed in float32 and printed in full carry a relative error of about 1e-7 of their magnitude
-(5e-5 mm at 500 mm). The relative term allows for the last digit of thin steps computed as
-decimal fractions (0.625 mm written as 0.62 / 0.63). A missing slice (a gap of two steps) is
-far outside it: for a 0.5 mm step the tolerance is 0.0105 mm.
+(5e-5 mm at 500 mm). The relative term allows for table positions that scanners report with a
+little jitter: a slice misplaced by 1 % of a step still lies well inside its own voxel. What must
+be caught is off by a whole step or more (a missing slice, a localizer, a second stack) and is
+far outside it: for a 0.5 mm step the tolerance is 0.015 mm, for a 5 mm step 0.06 mm.
 
 What is checked is each slice's distance from the line through the first and the last slice
 (all three coordinates, so a shear that a gantry tilt gives stays allowed, an irregular one does
@@ -29,7 +30,7 @@ import numpy as np
 __all__ = ["SPACING_ATOL", "SPACING_RTOL", "SliceRun", "even_run", "is_even", "shortened"]
 
 SPACING_ATOL = 0.01  # mm: two roundings of a position written with 2 decimals
-SPACING_RTOL = 1e-3  # of the step
+SPACING_RTOL = 1e-2  # of the step: sub-voxel, far below a missing slice
 #: A slice left out at an end must stand at least this many steps from the even run: a gap of
 #: 2 or 3 steps looks like missing slices (refused, never guessed), a localizer stands far apart.
 OUTLIER_STEPS = 4.0
