@@ -82,8 +82,8 @@ def check_voxels(shape: Sequence[int], max_voxels: Optional[int] = DEFAULT_MAX_V
 
 
 def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *, exact: bool = True,
-                 already: int = 0) -> bytes:
-    """Exactly ``size`` bytes from a (gzip) stream, inflating no more than ``size`` + 1 MiB.
+                 prefix: bytes = b"") -> bytes:
+    """``prefix`` and then exactly ``size`` bytes from a (gzip) stream, inflating no more than ``size`` + 1 MiB.
 
     Args:
         stream: a binary stream, typically a :class:`gzip.GzipFile`.
@@ -91,13 +91,14 @@ def read_bounded(stream: BinaryIO, size: int, source: str | os.PathLike[str], *,
         source: the file, named in messages.
         exact: also require the stream to end there (a gzip holding more than its header claims
             is damaged or a bomb: one more byte is read to see it, never the rest).
-        already: bytes of the stream read before (the header), counted in messages.
+        prefix: bytes of the stream read before (the header): returned in front of the rest
+            (joined once, so the data is not copied twice) and counted in messages.
 
     Raises:
         TruncatedImageError: the stream ends early, or its gzip data is cut off.
         ImageReadError: the stream holds more than ``size`` bytes (``exact``), or is not gzip.
     """
-    chunks, held = [], 0
+    chunks, held, already = [prefix], 0, len(prefix)
     try:
         while held < size:
             chunk = stream.read(min(_CHUNK, size - held))

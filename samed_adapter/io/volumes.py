@@ -386,7 +386,7 @@ def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         header = _nifti_header(head, path)
         offset, nbytes = _nifti_layout(header, path, max_voxels)
         if gz:
-            raw = head + read_bounded(fh, offset + nbytes - len(head), path, already=len(head))
+            raw = read_bounded(fh, offset + nbytes - len(head), path, prefix=head)
     if gz:
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = klass.from_bytes(raw)
