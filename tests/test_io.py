@@ -434,3 +434,17 @@ def test_pick_slices_spreads_over_foreground() -> None:
     picks = _pick_slices(foreground, 100, 4)
     assert picks == [20, 40, 59, 79]
     assert _pick_slices(np.zeros(5, dtype=bool), 5, 12) == [0, 1, 2, 3, 4]
+
+
+def test_a_dicom_folder_that_cannot_be_listed_says_so(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)  # root lists any folder: imitate chmod 000
+    with pytest.raises(ImageReadError) as err:
+        read_image(folder)
+    assert str(err.value) == f"{folder}: cannot list the folder ([Errno 13] Permission denied: '{folder}'); " \
+                             "check it exists and is readable"

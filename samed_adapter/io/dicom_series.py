@@ -360,7 +360,8 @@ def _read_guarded(source: Path, read: Callable[[], "Volume"]) -> "Volume":
     except ImageReadError:
         raise
     except MemoryError as exc:
-        raise ImageTooLargeError(f"{source}: not enough memory to read the series") from exc
+        raise ImageTooLargeError(f"{source}: not enough memory to read the series; free memory, or lower --max-voxels "
+                                 "(Python: max_voxels=) to refuse such series before reading them") from exc
     except Exception as exc:  # pydicom and numpy raise many types; report them as one
         raise ImageReadError(
             f"{source}: could not read as DICOM ({type(exc).__name__}: {exc}); {SUPPORTED}"

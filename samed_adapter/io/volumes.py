@@ -48,7 +48,7 @@ from .dicom_series import (
     read_dicom_folder,
     read_dicom_series,
 )
-from .dicom_series import _read_dicom_series
+from .dicom_series import _folder_files, _read_dicom_series
 from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
 from .limits import DEFAULT_MAX_VOXELS, check_voxels, file_size, read_bounded, resolve_max_voxels
 
@@ -241,7 +241,7 @@ def read_image(path: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VO
         if suffix not in READ_SUFFIXES and is_dicom_file(path):
             suffix = ".dcm"  # DICOM files on CDs and in PACS exports carry no suffix
     readers: dict[str, Callable[[Path], Volume]] = {
-        "DICOM folder": lambda p: _read_dicom_series(sorted(p.iterdir()), p, limit, allow_uneven),
+        "DICOM folder": lambda p: _read_dicom_series(_folder_files(p), p, limit, allow_uneven),
         ".dcm": lambda p: _read_dicom_series([p], p, limit, allow_uneven),
         ".nii": lambda p: _read_nifti(p, limit), ".nii.gz": lambda p: _read_nifti(p, limit),
         ".png": lambda p: _read_png(p, limit), ".npy": lambda p: _read_npy(p, limit),
