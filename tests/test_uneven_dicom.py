@@ -11,6 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from samed_adapter.io import (
+    ImageReadError,
     UnevenSpacingError,
     label_nifti,
     list_dicom_series,
@@ -137,3 +138,25 @@ def test_the_tolerance_passes_jitter_and_catches_a_tenth_of_a_step(tmp_path: Pat
     off[7] += 0.3
     with pytest.raises(UnevenSpacingError, match="between 18.00 and 21.30|between 21.30 and 24.00"):
         read_image(_series(tmp_path / "off", off))
+
+
+def test_a_scout_of_another_orientation_in_the_series_is_left_out(tmp_path: Path) -> None:
+    folder = _series(tmp_path / "ct", [2.0 * k for k in range(5)])
+    # A sagittal scout of another size stored in the same series, as CT consoles do.
+    write_ct_slice(folder / "scout.dcm", np.zeros((6, 6)), [0.0, -100.0, 100.0], iop=[0, 1, 0, 0, 0, -1],
+                   spacing=[2.0, 2.0], series="1.2.840.99.77")
+    with pytest.warns(UserWarning, match=r"left out 1 slice\(s\) of another size or orientation \(scout.dcm\)"):
+        volume = read_image(folder)
+    assert volume.array.shape == (5, 3, 4) and "scout.dcm" in volume.messages[0]
+    assert folder / "scout.dcm" not in volume.files
+    np.testing.assert_allclose(_placed_z(volume), [0.0, 2.0, 4.0, 6.0, 8.0], atol=1e-6)
+
+
+def test_a_series_of_several_orientations_is_refused(tmp_path: Path) -> None:
+    # A 3-plane localizer: no orientation stands for the series.
+    folder = _series(tmp_path / "mixed", [0.0, 2.0, 4.0])
+    for k in range(3):
+        write_ct_slice(folder / f"cor{k}.dcm", np.zeros((3, 4)), [0.0, 2.0 * k, 0.0], iop=[1, 0, 0, 0, 0, -1],
+                       spacing=[0.7, 0.7], series="1.2.840.99.77")
+    with pytest.raises(ImageReadError, match="size, orientation or pixel spacing differs"):
+        read_image(folder)

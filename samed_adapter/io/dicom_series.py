@@ -15,7 +15,8 @@ Reading
 -------
 :func:`read_dicom_series` stacks one series' slices along the slice normal. Their spacing must be
 even (see :mod:`samed_adapter.io.slice_spacing`): a localizer standing apart at one end is left
-out, with a message in ``Volume.messages`` (and a ``UserWarning``); any other uneven series is an
+out, and so is a slice or two of another size or orientation (a scout stored with an axial
+series), with a message in ``Volume.messages`` (and a ``UserWarning``); any other uneven series is an
 :class:`~samed_adapter.io.errors.UnevenSpacingError`, unless ``allow_uneven=True`` (for outputs
 that reference each instance, such as DICOM-SEG), which gives a Volume marked ``uneven``.
 """
@@ -412,6 +413,45 @@ def _check_orientation(path: Path, orient: np.ndarray) -> None:
                              "the header is damaged (fix it, or convert the series with dcm2niix)")
 
 
+#: At most this many slices of another size or orientation are left out of a series (a localizer
+#: or two stored with it, usual on CT); more is a mixed series (a 3-plane localizer), refused.
+_MAX_ODD_SLICES = 2
+
+
+def _same_grid(a: Any, b: Any) -> bool:
+    """Whether two slice headers share size, orientation and pixel spacing (to rounding)."""
+    try:
+        return ((a.Rows, a.Columns) == (b.Rows, b.Columns)
+                and np.allclose(_floats(a.ImageOrientationPatient), _floats(b.ImageOrientationPatient), atol=1e-4)
+                and np.allclose(_floats(a.PixelSpacing), _floats(b.PixelSpacing), atol=1e-4))
+    except (TypeError, ValueError):  # a malformed value: not the same grid
+        return False
+
+
+def _split_odd_slices(slices: list[_Slice], source: Path) -> tuple[list[_Slice], list[str]]:
+    """(the slices of the series' grid, messages): a slice or two of another size or orientation
+    (a localizer stored in the series) is left out and said; more is a mixed series, refused."""
+    groups: list[list[_Slice]] = []
+    for item in slices:
+        home = next((g for g in groups if _same_grid(g[0][1], item[1])), None)
+        if home is None:
+            groups.append([item])
+        else:
+            home.append(item)
+    if len(groups) == 1:
+        return slices, []
+    main = max(groups, key=len)
+    odd = sorted((p for g in groups if g is not main for p, _ in g), key=str)
+    if len(odd) > _MAX_ODD_SLICES or len(main) < 3:
+        other = next(g for g in groups if g is not main)[0][0]
+        raise ImageReadError(f"{other}: size, orientation or pixel spacing differs from {main[0][0]}; "
+                             "the folder must hold one series of parallel, equally sized slices")
+    names = ", ".join(p.name for p in odd)
+    return main, [f"{source}: left out {len(odd)} slice(s) of another size or orientation ({names}) than the "
+                  f"{len(main)} others, e.g. a localizer stored in the series; the label file covers those "
+                  f"{len(main)} slices only"]
+
+
 def _check_slices(slices: list[_Slice]) -> tuple[np.ndarray, np.ndarray]:
     """(orientation (6,), pixel spacing (2,)) shared by every slice, else an ImageReadError."""
     first_path, first = slices[0]
@@ -543,13 +583,15 @@ def _read_dicom_slices(slices: list[_Slice], source: Path, max_voxels: int = DEF
     """
     from .volumes import Volume, voxel_sizes
 
+    slices, messages = _split_odd_slices(slices, source)
     first_path, first = slices[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(f"{first_path}: multi-frame DICOM unsupported; convert with dcm2niix")
     check_voxels((len(slices), int(first.Rows), int(first.Columns)), max_voxels, source)
     orient, pixel_spacing = _check_slices(slices)
     normal = np.cross(orient[:3], orient[3:])
-    slices, positions, step, uneven, messages = _stack_order(slices, source, normal, allow_uneven)
+    slices, positions, step, uneven, spacing_messages = _stack_order(slices, source, normal, allow_uneven)
+    messages += spacing_messages
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
     affine = _affine(first, orient, pixel_spacing, positions, step, not uneven)
