@@ -210,3 +210,22 @@ def test_version_1_files_still_load_and_cut_slices_as_stored(tmp_path):
         labels = model.segment(read_image(tmp_path / "scan.nii.gz"))
     np.testing.assert_array_equal(labels, model.segment(data.transpose(2, 1, 0)))
     sa.unpatch(sam)
+
+
+def test_voxel_sizes_come_from_the_affine_columns_and_pixdim_disagreement_warns() -> None:
+    import warnings
+
+    from samed_adapter.geometry import check_voxel_sizes, voxel_sizes
+
+    oblique = np.eye(4)
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique[:3, :3] = rotation @ np.diag([0.8, 1.1, 3.0])
+    assert voxel_sizes(oblique) == pytest.approx((0.8, 1.1, 3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_voxel_sizes(oblique, (0.8, 1.1, 3.0)) == pytest.approx((0.8, 1.1, 3.0))
+        check_voxel_sizes(oblique, (0.8, 1.1))  # a 2-D header's zooms: the axes it has
+        check_voxel_sizes(oblique, (0.8, 1.1, 0.0))  # 0: unset, not a disagreement
+    with pytest.warns(UserWarning, match=r"case7: the header's voxel size \(pixdim 0.8, 1.1, 1.5 mm\) disagrees"):
+        assert check_voxel_sizes(oblique, (0.8, 1.1, 1.5), "case7") == pytest.approx((0.8, 1.1, 3.0))
