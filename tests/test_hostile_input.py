@@ -439,3 +439,19 @@ def test_an_all_zero_dicom_orientation_is_named_not_shared_positions(tmp_path):
     message = _one_line_error(lambda: read_image(folder))
     assert "ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not two unit vectors at right angles" in message
     assert "share one position" not in message
+
+
+@pytest.mark.parametrize("keep", [140, 300, 500])
+def test_a_dicom_cut_inside_its_header_is_called_truncated_not_a_non_image(tmp_path, keep):
+    from samed_adapter.io import find_dicom, read_image
+    from samed_adapter.testing.dicom import write_ct_slice
+
+    path = tmp_path / "cut.dcm"
+    write_ct_slice(path, np.zeros((8, 8)), [0.0, 0.0, 0.0], iop=[1, 0, 0, 0, 1, 0], spacing=[1, 1], series="1.2.3")
+    path.write_bytes(path.read_bytes()[:keep])
+    message = _one_line_error(lambda: read_image(path))
+    # 140 bytes end inside the file meta, before even the SOP class.
+    what = "no SOP Class, Modality or Rows: the header ends early" if keep == 140 else "CT Image Storage, but no Rows/Columns"
+    assert f"cut.dcm: truncated or damaged ({what}); copy it again from the source" in message
+    assert "not an image" not in message
+    assert find_dicom(tmp_path).skipped == [(path, f"truncated or damaged ({what}); copy it again from the source")]

@@ -145,6 +145,12 @@ def _why_not_a_slice(ds: Any) -> str | None:
     if all(tag in ds for tag in _GEOMETRY):
         return None
     if "Rows" not in ds:
+        sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        kind = str(getattr(sop, "name", "") or "")
+        if kind.endswith("Image Storage"):  # an image by its class, yet the header stops before its size
+            return f"truncated or damaged ({kind}, but no Rows/Columns); copy it again from the source"
+        if sop is None and not modality:  # DICM magic, then nothing that says what it is
+            return "truncated or damaged (no SOP Class, Modality or Rows: the header ends early); copy it again from the source"
         return f"not an image ({modality or 'no Modality'}: no pixel data attributes)"
     if modality in _PROJECTION or "ImagePositionPatient" not in ds:
         return f"single projection image ({modality or 'no Modality'}): no slice position (ImagePositionPatient)"
