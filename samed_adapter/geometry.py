@@ -40,6 +40,7 @@ __all__ = [
     "check_voxel_sizes",
     "describe_orientation",
     "parse_orientation",
+    "voxel_size_disagreement",
     "voxel_sizes",
 ]
 
@@ -91,23 +92,31 @@ def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
-def check_voxel_sizes(affine: np.ndarray, zooms: Sequence[float], name: object = "the image") -> tuple[float, float, float]:
-    """:func:`voxel_sizes` of ``affine``, with a ``UserWarning`` when a header's ``zooms`` (pixdim) differ.
+def voxel_size_disagreement(affine: np.ndarray, zooms: Sequence[float], name: object = "the image") -> Optional[str]:
+    """The one-line warning for a header whose ``zooms`` (pixdim) differ from ``affine``'s voxel sizes, else None.
 
-    SimpleITK warns the same way; the affine wins, since it is what places the voxels. Axes a
-    2-D header leaves out (or gives as 0) are not compared.
+    Axes a 2-D header leaves out (or gives as 0) are not compared.
     """
     sizes = voxel_sizes(affine)
     stated = [float(z) for z in zooms][:3]
-    differ = [(s, z) for s, z in zip(sizes, stated) if z > 0 and not np.isclose(s, z, rtol=1e-3, atol=1e-5)]
-    if differ:
+    if not any(z > 0 and not np.isclose(s, z, rtol=1e-3, atol=1e-5) for s, z in zip(sizes, stated)):
+        return None
+    shown = ", ".join(f"{z:.4g}" for z in stated)
+    return (f"{name}: the header's voxel size (pixdim {shown} mm) disagrees with its affine "
+            f"({', '.join(f'{s:.4g}' for s in sizes[:len(stated)])} mm); using the affine's, which places the voxels")
+
+
+def check_voxel_sizes(affine: np.ndarray, zooms: Sequence[float], name: object = "the image") -> tuple[float, float, float]:
+    """:func:`voxel_sizes` of ``affine``, with a ``UserWarning`` when a header's ``zooms`` (pixdim) differ.
+
+    SimpleITK warns the same way; the affine wins, since it is what places the voxels.
+    """
+    message = voxel_size_disagreement(affine, zooms, name)
+    if message:
         import warnings
 
-        shown = ", ".join(f"{z:.4g}" for z in stated)
-        warnings.warn(f"{name}: the header's voxel size (pixdim {shown} mm) disagrees with its affine "
-                      f"({', '.join(f'{s:.4g}' for s in sizes[:len(stated)])} mm); using the affine's, which places "
-                      "the voxels", UserWarning, stacklevel=2)
-    return sizes
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return voxel_sizes(affine)
 
 
 def _io_orientation(affine: np.ndarray) -> np.ndarray:

@@ -55,6 +55,8 @@ def test_read_image_takes_the_affine_and_warns(case: Path) -> None:
     with pytest.warns(UserWarning, match=r"pixdim 1, 1, 2\.24 mm\) disagrees with its affine \(2, 2, 4\.47 mm\)"):
         volume = read_image(case / "imagesTr" / "a.nii")
     np.testing.assert_allclose(volume.spacing, AFFINE_SIZES[::-1], rtol=1e-6)
+    # Also in Volume.messages, which `segment` prints (it does not show Python warnings).
+    assert len(volume.messages) == 1 and "disagrees with its affine" in volume.messages[0]
 
 
 def test_statistics_and_hd95_agree_with_the_affine(case: Path) -> None:
@@ -79,5 +81,5 @@ def test_no_warning_when_pixdim_agrees(tmp_path: Path, recwarn) -> None:
     path = tmp_path / "fine.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.diag([0.7, 0.7, 2.5, 1.0])), path)
     volume = read_image(path)
-    assert volume.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert volume.spacing == pytest.approx((2.5, 0.7, 0.7)) and volume.messages == ()
     assert not [w for w in recwarn if "disagrees" in str(w.message)]

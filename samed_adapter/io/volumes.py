@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..files import atomic_path
-from ..geometry import SliceGeometry, check_voxel_sizes, voxel_sizes as _column_sizes
+from ..geometry import SliceGeometry, voxel_size_disagreement, voxel_sizes as _column_sizes
 
 import nibabel as nib
 import numpy as np
@@ -48,7 +49,7 @@ from .dicom_series import (
     read_dicom_folder,
     read_dicom_series,
 )
-from .dicom_series import _folder_files, _read_dicom_series
+from .dicom_series import _folder_files, _read_dicom_series, _user_stacklevel
 from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
 from .limits import DEFAULT_MAX_VOXELS, check_voxels, file_size, read_bounded, resolve_max_voxels
 
@@ -318,11 +319,15 @@ def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
         # Left alone, geometry fails much later with "SVD did not converge".
         raise ImageReadError(f"{name}: the header's affine (sform/qform or pixdim) holds NaN or infinity; the header "
                              "is damaged: fix it (e.g. nibabel: img.set_sform(good_affine)) or export the image again")
-    check_voxel_sizes(affine, img.header.get_zooms()[:3], name)
+    # Told twice: as a warning (Python callers) and in Volume.messages, which the CLI prints.
+    disagreement = voxel_size_disagreement(affine, img.header.get_zooms()[:3], name)
+    if disagreement:
+        warnings.warn(disagreement, UserWarning, stacklevel=_user_stacklevel())
     data = nifti_voxels(img).reshape(shape)
     # (X, Y, Z) -> (Z, Y, X); nibabel returns Fortran-ordered data, so no copy here.
     array = np.ascontiguousarray(data.T)
-    return Volume(array, affine, img.header, voxel_sizes(affine, array.ndim), source)
+    return Volume(array, affine, img.header, voxel_sizes(affine, array.ndim), source,
+                  messages=(disagreement,) if disagreement else ())
 
 
 #: The most bytes a NIfTI may hold between its header and its voxels (extensions): real ones
