@@ -19,7 +19,7 @@ from samed_adapter.io import (
     read_image,
     write_labels,
 )
-from samed_adapter.io.slice_spacing import even_run
+from samed_adapter.io.slice_spacing import even_run, shortened
 from samed_adapter.testing.dicom import write_ct_slice
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -160,3 +160,44 @@ def test_a_series_of_several_orientations_is_refused(tmp_path: Path) -> None:
                        spacing=[0.7, 0.7], series="1.2.840.99.77")
     with pytest.raises(ImageReadError, match="size, orientation or pixel spacing differs"):
         read_image(folder)
+
+
+def test_segment_refuses_a_nifti_for_an_uneven_series_and_writes_a_dicom_seg(ct_folder: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    import pydicom
+    import torch
+
+    import samed_adapter as sa
+    from samed_adapter import cli
+    from samed_adapter.io import read_dicom_seg
+    from samed_adapter.testing import random_adapter
+
+    # pydicom's CT_small as 4 slices 5 mm apart; the last moved 10 mm further: two slices missing.
+    last = pydicom.dcmread(ct_folder / "b.dcm")
+    orient = np.array([float(v) for v in last.ImageOrientationPatient])
+    normal = np.cross(orient[:3], orient[3:])
+    last.ImagePositionPatient = [f"{v:.6f}" for v in np.array([float(v) for v in last.ImagePositionPatient])
+                                 + 10.0 * normal]
+    last.save_as(ct_folder / "b.dcm")
+    sam = sa.build_sam("tiny", seed=0)
+    torch.save(sam.state_dict(), tmp_path / "sam.pth")
+    config = sa.AdapterConfig(num_classes=2, image_size=64, orientation="LPS")
+    adapter = random_adapter(sam, config, seed=2, scale=0.5).save(tmp_path / "a.safetensors")
+    base = ["segment", "--sam", str(tmp_path / "sam.pth"), "--adapter", str(adapter), str(ct_folder)]
+
+    out = tmp_path / "nifti"
+    code = cli.main([*base, "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code != 0 and "Traceback" not in captured.err
+    assert "unevenly spaced" in captured.err and "--output-type dicom-seg" in captured.err
+    positions = read_image(ct_folder, allow_uneven=True).positions
+    assert np.diff(positions) == pytest.approx([5.0, 5.0, 15.0], abs=1e-4)
+    assert f"positions along the normal {shortened(positions)} mm" in captured.err
+    assert not out.exists() or not list(out.rglob("*.nii*"))  # no NIfTI that misplaces a slice
+
+    seg_out = tmp_path / "seg"
+    assert cli.main([*base, "-o", str(seg_out), "--output-type", "dicom-seg"]) == 0
+    (seg,) = list(seg_out.rglob("*.dcm"))
+    source = read_image(ct_folder, allow_uneven=True)
+    labels = read_dicom_seg(seg, source)
+    assert labels.shape == source.array.shape == (4, 128, 128)  # every source slice, none invented
