@@ -4,8 +4,9 @@
   splines), predict, resize the labels back (nearest); Dice and HD95 in voxels (unit spacing);
   a class absent from the truth but predicted scores Dice 1 / HD95 0, absent from the prediction
   Dice 0 / HD95 0.
-- "default": no round trip; HD95 in millimetres from the volume's voxel spacing; cases whose
-  truth lacks a class are reported apart instead of being scored 1 or 0.
+- "default": no round trip; HD95 in millimetres from the volume's voxel spacing (the affine's
+  voxel sizes, as statistics take them, never a pixdim that disagrees); cases whose truth lacks a
+  class are reported apart instead of being scored 1 or 0.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def evaluate(
     Args:
         volumes: items with "image" (D, H, W) float in [0, 1] (already windowed, as the
             dataset readers give them), "label" (D, H, W) ints 0..K, "case" (str) and, for the
-            default protocol, "spacing" (3,) voxel sizes in (D, H, W) order.
+            default protocol, "spacing" (3,) voxel sizes in (D, H, W) order (NiftiVolumes gives
+            the affine's, :func:`samed_adapter.geometry.voxel_sizes`).
         protocol: "samed" (published) or "default" (see the module docstring).
 
     Returns:
