@@ -216,6 +216,9 @@ def write_dicom_seg(
         manufacturer="samed-adapter", manufacturer_model_name="samed-adapter",
         software_versions=__version__, device_serial_number="0",
         content_description=_lo(f"{ALGORITHM_NAME} {adapter_name}"),
+        # Type 2 in the Content Identification macro: readers such as dcmqi warn when it is
+        # absent. An automatic segmentation has no person behind it, so the algorithm is named.
+        content_creator_name=ALGORITHM_NAME,
         series_description=_lo(series_description),
         # Empty frames are left out (a sparse mask's size, not D x K full frames); empty
         # segments stay described. An all-background mask must keep its frames: say so
