@@ -308,5 +308,7 @@ def overlay_volume(
     bounds = getattr(intensity, "bounds", None)
     if bounds is not None:
         window = bounds(image)
+        if window is not None and not window[1] > window[0]:  # percentiles of a constant volume: (v, v)
+            window = (window[0] - 0.5, window[0] + 0.5)  # shown flat mid-grey, as the model saw it: flat
     return overlay_montage(image, shown[0], class_names, path, truth=shown[1] if truth is not None else None,
                            max_slices=max_slices, window=window)
