@@ -5,7 +5,9 @@ One input gives, next to its label file ``out/<name>.nii.gz`` (PNG/NPY for 2-D i
 - ``<name>_seg.dcm``: a DICOM Segmentation object over the source series (DICOM inputs);
 - ``<name>_statistics.json``: per-class voxels, mm³, intensity mean/std and bounding box;
 - ``<name>/<class>.nii.gz``: one binary mask per class, on the input's grid;
-- ``<name>.npz``: the softmax of every class, float16 (nnU-Net's ``--save_probabilities``);
+- ``<name>.npz``: the softmax of every class, float16, on the label file's grid, with its axes
+  and (for NIfTI) affine recorded beside it (not nnU-Net's layout, which is (C, z, y, x) plus a
+  pickle of properties);
 - ``<name>_overlay.png``: axial slices with the labels drawn, in the radiological view.
 
 Everything one input writes appears atomically and all together: a failure removes what that
@@ -292,11 +294,15 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
             for c in kept:
                 written.append(write_labels((labels == c).astype(np.uint8), volume, next(files)))
         if probs is not None:
-            # On the label file's grid: a NIfTI's voxel order, else the array's own layout.
+            # On the label file's grid: a NIfTI's voxel order, else the array's own layout. The
+            # axes (and a NIfTI's affine) travel in the file, so nobody has to guess them.
             nifti = label_path.name.lower().endswith((".nii", ".nii.gz"))
             grid = np.stack([volume.to_voxels(p) for p in probs]) if nifti else probs
-            written.append(_write_npz(next(files), probabilities=grid,
-                                      class_names=np.array(["background", *names])))
+            axes = ("class", "i", "j", "k")[: grid.ndim] if nifti else \
+                ("class", *("slice", "row", "column")[4 - grid.ndim:])
+            extra = {"affine": np.asarray(volume.affine, dtype=np.float64)} if nifti else {}
+            written.append(_write_npz(next(files), probabilities=grid, class_names=np.array(["background", *names]),
+                                      axes=np.array(axes), **extra))
         if options.overlay:
             scaling = options.scaling()
             intensity = Intensity.from_config(config, scaling["window"], scaling["percentiles"])

@@ -106,6 +106,8 @@ def test_segment_writes_statistics_split_and_probabilities(trained, capsys, tmp_
 
     with np.load(tmp_path / "mni_val.npz") as npz:
         probs, class_names = npz["probabilities"], list(npz["class_names"])
+        assert list(npz["axes"]) == ["class", "i", "j", "k"]  # recorded, not guessed (issue 20)
+        np.testing.assert_array_equal(npz["affine"], source.affine)
     assert probs.dtype == np.float16 and probs.shape == (3, *source.shape)
     assert class_names == ["background", *NAMES]
     np.testing.assert_array_equal(probs.argmax(axis=0), labels)
