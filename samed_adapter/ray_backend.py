@@ -312,16 +312,18 @@ def run_on_ray(
     if not jobs:
         return
     started = not ray.is_initialized()
+    # Ray Data's notes on starting and finishing (and on the progress bars turned off below) would
+    # mix with the command's own lines; its warnings still show. The notice that token
+    # authentication is on (it is, for the local Ray started here) is said on every run.
+    quiet = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR,
+             "ray._private.authentication.authentication_token_setup": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).getEffectiveLevel()))
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  logging_level=logging.WARNING, configure_logging=True)
     rows = None
-    # Ray Data's notes on starting and finishing (and on the progress bars turned off below) would
-    # mix with the command's own lines; its warnings still show.
-    quiet = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
-    levels = {name: logging.getLogger(name).level for name in quiet}
-    for name, level in quiet.items():
-        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).getEffectiveLevel()))
     try:
         # A module at hand travels once through the object store; otherwise each actor rebuilds it.
         sam_ref = ray.put(source.module if source.module is not None else source)

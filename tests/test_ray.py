@@ -134,3 +134,16 @@ def test_without_ray_says_how_to_install(archive, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.data", None)
     with pytest.raises(ImportError, match=r"pip install samed-adapter\[ray\]"):
         segment_files([archive["inputs"]], tmp_path / "ray", sam=SOURCE, adapter=archive["adapter"], engine="ray")
+
+
+def test_a_ray_run_started_by_the_command_says_nothing_of_token_auth(archive, tmp_path):
+    """Ray started inside `segment --ray` keeps its notice that token authentication is on (it is)
+    to itself: the user sees the command's own lines and real warnings."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "samed_adapter.cli", "segment", "--sam-backbone", "tiny",
+                           "--random-sam-seed", "0", "--adapter", str(archive["adapter"]), str(archive["inputs"]),
+                           "-o", str(tmp_path / "out"), "--ray"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Token authentication" not in done.stderr, done.stderr
+    assert "segmented 4 of 4 inputs" in done.stdout
