@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import samed_adapter as sa
-from samed_adapter.attention import disable_sdpa, enable_sdpa
-from samed_adapter.lora import LoraQKV
+from samed_adapter.surgery.attention import disable_sdpa, enable_sdpa
+from samed_adapter.surgery.lora import LoraQKV
 
 from bench_train_step import PublishedLoRAqkv
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import samed_adapter as sa
-from samed_adapter.attention import disable_sdpa
-from samed_adapter.lora import LoraQKV
+from samed_adapter.surgery.attention import disable_sdpa
+from samed_adapter.surgery.lora import LoraQKV
 from samed_adapter.training import segmentation_loss
 
 

@@ -6,7 +6,7 @@
 
 import sys
 
-from samed_adapter.quickstart import main
+from samed_adapter.cli.quickstart import main
 
 if __name__ == "__main__":
     sys.exit(main())

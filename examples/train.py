@@ -10,7 +10,7 @@
 import shlex
 import sys
 
-from samed_adapter.training.run import main
+from samed_adapter.cli.train import main
 
 if __name__ == "__main__":
     # The script as it was started, for the --resume command printed on Ctrl-C.

@@ -13,33 +13,33 @@ from .version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Adapter": "adapter",
-    "AdapterError": "adapter",
-    "AdapterFormatError": "adapter",
-    "AdapterMismatchError": "adapter",
-    "BaseMismatchError": "adapter",
-    "build_sam": "backbones",
-    "infer_backbone": "backbones",
-    "list_backbones": "backbones",
-    "load_stock_sam": "backbones",
-    "UnsafeCheckpointError": "checkpoints",
+    "Adapter": "adapter_file.adapter",
+    "AdapterError": "adapter_file.adapter",
+    "AdapterFormatError": "adapter_file.adapter",
+    "AdapterMismatchError": "adapter_file.adapter",
+    "BaseMismatchError": "adapter_file.adapter",
+    "build_sam": "hosts.backbones",
+    "infer_backbone": "hosts.backbones",
+    "list_backbones": "hosts.backbones",
+    "load_stock_sam": "hosts.backbones",
+    "UnsafeCheckpointError": "adapter_file.checkpoints",
     "convert_published": "convert",
-    "SYNAPSE_CLASS_NAMES": "config",
-    "AdapterConfig": "config",
-    "RADIOLOGICAL": "geometry",
-    "SliceGeometry": "geometry",
-    "axis_codes": "geometry",
+    "SYNAPSE_CLASS_NAMES": "adapter_file.config",
+    "AdapterConfig": "adapter_file.config",
+    "RADIOLOGICAL": "volume.geometry",
+    "SliceGeometry": "volume.geometry",
+    "axis_codes": "volume.geometry",
     "push_to_hub": "hub",
     "SAMed": "model",
     "CompiledSwapWarning": "patching",
     "inject": "patching",
     "patch": "patching",
     "unpatch": "patching",
-    "Intensity": "preprocessing",
-    "segment_file": "segmentation",
-    "segment_files": "pipeline",
-    "label_statistics": "statistics",
-    "stock_fingerprint": "surgery",
+    "Intensity": "volume.preprocessing",
+    "segment_file": "segment.outputs",
+    "segment_files": "segment.pipeline",
+    "label_statistics": "segment.statistics",
+    "stock_fingerprint": "surgery.structure",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -59,17 +59,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .adapter import Adapter, AdapterError, AdapterFormatError, AdapterMismatchError, BaseMismatchError
-    from .backbones import build_sam, infer_backbone, list_backbones, load_stock_sam
-    from .checkpoints import UnsafeCheckpointError
-    from .config import SYNAPSE_CLASS_NAMES, AdapterConfig
+    from .adapter_file.adapter import Adapter, AdapterError, AdapterFormatError, AdapterMismatchError, BaseMismatchError
+    from .hosts.backbones import build_sam, infer_backbone, list_backbones, load_stock_sam
+    from .adapter_file.checkpoints import UnsafeCheckpointError
+    from .adapter_file.config import SYNAPSE_CLASS_NAMES, AdapterConfig
     from .convert import convert_published
-    from .geometry import RADIOLOGICAL, SliceGeometry, axis_codes
+    from .volume.geometry import RADIOLOGICAL, SliceGeometry, axis_codes
     from .hub import push_to_hub
     from .model import SAMed
     from .patching import CompiledSwapWarning, inject, patch, unpatch
-    from .pipeline import segment_files
-    from .preprocessing import Intensity
-    from .segmentation import segment_file
-    from .statistics import label_statistics
-    from .surgery import stock_fingerprint
+    from .segment.pipeline import segment_files
+    from .volume.preprocessing import Intensity
+    from .segment.outputs import segment_file
+    from .segment.statistics import label_statistics
+    from .surgery.structure import stock_fingerprint

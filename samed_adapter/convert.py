@@ -15,12 +15,12 @@ from typing import Optional, Sequence, Union
 import torch
 from segment_anything.modeling import Sam
 
-from .adapter import DELTA_PREFIX, Adapter, AdapterFormatError
-from .backbones import infer_backbone
-from .checkpoints import load_state_dict_file
-from .config import CT_ABDOMEN_WINDOW, SYNAPSE_CLASS_NAMES, AdapterConfig
-from .surgery import get_stock_state, is_class_sized, stock_fingerprint
-from .transfer import check_fits, expected_tensors
+from .adapter_file.adapter import DELTA_PREFIX, Adapter, AdapterFormatError
+from .hosts.backbones import infer_backbone
+from .adapter_file.checkpoints import load_state_dict_file
+from .adapter_file.config import CT_ABDOMEN_WINDOW, SYNAPSE_CLASS_NAMES, AdapterConfig
+from .surgery.structure import get_stock_state, is_class_sized, stock_fingerprint
+from .surgery.transfer import check_fits, expected_tensors
 
 _PUBLISHED_DECODER_LORA = {
     "sa": "self_attn",
@@ -52,7 +52,7 @@ def convert_published(
         intensity_window: default the CT window (-125, 275); None for inputs already in [0, 1].
         lora_blocks: the encoder blocks that carry LoRA, when not all of them.
         orientation, slice_axis: the axis codes of the volumes its training slices were cut
-            from, and the axis they were cut along (see `samed_adapter.geometry`); default not
+            from, and the axis they were cut along (see `samed_adapter.volume.geometry`); default not
             recorded, so volumes are cut as stored (the published Synapse models saw the raw
             files' stored axes, each slice ``data[:, :, k].T``).
     """

@@ -19,16 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from .adapter import Adapter
-from .geometry import describe_orientation
+from .adapter_file.adapter import Adapter
+from .volume.geometry import describe_orientation
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from huggingface_hub import CommitInfo, ModelCard
 
-    from .metrics import Summary
+    from .evaluation.metrics import Summary
     from .model import SAMed
 
-from .hub_cache import (  # noqa: F401 - re-exported: resolving Hub ids lives below Adapter
+from .adapter_file.hub_cache import (  # noqa: F401 - re-exported: resolving Hub ids lives below Adapter
     ADAPTER_FILENAME,
     LIBRARY_NAME,
     AdapterNotFoundError,
@@ -142,7 +142,7 @@ def model_card(
     if isinstance(evaluation, str):
         evaluation_text = evaluation.strip() or None
     elif evaluation is not None:
-        from .metrics import Summary  # imported only here: metrics needs medpy
+        from .evaluation.metrics import Summary  # imported only here: metrics needs medpy
 
         if not isinstance(evaluation, Summary):
             raise TypeError(f"evaluation must be a metrics Summary or a Markdown string, got {type(evaluation).__name__}")

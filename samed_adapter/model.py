@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from .adapter import Adapter
-from .config import AdapterConfig
-from .geometry import SliceGeometry
-from . import inference
-from .inference import check_image, check_unit_range
-from .preprocessing import Intensity
-from .surgery import encoder_lora_layers, require_stock_state
-from .transfer import extract_adapter
+from .adapter_file.adapter import Adapter
+from .adapter_file.config import AdapterConfig
+from .volume.geometry import SliceGeometry
+from .inference import stages as inference
+from .inference.stages import check_image, check_unit_range
+from .volume.preprocessing import Intensity
+from .surgery.structure import encoder_lora_layers, require_stock_state
+from .surgery.transfer import extract_adapter
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .io.volumes import Volume

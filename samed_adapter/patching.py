@@ -10,13 +10,13 @@ from typing import Optional, Union
 
 from segment_anything.modeling import Sam
 
-from .adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
-from .attention import enable_sdpa
-from .backbones import build_hint, command_line_hint
-from .hosts import host_of
-from .config import AdapterConfig
+from .adapter_file.adapter import Adapter, AdapterFormatError, AdapterMismatchError, BaseMismatchError
+from .surgery.attention import enable_sdpa
+from .hosts.backbones import build_hint, command_line_hint
+from .hosts.sam import host_of
+from .adapter_file.config import AdapterConfig
 from .model import SAMed
-from .surgery import (
+from .surgery.structure import (
     StockState,
     encoder_lora_layers,
     get_stock_state,
@@ -29,8 +29,8 @@ from .surgery import (
     stock_fingerprint,
     take_stock,
 )
-from .lora import NonFiniteMergeError
-from .transfer import check_fits, expected_tensors, extract_adapter, load_values, reset_values
+from .surgery.lora import NonFiniteMergeError
+from .surgery.transfer import check_fits, expected_tensors, extract_adapter, load_values, reset_values
 
 AdapterSource = Union[Adapter, str, os.PathLike]
 

@@ -13,14 +13,14 @@ import os
 from contextlib import ExitStack
 from typing import Sequence, Union
 
-from .config import AdapterConfig
+from .adapter_file.config import AdapterConfig
 
 import torch
 from segment_anything.modeling import Sam
 
-from .adapter import Adapter
-from .lora import MixedLora
-from .surgery import (
+from .adapter_file.adapter import Adapter
+from .surgery.lora import MixedLora
+from .surgery.structure import (
     decoder_key,
     decoder_structure_matches,
     encoder_lora_layers,
@@ -28,7 +28,7 @@ from .surgery import (
     require_stock_state,
     take_decoder,
 )
-from .transfer import load_head_values
+from .surgery.transfer import load_head_values
 
 # SAMed.forward's dict, or with adapters of several K its values as lists of one tensor per image.
 MixedOutputs = dict[str, Union[torch.Tensor, list[torch.Tensor]]]

@@ -11,9 +11,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from samed_adapter import cli
-from samed_adapter.demo import build_mni_task
-from samed_adapter.geometry import axis_codes
+from samed_adapter.cli import main as cli
+from samed_adapter.cli.demo import build_mni_task
+from samed_adapter.volume.geometry import axis_codes
 from samed_adapter.testing.hub import FakeHub
 
 # The random SAM the `trained` adapter was trained on (and so matches by fingerprint).

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samed_adapter import cli
-from samed_adapter.pipeline import find_jobs, select_part
+from samed_adapter.cli import main as cli
+from samed_adapter.segment.pipeline import find_jobs, select_part
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
 
-import samed_adapter.attention as attention
-from samed_adapter.attention import (
+import samed_adapter.surgery.attention as attention
+from samed_adapter.surgery.attention import (
     disable_sdpa,
     enable_sdpa,
     sdpa_attention_forward,
     sdpa_enabled,
     windowed_block_forward,
 )
-from samed_adapter.backbones import build_sam
+from samed_adapter.hosts.backbones import build_sam
 
 
 @pytest.fixture(scope="module")

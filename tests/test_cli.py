@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 import samed_adapter as sa  # noqa: E402
-from samed_adapter import cli  # noqa: E402
+from samed_adapter.cli import main as cli  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
 from samed_adapter.testing import random_adapter  # noqa: E402
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter import cli, quickstart
-from samed_adapter.adapter import AdapterMismatchError, BaseMismatchError
-from samed_adapter.printable import printable
+from samed_adapter.cli import main as cli
+from samed_adapter.cli import quickstart
+from samed_adapter.adapter_file.adapter import AdapterMismatchError, BaseMismatchError
+from samed_adapter.io.printable import printable
 from samed_adapter.testing import random_adapter, same_tensors
 from samed_adapter.testing.hub import lay_out_cache
 

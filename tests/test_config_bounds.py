@@ -7,7 +7,7 @@ import math
 import pytest
 
 import samed_adapter as sa
-from samed_adapter.config import MAX_IMAGE_SIZE, MIN_PIXEL_STD
+from samed_adapter.adapter_file.config import MAX_IMAGE_SIZE, MIN_PIXEL_STD
 
 
 @pytest.mark.parametrize("size", [4096, 2048, 1040])

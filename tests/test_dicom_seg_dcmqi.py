@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import samed_adapter as sa
-from samed_adapter import cli
+from samed_adapter.cli import main as cli
 from samed_adapter.testing import random_adapter
 
 SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage")

@@ -249,7 +249,7 @@ def test_segment_writes_one_label_file_per_series_on_its_own_grid(tmp_path: Path
     import torch
 
     import samed_adapter as sa
-    from samed_adapter import cli
+    from samed_adapter.cli import main as cli
     from samed_adapter.testing import random_adapter
 
     study = tmp_path / "study"

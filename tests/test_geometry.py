@@ -1,4 +1,4 @@
-"""samed_adapter.geometry: reorientation to the model's slices and back, for every orientation."""
+"""samed_adapter.volume.geometry: reorientation to the model's slices and back, for every orientation."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.adapter import FORMAT_VERSION
-from samed_adapter.geometry import RADIOLOGICAL, SliceGeometry, axis_codes, parse_orientation
+from samed_adapter.adapter_file.adapter import FORMAT_VERSION
+from samed_adapter.volume.geometry import RADIOLOGICAL, SliceGeometry, axis_codes, parse_orientation
 from samed_adapter.io import Volume, read_image
-from samed_adapter.preprocessing import Intensity, contrast_warning
+from samed_adapter.volume.preprocessing import Intensity, contrast_warning
 from samed_adapter.testing import random_adapter
 
 
@@ -215,7 +215,7 @@ def test_version_1_files_still_load_and_cut_slices_as_stored(tmp_path):
 def test_voxel_sizes_come_from_the_affine_columns_and_pixdim_disagreement_warns() -> None:
     import warnings
 
-    from samed_adapter.geometry import check_voxel_sizes, voxel_sizes
+    from samed_adapter.volume.geometry import check_voxel_sizes, voxel_sizes
 
     oblique = np.eye(4)
     angle = np.deg2rad(30)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter import cli
+from samed_adapter.cli import main as cli
 from samed_adapter.testing import random_adapter
 from samed_adapter.testing.tiny import CONFIGS
 
@@ -407,7 +407,7 @@ def test_a_damaged_file_is_called_damaged(tmp_path):
 def test_a_nan_affine_is_named_not_svd(tmp_path):
     import struct
 
-    from samed_adapter.geometry import SliceGeometry
+    from samed_adapter.volume.geometry import SliceGeometry
     from samed_adapter.io import read_image
 
     img = nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4))

@@ -1,4 +1,4 @@
-"""Tests of samed_adapter.metrics against MedPy and against hand-computed values."""
+"""Tests of samed_adapter.evaluation.metrics against MedPy and against hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from samed_adapter.metrics import ClassScore, Summary, dice, hd95, score_case, summarize
+from samed_adapter.evaluation.metrics import ClassScore, Summary, dice, hd95, score_case, summarize
 
 
 def blob_mask(rng: np.random.Generator, shape: tuple[int, ...], level: float = 0.55) -> np.ndarray:

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter import cli
-from samed_adapter.demo import MNI_PERCENTILES, build_mni_task
-from samed_adapter.evaluate import evaluate
-from samed_adapter.geometry import axis_codes
+from samed_adapter.cli import main as cli
+from samed_adapter.cli.demo import MNI_PERCENTILES, build_mni_task
+from samed_adapter.evaluation.evaluate import evaluate
+from samed_adapter.volume.geometry import axis_codes
 from samed_adapter.io import read_image
-from samed_adapter.metrics import dice
+from samed_adapter.evaluation.metrics import dice
 from samed_adapter.training import NiftiSlices, NiftiVolumes, SynapseSlices
 from samed_adapter.training.data import SYNAPSE_LABEL_MAP
 
@@ -164,7 +164,7 @@ def test_raw_synapse_nifti_gives_the_slices_of_the_published_preprocessing(tmp_p
         np.savez(pre / "train_npz" / f"{names[-1]}.npz", image=image[k].astype(np.float32), label=label[k])
     (pre / "lists_Synapse" / "train.txt").write_text("\n".join(names) + "\n")
 
-    from samed_adapter.training.run import _datasets, _preprocessing, add_arguments
+    from samed_adapter.cli.train import _datasets, _preprocessing, add_arguments
 
     parser = __import__("argparse").ArgumentParser()
     add_arguments(parser)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter import cli
-from samed_adapter.adapter import Adapter
-from samed_adapter.inference import NonFiniteLogitsError
+from samed_adapter.cli import main as cli
+from samed_adapter.adapter_file.adapter import Adapter
+from samed_adapter.inference.stages import NonFiniteLogitsError
 from samed_adapter.model import SAMed
 from samed_adapter.testing import random_adapter
 

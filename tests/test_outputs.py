@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import samed_adapter as sa
-from samed_adapter import cli
-from samed_adapter.surgery import get_stock_state
+from samed_adapter.cli import main as cli
+from samed_adapter.surgery.structure import get_stock_state
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 NAMES = ["grey matter", "white matter"]

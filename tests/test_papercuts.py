@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 import samed_adapter as sa
-from samed_adapter import cli
-from samed_adapter.backbones import backbone_for_state_dict, build_hint
-from samed_adapter.checkpoints import UnsafeCheckpointError, load_state_dict_file
-from samed_adapter.files import atomic_path
+from samed_adapter.cli import main as cli
+from samed_adapter.hosts.backbones import backbone_for_state_dict, build_hint
+from samed_adapter.adapter_file.checkpoints import UnsafeCheckpointError, load_state_dict_file
+from samed_adapter.io.files import atomic_path
 from samed_adapter.testing import random_adapter
 
 EXPECTED = "sam_vit_b_01ec64.pth: a torch.save'd state dict, or a .safetensors file of tensors"
@@ -207,7 +207,7 @@ def test_written_files_follow_the_umask(tmp_path, adapter, umask, mask, mode):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_reading_the_umask_leaves_it_unchanged(umask):
-    from samed_adapter.files import _umask
+    from samed_adapter.io.files import _umask
 
     umask(0o027)
     assert _umask() == 0o027
@@ -216,7 +216,7 @@ def test_reading_the_umask_leaves_it_unchanged(umask):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_the_umask_without_proc(monkeypatch, umask):
-    from samed_adapter import files
+    from samed_adapter.io import files
 
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("no /proc here")

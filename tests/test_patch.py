@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.adapter import FORMAT_VERSION
-from samed_adapter.lora import LoraQKV
+from samed_adapter.adapter_file.adapter import FORMAT_VERSION
+from samed_adapter.surgery.lora import LoraQKV
 from samed_adapter.testing import assert_unchanged, random_adapter, snapshot
 from samed_adapter.testing.tiny import CONFIGS, SIZE, images, stock_sam
 

@@ -21,9 +21,9 @@ pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install s
 import ray  # noqa: E402
 
 import samed_adapter  # noqa: E402
-from samed_adapter import ray_backend  # noqa: E402
-from samed_adapter.demo import build_mni_task  # noqa: E402
-from samed_adapter.pipeline import SamSource, segment_files  # noqa: E402
+from samed_adapter.segment import ray_data as ray_backend  # noqa: E402
+from samed_adapter.cli.demo import build_mni_task  # noqa: E402
+from samed_adapter.segment.pipeline import SamSource, segment_files  # noqa: E402
 from samed_adapter.testing import random_adapter  # noqa: E402
 
 SOURCE = SamSource(backbone="tiny", seed=0)
@@ -121,7 +121,7 @@ def test_dead_actor_is_replaced_and_its_input_retried(archive, tmp_path, monkeyp
 
 
 def test_model_setup_error_is_raised(archive, tmp_path):
-    from samed_adapter.adapter import BaseMismatchError
+    from samed_adapter.adapter_file.adapter import BaseMismatchError
 
     with pytest.raises(BaseMismatchError, match="allow_base_mismatch"):
         segment_files([archive["inputs"]], tmp_path / "ray", sam=SamSource(backbone="tiny", seed=1),

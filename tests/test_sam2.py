@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("sam2", reason="SAM 2 is optional: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0")
 
 import samed_adapter as sa  # noqa: E402
-from samed_adapter import cli  # noqa: E402
-from samed_adapter.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, build_mni_task  # noqa: E402
+from samed_adapter.cli import main as cli  # noqa: E402
+from samed_adapter.cli.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, build_mni_task  # noqa: E402
 from samed_adapter.testing import assert_unchanged, random_adapter, same_tensors, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -66,7 +66,7 @@ def test_patch_then_unpatch_gives_the_stock_sam2_bit_for_bit(adapters):
 
 
 def test_a_fresh_inject_leaves_the_encoder_stock():
-    from samed_adapter import sam2_host
+    from samed_adapter.hosts import sam2 as sam2_host
 
     stock = stock_sam2()
     sam2 = stock_sam2()

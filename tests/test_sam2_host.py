@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("sam2", reason="SAM 2 is optional: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0")
 
-from samed_adapter import sam2_host as host  # noqa: E402
-from samed_adapter.hosts import Sam2Host  # noqa: E402
-from samed_adapter.random_weights import randomize_weights  # noqa: E402
+from samed_adapter.hosts import sam2 as host  # noqa: E402
+from samed_adapter.hosts.sam import Sam2Host  # noqa: E402
+from samed_adapter.hosts.random_weights import randomize_weights  # noqa: E402
 
 def image_embeddings(model, images, mask_decoder=None):
     """The whole image path, as SAM2ImagePredictor.set_image runs it: features, then the
@@ -154,7 +154,7 @@ def test_module_imports_without_sam2():
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'sam2': raise ImportError('no sam2 here')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import torch, samed_adapter.sam2_host as h\n"
+        "import torch, samed_adapter.hosts.sam2 as h\n"
         "assert not h.is_sam2(torch.nn.Linear(1, 1)) and 'sam2' not in sys.modules\n"
         "assert h.sam2_config('sam2.1_hiera_l') == 'configs/sam2.1/sam2.1_hiera_l.yaml'\n"
     )

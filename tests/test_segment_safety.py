@@ -18,7 +18,7 @@ import pydicom.data
 import pytest
 
 import samed_adapter as sa
-from samed_adapter import cli
+from samed_adapter.cli import main as cli
 from samed_adapter.testing import random_adapter
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
@@ -138,7 +138,7 @@ def test_symlink_loops_and_second_links_are_searched_once(adapters, capsys, tmp_
         _scan(src / "scans" / f"s{i}.nii.gz", seed=i)
     (src / "scans" / "loop").symlink_to(src)        # a loop back to the top
     (src / "again").symlink_to(src / "scans")       # a second name for one folder
-    from samed_adapter.pipeline import find_jobs
+    from samed_adapter.segment.pipeline import find_jobs
 
     jobs, problems = find_jobs([src], tmp_path / "out")
     assert problems == []
@@ -277,7 +277,7 @@ def test_dicom_files_that_are_no_volume_slice_are_listed(adapters, capsys, tmp_p
 def test_slices_at_the_model_size_are_bounded_before_they_are_made(adapters, capsys, tmp_path, monkeypatch):
     """8 x 8 x 2000 voxels (128 k) are 2000 slices of 64 x 64 (8.2 M) for the model: refused
     under --max-voxels 1000000 before any slice is resized, and the other input is written."""
-    from samed_adapter import inference
+    from samed_adapter.inference import stages as inference
 
     tall = _scan(tmp_path / "in" / "tall.nii.gz", shape=(8, 8, 2000))
     fine = _scan(tmp_path / "in" / "fine.nii.gz")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from samed_adapter.metrics import (
+from samed_adapter.evaluation.metrics import (
     ClassScore,
     ConfusionCounts,
     confusion_counts,
@@ -278,7 +278,7 @@ def test_non_finite_hd95_becomes_null(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def evaluated():
     import samed_adapter as sa
-    from samed_adapter.evaluate import evaluate
+    from samed_adapter.evaluation.evaluate import evaluate
     from samed_adapter.testing import random_adapter
 
     config = sa.AdapterConfig(num_classes=2, image_size=64, class_names=NAMES, intensity_window=(0.0, 1.0))

@@ -13,11 +13,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import samed_adapter as sa
-from samed_adapter.adapter import AdapterFormatError
-from samed_adapter.surgery import MAX_CACHED_DECODERS, get_stock_state
-from samed_adapter import tensor_file
-from samed_adapter.packing import back_to_back_runs, flat_view, packed_copy
-from samed_adapter.tensor_file import TensorFile, TensorFileError, all_finite, first_nonfinite
+from samed_adapter.adapter_file.adapter import AdapterFormatError
+from samed_adapter.surgery.structure import MAX_CACHED_DECODERS, get_stock_state
+from samed_adapter.adapter_file import tensor_file
+from samed_adapter.surgery.packing import back_to_back_runs, flat_view, packed_copy
+from samed_adapter.adapter_file.tensor_file import TensorFile, TensorFileError, all_finite, first_nonfinite
 from samed_adapter.testing import assert_unchanged, random_adapter, same_tensors, snapshot
 from samed_adapter.testing.tiny import CONFIGS, SIZE, images, stock_sam
 
@@ -221,7 +221,7 @@ def test_packed_copies_keep_keys_and_values():
 def test_a_file_swap_writes_stock_plus_delta_into_packed_decoder_tensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from samed_adapter.surgery import stock_decoder_key
+    from samed_adapter.surgery.structure import stock_decoder_key
 
     sam = stock_sam()
     sa.patch(sam, random_adapter(stock_sam(), CONFIGS["k3"], seed=2))

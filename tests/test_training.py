@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
-from samed_adapter.evaluate import evaluate, predict_volume_samed
+from samed_adapter.cli.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
+from samed_adapter.evaluation.evaluate import evaluate, predict_volume_samed
 from samed_adapter.training import NiftiSlices, NiftiVolumes, lr_at
 from samed_adapter.training.loop import NonFiniteLossError, TrainConfig, iterations_per_epoch, train
 
@@ -207,7 +207,7 @@ def test_samed_protocol_round_trips_through_224(mni):
 
 
 def test_cli_train_then_evaluate_writes_tables(tmp_path, capsys):
-    from samed_adapter.cli import main
+    from samed_adapter.cli.main import main
 
     data = tmp_path / "mni"
     common = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]

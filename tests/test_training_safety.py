@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.cli import main
-from samed_adapter.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, build_mni_task
+from samed_adapter.cli.main import main
+from samed_adapter.cli.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, build_mni_task
 from samed_adapter.training import (NiftiSlices, NiftiVolumes, NonFiniteLossError, RunFolderError, TrainingError,
                                     TrainingInterrupted, TrainingStateError, iterations_per_epoch)
 from samed_adapter.training import loop
@@ -322,7 +322,7 @@ def test_cli_ctrl_c_prints_the_resume_command_that_finishes_the_run(cli_finished
 def test_the_resume_command_spells_every_flag_as_given():
     import argparse
 
-    from samed_adapter.training.run import add_arguments, resume_command
+    from samed_adapter.cli.train import add_arguments, resume_command
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

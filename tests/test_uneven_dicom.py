@@ -168,7 +168,7 @@ def test_segment_refuses_a_nifti_for_an_uneven_series_and_writes_a_dicom_seg(ct_
     import torch
 
     import samed_adapter as sa
-    from samed_adapter import cli
+    from samed_adapter.cli import main as cli
     from samed_adapter.io import read_dicom_seg
     from samed_adapter.testing import random_adapter
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from samed_adapter.io import read_image
-from samed_adapter.metrics import hd95
-from samed_adapter.statistics import label_statistics
+from samed_adapter.evaluation.metrics import hd95
+from samed_adapter.segment.statistics import label_statistics
 from samed_adapter.training.data import NiftiVolumes
 
 AFFINE_SIZES = (2.0, 2.0, 4.47)  # what places the voxels

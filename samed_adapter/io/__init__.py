@@ -5,7 +5,7 @@ Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 :mod:`samed_adapter.io.volumes` for the full convention,
 :mod:`samed_adapter.io.dicom_series` for DICOM folders and series (even slice spacing),
 :mod:`samed_adapter.io.limits` for how big an input may be, and
-:mod:`samed_adapter.geometry` for how volumes are cut into the model's slices.
+:mod:`samed_adapter.volume.geometry` for how volumes are cut into the model's slices.
 """
 
 from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..version import __version__
-from ..files import atomic_path
+from .files import atomic_path
 from .overlay import colour_table
 from .volumes import Volume
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samed_adapter.geometry import RADIOLOGICAL
+from samed_adapter.volume.geometry import RADIOLOGICAL
 from samed_adapter.io.volumes import Volume, atomic_path
 
 __all__ = ["colour_table", "overlay_montage", "overlay_volume"]
@@ -294,7 +294,7 @@ def overlay_volume(
         volume: the scan as read (:func:`~samed_adapter.io.read_image`).
         labels, truth: class ids in ``volume.array``'s layout (what ``SAMed.segment(volume)``
             returns and :func:`~samed_adapter.io.write_labels` takes).
-        intensity: an :class:`~samed_adapter.preprocessing.Intensity` whose window (or
+        intensity: an :class:`~samed_adapter.volume.preprocessing.Intensity` whose window (or
             percentiles of the volume) sets the grey levels; default percentiles of the slices.
 
     A volume with an affine is shown as axial slices with anterior up and the patient's right

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import atomic_path
-from ..geometry import SliceGeometry, voxel_size_disagreement, voxel_sizes as _column_sizes
+from .files import atomic_path
+from ..volume.geometry import SliceGeometry, voxel_size_disagreement, voxel_sizes as _column_sizes
 
 import nibabel as nib
 import numpy as np

@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from segment_anything.modeling import Sam
     from torch import nn
 
-    from ..adapter import Adapter
-    from ..config import AdapterConfig
+    from ..adapter_file.adapter import Adapter
+    from ..adapter_file.config import AdapterConfig
 
 __all__ = ["assert_unchanged", "differences", "random_adapter", "same_tensors", "snapshot"]
 

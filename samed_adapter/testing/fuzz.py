@@ -94,7 +94,7 @@ def state_digest(sam) -> dict[str, str]:
     """
     import torch
 
-    from samed_adapter.surgery import get_stock_state
+    from samed_adapter.surgery.structure import get_stock_state
 
     parts: dict[str, str] = {}
     for name, tensor in sam.state_dict().items():

@@ -39,7 +39,7 @@ def _configs():
 
 def other_backbone():
     """A small SAM that is not `tiny` (embed dim 32), for adapters made for another backbone."""
-    from samed_adapter.backbones import Backbone
+    from samed_adapter.hosts.backbones import Backbone
 
     return Backbone("fuzz_other", 32, 2, 2, (1,), image_size=256, window_size=4, prompt_dim=32,
                     decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=4)

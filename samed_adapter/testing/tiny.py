@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..config import AdapterConfig
+from ..adapter_file.config import AdapterConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -31,7 +31,7 @@ CONFIGS = {
 def stock_sam(seed: int = 0) -> "Sam":
     """``build_sam("tiny", seed=seed)``: random weights, the same for the same seed, so that an
     adapter made on one seed-0 SAM fits every other (and one made on seed 1 does not)."""
-    from ..backbones import build_sam
+    from ..hosts.backbones import build_sam
 
     return build_sam("tiny", seed=seed)
 

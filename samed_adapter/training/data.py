@@ -21,10 +21,10 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..config import CT_ABDOMEN_WINDOW
-from ..geometry import SliceGeometry, axis_codes, check_slice_axis, check_voxel_sizes, parse_orientation
+from ..adapter_file.config import CT_ABDOMEN_WINDOW
+from ..volume.geometry import SliceGeometry, axis_codes, check_slice_axis, check_voxel_sizes, parse_orientation
 from ..io.volumes import nifti_voxels
-from ..preprocessing import Intensity
+from ..volume.preprocessing import Intensity
 from .augment import as_int_label
 
 __all__ = [
@@ -219,7 +219,7 @@ def split_cases(cases: Sequence[str], val_fraction: float, seed: int) -> tuple[l
 class _NiftiDataset(Dataset):
     """Header index, lazy voxel access and intensity/label conversion shared by the NIfTI datasets.
 
-    Every case is cut into slices by :class:`~samed_adapter.geometry.SliceGeometry`: reoriented
+    Every case is cut into slices by :class:`~samed_adapter.volume.geometry.SliceGeometry`: reoriented
     to ``orientation`` (axis codes such as ``"LPS"``; None keeps each file's stored axes) and cut
     along ``slice_axis``, exactly as `segment` cuts a file for an adapter that records them.
     """
@@ -360,7 +360,7 @@ class NiftiSlices(_NiftiDataset):
     nnU-Net's ``<case>_0000.nii.gz``) and ``root/labelsTr/<case>.nii.gz``; ``cases=None`` takes
     all (see :func:`find_nifti_cases`, :func:`split_cases`). Construction reads only headers, to
     index every (case, slice); an item reads one slice from disk, so volumes never sit in memory
-    together. Slices are cut by :mod:`samed_adapter.geometry`: each volume is reoriented to
+    together. Slices are cut by :mod:`samed_adapter.volume.geometry`: each volume is reoriented to
     ``orientation`` (None: as stored) and slice ``k`` along ``slice_axis`` is laid out with rows
     along the later remaining axis (as stored, ``dataobj[:, :, k].T``, the layout of SAMed's
     preprocessed Synapse data and of what `segment` feeds the model).

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..model import SAMed
-from ..surgery import require_stock_state
+from ..surgery.structure import require_stock_state
 from .augment import augment
 from .config import RECIPES, TrainConfig
 from .errors import NonFiniteLossError, TrainingError, TrainingInterrupted
@@ -373,7 +373,7 @@ def _checkpoint(model: SAMed, run: _Run, out: Path, rank: int, it: int, epoch: O
 
 
 def _validate(model: SAMed, volumes, out: Path, rank: int, best: Optional[float], epoch: int, log) -> Optional[float]:
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     summary, _ = evaluate(model, volumes, protocol="default")
     model.train()

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..files import atomic_path
+from ..io.files import atomic_path
 from .errors import TrainingStateError
 
 

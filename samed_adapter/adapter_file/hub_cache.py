@@ -213,7 +213,7 @@ def hf_hub_adapter_path(
         RevisionNotFoundError,
     )
 
-    from .version import __version__
+    from ..version import __version__
 
     repo, revision = parse_repo_id(repo_id, revision)  # the revision is checked before any lookup
     spec = repo if revision is None else f"{repo}@{revision}"

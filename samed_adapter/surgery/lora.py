@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .kernels import lora_qkv, lora_qkv_multi, row_adapter_index
+from ..kernels import lora_qkv, lora_qkv_multi, row_adapter_index
 
 
 class NonFiniteMergeError(ValueError):

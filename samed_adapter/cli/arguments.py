@@ -66,7 +66,7 @@ def window_argument(text: str) -> WindowChoice:
 
 def orientation_argument(text: str) -> tuple[str, str, str]:
     """``--orientation CODES`` such as LPS (nibabel, through geometry, is imported only when used)."""
-    from .geometry import parse_orientation
+    from ..volume.geometry import parse_orientation
 
     try:
         return parse_orientation(text)  # type: ignore[return-value]

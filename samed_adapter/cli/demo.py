@@ -65,7 +65,7 @@ def best_constant_dice(image: np.ndarray, labels: np.ndarray, num_classes: int) 
 
     A model has learnt something about the anatomy only if it beats this.
     """
-    from .metrics import dice
+    from ..evaluation.metrics import dice
 
     brain = image > 0.05 * float(image.max())
     best = 0.0

@@ -8,7 +8,7 @@ folder, and runs one of three engines over the inputs, all giving the same label
   the model runs; slices of several volumes are packed into full batches; labels are restored
   and written in the background. At most ``num_workers + 2`` prepared volumes wait in memory.
 - ``"serial"``: one volume after the other (read, predict, write), today's plain path.
-- ``"ray"``: the same job on Ray Data (see :mod:`samed_adapter.ray_backend`).
+- ``"ray"``: the same job on Ray Data (see :mod:`samed_adapter.segment.ray_data`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, U
 import numpy as np
 import torch
 
-from . import inference
-from .files import remove_stale_temporaries
-from .io.volumes import image_suffix
-from .segmentation import OutputOptions, output_files, write_prepared
+from ..inference import stages as inference
+from ..io.files import remove_stale_temporaries
+from ..io.volumes import image_suffix
+from .outputs import OutputOptions, output_files, write_prepared
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .io.volumes import DicomSeries, Volume
-    from .model import SAMed
+    from ..io.volumes import DicomSeries, Volume
+    from ..model import SAMed
 
 __all__ = ["InputResult", "Job", "SamSource", "check_request", "check_run", "find_jobs", "select_part", "segment_files"]
 
@@ -59,7 +59,7 @@ class Job:
     @property
     def is_dicom(self) -> bool:
         """Whether the input is DICOM (a series folder, one series of a folder, or a DICOM file)."""
-        from .io.dicom_series import is_dicom_file
+        from ..io.dicom_series import is_dicom_file
 
         path = Path(self.source)
         return self.series is not None or path.is_dir() or image_suffix(path) == ".dcm" or is_dicom_file(path)
@@ -77,7 +77,7 @@ class Job:
         source instances (a DICOM-SEG, an overlay); else it is an UnevenSpacingError, since one
         affine would put some of its slices where they were not.
         """
-        from .io import DEFAULT_MAX_VOXELS, read_dicom_series, read_image
+        from ..io import DEFAULT_MAX_VOXELS, read_dicom_series, read_image
 
         options = self.options(options) if options is not None else None
         limit = DEFAULT_MAX_VOXELS if options is None or options.max_voxels is None else options.max_voxels
@@ -123,7 +123,7 @@ def _dicom_jobs(folder: Path, out: Path, found: _Found) -> int:
 
     Returns how many series ``folder`` holds.
     """
-    from .io.dicom_series import find_dicom
+    from ..io.dicom_series import find_dicom
 
     dicom = find_dicom(folder)
     found.ignored.extend(f"{path}: {reason}" for path, reason in dicom.skipped)
@@ -149,7 +149,7 @@ def _walk(root: Path, out_dir: Path, rel: Path, found: _Found, seen: set[tuple[i
     the output folder ``skip`` is never searched (its labels are not inputs of the next run), and
     a folder that cannot be listed is a problem of its own while the search goes on.
     """
-    from .io import output_path
+    from ..io import output_path
 
     try:
         entries = sorted(root.iterdir())
@@ -183,7 +183,7 @@ def _walk(root: Path, out_dir: Path, rel: Path, found: _Found, seen: set[tuple[i
 
 
 def _find(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike]) -> _Found:
-    from .io import ImageReadError, output_path
+    from ..io import ImageReadError, output_path
 
     out_dir = Path(out_dir)
     skip = out_dir.resolve()
@@ -468,8 +468,8 @@ def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **opt
         ValueError: an unknown class name or output type, DICOM-SEG asked for non-DICOM inputs,
             conflicting intensity options.
     """
-    from .preprocessing import Intensity
-    from .segmentation import resolve_classes
+    from ..volume.preprocessing import Intensity
+    from .outputs import resolve_classes
 
     names = list(adapter.config.class_names or [])
     classes = options.pop("classes", None)
@@ -526,15 +526,15 @@ def segment_files(
         num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
             between machines without any engine.
         options: what to write and how to predict, see
-            :class:`~samed_adapter.segmentation.OutputOptions` (``batch_size``, ``statistics``,
+            :class:`~samed_adapter.segment.outputs.OutputOptions` (``batch_size``, ``statistics``,
             ``classes`` by name, ...).
 
     Returns:
         One :class:`InputResult` per input (and per series of multi-series folders), in the
         order of the inputs found; problems found while planning come first, as "failed".
     """
-    from .adapter import Adapter
-    from .segmentation import provenance, same_record
+    from ..adapter_file.adapter import Adapter
+    from .outputs import provenance, same_record
 
     check_run(engine=engine, num_workers=num_workers, num_parts=num_parts, part_id=part_id)
     source = sam if isinstance(sam, SamSource) else SamSource.of(sam)
@@ -597,7 +597,7 @@ def segment_files(
             on_result(result)
 
     if engine == "ray":
-        from .ray_backend import run_on_ray
+        from .ray_data import run_on_ray
 
         for job, outcome in run_on_ray(jobs, opts, source, adapter_obj, address=ray_address, workers=ray_workers,
                                        gpus_per_worker=gpus_per_worker, device=device, merge=merge,
@@ -605,8 +605,8 @@ def segment_files(
             report(job, outcome, getattr(outcome, "messages", []))
         return results
 
-    from .patching import patch, unpatch
-    from .surgery import get_stock_state
+    from ..patching import patch, unpatch
+    from ..surgery.structure import get_stock_state
 
     sam_module = source.build()
     was_patched = get_stock_state(sam_module) is not None
@@ -645,7 +645,7 @@ class SamSource:
         return cls(module=sam)
 
     def build(self) -> Any:
-        from .backbones import build_sam, load_stock_sam
+        from ..hosts.backbones import build_sam, load_stock_sam
 
         if self.module is not None:
             return self.module

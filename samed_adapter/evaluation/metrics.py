@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TextIO, Union
 import numpy as np
 from medpy.metric import binary as _medpy
 
-from .files import atomic_path
+from ..io.files import atomic_path
 
 EvalProtocol = Literal["samed", "default"]
 PROTOCOLS: tuple[str, ...] = ("samed", "default")

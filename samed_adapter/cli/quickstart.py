@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def random_sam_note(backbone: str, seed: int) -> str:
     """What the run says about a random SAM: that it is one, and the real weights of its family
     to pass instead (a SAM 2 run is pointed at a SAM 2 checkpoint, not at SAM's)."""
-    from .backbones import checkpoint_name
+    from ..hosts.backbones import checkpoint_name
 
     real = checkpoint_name(backbone) or checkpoint_name("vit_b")
     return (f"RANDOM weights (a '{backbone}' model built from the stock classes, seed {seed}); pass --sam {real} "
@@ -68,18 +68,18 @@ def run(args: argparse.Namespace) -> int:
 
     import samed_adapter as sa
     from .demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
-    from .evaluate import evaluate
-    from .geometry import axis_codes
-    from .io import overlay_volume, read_image, write_labels
-    from .training import NiftiSlices, NiftiVolumes
-    from .training.loop import TrainConfig, train
+    from ..evaluation.evaluate import evaluate
+    from ..volume.geometry import axis_codes
+    from ..io import overlay_volume, read_image, write_labels
+    from ..training import NiftiSlices, NiftiVolumes
+    from ..training.loop import TrainConfig, train
 
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def fresh_sam():
         if args.sam:
-            from .backbones import load_stock_sam
+            from ..hosts.backbones import load_stock_sam
 
             sam2_config = args.backbone if "hiera" in args.backbone else None
             return load_stock_sam(args.sam, sam2_config=sam2_config).to(device)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AdapterConfig
-from .geometry import SliceGeometry
-from .preprocessing import Intensity, contrast_warning
+from ..adapter_file.config import AdapterConfig
+from ..volume.geometry import SliceGeometry
+from ..volume.preprocessing import Intensity, contrast_warning
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .io.volumes import Volume
-    from .model import SAMed
+    from ..io.volumes import Volume
+    from ..model import SAMed
 
 __all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_model_size", "check_unit_range", "predict",
            "predict_prepared", "prepare_volume", "resize_slices", "restore", "run", "scale_slices", "to_model_size"]
@@ -146,8 +146,8 @@ def check_model_size(num_slices: int, image_size: int, max_voxels: Optional[int]
     Raises:
         ImageTooLargeError: naming the slices, the size and the limit.
     """
-    from .io.errors import ImageTooLargeError
-    from .io.limits import DEFAULT_MAX_VOXELS
+    from ..io.errors import ImageTooLargeError
+    from ..io.limits import DEFAULT_MAX_VOXELS
 
     limit = DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels
     need = num_slices * image_size * image_size

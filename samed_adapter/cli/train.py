@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..arguments import orientation_argument, pair_argument
-from ..config import CT_ABDOMEN_WINDOW
-from .config import RECIPES, TrainConfig
-from .errors import TrainingError, TrainingInterrupted, cli_spelling
+from .arguments import orientation_argument, pair_argument
+from ..adapter_file.config import CT_ABDOMEN_WINDOW
+from ..training.config import RECIPES, TrainConfig
+from ..training.errors import TrainingError, TrainingInterrupted, cli_spelling
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -97,10 +97,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _build_sam(args: argparse.Namespace):
-    from ..backbones import build_sam
+    from ..hosts.backbones import build_sam
 
     if args.sam:
-        from ..backbones import load_stock_sam
+        from ..hosts.backbones import load_stock_sam
 
         return load_stock_sam(args.sam, sam2_config=args.sam2_config)
     if args.sam_backbone and args.random_sam_seed is not None:
@@ -113,7 +113,7 @@ def _build_sam(args: argparse.Namespace):
 def _preprocessing(args: argparse.Namespace) -> tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]]:
     """(window, percentiles) the training data is scaled with, and so the adapter records."""
     if args.format == "mni":
-        from ..demo import MNI_PERCENTILES
+        from .demo import MNI_PERCENTILES
 
         return None, args.percentiles or MNI_PERCENTILES
     if args.percentiles is not None:
@@ -127,8 +127,8 @@ def _orientation(args: argparse.Namespace, root: str, cases: Sequence[str]) -> O
         return args.orientation
     import nibabel as nib
 
-    from ..geometry import axis_codes
-    from .data import find_nifti_images
+    from ..volume.geometry import axis_codes
+    from ..training.data import find_nifti_images
 
     first = find_nifti_images(root)[cases[0]]
     codes = axis_codes(nib.load(first).affine)
@@ -139,12 +139,12 @@ def _orientation(args: argparse.Namespace, root: str, cases: Sequence[str]) -> O
 
 def _datasets(args: argparse.Namespace, window, percentiles):
     """(training slices, validation volumes or None, orientation the slices were cut in)."""
-    from .data import SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, find_nifti_cases, split_cases
+    from ..training.data import SYNAPSE_LABEL_MAP, NiftiSlices, NiftiVolumes, SynapseSlices, find_nifti_cases, split_cases
 
     if args.format == "synapse":
         return SynapseSlices(args.data), None, _orientation(args, args.data, [])
     if args.format == "mni":
-        from ..demo import build_mni_task
+        from .demo import build_mni_task
 
         build_mni_task(args.data)
         train_cases, val_cases = ["mni_train"], ["mni_val"]
@@ -165,7 +165,7 @@ def _warn_on_flat_contrast(slices) -> None:
     """Say so when the window squeezes the first training case into a sliver of [0, 1]."""
     import sys
 
-    from ..preprocessing import contrast_warning
+    from ..volume.preprocessing import contrast_warning
 
     case = slices.cases[0]
     message = contrast_warning(slices._read_image(case), slices.intensity, f"training case {case!r}")
@@ -204,7 +204,7 @@ def training_device(text: Optional[str]) -> "torch.device":
     """
     import torch
 
-    from .loop import TRAINING_DEVICES
+    from ..training.loop import TRAINING_DEVICES
 
     usable = "--device cuda" if torch.cuda.is_available() else "--device cpu"
     if text is None:
@@ -308,7 +308,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .folder import check_run_folder
+    from ..training.folder import check_run_folder
 
     config = train_config(args)
     # Before any model or data is read (or, for --format mni, written): a refused run changes nothing.
@@ -333,12 +333,12 @@ def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device"
 
     import samed_adapter as sa
 
-    from .loop import train
+    from ..training.loop import train
 
     num_classes = args.num_classes if args.num_classes is not None else (2 if args.format == "mni" else 8)
     names = args.class_names.split(",") if args.class_names else None
     if names is None and args.format == "mni":
-        from ..demo import MNI_CLASS_NAMES
+        from .demo import MNI_CLASS_NAMES
 
         names = list(MNI_CLASS_NAMES)
     elif names is None and num_classes == 8 and (args.format == "synapse" or args.label_map == "synapse"):

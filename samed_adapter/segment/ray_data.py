@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .adapter import Adapter
-    from .config import AdapterConfig
+    from ..adapter_file.adapter import Adapter
+    from ..adapter_file.config import AdapterConfig
     from .pipeline import Job, SamSource
-    from .segmentation import OutputOptions
+    from .outputs import OutputOptions
 
 __all__ = ["RayInputError", "WrittenFiles", "run_on_ray"]
 
@@ -134,7 +134,7 @@ def _item(value: Any) -> Any:
 
 def _read_and_prepare(row: dict, *, options: "OutputOptions", config: "AdapterConfig") -> dict:
     """CPU task: read one input and prepare its slices for the model."""
-    from . import inference
+    from ..inference import stages as inference
 
     job = None
     out = {"index": row["index"], "job": row["job"], "inputs": b"", "meta": b"", "height": 0, "width": 0,
@@ -166,7 +166,7 @@ class _Segmenter:
         try:
             # Refs come wrapped in a tuple, so that Ray hands them over unresolved: fetched here.
             source, adapter = ray.get(source[0]), ray.get(adapter[0])
-            from .patching import patch
+            from ..patching import patch
 
             sam = source if not hasattr(source, "build") else source.build()
             self.model = patch(sam.to(device), adapter, merge=merge, allow_base_mismatch=allow_base_mismatch)
@@ -200,7 +200,7 @@ class _Segmenter:
         """(labels (D, H, W), probabilities or None): as `pipeline._predict_all` does it."""
         import torch
 
-        from . import inference
+        from ..inference import stages as inference
 
         slices = torch.from_numpy(inputs)
         labels, probs = [], []
@@ -223,8 +223,8 @@ class _Segmenter:
 
 def _write(row: dict, *, options: "OutputOptions", config: "AdapterConfig") -> dict:
     """CPU task: put the labels back on the scan's grid and write every output of one input."""
-    from .files import remove_stale_temporaries
-    from .segmentation import output_files, write_prepared
+    from ..io.files import remove_stale_temporaries
+    from .outputs import output_files, write_prepared
 
     out = {"index": row["index"], "files": b"", "messages": b"", "error": row["error"]}
     if row["error"]:

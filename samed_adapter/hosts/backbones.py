@@ -47,7 +47,7 @@ def register_backbone(backbone: Backbone) -> Backbone:
 
 def list_backbones() -> list[str]:
     """SAM backbones (registered) and SAM 2 ones (sam2's configs; building them needs `sam2`)."""
-    from .sam2_host import SAM2_CONFIGS
+    from .sam2 import SAM2_CONFIGS
 
     return sorted(_BACKBONES) + list(SAM2_CONFIGS)
 
@@ -58,7 +58,7 @@ STOCK_BACKBONES = ("vit_b", "vit_l", "vit_h")
 
 def build_hint(name: str) -> str:
     """How to build a SAM of backbone `name`, for error messages."""
-    from .sam2_host import SAM2_CONFIGS
+    from .sam2 import SAM2_CONFIGS
 
     if name in SAM2_CONFIGS:
         return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[name]!r}, checkpoint) (a SAM 2 {name})"
@@ -89,7 +89,7 @@ def checkpoint_name(name: str) -> Optional[str]:
 def command_line_hint(name: str) -> str:
     """How to get a SAM of backbone `name` from `samed-adapter segment` / `evaluate`, for messages
     a command-line user reads (`build_hint` gives the Python call)."""
-    from .sam2_host import SAM2_CONFIGS
+    from .sam2 import SAM2_CONFIGS
 
     random = f"--sam-backbone {name} --random-sam-seed N for random weights (tests only)"
     checkpoint = checkpoint_name(name)
@@ -140,7 +140,7 @@ def build_sam(
             initialises at zero) is drawn at random from this seed, so that tests exercise
             them.
     """
-    from .sam2_host import SAM2_CONFIGS
+    from .sam2 import SAM2_CONFIGS
 
     if isinstance(backbone, str) and backbone in SAM2_CONFIGS:
         return _build_sam2(backbone, checkpoint, seed, state_dict)
@@ -179,7 +179,7 @@ def build_sam(
     )
     sam.eval()
     if checkpoint is not None or state_dict is not None:
-        from .checkpoints import load_state_dict_file
+        from ..adapter_file.checkpoints import load_state_dict_file
 
         state = state_dict if state_dict is not None else load_state_dict_file(checkpoint)
         try:
@@ -197,7 +197,7 @@ def build_sam(
 
 
 def _build_sam2(name: str, checkpoint, seed: Optional[int], state_dict: Optional[dict[str, torch.Tensor]]):
-    from .sam2_host import build_sam2, sam2_backbone_for_state_dict
+    from .sam2 import build_sam2, sam2_backbone_for_state_dict
 
     if state_dict is None:
         return build_sam2(name, checkpoint, seed=seed)
@@ -212,7 +212,7 @@ def _build_sam2(name: str, checkpoint, seed: Optional[int], state_dict: Optional
 def infer_backbone(sam: Sam) -> str:
     """The registered name whose shapes match `sam`'s encoder, else a descriptive custom name
     (for a SAM 2 model, its `sam2_host.SAM2_CONFIGS` name)."""
-    from .sam2_host import infer_sam2_backbone, is_sam2
+    from .sam2 import infer_sam2_backbone, is_sam2
 
     if is_sam2(sam):
         return infer_sam2_backbone(sam)
@@ -266,8 +266,8 @@ def load_stock_sam(checkpoint: Union[str, os.PathLike], sam2_config: Optional[st
         FileNotFoundError, ValueError: no such file, or not a SAM checkpoint (the message says
             what was expected).
     """
-    from .checkpoints import load_state_dict_file
-    from .sam2_host import sam2_backbone_for_state_dict, sam2_config as config_of
+    from ..adapter_file.checkpoints import load_state_dict_file
+    from .sam2 import sam2_backbone_for_state_dict, sam2_config as config_of
 
     if sam2_config is not None:
         config_of(sam2_config)  # an unknown name fails before the file is read

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sam2_host
-from .config import AdapterConfig
+from . import sam2 as sam2_host
+from ..adapter_file.config import AdapterConfig
 
 
 class SamHost:

@@ -145,10 +145,10 @@ class AdapterConfig:
                     "intensity_percentiles (MR) and intensity_window (CT) exclude each other; pass "
                     "intensity_window=None with intensity_percentiles"
                 )
-            from .preprocessing import Intensity
+            from ..volume.preprocessing import Intensity
 
             self.intensity_percentiles = Intensity(percentiles=self.intensity_percentiles).percentiles
-        from .geometry import check_slice_axis, parse_orientation
+        from ..volume.geometry import check_slice_axis, parse_orientation
 
         self.orientation = parse_orientation(self.orientation)
         self.slice_axis = check_slice_axis(self.slice_axis)

@@ -18,7 +18,7 @@ import torch
 from scipy.ndimage import zoom
 
 from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, Summary, confusion_counts, score_case, summarize
-from .model import SAMed
+from ..model import SAMed
 
 SAMED_ROUND_TRIP = 224  # the published training slices were stored at 224 x 224
 
@@ -62,7 +62,7 @@ def evaluate(
         volumes: items with "image" (D, H, W) float in [0, 1] (already windowed, as the
             dataset readers give them), "label" (D, H, W) ints 0..K, "case" (str) and, for the
             default protocol, "spacing" (3,) voxel sizes in (D, H, W) order (NiftiVolumes gives
-            the affine's, :func:`samed_adapter.geometry.voxel_sizes`).
+            the affine's, :func:`samed_adapter.volume.geometry.voxel_sizes`).
         protocol: "samed" (published) or "default" (see the module docstring).
 
     Returns:

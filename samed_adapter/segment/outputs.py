@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .files import atomic_path
+from ..io.files import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import nibabel as nib
     from segment_anything.modeling import Sam
 
-    from .adapter import Adapter
-    from .config import AdapterConfig
-    from .inference import Prepared
-    from .io.volumes import Volume
-    from .model import SAMed
+    from ..adapter_file.adapter import Adapter
+    from ..adapter_file.config import AdapterConfig
+    from ..inference.stages import Prepared
+    from ..io.volumes import Volume
+    from ..model import SAMed
 
 __all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "provenance", "record_path", "resolve_classes",
            "same_record", "segment_file", "write_outputs", "write_prepared"]
@@ -86,7 +86,7 @@ class OutputOptions:
             raise ValueError(f"output type {', '.join(unknown) or '(none)'} unknown; use {' or '.join(OUTPUT_TYPES)} "
                              "(both: nifti,dicom-seg)")
         if isinstance(self.window, str):
-            from .arguments import WindowChoice
+            from ..cli.arguments import WindowChoice
 
             choice = WindowChoice.parse(self.window)
             self.window, self.preprocessed = choice.bounds, self.preprocessed or choice.preprocessed
@@ -101,22 +101,22 @@ class OutputOptions:
             raise ValueError(f"--max-voxels must be a positive integer, got {self.max_voxels!r}")
 
     def scaling(self) -> dict[str, Any]:
-        """The intensity keyword arguments of :func:`samed_adapter.inference.prepare_volume`."""
+        """The intensity keyword arguments of :func:`samed_adapter.inference.stages.prepare_volume`."""
         return {"window": self.window, "percentiles": self.percentiles, "preprocessed": self.preprocessed}
 
     def preparing(self) -> dict[str, Any]:
-        """Every keyword argument of :func:`samed_adapter.inference.prepare_volume`."""
+        """Every keyword argument of :func:`samed_adapter.inference.stages.prepare_volume`."""
         return {**self.scaling(), "max_voxels": self.max_voxels}
 
 
 def _stem(label_path: Path) -> str:
-    from .io.volumes import image_stem
+    from ..io.volumes import image_stem
 
     return image_stem(label_path)
 
 
 def _suffix(label_path: Path) -> str:
-    from .io.volumes import image_suffix
+    from ..io.volumes import image_suffix
 
     return image_suffix(label_path)
 
@@ -246,7 +246,7 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
         (labels in ``volume.array``'s layout, after ``options.classes``; the files written).
         On any error the files this call wrote are removed before the error propagates.
     """
-    from . import inference
+    from ..inference import stages as inference
 
     prepared = inference.prepare_volume(model.config, volume, **options.preparing())
     labels, probs = inference.predict_prepared(model, prepared, options.batch_size, options.save_probabilities)
@@ -264,9 +264,9 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
     Returns the files written (and, with ``return_labels``, the labels in ``volume.array``'s
     layout first). On any error the files this call wrote are removed before the error propagates.
     """
-    from . import inference
-    from .io import overlay_volume, write_labels
-    from .preprocessing import Intensity
+    from ..inference import stages as inference
+    from ..io import overlay_volume, write_labels
+    from ..volume.preprocessing import Intensity
     from .statistics import label_statistics
 
     label_path = Path(label_path)
@@ -283,7 +283,7 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
         if "nifti" in options.output_types:
             written.append(write_labels(labels, volume, next(files)))
         if "dicom-seg" in options.output_types:
-            from .io.dicom_seg import write_dicom_seg
+            from ..io.dicom_seg import write_dicom_seg
 
             written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
                                            classes=kept))
@@ -308,7 +308,7 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
             intensity = Intensity.from_config(config, scaling["window"], scaling["percentiles"])
             written.append(overlay_volume(volume, labels, names, next(files), intensity=intensity))
         if options.record is not None:  # last: its presence says every other output is complete
-            from .version import __version__
+            from ..version import __version__
 
             written.append(_write_json({**options.record, "version": __version__}, next(files)))
     except BaseException:
@@ -352,12 +352,12 @@ def segment_file(
     """
     import nibabel as nib
 
-    from .io.volumes import label_nifti, read_image, volume_from_nifti
-    from .patching import patch, unpatch
-    from .surgery import get_stock_state
+    from ..io.volumes import label_nifti, read_image, volume_from_nifti
+    from ..patching import patch, unpatch
+    from ..surgery.structure import get_stock_state
 
     if isinstance(sam, (str, os.PathLike)):
-        from .backbones import load_stock_sam
+        from ..hosts.backbones import load_stock_sam
 
         sam = load_stock_sam(sam)
     names = options.pop("classes", None)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from .adapter import DELTA_PREFIX, Adapter, AdapterMismatchError
-from .config import AdapterConfig
-from .hosts import host_of
+from ..adapter_file.adapter import DELTA_PREFIX, Adapter, AdapterMismatchError
+from ..adapter_file.config import AdapterConfig
+from ..hosts.sam import host_of
 from .packing import back_to_back_runs, flat_view, pack_in_place
-from .surgery import (
+from .structure import (
     StockState,
     build_mask_decoder,
     encoder_lora_layers,

@@ -16,20 +16,20 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .files import atomic_path
-from .printable import printable
+from ..io.files import atomic_path
+from ..io.printable import printable
 from .arguments import WindowChoice, orientation_argument, pair_argument, window_argument
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from segment_anything.modeling import Sam
 
-    from .segmentation import OutputOptions
+    from ..segment.outputs import OutputOptions
 
-    from .adapter import Adapter
-    from .io.volumes import DicomSeries
+    from ..adapter_file.adapter import Adapter
+    from ..io.volumes import DicomSeries
 
-    from .model import SAMed
+    from ..model import SAMed
 
 _SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -38,7 +38,7 @@ _DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _stock_sam(checkpoint: str, sam2_config: Optional[str] = None) -> "Sam":
-    from .backbones import load_stock_sam
+    from ..hosts.backbones import load_stock_sam
 
     return load_stock_sam(checkpoint, sam2_config=sam2_config)
 
@@ -85,7 +85,7 @@ def _is_adapter_file(path: Path) -> bool:
     """Whether `path` is a .safetensors file that `Adapter.save` wrote (its header says so)."""
     from safetensors import safe_open
 
-    from .adapter import FORMAT_NAME
+    from ..adapter_file.adapter import FORMAT_NAME
 
     try:
         with safe_open(str(path), framework="pt") as file:
@@ -131,8 +131,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """`convert`: published SAMed .pth -> adapter .safetensors, or an adapter with new settings."""
     import dataclasses
 
-    from .adapter import Adapter
-    from .convert import convert_published
+    from ..adapter_file.adapter import Adapter
+    from ..convert import convert_published
 
     output = _adapter_output(Path(args.output), inputs=[args.checkpoint], overwrite=args.overwrite)
     kwargs: dict[str, object] = {}
@@ -204,7 +204,7 @@ def add_convert_parser(sub: _SubParsers) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`info`: print an adapter's config and sizes (a file or a Hub id)."""
-    from .adapter import Adapter, describe
+    from ..adapter_file.adapter import Adapter, describe
 
     adapter = Adapter.load(args.adapter, revision=args.revision)
     print(f"file              {printable(args.adapter)}")
@@ -229,8 +229,8 @@ def add_info_parser(sub: _SubParsers) -> None:
 
 def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) -> "Sam":
     """The stock SAM to patch: from --sam, or random weights from --sam-backbone/--random-sam-seed."""
-    from .backbones import build_sam
-    from .surgery import stock_fingerprint
+    from ..hosts.backbones import build_sam
+    from ..surgery.structure import stock_fingerprint
 
     if args.sam is not None:
         if args.random_sam_seed is not None:
@@ -256,7 +256,7 @@ def _segment_sam(args: argparse.Namespace, adapter: Optional["Adapter"] = None) 
 def _check_random_backbone(backbone: str, adapter: Optional["Adapter"]) -> None:
     """ValueError, worded for the command line, when `adapter` records a backbone other than the
     --sam-backbone asked for (a random SAM of another backbone cannot take it)."""
-    from .backbones import command_line_hint
+    from ..hosts.backbones import command_line_hint
 
     wanted = None if adapter is None else adapter.config.backbone
     if wanted is not None and wanted != backbone:
@@ -306,8 +306,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """`segment`: labels (and the outputs asked for) for each input; 1 if some inputs failed."""
     from tqdm import tqdm
 
-    from .adapter import Adapter, BaseMismatchError
-    from .pipeline import SamSource, check_request, check_run, segment_files
+    from ..adapter_file.adapter import Adapter, BaseMismatchError
+    from ..segment.pipeline import SamSource, check_request, check_run, segment_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -467,7 +467,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     """`push`: upload an adapter file and its model card to the Hub."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import push_to_hub
+    from ..hub import push_to_hub
 
     evaluation = None
     if args.evaluation is not None:
@@ -511,8 +511,8 @@ def add_push_parser(sub: _SubParsers) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """`pull`: fetch a Hub adapter into the cache; print its path or copy it to -o."""
-    from .adapter import Adapter
-    from .hub import hf_hub_adapter_path, parse_repo_id
+    from ..adapter_file.adapter import Adapter
+    from ..hub import hf_hub_adapter_path, parse_repo_id
 
     repo, _ = parse_repo_id(args.repo_id, args.revision)
     target = None
@@ -566,10 +566,10 @@ def add_pull_parser(sub: _SubParsers) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV)."""
-    from .adapter import Adapter
-    from .evaluate import evaluate
-    from .patching import patch
-    from .training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
+    from ..adapter_file.adapter import Adapter
+    from ..evaluation.evaluate import evaluate
+    from ..patching import patch
+    from ..training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
 
     # Every option is checked before the SAM is built and the volumes read: a bad one found after
     # evaluating everything would lose the whole run.
@@ -587,7 +587,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     adapter = Adapter.load(args.adapter)
     if args.window is not None or args.percentiles is not None:
-        from .preprocessing import Intensity
+        from ..volume.preprocessing import Intensity
 
         try:
             Intensity.from_config(adapter.config, None if args.window is None else args.window.bounds,
@@ -656,7 +656,7 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
 
 
 def add_train_parser(sub: _SubParsers) -> None:
-    from .training.run import add_arguments, run
+    from .train import add_arguments, run
 
     p = _example_parser(
         sub, "train", "fine-tune an adapter (the published recipe by default)",

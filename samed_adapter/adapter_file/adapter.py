@@ -28,9 +28,9 @@ from typing import Optional, Union
 import torch
 
 from .config import AdapterConfig
-from .geometry import describe_orientation
-from .preprocessing import Intensity
-from .files import atomic_path
+from ..volume.geometry import describe_orientation
+from ..volume.preprocessing import Intensity
+from ..io.files import atomic_path
 from .tensor_file import TensorFile, TensorFileError, first_nonfinite
 
 FORMAT_NAME = "samed-adapter"
@@ -124,7 +124,7 @@ class Adapter:
         return Adapter(self.config, tensors, self.base_fingerprint)
 
     def metadata(self) -> dict[str, str]:
-        from .version import __version__
+        from ..version import __version__
 
         return {
             "format": FORMAT_NAME,
@@ -174,7 +174,7 @@ class Adapter:
 
         Raises:
             FileNotFoundError: no such file, and not a Hub id.
-            samed_adapter.hub_cache.AdapterNotFoundError (a FileNotFoundError): the Hub id could not
+            samed_adapter.adapter_file.hub_cache.AdapterNotFoundError (a FileNotFoundError): the Hub id could not
                 be resolved (e.g. offline and not cached); the message says how to get the file.
             AdapterFormatError: not a safetensors file, or not a valid adapter.
             ValueError: `revision` given with a local path.

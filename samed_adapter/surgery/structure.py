@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from ..adapter_file.adapter import Adapter
 from .attention import disable_sdpa
-from .config import AdapterConfig
-from .hosts import SamHost, host_of
+from ..adapter_file.config import AdapterConfig
+from ..hosts.sam import SamHost, host_of
 from .lora import LoraQKV, is_peft_lora, wrap_linear_with_peft
 from .packing import packed_copy
 

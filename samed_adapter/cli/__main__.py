@@ -1,0 +1,7 @@
+"""`python -m samed_adapter.cli`."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
