@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..io.files import atomic_path
 from ..io.printable import printable
-from .arguments import WindowChoice, orientation_argument, pair_argument, window_argument
+from ..volume.preprocessing import WindowChoice
+from .arguments import orientation_argument, pair_argument, window_argument
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

@@ -86,7 +86,7 @@ class OutputOptions:
             raise ValueError(f"output type {', '.join(unknown) or '(none)'} unknown; use {' or '.join(OUTPUT_TYPES)} "
                              "(both: nifti,dicom-seg)")
         if isinstance(self.window, str):
-            from ..cli.arguments import WindowChoice
+            from ..volume.preprocessing import WindowChoice
 
             choice = WindowChoice.parse(self.window)
             self.window, self.preprocessed = choice.bounds, self.preprocessed or choice.preprocessed

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Intensity", "contrast_warning"]
+__all__ = ["Intensity", "WindowChoice", "contrast_warning", "parse_bounds"]
 
 Bounds = tuple[float, float]
 # A window that maps the middle 98 % of a volume's voxels into less than this share of [0, 1]
@@ -129,3 +129,42 @@ def contrast_warning(raw: np.ndarray, intensity: Intensity, where: str) -> Optio
 def as_pair(name: str, value: Optional[Sequence[float]]) -> Optional[Bounds]:
     """Validate an optional (lo, hi) pair the way Intensity does (for config fields and flags)."""
     return _pair(name, value)
+
+
+def parse_bounds(text: str) -> Optional[Bounds]:
+    """``LO,HI`` -> (lo, hi); ``none`` (any case) -> None; ValueError for anything else."""
+    if text.lower() == "none":
+        return None
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class WindowChoice:
+    """What ``--window`` asked for: a CT window, or ``none``, inputs already in [0, 1].
+
+    ``none`` is not "no window given" (that is None, the adapter's own preprocessing) but "skip
+    the preprocessing", so it is carried as its own flag for `SAMed.segment(preprocessed=True)`.
+
+    Attributes:
+        bounds: (lo, hi) to clip to and scale to [0, 1]; None for ``none``.
+    """
+
+    bounds: Optional[tuple[float, float]]
+
+    @property
+    def preprocessed(self) -> bool:
+        """True for ``none``: the values are already in [0, 1] and are used as they are."""
+        return self.bounds is None
+
+    @classmethod
+    def parse(cls, text: str) -> "WindowChoice":
+        """``LO,HI`` or ``none`` (any case).
+
+        Raises:
+            ValueError: anything else.
+        """
+        try:
+            return cls(parse_bounds(text))
+        except ValueError:
+            raise ValueError(f"--window takes LO,HI (e.g. -125,275) or none, got {text!r}") from None
