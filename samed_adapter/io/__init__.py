@@ -1,4 +1,4 @@
-"""Image input/output for samed-adapter: readers, label writers and overlays.
+"""Files: NIfTI / DICOM / PNG / NPY readers and label writers, DICOM-SEG, overlays, atomic writes; imports volume only.
 
 Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 ``Volume.array[k, j, i]`` is NIfTI voxel ``(i, j, k)``.  See

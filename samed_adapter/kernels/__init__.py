@@ -1,4 +1,4 @@
-"""Fused kernels: the q/v LoRA bypass on SAM's qkv projection (Triton on CUDA, torch elsewhere).
+"""Fused kernels: the q/v LoRA bypass on SAM's qkv projection (Triton on CUDA, torch elsewhere); imports nothing of this package.
 
 Nothing here imports Triton at import time; `dispatch` loads `triton_lora_qkv` (the Triton
 kernels) on the first CUDA call. (That module is not named `lora_qkv`: importing a submodule sets

@@ -1,4 +1,4 @@
-"""Helpers for tests, benchmarks and demos that have no trained adapter at hand.
+"""Helpers for tests, benchmarks and demos that have no trained adapter at hand; may import any stage, and only tests, benchmarks and demos import it.
 
 - `random_adapter`: an adapter whose every trainable tensor moved off its start;
 - `same_tensors`: two adapters hold the same tensors, bit for bit;

@@ -1,4 +1,4 @@
-"""Model-independent training building blocks: augmentation, loss, lr schedule, dataset readers.
+"""Training: datasets, augmentation, losses, schedule, loop, checkpoint state; imports evaluation, the core and the stages below.
 
 Names from modules that need torch are imported on first use (PEP 562), so that the command
 line can declare its flags without importing torch.
