@@ -489,3 +489,46 @@ def test_cli_refuses_a_bad_save_every_with_its_flag(train_only, tmp_path, capsys
     assert main(cli_args(train_only, tmp_path / "run", "--save-every", "-1")) == 2
     assert one_error_line(capsys.readouterr().err).endswith("error: --save-every must be 0 (off) or more, got -1")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_header_claiming_16_gib_is_refused_before_reading(tmp_path):
+    """A 352-byte NIfTI header in imagesTr that claims 4096 x 4096 x 256 float32 voxels (16 GiB):
+    the dataset refuses it from the header, before a voxel is read (issue 20)."""
+    import tracemalloc
+
+    import nibabel as nib
+
+    from samed_adapter.io import ImageTooLargeError
+
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    header = nib.Nifti1Header()
+    header.set_data_shape((4096, 4096, 256))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    (tmp_path / "imagesTr" / "case.nii").write_bytes(header.binaryblock + b"\0" * 4)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4)), tmp_path / "labelsTr" / "case.nii.gz")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match=r"case.nii: image of 4096 x 4096 x 256 = 4,294,967,296 voxels"):
+            NiftiSlices(tmp_path, ["case"], window=(0.0, 1.0))
+        assert tracemalloc.get_traced_memory()[1] < 32 * 2**20
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(ImageTooLargeError, match="limit of 100 voxels"):  # and the limit is the caller's
+        NiftiSlices(tmp_path, ["case"], window=(0.0, 1.0), max_voxels=100)
+
+
+def test_cli_train_bounds_the_dataset_with_max_voxels(tmp_path, capsys):
+    import nibabel as nib
+
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.uint8), np.eye(4)), tmp_path / "data" / folder / "case.nii.gz")
+    code = main(["train", "--data", str(tmp_path / "data"), "--num-classes", "1", "--sam-backbone", "tiny",
+                 "--random-sam-seed", "0", "--image-size", "64", "--max-voxels", "1000", "--device", "cpu",
+                 "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "16 x 16 x 4 = 1,024 voxels" in err and "limit of 1,000 voxels" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "first training case's own orientation; --format synapse: not recorded)")
     data.add_argument("--slice-axis", type=int, choices=[0, 1, 2], default=2,
                       help="axis of the reoriented volume to cut slices along (default 2)")
+    data.add_argument("--max-voxels", type=int, metavar="N",
+                      help="refuse images and labels holding more voxels than this, checked from their headers "
+                           "before reading (default 2**30, as for segment)")
     data.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of cases for validation")
 
     model = parser.add_argument_group("model")
@@ -154,7 +157,7 @@ def _datasets(args: argparse.Namespace, window, percentiles):
     orientation = _orientation(args, args.data, train_cases)
     label_map = SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None
     kwargs = dict(window=window, percentiles=percentiles, label_map=label_map, orientation=orientation,
-                  slice_axis=args.slice_axis)
+                  slice_axis=args.slice_axis, max_voxels=args.max_voxels)
     slices = NiftiSlices(args.data, train_cases, **kwargs)
     _warn_on_flat_contrast(slices)
     volumes = NiftiVolumes(args.data, val_cases, **kwargs) if val_cases else None

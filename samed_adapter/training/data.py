@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from ..adapter_file.config import CT_ABDOMEN_WINDOW
 from ..volume.geometry import SliceGeometry, axis_codes, check_slice_axis, check_voxel_sizes, parse_orientation
+from ..io.limits import check_voxels
 from ..io.volumes import nifti_voxels
 from ..volume.preprocessing import Intensity
 from .augment import as_int_label
@@ -236,6 +237,7 @@ class _NiftiDataset(Dataset):
         slice_axis: int = 2,
         transform: Optional[Transform] = None,
         max_cached_volumes: int = 2,
+        max_voxels: Optional[int] = None,
     ) -> None:
         if window is not None and percentiles is not None:
             raise ValueError("give either window (CT) or percentiles (MR), not both; set the other to None")
@@ -266,6 +268,10 @@ class _NiftiDataset(Dataset):
             if label_path is None:
                 raise FileNotFoundError(f"no label for case {case!r}: expected {labels_dir / (case + '.nii.gz')}")
             image, label = nib.load(found[case]), nib.load(label_path)
+            # The sizes the headers claim, before a voxel is read: a damaged or hostile 416-byte
+            # file in a dataset may claim 16 GiB (the same bound as segment's).
+            check_voxels(image.shape, max_voxels, found[case])
+            check_voxels(label.shape, max_voxels, label_path, what="label image")
             if len(image.shape) != 3:
                 raise ValueError(
                     f"{found[case]} has shape {image.shape}; expected a 3-D volume (split multi-channel 4-D images "
@@ -370,7 +376,8 @@ class NiftiSlices(_NiftiDataset):
     percentiles, computed from the whole volume on first use and cached per process (the volume
     goes to an LRU cache of ``max_cached_volumes`` and later slices are cut from it); both None:
     raw values. ``label_map`` (e.g. :data:`SYNAPSE_LABEL_MAP`) maps raw -> new labels, every
-    unmapped label becoming 0.
+    unmapped label becoming 0. ``max_voxels`` (None: :data:`samed_adapter.io.DEFAULT_MAX_VOXELS`)
+    bounds every image and label, checked from the headers before any voxel is read.
 
     Items: ``{"image": (H, W) float32, "label": (H, W) int64, "case": str, "slice": k}`` passed
     through ``transform``.
