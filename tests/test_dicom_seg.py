@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,97 @@ def test_stripped_headers_filled_or_refused(ct_folder: Path, tmp_path: Path) -> 
     with pytest.raises(ValueError, match=f"{files[1].name}: lacks FrameOfReferenceUID.*write NIfTI"):
         write_dicom_seg(labels, read_image(ct_folder), NAMES, tmp_path / "seg2.dcm", adapter_name="a")
     assert not (tmp_path / "seg2.dcm").exists()
+
+
+# Every type 1 (present, not empty) and type 2 (present, may be empty) attribute of the
+# Segmentation IOD's modules (DICOM PS3.3 A.51) that applies to a BINARY SEG of a CT/MR series,
+# module by module. Conditional (1C/2C) ones are listed where their condition holds here.
+_TYPE1 = {
+    "SOP Common": ["SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet"],
+    "General Study": ["StudyInstanceUID"],
+    "General Series": ["Modality", "SeriesInstanceUID"],
+    "Segmentation Series": ["Modality", "SeriesNumber"],
+    "Frame of Reference": ["FrameOfReferenceUID"],
+    "Enhanced General Equipment": ["Manufacturer", "ManufacturerModelName", "DeviceSerialNumber",
+                                   "SoftwareVersions"],
+    "Image Pixel": ["SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+                    "BitsStored", "PixelRepresentation", "PixelData"],
+    "Segmentation Image": ["ImageType", "InstanceNumber", "ContentLabel", "LossyImageCompression",
+                           "SegmentationType", "SegmentSequence"],
+    "Multi-frame Functional Groups": ["PerFrameFunctionalGroupsSequence", "InstanceNumber", "ContentDate",
+                                      "ContentTime", "NumberOfFrames"],
+    "Multi-frame Dimension": ["DimensionOrganizationSequence", "DimensionIndexSequence"],
+    "Common Instance Reference": ["ReferencedSeriesSequence"],
+}
+_TYPE2 = {
+    "Patient": ["PatientName", "PatientID", "PatientBirthDate", "PatientSex"],
+    "General Study": ["StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"],
+    "General Series": ["SeriesNumber"],
+    "Frame of Reference": ["PositionReferenceIndicator"],
+    "General Equipment": ["Manufacturer"],
+    "General Image": ["InstanceNumber"],
+    "Segmentation Image": ["ContentDescription", "ContentCreatorName"],
+    "Multi-frame Functional Groups": ["SharedFunctionalGroupsSequence"],
+}
+_SEGMENT_TYPE1 = ["SegmentNumber", "SegmentLabel", "SegmentedPropertyCategoryCodeSequence",
+                  "SegmentedPropertyTypeCodeSequence", "SegmentAlgorithmType",
+                  "SegmentAlgorithmName", "SegmentationAlgorithmIdentificationSequence"]  # 1C: not MANUAL
+_ALGORITHM_TYPE1 = ["AlgorithmFamilyCodeSequence", "AlgorithmName", "AlgorithmVersion"]
+# Functional group macros a SEG of a series with a frame of reference needs, each in the shared
+# item or in every per-frame item (PS3.3 A.51.5).
+_FUNCTIONAL_GROUPS = ["PixelMeasuresSequence", "PlanePositionSequence", "PlaneOrientationSequence",
+                      "DerivationImageSequence", "FrameContentSequence", "SegmentIdentificationSequence"]
+# What de-identification tools drop: none of it may leave a required attribute out of the SEG.
+_DROPPABLE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+              "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator",
+              "SeriesNumber", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+              "DeviceSerialNumber", "SliceThickness")
+
+
+def _missing(ds: pydicom.Dataset, type1: list[str], type2: list[str], where: str) -> list[str]:
+    """What of ``type1`` is absent or empty and of ``type2`` absent in ``ds``, each said with ``where``."""
+    gone = [f"{where}{kw} (type 1)" for kw in type1 if kw not in ds or ds[kw].value in (None, "", b"", [])]
+    return gone + [f"{where}{kw} (type 2)" for kw in type2 if kw not in ds]
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["full source", "de-identified source"])
+def test_every_type_1_and_2_attribute_of_the_seg_is_there(ct_folder: Path, tmp_path: Path,
+                                                          stripped: bool) -> None:
+    """ContentCreatorName (type 2) was absent and dcmqi warned (issue 20): every module's required
+    attributes are there, also when the source lacks the ones a SEG copies from it."""
+    if stripped:
+        for f in ct_folder.iterdir():
+            ds = pydicom.dcmread(f)
+            for keyword in _DROPPABLE:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.save_as(f)
+    volume = read_image(ct_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor may highdicom or pydicom find anything to warn about
+        out = write_dicom_seg(_labels(volume), volume, NAMES, tmp_path / "seg.dcm", adapter_name="me/ct")
+    seg = pydicom.dcmread(out)
+
+    missing = []
+    for module in sorted(set(_TYPE1) | set(_TYPE2)):
+        missing += _missing(seg, _TYPE1.get(module, []), _TYPE2.get(module, []), f"{module}: ")
+    for n, segment in enumerate(seg.SegmentSequence, start=1):
+        missing += _missing(segment, _SEGMENT_TYPE1, [], f"segment {n}: ")
+        for algorithm in segment.get("SegmentationAlgorithmIdentificationSequence", []):
+            missing += _missing(algorithm, _ALGORITHM_TYPE1, [], f"segment {n} algorithm: ")
+    (shared,) = seg.SharedFunctionalGroupsSequence
+    for group in _FUNCTIONAL_GROUPS:
+        if group not in shared and not all(group in item for item in seg.PerFrameFunctionalGroupsSequence):
+            missing.append(f"functional group {group}")
+    assert missing == []
+
+    # The values that say who made it: this library, by name and version, as an algorithm.
+    assert str(seg.ContentCreatorName) == "samed-adapter^"
+    assert (seg.Manufacturer, seg.ManufacturerModelName) == ("samed-adapter", "samed-adapter")
+    assert seg.SoftwareVersions == samed_adapter.__version__
+    assert list(seg.ImageType) == ["DERIVED", "PRIMARY"] and seg.Modality == "SEG"
+    for segment in seg.SegmentSequence:
+        assert segment.SegmentAlgorithmName == "samed-adapter"
+        (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("samed-adapter", samed_adapter.__version__)
+    np.testing.assert_array_equal(read_dicom_seg(out, volume), _labels(volume))

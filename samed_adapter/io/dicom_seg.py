@@ -217,8 +217,10 @@ def write_dicom_seg(
         software_versions=__version__, device_serial_number="0",
         content_description=_lo(f"{ALGORITHM_NAME} {adapter_name}"),
         # Type 2 in the Content Identification macro: readers such as dcmqi warn when it is
-        # absent. An automatic segmentation has no person behind it, so the algorithm is named.
-        content_creator_name=ALGORITHM_NAME,
+        # absent. An automatic segmentation has no person behind it, so the algorithm is named;
+        # the trailing "^" marks a lone family-name component (PN), which highdicom would
+        # otherwise warn about as a likely misencoded name.
+        content_creator_name=f"{ALGORITHM_NAME}^",
         series_description=_lo(series_description),
         # Empty frames are left out (a sparse mask's size, not D x K full frames); empty
         # segments stay described. An all-background mask must keep its frames: say so
