@@ -180,3 +180,75 @@ def test_dicom_seg_decodes_to_the_nifti_labels_of_the_same_run(ct_folder, capsys
     decoded = read_dicom_seg(tmp_path / "out" / "ct_seg.dcm", volume)
     assert np.any(nifti > 0)
     np.testing.assert_array_equal(volume.to_voxels(decoded), nifti)
+
+
+def _ct_adapter(tmp_path: Path) -> Path:
+    """A random adapter for the tiny SAM that finds several classes in conftest's ct_folder."""
+    from samed_adapter.testing import random_adapter
+
+    sam = sa.build_sam("tiny", seed=0)
+    config = sa.AdapterConfig(num_classes=3, image_size=64, class_names=["fat", "soft tissue", "bone"],
+                              intensity_window=(-200.0, 300.0), orientation="LPS")
+    return random_adapter(sam, config, seed=5, scale=0.5).save(tmp_path / "ct.safetensors")
+
+
+def test_probabilities_of_a_dicom_series_give_the_labels_in_the_axes_they_record(ct_folder, capsys, tmp_path):
+    """Issue 20: the .npz is not nnU-Net's (C, z, y, x), and says what it is: its argmax is the
+    written labels at every voxel in the axes it records, and the README's transpose gives the
+    (z, y, x) order SimpleITK (nnU-Net's reader) sees."""
+    sitk = pytest.importorskip("SimpleITK")
+    from samed_adapter.io import read_dicom_seg, read_image
+
+    adapter = _ct_adapter(tmp_path)
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapter, ct_folder, "-o", tmp_path / "out",
+                       "--output-type", "nifti,dicom-seg", "--save-probabilities")
+    assert code == 0, err
+    written = nib.load(tmp_path / "out" / "ct.nii.gz")
+    labels = np.asarray(written.dataobj)
+    assert len(np.unique(labels)) >= 2  # enough classes for the argmax to mean something
+    with np.load(tmp_path / "out" / "ct.npz", allow_pickle=False) as npz:
+        probs, axes, affine = npz["probabilities"], list(npz["axes"]), npz["affine"]
+        assert list(npz["class_names"]) == ["background", "fat", "soft tissue", "bone"]
+    assert axes == ["class", "i", "j", "k"] and probs.shape == (4, *labels.shape)
+    np.testing.assert_allclose(affine, written.affine, rtol=0, atol=1e-4)  # NIfTI keeps float32
+    np.testing.assert_array_equal(probs.argmax(axis=0), labels)
+    # The DICOM-SEG holds the same labels, slice by slice: the voxel grid is one.
+    volume = read_image(ct_folder)
+    np.testing.assert_array_equal(volume.to_voxels(read_dicom_seg(tmp_path / "out" / "ct_seg.dcm", volume)),
+                                  probs.argmax(axis=0))
+    # nnU-Net's axis order, (C, z, y, x), is a transpose away, as the README says.
+    zyx = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ct.nii.gz")))
+    np.testing.assert_array_equal(probs.transpose(0, 3, 2, 1).argmax(axis=0), zyx)
+
+    # --classes keeps only those classes in the labels; the probabilities stay every class's.
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapter, ct_folder, "-o", tmp_path / "soft",
+                       "--classes", "soft tissue", "--save-probabilities")
+    assert code == 0, err
+    with np.load(tmp_path / "soft" / "ct.npz", allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["probabilities"], probs)
+    kept = np.asarray(nib.load(tmp_path / "soft" / "ct.nii.gz").dataobj)
+    assert (kept == 2).any() and (labels == 1).any()
+    np.testing.assert_array_equal(kept, np.where(probs.argmax(axis=0) == 2, 2, 0))
+
+
+def test_probabilities_of_an_array_record_its_own_axes(capsys, tmp_path):
+    """An NPY stack keeps its (slice, row, column) layout, and the .npz says so."""
+    from samed_adapter.testing import random_adapter
+
+    sam = sa.build_sam("tiny", seed=0)
+    config = sa.AdapterConfig(num_classes=2, image_size=64, class_names=["a", "b"], intensity_window=None,
+                              intensity_percentiles=(1.0, 99.0))
+    adapter = random_adapter(sam, config, seed=2, scale=0.5).save(tmp_path / "a.safetensors")
+    rng = np.random.default_rng(0)
+    stack = np.cumsum(rng.normal(size=(3, 40, 24)), axis=1).astype(np.float32)  # smooth-ish, not flat
+    np.save(tmp_path / "stack.npy", stack)
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapter, tmp_path / "stack.npy", "-o",
+                       tmp_path / "out", "--save-probabilities")
+    assert code == 0, err
+    labels = np.load(tmp_path / "out" / "stack.npy")
+    with np.load(tmp_path / "out" / "stack.npz", allow_pickle=False) as npz:
+        probs, axes = npz["probabilities"], list(npz["axes"])
+        assert "affine" not in npz.files  # an array has none
+    assert len(np.unique(labels)) >= 2
+    assert axes == ["class", "slice", "row", "column"] and probs.shape == (3, *stack.shape)
+    np.testing.assert_array_equal(probs.argmax(axis=0), labels)
