@@ -252,3 +252,63 @@ def test_probabilities_of_an_array_record_its_own_axes(capsys, tmp_path):
     assert len(np.unique(labels)) >= 2
     assert axes == ["class", "slice", "row", "column"] and probs.shape == (3, *stack.shape)
     np.testing.assert_array_equal(probs.argmax(axis=0), labels)
+
+
+def _first_tile(picture: Path, side: int) -> np.ndarray:
+    """Tile 0 of an overlay sheet of ``side`` x ``side`` slices: (H*s, W*s, 3), by the documented
+    layout (6 px padding, a one-line caption above, s = 256 // side)."""
+    from PIL import Image, ImageFont
+
+    rgb = np.asarray(Image.open(picture).convert("RGB"))
+    top = 6 + int(ImageFont.load_default().getbbox("Ag")[3]) + 4
+    size = side * (256 // side)
+    assert not (rgb[top: top + size, 6 + size] == 128).all()  # the tile ends there: padding follows
+    return rgb[top: top + size, 6: 6 + size]
+
+
+def test_a_constant_volume_overlays_flat_grey(tmp_path):
+    """Issue 20: percentiles of a constant volume are (7, 7), which the overlay refused as a window
+    (and the labels were lost with it). One value is shown mid-grey, with or without a window."""
+    from samed_adapter.io import overlay_montage, overlay_volume, read_image
+    from samed_adapter.volume.preprocessing import Intensity
+
+    nib.save(nib.Nifti1Image(np.full((24, 24, 3), 7.0, dtype=np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
+    volume = read_image(tmp_path / "flat.nii.gz")
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    for n, intensity in enumerate([Intensity(None, (1.0, 99.0)), None]):
+        picture = overlay_volume(volume, labels, ["a", "b"], tmp_path / f"volume{n}.png", intensity=intensity)
+        assert (_first_tile(picture, 24) == 128).all(), intensity
+    picture = overlay_montage(np.full((3, 24, 24), -1e20), np.zeros((3, 24, 24), np.uint8), ["a"], tmp_path / "m.png")
+    assert (_first_tile(picture, 24) == 128).all()  # +-0.5 would vanish in the rounding of 1e20
+    with pytest.raises(ValueError, match=r"window must be \(low, high\)"):  # asked for, it is still checked
+        overlay_montage(np.full((3, 24, 24), 7.0), np.zeros((3, 24, 24), np.uint8), ["a"], tmp_path / "bad.png",
+                        window=(7.0, 7.0))
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_segment_overlay_of_a_constant_volume_keeps_its_labels(capsys, tmp_path):
+    """The command writes the labels of a constant volume (the same as without --overlay) and an
+    overlay of flat grey under their colours."""
+    from samed_adapter.io.overlay import colour_table
+    from samed_adapter.testing import random_adapter
+
+    sam = sa.build_sam("tiny", seed=0)
+    config = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=None, intensity_percentiles=(1.0, 99.0),
+                              class_names=["a", "b"])
+    adapter = random_adapter(sam, config, seed=1).save(tmp_path / "mr.safetensors")
+    scan = tmp_path / "in" / "flat.nii.gz"
+    scan.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.full((24, 24, 3), 7.0, dtype=np.float32), np.eye(4)), scan)
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", adapter, scan, "-o", tmp_path / "plain")
+    assert code == 0, err
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapter, scan, "-o", tmp_path / "out", "--overlay")
+    assert code == 0, err
+    assert "window" not in err and "segmented 1 of 1" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == \
+        ["flat.nii.gz", "flat_overlay.png"]
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "flat.nii.gz").dataobj),
+                                  np.asarray(nib.load(tmp_path / "plain" / "flat.nii.gz").dataobj))
+    tile = _first_tile(tmp_path / "out" / "flat_overlay.png", 24).reshape(-1, 3)
+    # Every pixel is the grey or a class colour over that grey, nothing else.
+    shown = [np.full(3, 128)] + [np.round(0.5 * 128 + 0.5 * c.astype(float)) for c in colour_table(2)[1:]]
+    assert all(any((p == s).all() for s in shown) for p in np.unique(tile, axis=0))

@@ -131,15 +131,25 @@ def _montage_inputs(
     return names, volume, pred, ref
 
 
+def _flat(value: float) -> tuple[float, float]:
+    """The window that shows ``value``, the only one there is, as mid-grey (black would vanish
+    into the sheet's background and read as "no image")."""
+    if not math.isfinite(value):  # nothing to show but where the labels are
+        return (-0.5, 0.5)
+    half = max(0.5, abs(value) * 2.0**-20)  # +-0.5 is lost in the rounding of a value near 1e20
+    return (value - half, value + half)
+
+
 def _display_window(shown: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
-    """The window given (checked), or the 0.5th..99.5th percentile of the finite values shown."""
+    """The window given (checked), or the 0.5th..99.5th percentile of the finite values shown
+    (a flat grey for slices of one value)."""
     if window is not None:
         if not window[1] > window[0]:
             raise ValueError(f"window must be (low, high) with high > low, got {window}")
         return window
     finite = shown[np.isfinite(shown)]
     lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    return (float(lo), float(hi)) if hi > lo else _flat(float(lo))
 
 
 @dataclass(frozen=True)
@@ -308,7 +318,9 @@ def overlay_volume(
     bounds = getattr(intensity, "bounds", None)
     if bounds is not None:
         window = bounds(image)
-        if window is not None and not window[1] > window[0]:  # percentiles of a constant volume: (v, v)
-            window = (window[0] - 0.5, window[0] + 0.5)  # shown flat mid-grey, as the model saw it: flat
+        # Percentiles of a constant volume are (v, v): no window, yet a picture to show (the
+        # model saw one value everywhere too), so its labels are never lost to an error here.
+        if window is not None and not window[1] > window[0]:
+            window = _flat(window[0])
     return overlay_montage(image, shown[0], class_names, path, truth=shown[1] if truth is not None else None,
                            max_slices=max_slices, window=window)
