@@ -30,13 +30,20 @@ Failures:
   retried write is harmless.
 - A model that cannot be set up (checkpoint missing, adapter for another SAM) fails every input
   the same way: that error is raised from :func:`run_on_ray`, as the other engines raise it.
+
+Logging: the command's own lines and real warnings only. A Ray started here logs its C++ core at
+``fatal`` (``RAY_BACKEND_LOG_LEVEL``, unless the user set it) and keeps Ray Data's notes and the
+token-authentication notice to itself; its log files are where they always are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
@@ -49,6 +56,16 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .outputs import OutputOptions
 
 __all__ = ["RayInputError", "WrittenFiles", "run_on_ray"]
+
+#: The level of Ray's C++ core (raylet, GCS, workers and this process's core worker). Ray Data
+#: hands every actor its stages through the object store and lets actors restart, a pairing Ray's
+#: core logs as an error on every run (ray-project/ray#53727: "Actor with class name ... has
+#: constructor arguments in the object store and max_restarts > 0"), on the driver's stderr, where
+#: no Python logger level reaches. A failure that matters reaches the user as an exception or an
+#: input's error either way. Set by the user, the variable is left as it is.
+BACKEND_LOG_LEVEL_ENV = "RAY_BACKEND_LOG_LEVEL"
+# What Ray's core says, on the driver's stderr, on reading the variable: nothing to the user.
+_LEVEL_NOTICE = "Set ray log level from environment variable " + BACKEND_LOG_LEVEL_ENV
 
 #: Test hook (tests/test_ray.py): the path of a marker file. A model actor that finds the file
 #: (holding nothing, or text that is part of the input's path) deletes it and kills its own
@@ -276,6 +293,47 @@ def _actor_cpus(ray: Any, workers: int, gpus_per_worker: float, *, local: bool) 
     return 1.0
 
 
+@contextlib.contextmanager
+def _native_stderr_without(unwanted: str) -> Iterator[None]:
+    """Hold what is written to file descriptor 2 inside the block (C++ code writes there, past
+    ``sys.stderr``) and pass it on afterwards, less the lines that contain ``unwanted``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if unwanted not in line]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _init_ray(ray: Any, address: Optional[str]) -> None:
+    """``ray.init`` for the Ray this run starts or connects to, its logging kept to what matters:
+    Python warnings and errors, and Ray's core only where it fails (fatal), unless the user chose
+    the core's level in ``RAY_BACKEND_LOG_LEVEL`` (see :data:`BACKEND_LOG_LEVEL_ENV`)."""
+    options = dict(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                   logging_level=logging.WARNING, configure_logging=True)
+    if os.environ.get(BACKEND_LOG_LEVEL_ENV):
+        ray.init(**options)
+        return
+    # Ray reads the variable once per process, as each starts: the processes started here and this
+    # process's core worker, all inside ray.init. Afterwards it is unset again, as it was.
+    os.environ[BACKEND_LOG_LEVEL_ENV] = "fatal"
+    try:
+        with _native_stderr_without(_LEVEL_NOTICE):
+            ray.init(**options)
+    finally:
+        del os.environ[BACKEND_LOG_LEVEL_ENV]
+
+
 def run_on_ray(
     jobs: Sequence["Job"],
     options: "OutputOptions",
@@ -321,8 +379,7 @@ def run_on_ray(
     for name, level in quiet.items():
         logging.getLogger(name).setLevel(max(level, logging.getLogger(name).getEffectiveLevel()))
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                 logging_level=logging.WARNING, configure_logging=True)
+        _init_ray(ray, address)
     rows = None
     try:
         # A module at hand travels once through the object store; otherwise each actor rebuilds it.
