@@ -398,3 +398,35 @@ def test_a_constant_volume_gets_its_labels_and_a_flat_overlay(capsys, tmp_path):
     assert _tree(tmp_path / "out") == ["flat.nii.gz", "flat_overlay.png"]
     picture = np.asarray(Image.open(tmp_path / "out" / "flat_overlay.png").convert("RGB"))
     assert picture.shape[0] > 30 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 1  # tiles, labels, legend
+
+
+def test_ctrl_c_leaves_only_complete_outputs_and_says_how_to_go_on(adapters, tmp_path):
+    """SIGINT in the middle of an archive: exit 130, one line naming --continue, no traceback,
+    no half-written file; --continue then does exactly the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(40):
+        _scan(tmp_path / "in" / f"s{i:02d}.nii.gz", seed=i, shape=(64, 64, 24))
+    argv = [sys.executable, "-m", "samed_adapter.cli", "segment", *TINY, "--adapter", str(adapters["a"]),
+            str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("*.nii.gz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "run the same command with --continue" in err
+    done = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert not any(".tmp" in name for name in done)
+    for path in (tmp_path / "out").glob("*.nii.gz"):
+        assert nib.load(path).get_fdata().shape == (64, 64, 24)  # complete files only
+    written = len(list((tmp_path / "out").glob("*.nii.gz")))
+    assert 0 < written < 40
+    rest = subprocess.run([*argv, "--continue"], capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0, rest.stderr
+    assert f"segmented {40 - written} of 40 inputs" in rest.stdout

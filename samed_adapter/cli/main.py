@@ -335,6 +335,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
     bar = tqdm(desc="segment", unit="input", disable=None)
     counts = {"written": 0, "skipped": 0, "failed": 0, "ignored": 0, "redone": 0}
+    planned = {"inputs": 0}
+
+    def plan(n: int) -> None:
+        planned["inputs"] = n
+        bar.reset(total=n)
 
     def show(result) -> None:
         counts[result.status] += 1
@@ -360,8 +365,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
             allow_base_mismatch=args.allow_base_mismatch, engine="ray" if args.ray else args.engine,
             num_workers=args.num_workers, skip_existing=args.continue_, num_parts=args.num_parts,
             part_id=args.part_id, ray_address=args.ray_address, ray_workers=args.ray_workers,
-            gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=lambda n: bar.reset(total=n), **request,
+            gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=plan, **request,
         )
+    except KeyboardInterrupt:
+        # Outputs appear atomically and writes under way are finished, so what exists is complete.
+        bar.close()
+        _fail("segment", f"interrupted before the end of {planned['inputs']} inputs; every file in {args.output} is "
+                         "complete (none is left half written); run the same command with --continue to do the rest")
+        return 130
     except BaseMismatchError as err:
         if args.sam is None:  # the wording stays the command line's (err.command_line); only the hint is added
             err.command_line = (f"{getattr(err, 'command_line', None) or err}; a random SAM matches an adapter made "
