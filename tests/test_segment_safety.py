@@ -381,24 +381,6 @@ def test_a_series_missing_a_slice_gets_no_lying_nifti(adapters, capsys, tmp_path
     assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in folder.iterdir()}
 
 
-def test_a_constant_volume_gets_its_labels_and_a_flat_overlay(capsys, tmp_path):
-    """Percentiles of a constant volume are (v, v): the overlay is flat grey, never an error that
-    loses the labels."""
-    from PIL import Image
-
-    sam = sa.build_sam("tiny", seed=0)
-    config = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=None, intensity_percentiles=(1.0, 99.0),
-                              class_names=["a", "b"])
-    adapter = random_adapter(sam, config, seed=1).save(tmp_path / "mr.safetensors")
-    path = tmp_path / "in" / "flat.nii.gz"
-    path.parent.mkdir()
-    nib.save(nib.Nifti1Image(np.full((30, 20, 3), 7.0, dtype=np.float32), np.eye(4)), path)
-    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapter, path, "-o", tmp_path / "out", "--overlay")
-    assert code == 0, err
-    assert _tree(tmp_path / "out") == ["flat.nii.gz", "flat_overlay.png"]
-    picture = np.asarray(Image.open(tmp_path / "out" / "flat_overlay.png").convert("RGB"))
-    assert picture.shape[0] > 30 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 1  # tiles, labels, legend
-
 
 def test_ctrl_c_leaves_only_complete_outputs_and_says_how_to_go_on(adapters, tmp_path):
     """SIGINT in the middle of an archive: exit 130, one line naming --continue, no traceback,
