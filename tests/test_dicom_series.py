@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from samed_adapter.io.volumes import (
+from samed_adapter.io import (
     DicomSeries,
     ImageReadError,
     Volume,

@@ -25,12 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from segment_anything.modeling import Sam
 
-    from ..segment.outputs import OutputOptions
-
     from ..adapter_file.adapter import Adapter
-    from ..io.volumes import DicomSeries
-
-    from ..model import SAMed
 
 _SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 

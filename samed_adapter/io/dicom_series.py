@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
+from .errors import (SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError,
+                     user_stacklevel)
 from .limits import DEFAULT_MAX_VOXELS, check_voxels
 from .slice_spacing import even_run, shortened
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .volumes import Volume
 
 __all__ = ["DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series", "probe_dicom",
-           "read_dicom_folder", "read_dicom_series"]
+           "read_dicom_folder", "read_dicom_path", "read_dicom_series"]
 
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 _DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
@@ -375,6 +376,13 @@ def _read_guarded(source: Path, read: Callable[[], "Volume"]) -> "Volume":
         ) from exc
 
 
+def read_dicom_path(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS, allow_uneven: bool = False) -> "Volume":
+    """What :func:`~samed_adapter.io.read_image` reads for a DICOM path: the one series of a
+    folder's files, or a single DICOM file; ``path`` names it in messages."""
+    files = _folder_files(path) if path.is_dir() else [path]
+    return _read_dicom_series(files, path, max_voxels, allow_uneven)
+
+
 def _read_dicom_series(files: list[Path], source: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
                        allow_uneven: bool = False) -> "Volume":
     """Read the DICOM slices among ``files``, which must form one series; see _read_dicom_slices.
@@ -387,21 +395,6 @@ def _read_dicom_series(files: list[Path], source: Path, max_voxels: int = DEFAUL
     if len(groups) > 1:
         raise _several_series_error(source, [series for series, _ in groups])
     return _read_dicom_slices(groups[0][1], source, max_voxels, allow_uneven)
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` that points a warning at the first caller outside ``samed_adapter.io``.
-
-    The readers are reached through several public functions at different call depths, so a
-    fixed level would blame the wrong line.
-    """
-    import sys
-
-    here = os.path.dirname(__file__)
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def _floats(value: Any) -> np.ndarray:
@@ -599,7 +592,7 @@ def _read_dicom_slices(slices: list[_Slice], source: Path, max_voxels: int = DEF
     slices, positions, step, uneven, spacing_messages = _stack_order(slices, source, normal, allow_uneven)
     messages += spacing_messages
     for message in messages:
-        warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
     affine = _affine(first, orient, pixel_spacing, positions, step, not uneven)
     planes = np.stack([_pixels(p) for p, _ in slices])
     return Volume(planes, affine, None, voxel_sizes(affine, 3), source, files=tuple(p for p, _ in slices),

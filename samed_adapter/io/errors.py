@@ -7,7 +7,11 @@ archive pipeline, a training script) tell the cases apart without parsing messag
 
 from __future__ import annotations
 
-__all__ = ["SUPPORTED", "ImageReadError", "ImageTooLargeError", "TruncatedImageError", "UnevenSpacingError"]
+import os
+import sys
+
+__all__ = ["SUPPORTED", "ImageReadError", "ImageTooLargeError", "TruncatedImageError", "UnevenSpacingError",
+           "user_stacklevel"]
 
 #: What can be read; read errors about the kind of file end with it.
 SUPPORTED = (
@@ -41,3 +45,16 @@ class UnevenSpacingError(ImageReadError):
     def __init__(self, message: str, positions: tuple[float, ...] = ()) -> None:
         super().__init__(message)
         self.positions = positions
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first caller outside ``samed_adapter.io``.
+
+    The readers are reached through several public functions at different call depths, so a
+    fixed level would blame the wrong line.
+    """
+    here = os.path.dirname(__file__)
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        level, frame = level + 1, frame.f_back
+    return level

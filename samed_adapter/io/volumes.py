@@ -39,25 +39,13 @@ from ..volume.geometry import SliceGeometry, voxel_size_disagreement, voxel_size
 import nibabel as nib
 import numpy as np
 
-from .dicom_series import (
-    DicomFolder,
-    DicomSeries,
-    find_dicom,
-    is_dicom_file,
-    list_dicom_series,
-    probe_dicom,
-    read_dicom_folder,
-    read_dicom_series,
-)
-from .dicom_series import _folder_files, _read_dicom_series, _user_stacklevel
-from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
+from .dicom_series import is_dicom_file, read_dicom_path
+from .errors import (SUPPORTED, ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError,
+                     user_stacklevel)
 from .limits import DEFAULT_MAX_VOXELS, check_voxels, file_size, read_bounded, resolve_max_voxels
 
-__all__ = ["DEFAULT_MAX_VOXELS", "READ_SUFFIXES", "WRITE_SUFFIXES", "DicomFolder", "DicomSeries", "ImageReadError",
-           "ImageTooLargeError", "TruncatedImageError", "UnevenSpacingError", "Volume", "check_voxels",
-           "find_dicom", "is_dicom_file", "label_nifti", "list_dicom_series", "nifti_voxels", "output_path",
-           "probe_dicom", "read_dicom_folder", "read_dicom_series", "read_image", "volume_from_nifti",
-           "voxel_sizes", "write_labels"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "Volume", "label_nifti", "nifti_voxels", "output_path", "read_image",
+           "volume_from_nifti", "voxel_sizes", "write_labels"]
 
 #: Suffixes accepted by :func:`read_image` (a folder is read as a DICOM series, and so is a file
 #: of any name holding ``DICM`` at byte 128).
@@ -242,8 +230,8 @@ def read_image(path: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VO
         if suffix not in READ_SUFFIXES and is_dicom_file(path):
             suffix = ".dcm"  # DICOM files on CDs and in PACS exports carry no suffix
     readers: dict[str, Callable[[Path], Volume]] = {
-        "DICOM folder": lambda p: _read_dicom_series(_folder_files(p), p, limit, allow_uneven),
-        ".dcm": lambda p: _read_dicom_series([p], p, limit, allow_uneven),
+        "DICOM folder": lambda p: read_dicom_path(p, max_voxels=limit, allow_uneven=allow_uneven),
+        ".dcm": lambda p: read_dicom_path(p, max_voxels=limit, allow_uneven=allow_uneven),
         ".nii": lambda p: _read_nifti(p, limit), ".nii.gz": lambda p: _read_nifti(p, limit),
         ".png": lambda p: _read_png(p, limit), ".npy": lambda p: _read_npy(p, limit),
     }
@@ -322,7 +310,7 @@ def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
     # Told twice: as a warning (Python callers) and in Volume.messages, which the CLI prints.
     disagreement = voxel_size_disagreement(affine, img.header.get_zooms()[:3], name)
     if disagreement:
-        warnings.warn(disagreement, UserWarning, stacklevel=_user_stacklevel())
+        warnings.warn(disagreement, UserWarning, stacklevel=user_stacklevel())
     data = nifti_voxels(img).reshape(shape)
     # (X, Y, Z) -> (Z, Y, X); nibabel returns Fortran-ordered data, so no copy here.
     array = np.ascontiguousarray(data.T)

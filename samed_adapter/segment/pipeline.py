@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from ..io.volumes import image_suffix
 from .outputs import OutputOptions, output_files, write_prepared
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..io.volumes import DicomSeries, Volume
+    from ..io.dicom_series import DicomSeries
+    from ..io.volumes import Volume
     from ..model import SAMed
 
 __all__ = ["InputResult", "Job", "SamSource", "check_request", "check_run", "find_jobs", "select_part", "segment_files"]
