@@ -20,14 +20,9 @@ import pytest
 
 from samed_adapter.cli import main as cli
 from samed_adapter.segment.pipeline import find_jobs, select_part
+from samed_adapter.testing.cli import run  # noqa: E402
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

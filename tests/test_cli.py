@@ -24,6 +24,7 @@ import samed_adapter as sa  # noqa: E402
 from samed_adapter.cli import main as cli  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
 from samed_adapter.testing import random_adapter  # noqa: E402
+from samed_adapter.testing.cli import run
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
 
@@ -40,12 +41,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sam_path = root / "sam_tiny.pth"
     torch.save(sa.build_sam("tiny", seed=0).state_dict(), sam_path)
     return {"adapter": adapter.save(root / "tiny.safetensors"), "sam": sam_path}
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def segment(capsys, files, *argv: object) -> tuple[int, str, str]:

@@ -22,6 +22,7 @@ from samed_adapter.adapter_file.adapter import AdapterMismatchError, BaseMismatc
 from samed_adapter.io.printable import printable
 from samed_adapter.testing import random_adapter, same_tensors
 from samed_adapter.testing.hub import lay_out_cache
+from samed_adapter.testing.cli import run
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
 
@@ -45,12 +46,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"adapter": adapter.save(root / "tiny.safetensors"), "hostile": hostile.save(root / "hostile.safetensors"),
             "sam2": sam2.save(root / "sam2.safetensors"), "other": other.save(root / "other.safetensors"),
             "sam": root / "sam_tiny.pth", "scan": root / "scan.nii.gz"}
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,14 +25,9 @@ from samed_adapter.io import read_image
 from samed_adapter.evaluation.metrics import dice
 from samed_adapter.training import NiftiSlices, NiftiVolumes, SynapseSlices
 from samed_adapter.training.data import SYNAPSE_LABEL_MAP
+from samed_adapter.testing.cli import run
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]  # the SAM the `trained` fixture used
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # The same scan stored five ways: (name, axis permutation, flips, writer).

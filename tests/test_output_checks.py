@@ -11,21 +11,15 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
 from samed_adapter.adapter_file.adapter import Adapter
 from samed_adapter.inference.stages import NonFiniteLogitsError
 from samed_adapter.model import SAMed
 from samed_adapter.testing import random_adapter
+from samed_adapter.testing.cli import run
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 HUGE = 3e38  # finite in float32, but the decoder's sums overflow to inf and then NaN
 CONFIG = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=(0.0, 100.0), class_names=["a", "b"])
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,11 @@ import numpy as np
 import pytest
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
 from samed_adapter.surgery.structure import get_stock_state
+from samed_adapter.testing.cli import run
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 NAMES = ["grey matter", "white matter"]
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expected_statistics(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, names) -> dict:

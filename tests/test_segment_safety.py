@@ -18,18 +18,12 @@ import pydicom.data
 import pytest
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
 from samed_adapter.testing import random_adapter
+from samed_adapter.testing.cli import run
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 CONFIG = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=(0.0, 100.0),
                           class_names=["white matter", "grey matter"])
-
-
-def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
