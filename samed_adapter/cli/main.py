@@ -312,9 +312,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError("--ray-workers must be at least 1 and --gpus-per-worker at least 0")
     if args.ray and args.gpus_per_worker > 0 and args.device == "cpu":
         args.device = "cuda"  # a GPU reserved per actor is a GPU to run on
-    if not (args.ray and args.ray_address):  # a cluster's workers may have GPUs the driver lacks
-        _device(args.device)
-    adapter = Adapter.load(args.adapter, revision=args.revision)
+    client = None
+    if args.server is not None:
+        from ..serve.client import ServerClient
+
+        if args.sam is not None or args.sam_backbone is not None or args.ray:
+            raise ValueError("--server segments on the server, which holds the SAM: drop --sam, --sam-backbone and "
+                             "--ray")
+        client = ServerClient(args.server, args.token)
+        adapter = client.adapter(args.adapter)
+    else:
+        if args.sam is None and args.sam_backbone is None:
+            raise ValueError("give the stock SAM with --sam CKPT (or --sam-backbone NAME --random-sam-seed N for "
+                             "demos), or segment on a server with --server URL")
+        if not (args.ray and args.ray_address):  # a cluster's workers may have GPUs the driver lacks
+            _device(args.device)
+        adapter = Adapter.load(args.adapter, revision=args.revision)
     request = dict(
         output_types=args.output_type, classes=args.classes, statistics=args.statistics, split=args.split,
         save_probabilities=args.save_probabilities, overlay=args.overlay, batch_size=args.batch_size,
@@ -322,11 +335,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         **_window_options(args.window),
     )
     check_request(adapter, args.inputs, **request)  # every request is checked before any model work
-    if args.sam is not None:
+    source = None  # a server holds its own SAM
+    if client is None and args.sam is not None:
         if args.random_sam_seed is not None:
             raise ValueError("--random-sam-seed goes with --sam-backbone, not with --sam")
         source = SamSource(checkpoint=args.sam, sam2_config=args.sam2_config)
-    else:  # checks the flags and says what the random SAM means for this adapter
+    elif client is None:  # checks the flags and says what the random SAM means for this adapter
         source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
     bar = tqdm(desc="segment", unit="input", disable=None)
     counts = {"written": 0, "skipped": 0, "failed": 0, "ignored": 0, "redone": 0}
@@ -357,10 +371,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         segment_files(
             args.inputs, args.output, sam=source, adapter=adapter, device=args.device, merge=args.merge,
-            allow_base_mismatch=args.allow_base_mismatch, engine="ray" if args.ray else args.engine,
+            **({"allow_base_mismatch": args.allow_base_mismatch} if client is None else {}),
+            engine="ray" if args.ray else args.engine,
             num_workers=args.num_workers, skip_existing=args.continue_, num_parts=args.num_parts,
             part_id=args.part_id, ray_address=args.ray_address, ray_workers=args.ray_workers,
-            gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=plan, **request,
+            gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=plan,
+            **({} if client is None else {"runner": client.runner(adapter, args.server_inputs),
+                                          "allow_base_mismatch": client.allow_base_mismatch}), **request,
         )
     except KeyboardInterrupt:
         # Outputs appear atomically and writes under way are finished, so what exists is complete.
@@ -410,7 +427,7 @@ def add_segment_parser(sub: _SubParsers) -> None:
     p.add_argument("--adapter", required=True, metavar="FILE_OR_REPO",
                    help="an adapter .safetensors file or a Hub id org/name[@revision]")
     p.add_argument("--revision", help="Hub branch, tag or commit of --adapter (Hub ids only)")
-    base = p.add_mutually_exclusive_group(required=True)
+    base = p.add_mutually_exclusive_group()  # one of them, or --server
     base.add_argument("--sam", metavar="CKPT", help="the stock SAM (or SAM 2) checkpoint the adapter was made for")
     base.add_argument("--sam-backbone", metavar="NAME",
                       help="build a SAM with RANDOM weights of this backbone (e.g. tiny, sam2.1_hiera_t), for tests "
@@ -464,6 +481,14 @@ def add_segment_parser(sub: _SubParsers) -> None:
     run.add_argument("--ray-workers", type=int, default=1, metavar="N",
                      help="model actors, each with its own patched SAM (default 1)")
     run.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per model actor (default 0)")
+    remote = p.add_argument_group("on a server (samed-adapter serve): the same outputs, no model loaded here")
+    remote.add_argument("--server", metavar="URL",
+                        help="send each input to this server, e.g. http://127.0.0.1:8000; --adapter then names one of "
+                             "the server's adapters")
+    remote.add_argument("--token", metavar="T",
+                        help="the server's bearer token (default: the SAMED_SERVE_TOKEN environment variable)")
+    remote.add_argument("--server-inputs", type=int, default=2, metavar="N",
+                        help="inputs sent at once, so the server's batches fill (default 2)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -706,8 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from .serve import add_serve_parser
+
     for add in (add_convert_parser, add_info_parser, add_segment_parser, add_evaluate_parser, add_train_parser,
-                add_quickstart_parser, add_push_parser, add_pull_parser):
+                add_quickstart_parser, add_push_parser, add_pull_parser, add_serve_parser):
         add(sub)
     return parser
 

@@ -508,6 +508,7 @@ def segment_files(
     progress: bool = False,
     on_result: Optional[Callable[[InputResult], None]] = None,
     on_plan: Optional[Callable[[int], None]] = None,
+    runner: Optional[Callable[[Sequence[Job], OutputOptions, Callable], None]] = None,
     **options: Any,
 ) -> list[InputResult]:
     """Segment files and folders into ``output_dir``, as `samed-adapter segment` does.
@@ -522,6 +523,11 @@ def segment_files(
         on_result: called with each :class:`InputResult` as it comes.
         on_plan: called once, before any input is read, with how many results will follow
             through ``on_result`` apart from "ignored" ones (for a progress bar's total).
+        runner: makes the outputs instead of a local model: ``runner(jobs, options, report)``
+            calls ``report(job, files written or the exception, messages)`` once per job
+            (``segment --server``: a server segments, this process plans and writes). ``sam``
+            is then unused and ``adapter`` needs only ``config``, ``fingerprint`` and
+            ``base_fingerprint``.
         skip_existing: skip inputs whose outputs all exist (outputs are written atomically, so an
             existing file is a complete one): `--continue`.
         num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
@@ -538,8 +544,8 @@ def segment_files(
     from .outputs import provenance, same_record
 
     check_run(engine=engine, num_workers=num_workers, num_parts=num_parts, part_id=part_id)
-    source = sam if isinstance(sam, SamSource) else SamSource.of(sam)
-    adapter_obj = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
+    source = None if runner is not None else sam if isinstance(sam, SamSource) else SamSource.of(sam)
+    adapter_obj = adapter if isinstance(adapter, Adapter) or runner is not None else Adapter.load(adapter)
     names = list(adapter_obj.config.class_names or [])
     options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
     opts = check_request(adapter_obj, inputs, **options)
@@ -597,6 +603,9 @@ def segment_files(
         if on_result:
             on_result(result)
 
+    if runner is not None:
+        runner(jobs, opts, report)
+        return results
     if engine == "ray":
         from .ray_data import run_on_ray
 

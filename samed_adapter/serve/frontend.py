@@ -1,0 +1,332 @@
+"""The HTTP front: routes, who may call, uploads, and the work around the model.
+
+Native API (``/v1``), MONAI Label's (``/info/``, ``/infer/{model}``, ``/auth/``), ``/healthz`` and
+``/metrics``. Reading, reorienting and scaling a scan, and writing its outputs, run here on
+threads; only its slices go to the model replicas (:mod:`.segmenter`), one call per slice, so
+that ``@serve.batch`` packs slices of every request in flight into full batches.
+"""
+
+
+import asyncio
+import hmac
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+from starlette.background import BackgroundTask
+
+from ..adapter_file.config import AdapterConfig
+from ..io.errors import ImageReadError, ImageTooLargeError
+from .catalog import AdapterCatalog, UnknownAdapterError
+from .errors import (
+    BadRequestError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServeError,
+    UnauthorizedError,
+    UnprocessableError,
+)
+from .metrics import Metrics
+from .monai_label import app_info, multipart
+from .residents import SliceRequest
+from .settings import ServeSettings
+from .uploads import (
+    UPLOAD,
+    label_name,
+    params_json,
+    segment_options,
+    stack_results,
+    unpack_series,
+    upload_stem,
+    upload_suffix,
+    zip_outputs,
+)
+
+app = FastAPI(title="samed-adapter", description="SAMed adapters on one SAM: native API and MONAI Label's",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+def _error(err: ServeError) -> JSONResponse:
+    return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+
+
+@serve.deployment(name="Frontend")
+@serve.ingress(app)
+class Frontend:
+    """The ingress: every route below, one instance per HTTP replica."""
+
+    def __init__(self, segmenter: Any, settings: ServeSettings) -> None:
+        self.segmenter = segmenter
+        self.settings = settings
+        self.catalog = AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
+                                      local_files_only=settings.local_files_only)
+        self.metrics = Metrics()
+        self.busy = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _authorize(self, request: Request) -> None:
+        token = self.settings.token
+        if not token:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise UnauthorizedError("this server needs 'Authorization: Bearer <token>' with its token (segment "
+                                    "--server URL --token-env VAR; MONAI Label: the server's token as password)")
+
+    async def _answer(self, route: str, request: Request, work: Any, *, guarded: bool = False,
+                      authorize: bool = True) -> Response:
+        """Run ``work()`` for ``route``: JSON errors with their status, never a traceback."""
+        start = time.perf_counter()
+        status = 500
+        counted = False
+        try:
+            if authorize:
+                self._authorize(request)
+            if guarded:
+                if self.busy >= self.settings.max_queue:
+                    raise OverloadedError(f"the server is answering {self.busy} requests, as many as it queues "
+                                          "(--max-queue); retry in a few seconds")
+                self.busy += 1
+                counted = True
+                self.metrics.in_progress.set(self.busy)
+            response = await work()
+            status = response.status_code
+            return response
+        except ServeError as err:
+            status = err.status
+            response = _error(err)
+            if status == 503:
+                response.headers["Retry-After"] = "5"
+            return response
+        except Exception as err:  # noqa: BLE001 - a client gets one line, never a traceback
+            return _error(ServeError(f"internal error: {type(err).__name__}: {err}"))
+        finally:
+            if counted:
+                self.busy -= 1
+                self.metrics.in_progress.set(self.busy)
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    def _check_length(self, request: Request) -> None:
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise ServeError("send the upload with a Content-Length header (curl -F and every HTTP library do)", 411)
+        if int(length) > self.settings.max_upload_bytes:
+            raise PayloadTooLargeError(f"the upload is {int(length) / 2**20:.1f} MiB, over this server's limit of "
+                                       f"{self.settings.max_upload_mb:g} MiB (--max-upload-mb)")
+
+    async def _describe(self, name: str) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(self.catalog.describe, name)
+        except UnknownAdapterError as err:
+            raise NotFoundError(str(err)) from None
+        except (ValueError, OSError) as err:
+            raise UnprocessableError(f"adapter {name!r} cannot be read: {err}") from None
+
+    async def _save_upload(self, form: Any, field: str, folder: Path) -> tuple[Path, str, bool]:
+        """The uploaded file as a path in ``folder`` (a DICOM zip unpacked): (path, stem, is DICOM)."""
+        upload = form.get(field)
+        if upload is None or isinstance(upload, str):
+            raise BadRequestError(f"no file in the form field {field!r}; send the scan as multipart form data "
+                                  f"(curl -F {field}=@ct.nii.gz)")
+        suffix = upload_suffix(upload.filename)
+        saved = folder / f"upload{suffix}"
+        with open(saved, "xb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+        if suffix == ".zip":
+            limit = max(self.settings.max_upload_bytes * 4, 1 << 30)
+            return await asyncio.to_thread(unpack_series, saved, folder / "series", max_bytes=limit), \
+                upload_stem(upload.filename), True
+        return saved, upload_stem(upload.filename), False
+
+    async def _segment(self, name: str, source: Path, label_name: str, options: dict[str, Any], out: Path,
+                       times: dict[str, float]) -> tuple[list[Path], list[str]]:
+        """Segment one scan with adapter ``name`` into ``out``: what `segment` writes for it."""
+        from ..inference import stages as inference
+        from ..segment.outputs import provenance, write_prepared
+        from ..segment.pipeline import Job, check_request
+
+        entry = await self._describe(name)
+        config = AdapterConfig.from_dict(entry["config"])
+        adapter = SimpleNamespace(config=config, fingerprint=entry["fingerprint"],
+                                  base_fingerprint=entry["base_fingerprint"])
+        try:
+            opts = check_request(adapter, [source], adapter_name=name, max_voxels=self.settings.max_voxels, **options)
+        except ValueError as err:
+            raise BadRequestError(str(err)) from None
+        opts.record = provenance(adapter, opts, allow_base_mismatch=self.settings.allow_base_mismatch)
+        job = Job(source=str(source), out=out / label_name)
+        t0 = time.perf_counter()
+        try:
+            prepared = await asyncio.to_thread(
+                lambda: inference.prepare_volume(config, job.read(opts), **opts.preparing()))
+        except ImageTooLargeError as err:
+            raise PayloadTooLargeError(str(err).replace(str(source), UPLOAD)) from None
+        except (ImageReadError, ValueError, OSError) as err:
+            raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
+        t1 = time.perf_counter()
+        results = await self._predict(name, prepared.inputs[:, 0].numpy(), opts.save_probabilities)
+        t2 = time.perf_counter()
+        labels, probs = stack_results(results, opts.save_probabilities)
+        small, soft = inference.resize_slices(labels, probs, prepared.size)
+        files = await asyncio.to_thread(write_prepared, prepared, small, soft, job.out, opts, config)
+        times.update(pre=t1 - t0, infer=t2 - t1, post=time.perf_counter() - t2)
+        return files, [m.replace(str(source), UPLOAD) for m in prepared.messages]
+
+    async def _predict(self, name: str, slices: np.ndarray, probabilities: bool) -> list[Any]:
+        import ray
+
+        try:
+            results = await asyncio.gather(*[self.segmenter.remote(SliceRequest(name, s, probabilities))
+                                             for s in slices])
+        except ray.exceptions.RayError as err:
+            raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
+                                  "replaced: retry in a few seconds") from None
+        for result in results:
+            if isinstance(result, ServeError):
+                raise result
+        for result in results:
+            self.metrics.batch(result.batch)
+        self.metrics.slices.labels(name).inc(len(results))
+        return results
+
+    # ------------------------------------------------------------------ native API
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "in_progress": self.busy})
+
+    @app.get("/metrics")
+    async def metrics_text(self, request: Request) -> Response:
+        async def work() -> Response:
+            return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
+        return await self._answer("/metrics", request, work)
+
+    @app.get("/v1/adapters")
+    async def adapters(self, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse({"adapters": await self._entries(), "allow_base_mismatch":
+                                 self.settings.allow_base_mismatch})
+        return await self._answer("/v1/adapters", request, work)
+
+    async def _entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for name in await asyncio.to_thread(self.catalog.names):
+            try:
+                entries.append(await self._describe(name))
+            except ServeError:  # a broken file in the folder is not served, and does not hide the others
+                continue
+        return entries
+
+    @app.post("/v1/segment")
+    async def segment(self, request: Request) -> Response:
+        async def work() -> Response:
+            self._check_length(request)
+            folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+            handed = False
+            try:
+                async with request.form(max_files=1, max_fields=32) as form:
+                    name = form.get("adapter")
+                    if not isinstance(name, str) or not name:
+                        raise BadRequestError("no adapter: name one in the form field 'adapter' (GET /v1/adapters "
+                                              "lists them)")
+                    source, stem, dicom = await self._save_upload(form, "file", folder)
+                    options = segment_options(form, dicom=dicom)
+                    label_file = label_name(form.get("name"), stem)
+                out = folder / "out"
+                out.mkdir()
+                files, messages = await self._segment(name, source, label_file, options, out, {})
+                archive = folder / "outputs.zip"
+                await asyncio.to_thread(zip_outputs, files, out, archive, messages)
+                response = FileResponse(archive, media_type="application/zip", filename=f"{stem}.zip",
+                                        background=BackgroundTask(shutil.rmtree, folder, True))
+                handed = True
+                return response
+            finally:
+                if not handed:
+                    shutil.rmtree(folder, ignore_errors=True)
+        return await self._answer("/v1/segment", request, work, guarded=True)
+
+    # ------------------------------------------------------------------ MONAI Label
+
+    @app.get("/info/")
+    async def info(self, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(app_info(await self._entries()))
+        return await self._answer("/info/", request, work)
+
+    @app.get("/auth/")
+    async def auth(self) -> JSONResponse:
+        return JSONResponse({"enabled": bool(self.settings.token), "client_id": "samed-adapter"})
+
+    @app.post("/auth/token")
+    async def auth_token(self, request: Request) -> Response:
+        """MONAI Label's login: the server's token as password gives that token back as a bearer token."""
+        async def work() -> Response:
+            form = await request.form(max_files=0, max_fields=8)
+            password = str(form.get("password", ""))
+            if not self.settings.token or not hmac.compare_digest(password.encode(), self.settings.token.encode()):
+                raise UnauthorizedError("wrong password: use the server's token (samed-adapter serve --token)")
+            return JSONResponse({"access_token": self.settings.token, "token_type": "bearer"})
+        return await self._answer("/auth/token", request, work, authorize=False)  # the login that gives the token
+
+    @app.get("/auth/token/valid")
+    async def auth_valid(self, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse({"valid": True})
+        return await self._answer("/auth/token/valid", request, work)
+
+    @app.post("/infer/{model}")
+    async def infer(self, model: str, request: Request) -> Response:
+        async def work() -> Response:
+            if request.query_params.get("session_id"):
+                raise BadRequestError("sessions are not kept here; upload the image with the request")
+            output = request.query_params.get("output") or "all"
+            if output not in ("all", "image", "json", "dicom_seg"):
+                raise BadRequestError(f"output={output!r}: use image, json, all or dicom_seg")
+            self._check_length(request)
+            folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+            handed = False
+            try:
+                async with request.form(max_files=2, max_fields=16) as form:
+                    params = params_json(form.get("params"))
+                    if form.get("file") is None:
+                        raise BadRequestError("no image uploaded: this server keeps no datastore, so send the image "
+                                              "with the request (MONAILabelClient.infer(model, id, {}, file=PATH))")
+                    source, stem, dicom = await self._save_upload(form, "file", folder)
+                if output == "dicom_seg" and not dicom:
+                    raise BadRequestError("output=dicom_seg needs a DICOM series upload (a .zip)")
+                out = folder / "out"
+                out.mkdir()
+                times: dict[str, float] = {}
+                start = time.perf_counter()
+                kind = "dicom-seg" if output == "dicom_seg" else "nifti"
+                files, _ = await self._segment(model, source, f"{stem}.nii.gz", {"output_types": kind}, out, times)
+                entry = await self._describe(model)
+                result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
+                          "latencies": {**{k: round(v, 3) for k, v in times.items()},
+                                        "total": round(time.perf_counter() - start, 3)},
+                          "params": params}
+                if output == "json":
+                    return JSONResponse(result)
+                label = files[0]
+                if output in ("image", "dicom_seg"):
+                    media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
+                    response = FileResponse(label, media_type=media, filename=label.name,
+                                            background=BackgroundTask(shutil.rmtree, folder, True))
+                    handed = True
+                    return response
+                body, content_type = multipart(result, label.name, label.read_bytes())
+                return Response(body, media_type=content_type)
+            finally:
+                if not handed:
+                    shutil.rmtree(folder, ignore_errors=True)
+        return await self._answer("/infer", request, work, guarded=True)

@@ -1,0 +1,58 @@
+"""MONAI Label's REST API, the part a segmentation model needs, so that 3D Slicer's MONAI Label
+module and OHIF connect: ``GET /info/``, ``POST /infer/{model}`` with the image uploaded, and
+``/auth/`` for servers that need a token.
+
+Shapes follow MONAI Label 0.8's server (``monailabel/endpoints/infer.py``,
+``MONAILabelApp.info``) and its client (``monailabel/client/client.py``), which parses the
+default answer as multipart: a ``params`` JSON part and the label image as a file part.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from ..version import __version__
+
+
+def model_info(entry: dict[str, Any]) -> dict[str, Any]:
+    """One adapter as a MONAI Label segmentation model (``labels``: name -> label value)."""
+    return {
+        "type": "segmentation",
+        "labels": {name: i for i, name in enumerate(entry["class_names"], start=1)},
+        "dimension": 3,
+        "description": f"SAMed adapter {entry['name']} ({entry['backbone']}, {entry['num_classes']} classes)",
+        "config": {},
+    }
+
+
+def app_info(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``GET /info/``: every adapter as a model; the app's labels are all of theirs, in order."""
+    models = {entry["name"]: model_info(entry) for entry in entries}
+    labels: list[str] = []
+    for model in models.values():
+        labels += [name for name in model["labels"] if name not in labels]
+    return {
+        "name": "samed-adapter",
+        "description": "SAMed adapters on one Segment Anything Model (samed-adapter serve)",
+        "version": __version__,
+        "labels": labels,
+        "models": models,
+        "trainers": {},
+        "strategies": {},
+        "scoring": {},
+        "train_stats": {},
+        "datastore": {"total": 0, "completed": 0, "label_tags": {}, "train": 0},
+    }
+
+
+def multipart(params: dict[str, Any], filename: str, data: bytes) -> tuple[bytes, str]:
+    """``POST /infer``'s default answer: (body, content type) with a ``params`` JSON part and the
+    label file as an ``image`` part, as MONAI Label's MultipartEncoder writes it."""
+    boundary = secrets.token_hex(16)
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n"
+            f"Content-Type: application/json\r\n\r\n{json.dumps(params)}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

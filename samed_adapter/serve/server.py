@@ -1,0 +1,111 @@
+"""Start and stop a server: Ray (local or a cluster), Ray Serve's HTTP proxy, the replicas."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import AdapterCatalog
+from .settings import ServeSettings
+
+APP_NAME = "samed-adapter"
+
+
+@dataclass
+class Server:
+    """A running server: ``url`` to call, :meth:`shutdown` to stop it (and the Ray it started)."""
+
+    url: str
+    settings: ServeSettings
+    started_ray: bool
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+            if self.started_ray:
+                serve.shutdown()
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _import_serve() -> Any:
+    try:
+        from ray import serve
+    except ImportError as err:
+        raise ImportError(f"samed-adapter serve needs Ray Serve: pip install 'samed-adapter[serve]' ({err})") from err
+    return serve
+
+
+def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
+    """Start serving ``settings``' adapters; returns once ``/healthz`` answers.
+
+    The catalog is checked here first (folders and files exist), so a typo is one line, not a
+    replica that fails to start; each replica then builds its SAM from ``settings.sam``.
+    """
+    AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
+                   local_files_only=settings.local_files_only)
+    if settings.sam.checkpoint is not None:
+        from pathlib import Path
+
+        if not Path(settings.sam.checkpoint).is_file():
+            raise FileNotFoundError(f"--sam {settings.sam.checkpoint}: no such file")
+    serve = _import_serve()
+    import ray
+
+    from ..segment.ray_data import _init_ray
+    from .frontend import Frontend
+    from .segmenter import Segmenter
+
+    started_ray = not ray.is_initialized() and settings.ray_address is None
+    if not ray.is_initialized():
+        _init_ray(ray, settings.ray_address)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        segmenter = Segmenter.options(
+            num_replicas=settings.replicas,
+            # Every slice waits for its batch as an ongoing request: room for several full batches.
+            max_ongoing_requests=max(64, 4 * settings.max_batch_size),
+            ray_actor_options={"num_cpus": 0 if settings.gpus_per_replica else 1,
+                               "num_gpus": settings.gpus_per_replica},
+        ).bind(settings)
+        frontend = Frontend.options(
+            # Our own bound answers 503 with a JSON body; Ray Serve's is the backstop behind it.
+            max_ongoing_requests=settings.max_queue + 16, max_queued_requests=settings.max_queue,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(segmenter, settings)
+        serve.run(frontend, name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    server = Server(f"http://{host}:{settings.port}", settings, started_ray)
+    _wait_healthy(server.url, ready_timeout_s)
+    return server
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server at {url} did not answer /healthz within {timeout_s:.0f} s")
+        time.sleep(0.2)

@@ -1,0 +1,87 @@
+"""How a server runs: what it serves, where it listens, how it batches and what it accepts."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..segment.pipeline import SamSource
+from .residents import BATCHING
+
+#: the environment variable a token may come from, so that it stays out of `ps` and shell history.
+TOKEN_VARIABLE = "SAMED_SERVE_TOKEN"
+
+
+@dataclass
+class ServeSettings:
+    """Everything `samed-adapter serve` takes (see its --help for each field's flag).
+
+    Attributes:
+        sam: how each replica gets its stock SAM (a checkpoint, or a random backbone for demos).
+        adapters, adapter_files, hub_adapters: the catalog (:class:`~samed_adapter.serve.catalog.AdapterCatalog`).
+        host, port: where HTTP is served; any host but a loopback one needs ``token``.
+        token: the bearer token every request but ``/healthz`` must carry (None: no check).
+        replicas, gpus_per_replica, device: the model replicas (each one SAM).
+        max_resident: adapters kept on each replica's SAM.
+        max_batch_size, batch_wait_ms: slices per forward pass, and how long a batch waits to fill.
+        batching: "mixed" (adapters share a forward pass) or "per-adapter" (the baseline).
+        max_queue: segment requests in progress at once; more are answered 503.
+        max_upload_mb: the largest upload; max_voxels: the largest scan (as `segment --max-voxels`).
+        ray_address: an existing Ray cluster (None: a local Ray started by the server).
+    """
+
+    sam: SamSource
+    adapters: list[str] = field(default_factory=list)
+    adapter_files: dict[str, str] = field(default_factory=dict)
+    hub_adapters: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    device: str = "cpu"
+    max_resident: int = 8
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    batching: str = "mixed"
+    max_queue: int = 32
+    max_upload_mb: float = 1024.0
+    max_voxels: Optional[int] = None
+    allow_base_mismatch: bool = False
+    ray_address: Optional[str] = None
+    local_files_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token is None:
+            self.token = os.environ.get(TOKEN_VARIABLE) or None
+        if not _is_loopback(self.host) and not self.token:
+            raise ValueError(f"--host {self.host} lets other machines call this server, so it needs a token: pass "
+                             f"--token T or set {TOKEN_VARIABLE}, and clients send 'Authorization: Bearer <token>'")
+        checks = {"--port": (self.port, 0, 65535), "--replicas": (self.replicas, 1, None),
+                  "--max-resident": (self.max_resident, 1, None), "--max-batch-size": (self.max_batch_size, 1, None),
+                  "--max-queue": (self.max_queue, 1, None)}
+        for flag, (value, low, high) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                span = f"{low}..{high}" if high is not None else f"at least {low}"
+                raise ValueError(f"{flag} must be an integer {span}, got {value!r}")
+        if self.gpus_per_replica < 0 or self.batch_wait_ms < 0 or self.max_upload_mb <= 0:
+            raise ValueError("--gpus-per-replica and --batch-wait-ms must be at least 0 and --max-upload-mb above 0")
+        if self.batching not in BATCHING:
+            raise ValueError(f"--batching must be {' or '.join(BATCHING)}, got {self.batching!r}")
+        if self.gpus_per_replica > 0 and self.device == "cpu":
+            self.device = "cuda"  # a GPU reserved per replica is a GPU to run on
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,189 @@
+"""What a request brings: its upload in a private folder, a zipped DICOM series unpacked with
+care, and its options checked into :class:`~samed_adapter.segment.outputs.OutputOptions`.
+
+Each request gets its own folder (mode 0700, from :func:`tempfile.mkdtemp`), removed when the
+request ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+import numpy as np
+
+from ..io.volumes import image_suffix
+from .errors import BadRequestError, PayloadTooLargeError, UnprocessableError
+
+#: the uploads a request may carry: a NIfTI volume, or a zip of one DICOM series.
+UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".zip")
+#: a zip of a DICOM series holds one file per slice; more members than this is not one series.
+MAX_ZIP_MEMBERS = 20_000
+#: how answers name the uploaded file (its path here is a private temporary one).
+UPLOAD = "the upload"
+_MAX_MESSAGES = 60_000  # a zip comment holds 65535 bytes
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class RequestFolder:
+    """A private temporary folder for one request: ``with RequestFolder() as folder: ...``."""
+
+    def __enter__(self) -> Path:
+        self.path = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def upload_suffix(filename: Optional[str]) -> str:
+    """The suffix of an upload's name, if it is one the server reads (else 422 naming them)."""
+    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    suffix = image_suffix(Path(name)) if name else ""
+    if suffix not in UPLOAD_SUFFIXES:
+        raise UnprocessableError(f"the upload {name or '(no file name)'!r} is not a NIfTI volume (.nii, .nii.gz) or a "
+                                 "zip of one DICOM series (.zip); send one of those, named with its suffix")
+    return suffix
+
+
+def upload_stem(filename: Optional[str]) -> str:
+    """The upload's name without folders and suffix, for naming the outputs (``input`` if unusable)."""
+    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    suffix = image_suffix(Path(name)) if name else ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem).strip("._")
+    return safe or "input"
+
+
+def unpack_series(archive: Path, into: Path, *, max_bytes: int) -> Path:
+    """Extract a zip of one DICOM series into ``into`` and return that folder.
+
+    Refused (nothing extracted): members with an absolute path or ``..``, links, more than
+    :data:`MAX_ZIP_MEMBERS` members, or more than ``max_bytes`` once inflated (the sizes the
+    zip declares; zipfile stops each member at its declared size and checks its CRC).
+    """
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise PayloadTooLargeError(f"the zip holds {len(members)} files, more than a series "
+                                           f"({MAX_ZIP_MEMBERS}); send one DICOM series per request")
+            total = 0
+            for member in zf.infolist():
+                path = PurePosixPath(member.filename.replace("\\", "/"))
+                if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+                    raise BadRequestError(f"the zip member {member.filename!r} has an absolute path or '..'; zip the "
+                                          "series folder with relative names (e.g. `zip -r series.zip series/`)")
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise BadRequestError(f"the zip member {member.filename!r} is a link; zip the files themselves")
+                total += member.file_size
+            if total > max_bytes:
+                raise PayloadTooLargeError(f"the zip inflates to {total / 2**20:.0f} MiB, over this server's limit of "
+                                           f"{max_bytes / 2**20:.0f} MiB; send a smaller series")
+            if not members:
+                raise UnprocessableError("the zip holds no files; send a zip of one DICOM series")
+            into.mkdir()
+            for i, member in enumerate(members):
+                # Flat, numbered names: what a member is called inside the zip never becomes a path here.
+                with zf.open(member) as src, open(into / f"{i:06d}.dcm", "xb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as err:
+        raise UnprocessableError(f"the upload is not a readable zip ({err}); send a zip of one DICOM series") from None
+    return into
+
+
+def flag(form: Any, name: str, default: bool = False) -> bool:
+    value = form.get(name)
+    if value is None:
+        return default
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise BadRequestError(f"{name}={value!r}: give true or false")
+
+
+def text(form: Any, name: str) -> Optional[str]:
+    value = form.get(name)
+    if value is None or not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+def segment_options(form: Any, *, dicom: bool) -> dict[str, Any]:
+    """The keyword arguments of :func:`samed_adapter.segment.pipeline.check_request` for a
+    ``POST /v1/segment`` form, named as the command line's options."""
+    from ..volume.preprocessing import WindowChoice, parse_bounds
+
+    options: dict[str, Any] = {
+        "output_types": text(form, "output_type") or "nifti",
+        "classes": text(form, "classes"),
+        "statistics": flag(form, "statistics"),
+        "split": flag(form, "split"),
+        "save_probabilities": flag(form, "probabilities"),
+        "overlay": flag(form, "overlay"),
+    }
+    window, percentiles = text(form, "window"), text(form, "percentiles")
+    try:
+        if window is not None:
+            choice = WindowChoice.parse(window)
+            options.update(window=choice.bounds, preprocessed=choice.preprocessed)
+        if percentiles is not None:
+            options["percentiles"] = parse_bounds(percentiles)
+    except ValueError as err:
+        raise BadRequestError(f"{'window' if window is not None else 'percentiles'}: {err}") from None
+    types = [t.strip() for t in options["output_types"].split(",")]
+    if not dicom and any(t.startswith("dicom") for t in types):
+        raise BadRequestError(f"output_type={options['output_types']} needs a DICOM series (a .zip); a NIfTI upload "
+                              "gives output_type=nifti")
+    return options
+
+
+def params_json(value: Any) -> dict[str, Any]:
+    """MONAI Label's ``params`` form field: a JSON object (400 otherwise)."""
+    if value is None or value == "":
+        return {}
+    try:
+        params = json.loads(value)
+    except (TypeError, ValueError):
+        raise BadRequestError("params must be a JSON object, e.g. params={}") from None
+    if not isinstance(params, dict):
+        raise BadRequestError("params must be a JSON object, e.g. params={}")
+    return params
+
+
+def label_name(value: Any, stem: str) -> str:
+    """The label file's name: the form field ``name`` (a plain NIfTI file name) or ``<stem>.nii.gz``."""
+    if value is None or value == "":
+        return f"{stem}.nii.gz"
+    name = str(value)
+    if PurePosixPath(name).name != name or name in (".", "..") or "\\" in name or \
+            not name.lower().endswith((".nii.gz", ".nii")) or name.startswith("."):
+        raise BadRequestError(f"name={name!r}: give a plain file name ending in .nii.gz or .nii, e.g. ct.nii.gz")
+    return name
+
+
+def stack_results(results: list[Any], probabilities: bool) -> tuple[Any, Optional[Any]]:
+    import torch
+
+    labels = torch.from_numpy(np.stack([r.labels for r in results]))
+    probs = torch.from_numpy(np.stack([r.probs for r in results])) if probabilities else None
+    return labels, probs
+
+
+def zip_outputs(files: list[Path], root: Path, archive: Path, messages: list[str]) -> None:
+    """The outputs, relative to ``root``, in the order written (the record last); the messages
+    about the input ride in the zip's comment as JSON."""
+    with zipfile.ZipFile(archive, "x", compression=zipfile.ZIP_STORED) as zf:
+        for path in files:
+            zf.write(path, path.relative_to(root).as_posix())
+        comment = json.dumps({"messages": messages}).encode()
+        zf.comment = comment if len(comment) <= _MAX_MESSAGES else json.dumps(
+            {"messages": [m[:500] for m in messages[:50]]}).encode()[:_MAX_MESSAGES]

@@ -1,0 +1,238 @@
+"""`samed-adapter serve` end to end: a real server (local Ray and Ray Serve, a tiny random SAM),
+called with MONAI Label's own client, `segment --server` and plain HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'samed-adapter[serve]'")
+
+import samed_adapter as sa  # noqa: E402
+from samed_adapter.segment.pipeline import SamSource  # noqa: E402
+from samed_adapter.serve import ServeSettings, start  # noqa: E402
+from samed_adapter.serve.client import ServerError, segment_on_server  # noqa: E402
+from samed_adapter.testing import random_adapter  # noqa: E402
+from samed_adapter.testing.cli import run  # noqa: E402
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+KINDS = {"liver3": (3, 11), "other3": (3, 12), "liver1": (1, 13)}  # name: (K, seed); two K's
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three adapters made on build_sam("tiny", seed=0), that SAM's checkpoint, two real scans:
+    a crop of nilearn's MNI152 template (NIfTI) and a CT series from pydicom's CT_small."""
+    from nilearn.datasets import load_mni152_template
+
+    root = tmp_path_factory.mktemp("serve")
+    sam = sa.build_sam("tiny", seed=0)
+    (root / "adapters").mkdir()
+    for name, (k, seed) in KINDS.items():
+        config = sa.AdapterConfig(num_classes=k, image_size=64, class_names=["liver", "kidney", "spleen"][:k],
+                                  intensity_window=(0.0, 1.0))
+        random_adapter(sam, config, seed=seed).save(root / "adapters" / f"{name}.safetensors")
+    torch.save(sam.state_dict(), root / "sam_tiny.pth")
+    mni = load_mni152_template(resolution=2)
+    data = np.asarray(mni.dataobj, dtype=np.float32)[20:70, 30:90, 30:60]
+    (root / "scans").mkdir()
+    nib.save(nib.Nifti1Image(data / data.max(), mni.affine), root / "scans" / "mni.nii.gz")
+    return {"root": root, "adapters": root / "adapters", "sam": root / "sam_tiny.pth",
+            "mni": root / "scans" / "mni.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])],
+                             port=_free_port(), token=TOKEN, max_batch_size=8, batch_wait_ms=20, max_queue=8,
+                             max_upload_mb=2, max_resident=2)
+    with start(settings) as running:
+        yield running
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _local(capsys, files, adapter: str, inputs, out: Path, *extra) -> None:
+    code, _, err = run(capsys, "segment", "--sam", files["sam"], "--adapter", files["adapters"] / f"{adapter}.safetensors",
+                       *inputs, "-o", out, *extra)
+    assert code == 0, err
+
+
+def _metric(server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics", headers=AUTH, timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_three_adapters_interleaved_equal_local_runs(capsys, files, server, ct_series, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    inputs = [files["mni"], ct_series]
+    local = {}
+    for name in KINDS:
+        _local(capsys, files, name, inputs, tmp_path / f"local_{name}")
+        local[name] = {"mni": _labels(tmp_path / f"local_{name}" / "mni.nii.gz"),
+                       "ct": _labels(tmp_path / f"local_{name}" / "ct.nii.gz")}
+    assert local["liver1"]["mni"].max() <= 1 < local["liver3"]["mni"].max()
+
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    info = client.info()
+    assert set(info["models"]) == set(KINDS)
+    assert info["models"]["liver1"]["labels"] == {"liver": 1} and info["models"]["liver3"]["type"] == "segmentation"
+
+    def remote(name: str, i: int):
+        if i % 2:  # MONAI Label's own client, as 3D Slicer's module calls it
+            path, params = client.infer(name, "mni", {}, file=str(files["mni"]))
+            return name, "monai", _labels(Path(path)), params
+        results = segment_on_server(inputs, tmp_path / f"server_{name}_{i}", server=server.url, adapter=name,
+                                    token=TOKEN, workers=1)
+        assert [r.status for r in results] == ["written", "written"], [r.message for r in results]
+        out = tmp_path / f"server_{name}_{i}"
+        return name, "native", {"mni": _labels(out / "mni.nii.gz"), "ct": _labels(out / "ct.nii.gz")}, None
+
+    batches, mixed = _metric(server, "samed_batch_adapters_count"), _metric(server, "samed_batch_adapters_sum")
+    work = [(name, i) for i in range(2) for name in KINDS]  # interleaved: liver3, other3, liver1, liver3, ...
+    with ThreadPoolExecutor(len(work)) as pool:
+        answers = list(pool.map(lambda w: remote(*w), work))
+    for name, kind, labels, params in answers:
+        if kind == "monai":
+            np.testing.assert_array_equal(labels, local[name]["mni"])
+            assert params["label_names"] == {n: i for i, n in enumerate(["liver", "kidney", "spleen"][:KINDS[name][0]], 1)}
+        else:
+            np.testing.assert_array_equal(labels["mni"], local[name]["mni"])
+            np.testing.assert_array_equal(labels["ct"], local[name]["ct"])
+    # Some batch held slices of more than one adapter.
+    new_batches = _metric(server, "samed_batch_adapters_count") - batches
+    assert _metric(server, "samed_batch_adapters_sum") - mixed > new_batches
+
+
+def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct_series, tmp_path):
+    extra = ["--statistics", "--split", "--classes", "liver,spleen", "--save-probabilities"]
+    _local(capsys, files, "liver3", [files["mni"], ct_series], tmp_path / "local", *extra)
+    code, out, err = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "liver3",
+                         files["mni"], ct_series, "-o", tmp_path / "remote", *extra)
+    assert code == 0, err
+    assert "segmented 2 of 2 inputs" in out
+    local_files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    remote_files = sorted(p.relative_to(tmp_path / "remote") for p in (tmp_path / "remote").rglob("*") if p.is_file())
+    assert remote_files == local_files and len(local_files) == 2 * 6  # labels, stats, 2 masks, npz, record
+    for rel in local_files:
+        a, b = tmp_path / "local" / rel, tmp_path / "remote" / rel
+        if rel.name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(_labels(a), _labels(b))
+            np.testing.assert_array_equal(nib.load(a).affine, nib.load(b).affine)
+        elif rel.suffix == ".npz":
+            # Batches of other sizes than a local run's round a few float16 values the other way (one
+            # unit in the last place); the labels they give are equal, voxel for voxel, as asserted above.
+            with np.load(a) as x, np.load(b) as y:
+                np.testing.assert_allclose(x["probabilities"].astype(np.float32),
+                                           y["probabilities"].astype(np.float32), rtol=0, atol=5e-4)
+                np.testing.assert_array_equal(x["probabilities"].argmax(0), y["probabilities"].argmax(0))
+        elif rel.name.endswith("_statistics.json"):
+            assert json.loads(a.read_text()) == json.loads(b.read_text())
+    # --continue: the records say the server's outputs were made as asked, so nothing is sent again.
+    code, out, _ = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "liver3",
+                       files["mni"], ct_series, "-o", tmp_path / "remote", *extra, "--continue")
+    assert code == 0 and "segmented 0 of 2 inputs" in out and "2 skipped" in out
+
+
+def _post(server, *, adapter="liver3", file=("ct.nii.gz", b""), headers=AUTH, **fields):
+    return requests.post(f"{server.url}/v1/segment", headers=headers, data={"adapter": adapter, **fields},
+                         files={"file": file}, timeout=60)
+
+
+def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_path):
+    mni = files["mni"].read_bytes()
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../etc/evil.dcm", b"x")
+    cases = [
+        (dict(adapter="nope", file=("mni.nii.gz", mni)), 404, "no adapter named 'nope'"),
+        (dict(file=("mni.nii.gz", mni), headers={}), 401, "Bearer"),
+        (dict(file=("mni.nii.gz", mni), headers={"Authorization": "Bearer wrong"}), 401, "Bearer"),
+        (dict(file=("mni.nii.gz", b"not a nifti at all")), 422, "upload"),
+        (dict(file=("scan.png", b"\x89PNG")), 422, "NIfTI"),
+        (dict(file=("big.nii.gz", b"\0" * (3 * 2**20))), 413, "--max-upload-mb"),
+        (dict(file=("mni.nii.gz", mni), classes="brain"), 400, "classes"),
+        (dict(file=("mni.nii.gz", mni), window="abc"), 400, "window"),
+        (dict(file=("mni.nii.gz", mni), output_type="dicom-seg"), 400, "DICOM"),
+        (dict(file=("series.zip", evil.getvalue())), 400, "'..'"),
+        (dict(file=("mni.nii.gz", mni), name="../x.nii.gz"), 400, "plain file name"),
+    ]
+    for kwargs, status, words in cases:
+        answer = _post(server, **kwargs)
+        assert answer.status_code == status, (kwargs.get("adapter"), answer.text)
+        body = answer.json()
+        assert body["status"] == status and words in body["error"] and "Traceback" not in body["error"]
+    answer = requests.post(f"{server.url}/infer/nope", headers=AUTH, files={"file": ("mni.nii.gz", mni)}, timeout=60)
+    assert answer.status_code == 404 and "nope" in answer.json()["error"]
+    with pytest.raises(ServerError, match="401"):
+        segment_on_server([files["mni"]], tmp_path / "x", server=server.url, adapter="liver3", token="wrong")
+    # Still answering, with the right labels, and no upload left behind.
+    answer = _post(server, file=("mni.nii.gz", mni))
+    assert answer.status_code == 200 and "mni.nii.gz" in zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+    assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
+    assert not list(Path("/tmp").glob("samed-serve-*"))
+
+
+def test_an_overloaded_server_answers_503_and_the_rest_200(files, server):
+    mni = files["mni"].read_bytes()
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: _post(server, file=("mni.nii.gz", mni)), range(24)))
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
+    busy = next(a for a in answers if a.status_code == 503)
+    assert "--max-queue" in busy.json()["error"] and busy.headers["Retry-After"]
+
+
+def test_files_added_later_are_found_and_the_least_recently_used_goes(files, server):
+    source = files["adapters"] / "liver1.safetensors"
+    late = files["adapters"] / "late.safetensors"
+    late.write_bytes(source.read_bytes())
+    try:
+        names = [a["name"] for a in requests.get(f"{server.url}/v1/adapters", headers=AUTH, timeout=30).json()["adapters"]]
+        assert "late" in names
+        mni = files["mni"].read_bytes()
+        first = _post(server, adapter="late", file=("mni.nii.gz", mni))
+        again = _post(server, adapter="liver1", file=("mni.nii.gz", mni))
+        assert first.status_code == again.status_code == 200
+        a, b = (zipfile.ZipFile(io.BytesIO(x.content)).read("mni.nii.gz") for x in (first, again))
+        assert nib.Nifti1Image.from_bytes(_gunzip(a)).get_fdata().tolist() == \
+            nib.Nifti1Image.from_bytes(_gunzip(b)).get_fdata().tolist()
+    finally:
+        late.unlink()
+
+
+def _gunzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.decompress(data)
+
+
+def test_serve_refuses_an_open_host_without_a_token(capsys, files, monkeypatch):
+    monkeypatch.delenv("SAMED_SERVE_TOKEN", raising=False)
+    code, _, err = run(capsys, "serve", "--sam-backbone", "tiny", "--random-sam-seed", 0, "--adapters",
+                       files["adapters"], "--host", "0.0.0.0")
+    assert code == 2 and "needs a token" in err and "Traceback" not in err
+    code, _, err = run(capsys, "segment", "--adapter", "liver3", files["mni"], "-o", "out")
+    assert code == 2 and "--server URL" in err
