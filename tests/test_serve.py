@@ -236,3 +236,30 @@ def test_serve_refuses_an_open_host_without_a_token(capsys, files, monkeypatch):
     assert code == 2 and "needs a token" in err and "Traceback" not in err
     code, _, err = run(capsys, "segment", "--adapter", "liver3", files["mni"], "-o", "out")
     assert code == 2 and "--server URL" in err
+
+
+def test_a_replica_that_dies_is_replaced_and_no_answer_is_wrong(files, server):
+    """Ray Serve starts a new replica; meanwhile a client gets 503 (retry) or the right labels."""
+    import time
+
+    import ray
+
+    mni = files["mni"].read_bytes()
+    expected = zipfile.ZipFile(io.BytesIO(_post(server, file=("mni.nii.gz", mni)).content)).read("mni.nii.gz")
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Segmenter" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    codes = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        answer = _post(server, file=("mni.nii.gz", mni))
+        codes.append(answer.status_code)
+        if answer.status_code == 200:
+            got = zipfile.ZipFile(io.BytesIO(answer.content)).read("mni.nii.gz")
+            assert _gunzip(got) == _gunzip(expected)
+            break
+        assert answer.status_code == 503 and "retry" in answer.json()["error"], answer.text
+        time.sleep(1)
+    assert codes[-1] == 200, codes
+    now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Segmenter" in a["name"]]
+    assert now and replicas[0]["name"] not in now  # answered by the new replica

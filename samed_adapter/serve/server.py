@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,9 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     started_ray = not ray.is_initialized() and settings.ray_address is None
     if not ray.is_initialized():
         _init_ray(ray, settings.ray_address)
+    # Serve's INFO lines (started, "connecting to existing app", ready, deleting) say what the
+    # command says itself in one line; its warnings and errors still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         segmenter = Segmenter.options(
