@@ -221,12 +221,17 @@ def test_files_added_later_are_found_and_the_least_recently_used_goes(files, ser
     late = files["adapters"] / "late.safetensors"
     late.write_bytes(source.read_bytes())
     try:
-        names = [a["name"] for a in requests.get(f"{server.url}/v1/adapters", headers=AUTH, timeout=30).json()["adapters"]]
-        assert "late" in names
+        listed = requests.get(f"{server.url}/v1/adapters", headers=AUTH, timeout=30).json()["adapters"]
+        assert {a["name"]: a["resident"] for a in listed}["late"] is False
+        assert {"name", "class_names", "backbone", "image_size", "rank", "fingerprint", "base_fingerprint",
+                "resident"} <= set(listed[0])
         mni = files["mni"].read_bytes()
         first = _post(server, adapter="late", file=("mni.nii.gz", mni))
         again = _post(server, adapter="liver1", file=("mni.nii.gz", mni))
         assert first.status_code == again.status_code == 200
+        listed = requests.get(f"{server.url}/v1/adapters", headers=AUTH, timeout=30).json()["adapters"]
+        resident = {a["name"] for a in listed if a["resident"]}
+        assert resident == {"late", "liver1"}  # --max-resident 2: the two used last
         a, b = (zipfile.ZipFile(io.BytesIO(x.content)).read("mni.nii.gz") for x in (first, again))
         assert nib.Nifti1Image.from_bytes(_gunzip(a)).get_fdata().tolist() == \
             nib.Nifti1Image.from_bytes(_gunzip(b)).get_fdata().tolist()

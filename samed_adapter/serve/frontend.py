@@ -221,7 +221,9 @@ class Frontend:
         entries = []
         for name in await asyncio.to_thread(self.catalog.names):
             try:
-                entries.append(await self._describe(name))
+                entry = await self._describe(name)
+                entries.append({**entry, "resident": self.metrics.resident_on(name) > 0,
+                                "resident_replicas": self.metrics.resident_on(name)})
             except ServeError:  # a broken file in the folder is not served, and does not hide the others
                 continue
         return entries

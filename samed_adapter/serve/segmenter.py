@@ -43,7 +43,7 @@ class Segmenter:
         results = self.model.predict(items)
         for result in results:
             if isinstance(result, SliceResult):
-                result.batch.update(replica=self.replica, loads=self.model.loads)
+                result.batch.update(replica=self.replica, loads=self.model.loads, resident=list(self.model.resident))
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
