@@ -79,7 +79,8 @@ class Frontend:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise UnauthorizedError("this server needs 'Authorization: Bearer <token>' with its token (segment "
-                                    "--server URL --token-env VAR; MONAI Label: the server's token as password)")
+                                    "--server URL --token T, or SAMED_SERVE_TOKEN; 3D Slicer: log in with the token "
+                                    "as password)")
 
     async def _answer(self, route: str, request: Request, work: Any, *, guarded: bool = False,
                       authorize: bool = True) -> Response:
