@@ -36,7 +36,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .monai_label import app_info, multipart
-from .residents import SliceRequest
+from .residents import SliceChunk, chunk_size
 from .settings import ServeSettings
 from .uploads import (
     UPLOAD,
@@ -185,12 +185,14 @@ class Frontend:
     async def _predict(self, name: str, slices: np.ndarray, probabilities: bool) -> list[Any]:
         import ray
 
+        step = chunk_size(self.settings.max_batch_size)
         try:
-            results = await asyncio.gather(*[self.segmenter.remote(SliceRequest(name, s, probabilities))
-                                             for s in slices])
+            chunks = await asyncio.gather(*[self.segmenter.remote(SliceChunk(name, slices[i : i + step], probabilities))
+                                            for i in range(0, len(slices), step)])
         except ray.exceptions.RayError as err:
             raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
                                   "replaced: retry in a few seconds") from None
+        results = [result for chunk in chunks for result in chunk]
         for result in results:
             if isinstance(result, ServeError):
                 raise result

@@ -36,6 +36,33 @@ class SliceRequest:
 
 
 @dataclass
+class SliceChunk:
+    """Consecutive slices of one request, sent to a replica in one call: (n, S, S) float32.
+
+    One call per slice costs more in Ray than a small model's forward pass (measured: 16
+    slices took 160 ms as 16 calls, 32 ms in the model), so slices travel in chunks, and
+    ``@serve.batch`` counts slices (:func:`slices_in`), not calls, against --max-batch-size.
+    """
+
+    adapter: str
+    images: np.ndarray
+    probabilities: bool = False
+
+    def requests(self) -> list[SliceRequest]:
+        return [SliceRequest(self.adapter, image, self.probabilities) for image in self.images]
+
+
+def slices_in(chunks: list[SliceChunk]) -> int:
+    """A batch's size in slices (Ray Serve's ``batch_size_fn``)."""
+    return sum(len(chunk.images) for chunk in chunks)
+
+
+def chunk_size(max_batch_size: int) -> int:
+    """Slices per call: a quarter of a batch, so that a batch holds slices of about four requests."""
+    return max(1, max_batch_size // 4)
+
+
+@dataclass
 class SliceResult:
     """(S, S) labels (uint8, int32 for 255 classes or more), the (K+1, S, S) float32 softmax
     when asked, and what the batch it ran in was (for the metrics)."""
@@ -148,6 +175,15 @@ class ServingModel:
             self.model.set_adapter(names[0])
         masks = self.model(images, adapter_names=per_image)["masks"]
         return list(masks)
+
+    def predict_chunks(self, chunks: list[SliceChunk]) -> list[list[Union[SliceResult, ServeError]]]:
+        """:meth:`predict` for whole chunks: one list of per-slice results per chunk."""
+        flat = self.predict([item for chunk in chunks for item in chunk.requests()])
+        out, at = [], 0
+        for chunk in chunks:
+            out.append(flat[at : at + len(chunk.images)])
+            at += len(chunk.images)
+        return out
 
     def predict(self, items: list[SliceRequest]) -> list[Union[SliceResult, ServeError]]:
         """Predict every slice; a slice whose adapter cannot run, or whose logits are not finite,

@@ -11,13 +11,13 @@ from ray import serve
 
 from .catalog import AdapterCatalog
 from .errors import ServeError
-from .residents import ServingModel, SliceRequest, SliceResult
+from .residents import ServingModel, SliceChunk, SliceResult, slices_in
 from .settings import ServeSettings
 
 
 @serve.deployment(name="Segmenter")
 class Segmenter:
-    """One replica: ``await handle.remote(SliceRequest)`` -> SliceResult or the ServeError of that slice."""
+    """One replica: ``await handle.remote(SliceChunk)`` -> one SliceResult or ServeError per slice."""
 
     def __init__(self, settings: ServeSettings) -> None:
         catalog = AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
@@ -39,16 +39,16 @@ class Segmenter:
         # One thread runs the model, so the event loop keeps taking slices for the next batch meanwhile.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="samed-model")
 
-    def _predict(self, items: list[SliceRequest]) -> list[Union[SliceResult, ServeError]]:
-        results = self.model.predict(items)
-        for result in results:
+    def _predict(self, chunks: list[SliceChunk]) -> list[list[Union[SliceResult, ServeError]]]:
+        results = self.model.predict_chunks(chunks)
+        for result in (r for chunk in results for r in chunk):
             if isinstance(result, SliceResult):
                 result.batch.update(replica=self.replica, loads=self.model.loads, resident=list(self.model.resident))
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, items: list[SliceRequest]) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._predict, items)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=slices_in)
+    async def predict_batch(self, chunks: list[SliceChunk]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._predict, chunks)
 
-    async def __call__(self, item: SliceRequest) -> Any:
-        return await self.predict_batch(item)
+    async def __call__(self, chunk: SliceChunk) -> Any:
+        return await self.predict_batch(chunk)
