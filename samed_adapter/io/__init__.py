@@ -1,4 +1,4 @@
-"""Files: NIfTI / DICOM / PNG / NPY readers and label writers, DICOM-SEG, overlays, atomic writes; imports volume only.
+"""Files: NIfTI / DICOM / PNG / NPY readers and label writers, DICOM-SEG, RTSTRUCT, overlays, atomic writes; imports volume only.
 
 Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 ``Volume.array[k, j, i]`` is NIfTI voxel ``(i, j, k)``.  See
@@ -22,6 +22,7 @@ from samed_adapter.io.dicom_series import (
 from samed_adapter.io.errors import ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
 from samed_adapter.io.limits import DEFAULT_MAX_VOXELS, check_voxels
 from samed_adapter.io.overlay import colour_table, overlay_montage, overlay_volume
+from samed_adapter.io.rtstruct import read_rtstruct, write_rtstruct
 from samed_adapter.io.volumes import (
     READ_SUFFIXES,
     WRITE_SUFFIXES,
@@ -61,8 +62,10 @@ __all__ = [
     "read_dicom_seg",
     "read_dicom_series",
     "read_image",
+    "read_rtstruct",
     "volume_from_nifti",
     "voxel_sizes",
     "write_dicom_seg",
     "write_labels",
+    "write_rtstruct",
 ]

@@ -42,7 +42,7 @@ _SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPC
 _COPIED_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                  "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
-_NO_SERIES = ("DICOM-SEG needs a DICOM series input ({what}); "
+_NO_SERIES = ("{kind} needs a DICOM series input ({what}); "
               "write NIfTI (.nii.gz) labels for NIfTI, PNG and NPY inputs")
 
 
@@ -62,16 +62,16 @@ def _lo(text: str) -> str:
     return " ".join(str(text).replace("\\", "/").split())[:64]
 
 
-def _require_series(volume: Volume) -> None:
+def _require_series(volume: Volume, kind: str = "DICOM-SEG") -> None:
     """Raise unless ``volume`` was read from DICOM slices (only those can be referenced)."""
     if not volume.files:
-        raise ValueError(_NO_SERIES.format(what=f"{volume.source or 'the volume'} has no DICOM "
-                                                "slice files (Volume.files is empty)"))
+        raise ValueError(_NO_SERIES.format(kind=kind, what=f"{volume.source or 'the volume'} has no "
+                                                           "DICOM slice files (Volume.files is empty)"))
 
 
-def _slice_stack(labels: Any, volume: Volume) -> np.ndarray:
+def _slice_stack(labels: Any, volume: Volume, kind: str = "DICOM-SEG") -> np.ndarray:
     """``labels`` checked against ``volume`` and viewed as ``(D, H, W)`` (one frame per file)."""
-    _require_series(volume)
+    _require_series(volume, kind)
     labels = np.asarray(labels)
     if labels.shape != volume.array.shape:
         raise ValueError(f"labels shape {labels.shape} does not match image shape "
@@ -130,7 +130,7 @@ def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str) 
     return description
 
 
-def _source_header(path: Path, step: float) -> Any:
+def _source_header(path: Path, step: float, kind: str = "DICOM-SEG") -> Any:
     """The header of source slice ``path``, ready for highdicom (pixel data is not needed).
 
     ``step`` (mm between slices) stands in for a missing SliceThickness: the SEG's
@@ -141,7 +141,7 @@ def _source_header(path: Path, step: float) -> Any:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     missing = [tag for tag in _SOURCE_UIDS if not ds.get(tag)]
     if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}, which a DICOM-SEG must share with "
+        raise ValueError(f"{path}: lacks {', '.join(missing)}, which a {kind} must share with "
                          "its source series; write NIfTI for this input instead")
     for tag in _COPIED_TYPE2:
         if tag not in ds:

@@ -1,0 +1,294 @@
+"""DICOM RT Structure Sets (RTSTRUCT): label maps as contours, which radiotherapy planning systems read.
+
+:func:`write_rtstruct` turns class ids predicted for a DICOM series into one RT
+Structure Set (a new series in the source's study, on its frame of reference)
+with one ROI per class, named by the class; :func:`read_rtstruct` rasterises
+such a file back onto the source slices.  rt-utils (what TotalSegmentator
+writes its RTSTRUCTs with) gives the dataset skeleton (patient, study and the
+referenced series) and traces each slice's outlines.
+
+What rt-utils is not used for, and why
+--------------------------------------
+- ``RTStructBuilder.create_new(folder)`` reads every DICOM file under a folder,
+  pixels included: a folder of several series would put other series' slices
+  into the structure set.  The skeleton is built from ``volume.files`` instead.
+- Its pixel -> patient mapping takes the first slice's position plus an even
+  step, and scales columns by the row spacing: contours of gantry-tilted or
+  unevenly spaced series, or of non-square pixels, would land where the pixels
+  are not.  Each outline is placed here with its own slice's position and both
+  spacings, exactly.  (Where rt-utils' mapping is right, its reader reads these
+  files the same; the tests check it.)
+- ``add_roi`` numbers ROIs 1, 2, ... and prints to stdout for an empty mask.
+
+ROI numbers and what is recorded
+--------------------------------
+ROI ``n`` holds class ``n`` (ROI numbers need not be contiguous), so
+:func:`read_rtstruct` gives class ids back without a table.  Each ROI is named by
+its class (ROIName, ROIObservationLabel), coloured as the overlay PNGs colour it,
+interpreted as ``ORGAN`` and generated ``AUTOMATIC`` by ``samed-adapter <version>``;
+StructureSetDescription says
+``samed-adapter <version>, adapter_fingerprint=sha256:..., adapter=<name>``
+(the fingerprint when the writer is given one; the name last, as it may hold
+``,`` or ``=``).
+
+Outlines follow the centres of each region's border pixels (OpenCV's contour
+tracing), as rt-utils writes them; filling them again gives back the region
+up to pixels that the outline cuts through (thin strands, inner borders of
+holes), which is why contours are compared to labels at 99 % and not 100 %.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..version import __version__
+from .dicom_seg import (ALGORITHM_NAME, _chosen_classes, _class_ids, _lo, _require_series, _series_number,
+                        _slice_stack, _source_header)
+from .files import atomic_path
+from .overlay import colour_table
+from .volumes import Volume
+
+__all__ = ["read_rtstruct", "write_rtstruct"]
+
+_KIND = "DICOM-RTSTRUCT"
+_RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+
+
+def _rt_utils() -> Any:
+    """rt-utils (and with it OpenCV), or an ImportError that says how to install it."""
+    try:
+        import rt_utils.ds_helper
+        import rt_utils.image_helper
+    except ImportError as exc:
+        raise ImportError(
+            "writing DICOM-RTSTRUCT needs rt-utils; install it with pip install 'samed-adapter[io]'"
+        ) from exc
+    return rt_utils
+
+
+def _sh(text: str) -> str:
+    """``text`` as a valid SH value (at most 16 characters, no ``\\``)."""
+    return _lo(text)[:16]
+
+
+def _floats(value: Any) -> np.ndarray:
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+def _pixel_to_patient(header: Any) -> np.ndarray:
+    """``(3, 3)`` M with ``M @ (column, row, 1)`` = the patient position (mm) of that pixel's centre.
+
+    A step along a row (next column) goes ImageOrientationPatient[:3] by
+    PixelSpacing[1]; a step down a column (next row) goes [3:] by PixelSpacing[0].
+    """
+    iop, (row_step, column_step) = _floats(header.ImageOrientationPatient), _floats(header.PixelSpacing)
+    return np.stack([iop[:3] * column_step, iop[3:] * row_step, _floats(header.ImagePositionPatient)], axis=1)
+
+
+def _contour(header: Any, outline: np.ndarray) -> Any:
+    """One CLOSED_PLANAR Contour item: ``outline`` ``(N, 2)`` (column, row) on slice ``header``."""
+    from pydicom.dataset import Dataset
+
+    points = _pixel_to_patient(header) @ np.column_stack([outline, np.ones(len(outline))]).T  # (3, N)
+    image = Dataset()
+    image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    item = Dataset()
+    item.ContourImageSequence = [image]
+    item.ContourGeometricType = "CLOSED_PLANAR"
+    item.NumberOfContourPoints = len(outline)
+    # DS holds 16 characters: 6 decimals (a micrometre) fit any position inside a scanner.
+    item.ContourData = [f"{v:.6f}"[:16] for v in points.T.ravel()]  # x1, y1, z1, x2, ...
+    return item
+
+
+def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name: str,
+         frame_of_reference: str, generation: str) -> tuple[Any, Any, Any]:
+    """The StructureSetROI, ROIContour and RTROIObservations items of ROI ``class_id``.
+
+    ``masks``: ``(D, H, W)`` bool, ``masks[k]`` on slice ``headers[k]``.
+    """
+    from pydicom.dataset import Dataset
+
+    roi = Dataset()
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID = class_id, frame_of_reference
+    roi.ROIName, roi.ROIDescription = _lo(name), str(name)[:1024]
+    roi.ROIGenerationAlgorithm, roi.ROIGenerationDescription = "AUTOMATIC", _lo(generation)
+
+    contours = []
+    for header, mask in zip(headers, masks):
+        if mask.any():
+            outlines, _ = rt.image_helper.find_mask_contours(mask, approximate_contours=True)
+            contours += [_contour(header, np.asarray(o, dtype=np.float64)) for o in outlines]
+    contour = Dataset()
+    contour.ReferencedROINumber = class_id
+    contour.ROIDisplayColor = [int(v) for v in colour_table(class_id)[class_id]]  # as the overlay PNGs
+    if contours:  # type 3: an empty class is described, with no contours
+        contour.ContourSequence = contours
+
+    observation = Dataset()
+    observation.ObservationNumber = observation.ReferencedROINumber = class_id
+    observation.ROIObservationLabel = _sh(name)
+    observation.RTROIInterpretedType = "ORGAN"
+    observation.ROIInterpreter = f"{ALGORITHM_NAME}^"  # PN: an algorithm, not a person
+    return roi, contour, observation
+
+
+def write_rtstruct(
+    labels: np.ndarray,
+    volume: Volume,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    adapter_name: str,
+    classes: Optional[Sequence[int]] = None,
+    series_description: Optional[str] = None,
+    adapter_fingerprint: Optional[str] = None,
+) -> Path:
+    """Write class ids predicted for a DICOM series as a DICOM RT Structure Set file.
+
+    Args:
+        labels: class ids ``0..K`` (0 background) in ``volume.array``'s layout,
+            ``(D, H, W)``; bool and integral floats are accepted.
+        volume: the DICOM series the labels were predicted from
+            (:func:`~samed_adapter.io.read_image` of a folder); ``labels[k]`` is
+            contoured on ``volume.files[k]``.
+        class_names: K names, for classes 1..K; each names its ROI.
+        path: the file to write (``.dcm`` by convention).
+        adapter_name: the adapter's file name or Hub id, recorded in the
+            SeriesDescription (by default), StructureSetDescription and each
+            ROI's generation description.
+        classes: the class ids to write, ROI number = class id; default all of
+            1..K.  Classes absent from ``labels`` still get a (named, contour-less) ROI.
+        series_description: SeriesDescription of the new series; default
+            ``"samed-adapter <adapter_name>"``.
+        adapter_fingerprint: the adapter's :attr:`~samed_adapter.Adapter.fingerprint`,
+            recorded in StructureSetDescription when given.
+
+    Returns:
+        ``path``, written atomically (a failed write leaves no partial file, and an
+        existing ``path`` as it was).
+
+    Raises:
+        ValueError: ``volume`` is not a DICOM series, the shapes differ,
+            labels/classes fall outside 1..K, or a slice lacks the study,
+            series, instance or frame-of-reference UIDs the RTSTRUCT must share.
+        ImportError: rt-utils is not installed.
+    """
+    import pydicom.uid
+
+    rt = _rt_utils()
+    stack = _class_ids(_slice_stack(labels, volume, _KIND), len(class_names))
+    chosen = _chosen_classes(classes, len(class_names))
+    headers = [_source_header(f, volume.spacing[0], _KIND) for f in volume.files]
+    # Patient, study, the new series, the frame of reference and every referenced slice.
+    with warnings.catch_warnings():
+        # rt-utils sets is_little_endian / is_implicit_VR, which pydicom 3 deprecates; the
+        # encoding is chosen where the file is saved.
+        warnings.filterwarnings("ignore", message=".*is_(little_endian|implicit_VR)", category=DeprecationWarning)
+        ds = rt.ds_helper.create_rtstruct_dataset(headers)
+    now = datetime.datetime.now()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class and patient names in any script
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = pydicom.uid.generate_uid(), \
+        _series_number(headers[0]) + 1, 1  # just after the SEG's number: viewers list both by their source
+    ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.SeriesDescription = _lo(series_description or f"{ALGORITHM_NAME} {adapter_name}")
+    ds.OperatorsName = f"{ALGORITHM_NAME}^"  # RT Series' type 2 creator: an algorithm, not a person
+    ds.Manufacturer = ds.ManufacturerModelName = ALGORITHM_NAME
+    ds.SoftwareVersions, ds.DeviceSerialNumber = __version__, "0"
+    del ds.InstitutionName  # rt-utils' own institution, not the source's
+    ds.StructureSetLabel = _sh(ALGORITHM_NAME)
+    ds.StructureSetName = _lo(adapter_name)
+    identity = f"{ALGORITHM_NAME} {__version__}, "
+    if adapter_fingerprint:
+        identity += f"adapter_fingerprint={adapter_fingerprint}, "
+    ds.StructureSetDescription = f"{identity}adapter={adapter_name}"[:1024]
+    frame = str(headers[0].FrameOfReferenceUID)
+    for c in chosen:
+        roi, contour, observation = _roi(rt, headers, stack == c, c, class_names[c - 1], frame,
+                                         f"{ALGORITHM_NAME} {__version__} {adapter_name}")
+        ds.StructureSetROISequence.append(roi)
+        ds.ROIContourSequence.append(contour)
+        ds.RTROIObservationsSequence.append(observation)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def _slice_index(contour: Any, uids: dict[str, int], planes: np.ndarray, normal: np.ndarray,
+                 tolerance: float) -> Optional[int]:
+    """The slice a Contour item lies on: by its referenced instance, else by its position."""
+    for image in contour.get("ContourImageSequence", []):
+        k = uids.get(str(image.ReferencedSOPInstanceUID))
+        if k is not None:
+            return k
+        return None  # on an instance of another series
+    # ContourImageSequence is optional: the nearest slice plane, if the contour lies on one.
+    z = float(_floats(contour.ContourData)[:3] @ normal)
+    k = int(np.argmin(np.abs(planes - z)))
+    return k if abs(planes[k] - z) <= tolerance else None
+
+
+def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
+    """Rasterise an RT Structure Set into class ids in ``volume.array``'s layout, ``(D, H, W)``.
+
+    Each ROI's closed planar contours are filled (nested outlines leave holes) on
+    the slice they reference, placed by that slice's own position, orientation
+    and spacing; contours without references go to the slice plane they lie on.
+    ROI number ``n`` becomes class ``n``, as :func:`write_rtstruct` numbers them;
+    where ROIs overlap, the higher number wins.
+
+    Returns:
+        uint8 class ids (uint16 beyond 255), 0 background.
+
+    Raises:
+        ValueError: ``volume`` is not a DICOM series, ``path`` is no RT
+            Structure Set, or it has contours on slices other than ``volume``'s.
+        ImportError: rt-utils (OpenCV) is not installed.
+    """
+    import cv2
+    import pydicom
+
+    _rt_utils()
+    _require_series(volume, _KIND)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.files]
+    ds = pydicom.dcmread(path)
+    if str(ds.get("SOPClassUID", "")) != _RTSTRUCT_SOP_CLASS:
+        raise ValueError(f"{path}: is not an RT Structure Set (SOP class {ds.get('SOPClassUID', 'missing')}); "
+                         "read DICOM-SEG files with read_dicom_seg")
+    uids = {str(h.SOPInstanceUID): k for k, h in enumerate(headers)}
+    iop = _floats(headers[0].ImageOrientationPatient)
+    normal = np.cross(iop[:3], iop[3:])
+    planes = np.array([_floats(h.ImagePositionPatient) @ normal for h in headers])
+    tolerance = 0.5 * (float(np.min(np.abs(np.diff(planes)))) if len(planes) > 1 else float(volume.spacing[0]))
+    # to pixels: (column, row) = inverse of the in-plane part of _pixel_to_patient, per slice
+    to_pixels = [np.linalg.pinv(_pixel_to_patient(h)[:, :2]) for h in headers]
+
+    rois = sorted(ds.get("ROIContourSequence", []), key=lambda item: int(item.ReferencedROINumber))
+    dtype = np.uint8 if all(int(r.ReferencedROINumber) < 256 for r in rois) else np.uint16
+    labels = np.zeros((len(headers), *volume.array.shape[-2:]), dtype=dtype)
+    for roi in rois:
+        polygons: dict[int, list[np.ndarray]] = {}
+        for contour in roi.get("ContourSequence", []):
+            k = _slice_index(contour, uids, planes, normal, tolerance)
+            if k is None:
+                raise ValueError(f"{path}: ROI {roi.ReferencedROINumber} has a contour on a slice that is not "
+                                 f"one of {volume.source or 'the volume'}; read it with the series it was made "
+                                 "from")
+            points = _floats(contour.ContourData).reshape(-1, 3) - _floats(headers[k].ImagePositionPatient)
+            pixels = np.rint(points @ to_pixels[k].T).astype(np.int32)  # (N, 2) column, row
+            polygons.setdefault(k, []).append(pixels)
+        for k, outlines in polygons.items():
+            mask = np.zeros(labels.shape[1:], dtype=np.uint8)
+            # All outlines of a slice at once: OpenCV fills by the even-odd rule, so inner
+            # outlines (holes) stay empty, as RT planning systems read them.
+            cv2.fillPoly(mask, outlines, 1)
+            labels[k][mask.astype(bool)] = int(roi.ReferencedROINumber)
+    return labels.reshape(volume.array.shape)
