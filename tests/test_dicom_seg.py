@@ -9,11 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from pydicom.uid import generate_uid
-
 import samed_adapter
 from samed_adapter.io import Volume, read_image
 from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg
+from samed_adapter.testing.dicom import copy_with_new_instances
 
 hd = pytest.importorskip("highdicom")
 
@@ -171,12 +170,7 @@ def test_bad_inputs_raise_and_write_nothing(ct_folder: Path, tmp_path: Path) -> 
 def test_read_rejects_another_series(ct_folder: Path, tmp_path: Path) -> None:
     volume = read_image(ct_folder)
     out = write_dicom_seg(_labels(volume), volume, NAMES, tmp_path / "seg.dcm", adapter_name="a")
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in volume.files:  # same pixels and geometry, new instances
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(other / f.name)
+    other = copy_with_new_instances(volume.files, tmp_path / "other")  # same pixels and geometry
     with pytest.raises(ValueError, match="not slices of .*the series it was made from"):
         read_dicom_seg(out, read_image(other))
 

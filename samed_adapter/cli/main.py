@@ -446,7 +446,8 @@ def add_segment_parser(sub: _SubParsers) -> None:
     out = p.add_argument_group("outputs (beside each label file <name>.nii.gz)")
     out.add_argument("--output-type", default="nifti", metavar="TYPE",
                      help="nifti (default), dicom-seg (a DICOM Segmentation <name>_seg.dcm over the source series; "
-                          "DICOM inputs only), or both: nifti,dicom-seg")
+                          "DICOM inputs only), dicom-rtstruct (a DICOM RT Structure Set <name>_rtstruct.dcm, one "
+                          "contoured ROI per class; DICOM inputs only), or several: nifti,dicom-seg,dicom-rtstruct")
     out.add_argument("--classes", metavar="NAMES", help="comma-separated class names to keep, e.g. liver,spleen "
                                                         "(the others become background in every output)")
     out.add_argument("--statistics", action="store_true",

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -129,8 +128,8 @@ def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name
     contour = Dataset()
     contour.ReferencedROINumber = class_id
     contour.ROIDisplayColor = [int(v) for v in colour_table(class_id)[class_id]]  # as the overlay PNGs
-    if contours:  # type 3: an empty class is described, with no contours
-        contour.ContourSequence = contours
+    # Empty for an absent class (type 3, so allowed), as rt-utils' reader needs it present.
+    contour.ContourSequence = contours
 
     observation = Dataset()
     observation.ObservationNumber = observation.ReferencedROINumber = class_id
@@ -138,6 +137,35 @@ def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name
     observation.RTROIInterpretedType = "ORGAN"
     observation.ROIInterpreter = f"{ALGORITHM_NAME}^"  # PN: an algorithm, not a person
     return roi, contour, observation
+
+
+def _skeleton(rt: Any, headers: Sequence[Any]) -> Any:
+    """An RT Structure Set with no ROIs yet: patient, study, a new series and the referenced slices.
+
+    rt-utils' ``create_rtstruct_dataset`` less its base dataset, which sets encoding flags that
+    pydicom 3 deprecates (and logs), and names rt-utils' institution as the maker.
+    """
+    import pydicom.uid
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = _RTSTRUCT_SOP_CLASS, pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = FileDataset("rtstruct", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class and patient names in any script
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ApprovalStatus = "RTSTRUCT", "UNAPPROVED"
+    now = datetime.datetime.now()
+    ds.InstanceCreationDate = ds.StructureSetDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = ds.StructureSetTime = now.strftime("%H%M%S.%f")
+    ds.StructureSetROISequence, ds.ROIContourSequence = DicomSequence(), DicomSequence()
+    ds.RTROIObservationsSequence = DicomSequence()
+    rt.ds_helper.add_study_and_series_information(ds, headers)
+    rt.ds_helper.add_patient_information(ds, headers)
+    rt.ds_helper.add_refd_frame_of_ref_sequence(ds, headers)
+    ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")  # not the source's
+    return ds
 
 
 def write_rtstruct(
@@ -187,22 +215,13 @@ def write_rtstruct(
     stack = _class_ids(_slice_stack(labels, volume, _KIND), len(class_names))
     chosen = _chosen_classes(classes, len(class_names))
     headers = [_source_header(f, volume.spacing[0], _KIND) for f in volume.files]
-    # Patient, study, the new series, the frame of reference and every referenced slice.
-    with warnings.catch_warnings():
-        # rt-utils sets is_little_endian / is_implicit_VR, which pydicom 3 deprecates; the
-        # encoding is chosen where the file is saved.
-        warnings.filterwarnings("ignore", message=".*is_(little_endian|implicit_VR)", category=DeprecationWarning)
-        ds = rt.ds_helper.create_rtstruct_dataset(headers)
-    now = datetime.datetime.now()
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class and patient names in any script
+    ds = _skeleton(rt, headers)
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = pydicom.uid.generate_uid(), \
         _series_number(headers[0]) + 1, 1  # just after the SEG's number: viewers list both by their source
-    ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.SeriesDescription = _lo(series_description or f"{ALGORITHM_NAME} {adapter_name}")
     ds.OperatorsName = f"{ALGORITHM_NAME}^"  # RT Series' type 2 creator: an algorithm, not a person
     ds.Manufacturer = ds.ManufacturerModelName = ALGORITHM_NAME
     ds.SoftwareVersions, ds.DeviceSerialNumber = __version__, "0"
-    del ds.InstitutionName  # rt-utils' own institution, not the source's
     ds.StructureSetLabel = _sh(ALGORITHM_NAME)
     ds.StructureSetName = _lo(adapter_name)
     identity = f"{ALGORITHM_NAME} {__version__}, "

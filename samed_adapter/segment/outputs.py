@@ -3,6 +3,7 @@
 One input gives, next to its label file ``out/<name>.nii.gz`` (PNG/NPY for 2-D inputs):
 
 - ``<name>_seg.dcm``: a DICOM Segmentation object over the source series (DICOM inputs);
+- ``<name>_rtstruct.dcm``: a DICOM RT Structure Set, one contoured ROI per class (DICOM inputs);
 - ``<name>_statistics.json``: per-class voxels, mm³, intensity mean/std and bounding box;
 - ``<name>/<class>.nii.gz``: one binary mask per class, on the input's grid;
 - ``<name>.npz``: the softmax of every class, float16, on the label file's grid, with its axes
@@ -41,8 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "provenance", "record_path", "resolve_classes",
            "same_record", "segment_file", "write_outputs", "write_prepared"]
 
-#: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation.
-OUTPUT_TYPES = ("nifti", "dicom-seg")
+#: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation;
+#: ``dicom-rtstruct``: a DICOM RT Structure Set.
+OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-rtstruct")
+#: The output types that reference the instances of a DICOM series, and so need one as input.
+DICOM_OUTPUT_TYPES = ("dicom-seg", "dicom-rtstruct")
 
 
 @dataclass
@@ -56,7 +60,7 @@ class OutputOptions:
         batch_size, window, percentiles, preprocessed: as for :meth:`SAMed.segment`
             (``preprocessed=True``: the inputs are already in [0, 1]). ``window`` may also be
             the command line's text, ``"LO,HI"`` or ``"none"`` (the same as ``preprocessed=True``).
-        adapter_name: how the DICOM-SEG names the adapter (its file name or Hub id).
+        adapter_name: how the DICOM-SEG and RTSTRUCT name the adapter (its file name or Hub id).
         max_voxels: the most voxels an input may hold, checked from its header before it is
             read (None: :data:`samed_adapter.io.DEFAULT_MAX_VOXELS`).
         record: what made the outputs (see :func:`provenance`); when set, it is written last,
@@ -84,7 +88,7 @@ class OutputOptions:
         unknown = [t for t in self.output_types if t not in OUTPUT_TYPES]
         if unknown or not self.output_types:
             raise ValueError(f"output type {', '.join(unknown) or '(none)'} unknown; use {' or '.join(OUTPUT_TYPES)} "
-                             "(both: nifti,dicom-seg)")
+                             "(several: nifti,dicom-seg)")
         if isinstance(self.window, str):
             from ..volume.preprocessing import WindowChoice
 
@@ -136,6 +140,8 @@ def output_files(label_path: Path, options: OutputOptions, class_names: Sequence
     files = [label_path] if "nifti" in options.output_types else []
     if "dicom-seg" in options.output_types:
         files.append(parent / f"{stem}_seg.dcm")
+    if "dicom-rtstruct" in options.output_types:
+        files.append(parent / f"{stem}_rtstruct.dcm")
     if options.statistics:
         files.append(parent / f"{stem}_statistics.json")
     if options.split:
@@ -287,6 +293,12 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
 
             written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
                                            classes=kept))
+        if "dicom-rtstruct" in options.output_types:
+            from ..io.rtstruct import write_rtstruct
+
+            written.append(write_rtstruct(labels, volume, names, next(files), adapter_name=options.adapter_name,
+                                          classes=kept, adapter_fingerprint=(options.record or {}).get(
+                                              "adapter_fingerprint")))
         if options.statistics:
             stats = label_statistics(labels, volume, names)
             written.append(_write_json({n: stats[n] for n in (names[c - 1] for c in kept)}, next(files)))
@@ -338,7 +350,7 @@ def segment_file(
         input: a path (NIfTI, DICOM series folder, PNG, NPY) or a nibabel image.
         output: the label file to write (``.nii.gz``, ...), with any extra outputs beside it
             (``statistics=True``, ``split=True``, ``save_probabilities=True``,
-            ``output_types="nifti,dicom-seg"``, ``classes="liver,spleen"``, ``overlay=True``,
+            ``output_types="nifti,dicom-seg,dicom-rtstruct"``, ``classes="liver,spleen"``, ``overlay=True``,
             ``window``, ``percentiles``, ``preprocessed``, ``batch_size``: see :class:`OutputOptions`); None
             writes nothing.
         sam: a stock SAM (left as it was found) or its checkpoint file.

@@ -28,7 +28,7 @@ import torch
 from ..inference import stages as inference
 from ..io.files import remove_stale_temporaries
 from ..io.volumes import image_suffix
-from .outputs import OutputOptions, output_files, write_prepared
+from .outputs import DICOM_OUTPUT_TYPES, OutputOptions, output_files, write_prepared
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.dicom_series import DicomSeries
@@ -50,7 +50,7 @@ class Job:
     out: Path
     series: Optional["DicomSeries"] = None
     #: the output types this input can have when not all asked for can be made (a NIfTI input
-    #: with ``nifti,dicom-seg`` gets no DICOM-SEG); None: as asked.
+    #: with ``nifti,dicom-seg`` gets no DICOM-SEG, nor with ``dicom-rtstruct`` an RTSTRUCT); None: as asked.
     output_types: Optional[tuple[str, ...]] = None
 
     @property
@@ -75,7 +75,7 @@ class Job:
         """The input as a Volume, bounded by ``options.max_voxels``.
 
         An unevenly spaced DICOM series is read only when every output asked for references the
-        source instances (a DICOM-SEG, an overlay); else it is an UnevenSpacingError, since one
+        source instances (a DICOM-SEG, an RTSTRUCT, an overlay); else it is an UnevenSpacingError, since one
         affine would put some of its slices where they were not.
         """
         from ..io import DEFAULT_MAX_VOXELS, read_dicom_series, read_image
@@ -251,23 +251,25 @@ def _check_unique(jobs: Sequence[Job], options: OutputOptions, names: Sequence[s
 
 
 def _fit_output_types(jobs: Sequence[Job], options: OutputOptions) -> tuple[list[Job], list[str]]:
-    """Give each input the output types it can have: a DICOM-SEG needs a DICOM input.
+    """Give each input the output types it can have: a DICOM-SEG or RTSTRUCT needs a DICOM input.
 
     With ``nifti,dicom-seg`` a NIfTI found in a folder gets its label file and a note; with
-    ``dicom-seg`` alone it is a problem of its own. (A non-DICOM input named directly refuses the
-    whole request earlier, in :func:`check_request`.)
+    ``dicom-seg`` (or ``dicom-rtstruct``, or both) alone it is a problem of its own. (A non-DICOM
+    input named directly refuses the whole request earlier, in :func:`check_request`.)
     """
-    if "dicom-seg" not in options.output_types:
+    dicom_only = [t for t in options.output_types if t in DICOM_OUTPUT_TYPES]
+    if not dicom_only:
         return list(jobs), []
     kept, problems = [], []
     for job in jobs:
         if job.is_dicom:
             kept.append(job)
             continue
-        rest = tuple(t for t in options.output_types if t != "dicom-seg")
+        rest = tuple(t for t in options.output_types if t not in DICOM_OUTPUT_TYPES)
         if not rest:
-            problems.append(f"{job.source}: not a DICOM input, so no DICOM-SEG can reference it; segment it with "
-                            "--output-type nifti")
+            kinds = " or ".join({"dicom-seg": "DICOM-SEG", "dicom-rtstruct": "RTSTRUCT"}[t] for t in dicom_only)
+            problems.append(f"{job.source}: not a DICOM input, so no {kinds} can reference it; "
+                            "segment it with --output-type nifti")
             continue
         job.output_types = rest
         kept.append(job)
@@ -480,11 +482,13 @@ def check_request(adapter: Any, inputs: Sequence[Union[str, os.PathLike]], **opt
     except ValueError as err:
         flag = "--percentiles" if opts.percentiles is not None else "--window"
         raise ValueError(f"{flag}: {err}") from None
-    if "dicom-seg" in opts.output_types:
+    dicom_only = [t for t in opts.output_types if t in DICOM_OUTPUT_TYPES]
+    if dicom_only:
         others = [str(p) for p in inputs if not Path(p).is_dir() and image_suffix(Path(p)) != ".dcm"]
         if others:
-            raise ValueError(f"--output-type dicom-seg needs DICOM inputs (series folders or .dcm files), but "
-                             f"{others[0]} is not one; segment NIfTI, PNG and NPY inputs with --output-type nifti")
+            raise ValueError(f"--output-type {','.join(dicom_only)} needs DICOM inputs (series folders or .dcm "
+                             f"files), but {others[0]} is not one; segment NIfTI, PNG and NPY inputs with "
+                             "--output-type nifti")
     return opts
 
 

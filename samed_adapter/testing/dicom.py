@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["write_ct_slice"]
+__all__ = ["copy_with_new_instances", "write_ct_slice"]
 
 
 def write_ct_slice(
@@ -57,3 +58,21 @@ def write_ct_slice(
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.PixelData = pixels.astype("<i2").tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def copy_with_new_instances(files: Sequence[Union[str, os.PathLike]], folder: Union[str, os.PathLike]) -> Path:
+    """Copy DICOM ``files`` into ``folder`` (made here) with new SOP Instance UIDs, same names.
+
+    The same pixels and geometry as other instances: what a reader must not take for the
+    series an object (a SEG, an RTSTRUCT) was made from. Returns ``folder``.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / Path(f).name)
+    return folder
