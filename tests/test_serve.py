@@ -150,10 +150,10 @@ def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct
                 np.testing.assert_array_equal(x["probabilities"].argmax(0), y["probabilities"].argmax(0))
         elif rel.name.endswith("_statistics.json"):
             assert json.loads(a.read_text()) == json.loads(b.read_text())
-    # A DICOM series goes up zipped; its DICOM-SEG covers the same voxels as a local run's.
-    from samed_adapter.io import read_dicom_seg, read_image
+    # A DICOM series goes up zipped; its DICOM-SEG and RTSTRUCT cover the same voxels as a local run's.
+    from samed_adapter.io import read_dicom_seg, read_image, read_rtstruct
 
-    both = ["--output-type", "nifti,dicom-seg"]
+    both = ["--output-type", "nifti,dicom-seg,dicom-rtstruct"]
     _local(capsys, files, "other3", [ct_series], tmp_path / "local_seg", *both)
     code, _, err = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "other3",
                        ct_series, "-o", tmp_path / "remote_seg", *both)
@@ -161,6 +161,8 @@ def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct
     volume = read_image(ct_series)
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "remote_seg" / "ct_seg.dcm", volume),
                                   read_dicom_seg(tmp_path / "local_seg" / "ct_seg.dcm", volume))
+    np.testing.assert_array_equal(read_rtstruct(tmp_path / "remote_seg" / "ct_rtstruct.dcm", volume),
+                                  read_rtstruct(tmp_path / "local_seg" / "ct_rtstruct.dcm", volume))
     # --continue: the records say the server's outputs were made as asked, so nothing is sent again.
     code, out, _ = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "liver3",
                        files["mni"], ct_series, "-o", tmp_path / "remote", *extra, "--continue")
