@@ -38,6 +38,8 @@ _EXPORTS = {
     "Intensity": "volume.preprocessing",
     "segment_file": "segment.outputs",
     "segment_files": "segment.pipeline",
+    "segment_study": "dicomweb.job",
+    "DicomWebError": "dicomweb.errors",
     "label_statistics": "segment.statistics",
     "stock_fingerprint": "surgery.structure",
 }
@@ -69,6 +71,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .model import SAMed
     from .patching import CompiledSwapWarning, inject, patch, unpatch
     from .segment.pipeline import segment_files
+    from .dicomweb.errors import DicomWebError
+    from .dicomweb.job import segment_study
     from .volume.preprocessing import Intensity
     from .segment.outputs import segment_file
     from .segment.statistics import label_statistics

@@ -304,7 +304,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from ..adapter_file.adapter import Adapter, BaseMismatchError
     from ..segment.pipeline import SamSource, check_request, check_run, segment_files
+    from .dicomweb import check_arguments as check_dicomweb, run as run_dicomweb
 
+    remote_study = check_dicomweb(args)  # --dicomweb: checked now, run once the SAM and adapter are set up
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_run(num_workers=args.num_workers, num_parts=args.num_parts, part_id=args.part_id)
@@ -342,6 +344,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         source = SamSource(checkpoint=args.sam, sam2_config=args.sam2_config)
     elif client is None:  # checks the flags and says what the random SAM means for this adapter
         source = SamSource(_segment_sam(args, adapter), backbone=args.sam_backbone, seed=args.random_sam_seed)
+    if remote_study:
+        return run_dicomweb(args, sam=source, adapter=adapter, request=request)
     bar = tqdm(desc="segment", unit="input", disable=None)
     counts = {"written": 0, "skipped": 0, "failed": 0, "ignored": 0, "redone": 0}
     planned = {"inputs": 0}
@@ -421,9 +425,10 @@ def add_segment_parser(sub: _SubParsers) -> None:
         "several); PNG gives PNG and NPY gives NPY, named like the input inside OUTDIR. An input that cannot be "
         "read is reported and skipped; the exit code is then 1.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",  # none with --dicomweb (checked in cmd_segment)
                    help="NIfTI files, DICOM series folders, .png or .npy images, or folders to search")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the label files")
+    p.add_argument("-o", "--output", metavar="OUTDIR",
+                   help="folder for the label files (required, except with --dicomweb ... --store)")
     p.add_argument("--adapter", required=True, metavar="FILE_OR_REPO",
                    help="an adapter .safetensors file or a Hub id org/name[@revision]")
     p.add_argument("--revision", help="Hub branch, tag or commit of --adapter (Hub ids only)")
@@ -490,6 +495,9 @@ def add_segment_parser(sub: _SubParsers) -> None:
                         help="the server's bearer token (default: the SAMED_SERVE_TOKEN environment variable)")
     remote.add_argument("--server-inputs", type=int, default=2, metavar="N",
                         help="inputs sent at once, so the server's batches fill (default 2)")
+    from .dicomweb import add_arguments as add_dicomweb_arguments
+
+    add_dicomweb_arguments(p)
     p.set_defaults(func=cmd_segment)
 
 

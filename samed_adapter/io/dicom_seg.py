@@ -12,7 +12,10 @@ it).  Segment ``n`` holds class ``classes[n - 1]`` (classes sorted), so with
 the default ``classes`` (all of 1..K) the segment number *is* the class id.
 Each segment also records its class id in its AlgorithmParameters
 (``class_id=<c>,adapter=<name>``), which :func:`read_dicom_seg` uses to map
-segments back when only some classes were written.
+segments back when only some classes were written, and, when the writer is
+given one, the adapter's fingerprint (``class_id=<c>,adapter_fingerprint=sha256:...,
+adapter=<name>``), by which ``segment --dicomweb --continue`` knows this
+adapter's SEGs on a server (a retrained adapter keeps its name, not its fingerprint).
 """
 
 from __future__ import annotations
@@ -107,14 +110,18 @@ def _chosen_classes(classes: Optional[Sequence[int]], num_classes: int) -> list[
     return chosen
 
 
-def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str) -> Any:
+def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
+             fingerprint: Optional[str] = None) -> Any:
     """The SegmentDescription of segment ``number``, which holds class ``class_id``."""
     from pydicom.sr.codedict import codes
 
+    # class_id first and adapter last: the adapter name may itself hold "," or "=".
+    parameters = {"class_id": str(class_id)}
+    if fingerprint:
+        parameters["adapter_fingerprint"] = str(fingerprint)
+    parameters["adapter"] = str(adapter_name)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence, version=__version__,
-        # class_id first: the adapter name may itself hold "," or "=".
-        parameters={"class_id": str(class_id), "adapter": str(adapter_name)},
+        name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence, version=__version__, parameters=parameters,
     )
     # The overlay PNGs' colour for this class, so the viewer shows the same colours.
     rgb = colour_table(class_id)[class_id]
@@ -169,6 +176,7 @@ def write_dicom_seg(
     adapter_name: str,
     classes: Optional[Sequence[int]] = None,
     series_description: str = "samed-adapter segmentation",
+    adapter_fingerprint: Optional[str] = None,
 ) -> Path:
     """Write class ids predicted for a DICOM series as a DICOM Segmentation (BINARY) file.
 
@@ -187,6 +195,8 @@ def write_dicom_seg(
             1..K.  Classes absent from ``labels`` still get a (described,
             empty) segment.
         series_description: SeriesDescription of the new series.
+        adapter_fingerprint: the adapter's :attr:`~samed_adapter.Adapter.fingerprint`,
+            recorded in each segment's AlgorithmParameters when given.
 
     Returns:
         ``path``, written atomically (a failed write leaves no partial file).
@@ -209,7 +219,7 @@ def write_dicom_seg(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment(hd, n, c, class_names[c - 1], adapter_name)
+        segment_descriptions=[_segment(hd, n, c, class_names[c - 1], adapter_name, adapter_fingerprint)
                               for n, c in enumerate(chosen, start=1)],
         series_instance_uid=hd.UID(), series_number=_series_number(sources[0]),
         sop_instance_uid=hd.UID(), instance_number=1,

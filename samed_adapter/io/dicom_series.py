@@ -40,13 +40,13 @@ from .slice_spacing import even_run, shortened
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .volumes import Volume
 
-__all__ = ["DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series", "probe_dicom",
-           "read_dicom_folder", "read_dicom_path", "read_dicom_series"]
+__all__ = ["NOT_IMAGES", "DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series",
+           "probe_dicom", "read_dicom_folder", "read_dicom_path", "read_dicom_series"]
 
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 _DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 #: Modalities that hold no pixels to segment (PS3.3 C.7.3.1.1.1).
-_NOT_IMAGES = {
+NOT_IMAGES = {
     "SR": "a structured report", "RTSTRUCT": "an RT structure set", "SEG": "a segmentation",
     "PR": "a presentation state", "KO": "a key object selection", "RTPLAN": "an RT plan",
     "RTRECORD": "an RT treatment record", "DOC": "a document", "REG": "a registration",
@@ -135,8 +135,8 @@ def _read_header(path: Path) -> Any | None:
 def _why_not_a_slice(ds: Any) -> str | None:
     """None when ``ds`` is a segmentable image slice, else why not (one phrase)."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality in _NOT_IMAGES:
-        return f"not an image ({modality}: {_NOT_IMAGES[modality]})"
+    if modality in NOT_IMAGES:
+        return f"not an image ({modality}: {NOT_IMAGES[modality]})"
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):

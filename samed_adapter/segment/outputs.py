@@ -291,8 +291,10 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
         if "dicom-seg" in options.output_types:
             from ..io.dicom_seg import write_dicom_seg
 
+            # The fingerprint (in the record of a segment job) lets --dicomweb --continue know our SEG.
+            fingerprint = (options.record or {}).get("adapter_fingerprint")
             written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
-                                           classes=kept))
+                                           classes=kept, adapter_fingerprint=fingerprint))
         if "dicom-rtstruct" in options.output_types:
             from ..io.rtstruct import write_rtstruct
 
