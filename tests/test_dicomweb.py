@@ -299,11 +299,20 @@ def test_a_server_that_goes_away_mid_study_stores_nothing(adapter, tmp_path, mon
         assert server.series_uids() == before
         # Once the server is back, --continue stores what the folder holds, without segmenting again.
         monkeypatch.setattr(store, "store_series", original)
+        written_at = (tmp_path / "out" / "2_axial_1_seg.dcm").stat().st_mtime_ns
         code, out, err = run(capsys, "segment", *TINY, "--adapter", adapter, "--dicomweb", server.dicomweb, "--study",
                              study["study"], "--store", "--continue", "-o", tmp_path / "out",
                              "--dicomweb-user", server.user)
         assert code == 0, err
-        assert len(server.series_uids()) == len(before) + 2
+        assert "2_axial_1_seg.dcm; stored 1 instance(s)" in out, out
+        assert (tmp_path / "out" / "2_axial_1_seg.dcm").stat().st_mtime_ns == written_at  # not made again
+        assert sorted(server.modalities().values()) == ["CT", "CT", "SEG", "SEG"]
+        # Asked for an RTSTRUCT too, --continue segments again but stores only what the server lacks.
+        code, out, err = run(capsys, "segment", *TINY, "--adapter", adapter, "--dicomweb", server.dicomweb, "--study",
+                             study["study"], "--store", "--continue", "--output-type", "dicom-seg,dicom-rtstruct",
+                             "--dicomweb-user", server.user)
+        assert code == 0 and out.count("stored 1 instance(s)") == 2, out + err
+        assert sorted(server.modalities().values()) == ["CT", "CT", "RTSTRUCT", "RTSTRUCT", "SEG", "SEG"]
     finally:
         server.stop()
 

@@ -123,9 +123,11 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
             return
         for line in result.message.splitlines() if result.status != "skipped" else []:
             print(f"samed-adapter segment: warning: {_shown(line)}", file=sys.stderr)
-        shown = ", ".join(printable(str(f)) for f in result.files if not f.name.endswith(".samed-adapter.json"))
+        # Without -o the files lie in a temporary folder that is gone by the end: not worth naming.
+        shown = "" if args.output is None else ", ".join(
+            printable(str(f)) for f in result.files if not f.name.endswith(".samed-adapter.json"))
         what = {"skipped": "skipped, " + result.message.split(": ", 1)[-1],
-                "stored": f"{shown or 'nothing new'}; stored {len(result.stored)} instance(s)"}.get(result.status,
+                "stored": f"{shown}{'; ' if shown else ''}stored {len(result.stored)} instance(s)"}.get(result.status,
                                                                                                    shown)
         print(f"series {printable(result.name)} -> {what}")
 
