@@ -204,10 +204,14 @@ def _segment_study(source: Any, url: str, target: Any, target_url: str, study_ui
         done: dict[str, "InputResult"] = {}
 
         def collect(input_result: "InputResult") -> None:
-            item = next((f for key, f in by_folder.items() if input_result.name.startswith(key)), None)
+            # A result names its series folder, alone or followed by " (series ...)", "/file" or ": why".
+            name = input_result.name
+            item = next((f for key, f in by_folder.items()
+                         if name.startswith(key) and name[len(key):len(key) + 1] in ("", " ", "/", ":")), None)
             if item is not None:
                 input_result.message = _relabelled(input_result.message, item.folder, item.folder.name)
-                done.setdefault(item.info.uid, input_result)
+                if input_result.status != "ignored":  # a stray instance beside the slices is not the series' result
+                    done.setdefault(item.info.uid, input_result)
             if on_result is not None:
                 on_result(input_result)
 
@@ -217,7 +221,7 @@ def _segment_study(source: Any, url: str, target: Any, target_url: str, study_ui
     stored_names: list[str] = []
     for item in ready:
         name, made = item.folder.name, done.get(item.info.uid)
-        if made is None or made.status == "failed" or made.status == "ignored":
+        if made is None or made.status == "failed":
             say(SeriesResult(item.info.uid, name, "failed", made.message if made else f"series {name}: not segmented"))
             continue
         files = [Path(f) for f in made.files]
