@@ -196,8 +196,6 @@ def test_the_stored_results_are_found_by_qido_in_the_study_and_reference_the_rig
             assert sorted(p.name for p in read.iterdir()) == ["1.nii.gz", "2.nii.gz", "3.nii.gz", "meta.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="io/rtstruct.py leaves out AccessionNumber and ReferringPhysicianName, type 2 "
-                                       "attributes of the General Study module that the DICOM-SEG copies")
 def test_the_stored_rtstruct_carries_the_accession_number(first_run, pacs):
     server, study = pacs
     client = _client(server)

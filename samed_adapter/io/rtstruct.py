@@ -165,6 +165,10 @@ def _skeleton(rt: Any, headers: Sequence[Any]) -> Any:
     rt.ds_helper.add_patient_information(ds, headers)
     rt.ds_helper.add_refd_frame_of_ref_sequence(ds, headers)
     ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")  # not the source's
+    # Type 2 attributes of the General Study module that rt-utils leaves out: present, and the
+    # source's values, as the DICOM-SEG carries them (a PACS files both under the same accession).
+    for keyword in ("AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        setattr(ds, keyword, getattr(headers[0], keyword, "") or "")
     return ds
 
 
