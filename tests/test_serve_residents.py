@@ -85,3 +85,23 @@ def test_a_bad_adapter_fails_only_its_own_slices(folder):
     np.testing.assert_array_equal(out[0].labels, _alone(folder, "a0", slices[0]))
     np.testing.assert_array_equal(out[3].labels, _alone(folder, "a1", slices[3]))
     assert all(isinstance(e, ServeError) for e in out[1:3])
+
+
+def test_hub_ids_and_named_files_are_served_by_name(folder, offline_cache, tmp_path):
+    """Clients name adapters; the catalog maps names to files, a Hub id through the usual cache."""
+    from samed_adapter.serve.catalog import UnknownAdapterError, parse_pairs
+    from samed_adapter.testing.hub import lay_out_cache
+
+    lay_out_cache(offline_cache, "org/organs", {"adapter.safetensors": (folder / "a2.safetensors").read_bytes()})
+    catalog = AdapterCatalog([], parse_pairs([f"liver={folder / 'a0.safetensors'}"], "--adapter"),
+                             parse_pairs(["organs=org/organs"], "--hub-adapter"), local_files_only=True)
+    assert catalog.names() == ["liver", "organs"]
+    assert catalog.describe("organs")["fingerprint"] == sa.Adapter.load(folder / "a2.safetensors").fingerprint
+    model = ServingModel(SamSource(backbone="tiny", seed=0), catalog)
+    image = _slices(1)[0]
+    np.testing.assert_array_equal(model.predict([SliceRequest("organs", image)])[0].labels,
+                                  _alone(folder, "a2", image))
+    with pytest.raises(UnknownAdapterError, match="served: liver, organs"):
+        catalog.path("../a1")  # a name is never a path
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_pairs(["organs"], "--hub-adapter")
