@@ -49,3 +49,17 @@ def test_serve_answers_until_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_gpus_the_local_ray_does_not_have(tmp_path, capsys):
+    """Ray Serve would wait without a word for replicas no node can hold."""
+    import ray
+
+    from samed_adapter.testing.cli import run
+
+    config = sa.AdapterConfig(num_classes=1, image_size=64, class_names=["liver"])
+    random_adapter(sa.build_sam("tiny", seed=0), config, seed=4).save(tmp_path / "liver.safetensors")
+    code, _, err = run(capsys, "serve", "--sam-backbone", "tiny", "--random-sam-seed", 0, "--adapters", tmp_path,
+                       "--replicas", 64, "--gpus-per-replica", 1)
+    assert code == 2 and "needs 64 GPUs" in err and "Traceback" not in err, err
+    assert not ray.is_initialized()  # the Ray it started is gone again

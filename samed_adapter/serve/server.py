@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.error
 import urllib.request
@@ -82,8 +83,7 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
             num_replicas=settings.replicas,
             # Every slice waits for its batch as an ongoing request: room for several full batches.
             max_ongoing_requests=max(64, 4 * settings.max_batch_size),
-            ray_actor_options={"num_cpus": 0 if settings.gpus_per_replica else 1,
-                               "num_gpus": settings.gpus_per_replica},
+            ray_actor_options=_replica_resources(ray, settings, local=settings.ray_address is None),
         ).bind(settings)
         frontend = Frontend.options(
             # Our own bound answers 503 with a JSON body; Ray Serve's is the backstop behind it.
@@ -99,6 +99,28 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     server = Server(f"http://{host}:{settings.port}", settings, started_ray)
     _wait_healthy(server.url, ready_timeout_s)
     return server
+
+
+def _replica_resources(ray: Any, settings: ServeSettings, *, local: bool) -> dict[str, float]:
+    """What each model replica reserves, so that --replicas fit the Ray they start on.
+
+    Ray Serve waits, without a word, for replicas that no node can hold; so on a local Ray the
+    GPUs asked for must be there (an error otherwise), and CPU replicas share the CPUs when there
+    are fewer than replicas (the model uses the cores the OS gives it either way). A cluster given
+    by address may add nodes as it scales, so there Ray waits for them.
+    """
+    resources = ray.cluster_resources()
+    if settings.gpus_per_replica:
+        need, have = settings.replicas * settings.gpus_per_replica, float(resources.get("GPU", 0.0))
+        if local and have < need:
+            raise ValueError(f"--replicas {settings.replicas} --gpus-per-replica {settings.gpus_per_replica:g} needs "
+                             f"{need:g} GPUs but this machine's Ray sees {have:g}; use fewer replicas, "
+                             "--gpus-per-replica 0, or --ray-address for a cluster with GPUs")
+        return {"num_cpus": 0, "num_gpus": settings.gpus_per_replica}
+    cpus = float(resources.get("CPU", 1.0))
+    # Rounded down: three replicas of round(2 / 3, 4) = 0.6667 CPU would want 2.0001 of 2.
+    share = 1.0 if not local or cpus >= settings.replicas else math.floor(cpus / settings.replicas * 1e4) / 1e4
+    return {"num_cpus": share, "num_gpus": 0}
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:

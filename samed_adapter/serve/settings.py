@@ -59,7 +59,7 @@ class ServeSettings:
         if not _is_loopback(self.host) and not self.token:
             raise ValueError(f"--host {self.host} lets other machines call this server, so it needs a token: pass "
                              f"--token T or set {TOKEN_VARIABLE}, and clients send 'Authorization: Bearer <token>'")
-        checks = {"--port": (self.port, 0, 65535), "--replicas": (self.replicas, 1, None),
+        checks = {"--port": (self.port, 1, 65535), "--replicas": (self.replicas, 1, None),
                   "--max-resident": (self.max_resident, 1, None), "--max-batch-size": (self.max_batch_size, 1, None),
                   "--max-queue": (self.max_queue, 1, None)}
         for flag, (value, low, high) in checks.items():
