@@ -63,3 +63,9 @@ def test_serve_refuses_gpus_the_local_ray_does_not_have(tmp_path, capsys):
                        "--replicas", 64, "--gpus-per-replica", 1)
     assert code == 2 and "needs 64 GPUs" in err and "Traceback" not in err, err
     assert not ray.is_initialized()  # the Ray it started is gone again
+    with socket.socket() as busy:  # a port something else listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = run(capsys, "serve", "--sam-backbone", "tiny", "--random-sam-seed", 0, "--adapters", tmp_path,
+                           "--port", busy.getsockname()[1])
+    assert code == 2 and "cannot listen there" in err and "another --port" in err and "Traceback" not in err, err

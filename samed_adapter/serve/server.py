@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +65,7 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
 
         if not Path(settings.sam.checkpoint).is_file():
             raise FileNotFoundError(f"--sam {settings.sam.checkpoint}: no such file")
+    _check_port(settings.host, settings.port)
     serve = _import_serve()
     import ray
 
@@ -99,6 +101,17 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     server = Server(f"http://{host}:{settings.port}", settings, started_ray)
     _wait_healthy(server.url, ready_timeout_s)
     return server
+
+
+def _check_port(host: str, port: int) -> None:
+    """OSError naming the port when something listens there (Ray Serve's own error is a remote traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OSError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); stop what "
+                          "uses that port, or pass another --port") from None
 
 
 def _replica_resources(ray: Any, settings: ServeSettings, *, local: bool) -> dict[str, float]:
