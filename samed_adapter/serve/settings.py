@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ class ServeSettings:
     local_files_only: bool = False
 
     def __post_init__(self) -> None:
+        # Replicas run in Ray's worker processes, whose working folder is not the command's.
+        self.adapters = [os.path.abspath(f) for f in self.adapters]
+        self.adapter_files = {n: os.path.abspath(p) for n, p in self.adapter_files.items()}
+        if self.sam.checkpoint is not None:
+            self.sam = dataclasses.replace(self.sam, checkpoint=os.path.abspath(self.sam.checkpoint))
         if self.token is None:
             self.token = os.environ.get(TOKEN_VARIABLE) or None
         if not _is_loopback(self.host) and not self.token:
