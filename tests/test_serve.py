@@ -199,6 +199,11 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
         assert body["status"] == status and words in body["error"] and "Traceback" not in body["error"]
     answer = requests.post(f"{server.url}/infer/nope", headers=AUTH, files={"file": ("mni.nii.gz", mni)}, timeout=60)
     assert answer.status_code == 404 and "nope" in answer.json()["error"]
+    answer = requests.post(f"{server.url}/v1/segment", data=b"garbage", timeout=60,
+                           headers={**AUTH, "Content-Type": "multipart/form-data"})  # no boundary
+    assert answer.status_code == 400 and "multipart" in answer.json()["error"]
+    answer = requests.get(f"{server.url}/v2/segment", headers=AUTH, timeout=60)
+    assert answer.status_code == 404 and "POST /v1/segment" in answer.json()["error"]
     with pytest.raises(ServerError, match="401"):
         segment_on_server([files["mni"]], tmp_path / "x", server=server.url, adapter="liver3", token="wrong")
     # Still answering, with the right labels, and no upload left behind.

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
 from ..adapter_file.config import AdapterConfig
 from ..io.errors import ImageReadError, ImageTooLargeError
@@ -55,6 +56,14 @@ app = FastAPI(title="samed-adapter", description="SAMed adapters on one SAM: nat
 
 def _error(err: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+
+
+@app.exception_handler(HTTPException)
+async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Unknown routes and methods answer as every error here does: ``{"error", "status"}``."""
+    return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, POST "
+                             "/v1/segment, GET /info/, POST /infer/{adapter}, GET /healthz, GET /metrics)",
+                             err.status_code))
 
 
 @serve.deployment(name="Frontend")
@@ -101,7 +110,10 @@ class Frontend:
             response = await work()
             status = response.status_code
             return response
-        except ServeError as err:
+        except (ServeError, HTTPException) as err:
+            if isinstance(err, HTTPException):  # Starlette's, from a malformed multipart body
+                err = ServeError(f"{err.detail} Send the scan as multipart form data (curl -F file=@ct.nii.gz).",
+                                 err.status_code)
             status = err.status
             response = _error(err)
             if status == 503:

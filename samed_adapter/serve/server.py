@@ -107,6 +107,9 @@ def _check_port(host: str, port: int) -> None:
     """OSError naming the port when something listens there (Ray Serve's own error is a remote traceback)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: connections of a server stopped a moment ago (TIME_WAIT) do not count,
+        # a socket listening there does (Linux).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:
