@@ -9,6 +9,7 @@ that ``@serve.batch`` packs slices of every request in flight into full batches.
 
 import asyncio
 import hmac
+import logging
 import shutil
 import tempfile
 import time
@@ -120,6 +121,7 @@ class Frontend:
                 response.headers["Retry-After"] = "5"
             return response
         except Exception as err:  # noqa: BLE001 - a client gets one line, never a traceback
+            logging.getLogger("ray.serve").exception("samed-adapter: %s failed", route)  # the replica's log has it
             return _error(ServeError(f"internal error: {type(err).__name__}: {err}"))
         finally:
             if counted:
