@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import tempfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,7 +212,11 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
     answer = _post(server, file=("mni.nii.gz", mni))
     assert answer.status_code == 200 and "mni.nii.gz" in zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
     assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
-    assert not list(Path("/tmp").glob("samed-serve-*"))
+    # The last answer's folder goes once its file has been sent (a background task of the response).
+    deadline = time.monotonic() + 10
+    while list(Path(tempfile.gettempdir()).glob("samed-serve-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(Path(tempfile.gettempdir()).glob("samed-serve-*"))
 
 
 def test_an_overloaded_server_answers_503_and_the_rest_200(files, server):
@@ -263,8 +269,6 @@ def test_serve_refuses_an_open_host_without_a_token(capsys, files, monkeypatch):
 
 def test_a_replica_that_dies_is_replaced_and_no_answer_is_wrong(files, server):
     """Ray Serve starts a new replica; meanwhile a client gets 503 (retry) or the right labels."""
-    import time
-
     import ray
 
     mni = files["mni"].read_bytes()
