@@ -79,6 +79,23 @@ class Frontend:
                                       local_files_only=settings.local_files_only)
         self.metrics = Metrics()
         self.busy = 0
+        self._folders: set[Path] = set()  # the requests' private folders not yet removed
+
+    def _folder(self) -> Path:
+        """A private folder for one request's upload and outputs (mode 0700)."""
+        folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+        self._folders.add(folder)
+        return folder
+
+    def _remove(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        self._folders.discard(folder)
+
+    def __del__(self) -> None:
+        # Ray Serve calls this when it stops the replica: an answer whose file was still going out
+        # when the server stopped leaves no scan behind.
+        for folder in list(getattr(self, "_folders", ())):
+            self._remove(folder)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -249,7 +266,7 @@ class Frontend:
     async def segment(self, request: Request) -> Response:
         async def work() -> Response:
             self._check_length(request)
-            folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+            folder = self._folder()
             handed = False
             try:
                 async with request.form(max_files=1, max_fields=32) as form:
@@ -266,12 +283,12 @@ class Frontend:
                 archive = folder / "outputs.zip"
                 await asyncio.to_thread(zip_outputs, files, out, archive, messages)
                 response = FileResponse(archive, media_type="application/zip", filename=f"{stem}.zip",
-                                        background=BackgroundTask(shutil.rmtree, folder, True))
+                                        background=BackgroundTask(self._remove, folder))
                 handed = True
                 return response
             finally:
                 if not handed:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    self._remove(folder)
         return await self._answer("/v1/segment", request, work, guarded=True)
 
     # ------------------------------------------------------------------ MONAI Label
@@ -312,7 +329,7 @@ class Frontend:
             if output not in ("all", "image", "json", "dicom_seg"):
                 raise BadRequestError(f"output={output!r}: use image, json, all or dicom_seg")
             self._check_length(request)
-            folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+            folder = self._folder()
             handed = False
             try:
                 async with request.form(max_files=2, max_fields=16) as form:
@@ -340,12 +357,12 @@ class Frontend:
                 if output in ("image", "dicom_seg"):
                     media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
                     response = FileResponse(label, media_type=media, filename=label.name,
-                                            background=BackgroundTask(shutil.rmtree, folder, True))
+                                            background=BackgroundTask(self._remove, folder))
                     handed = True
                     return response
                 body, content_type = multipart(result, label.name, label.read_bytes())
                 return Response(body, media_type=content_type)
             finally:
                 if not handed:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    self._remove(folder)
         return await self._answer("/infer", request, work, guarded=True)
