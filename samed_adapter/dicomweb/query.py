@@ -173,7 +173,7 @@ def _names_adapter(parameters: dict[str, str], adapter: "Adapter", adapter_name:
 
 
 def _seg_is_ours(ds: Any, adapter: "Adapter", adapter_name: str) -> bool:
-    from ..io.dicom_seg import ALGORITHM_NAME
+    from ..io.dicom_derived import ALGORITHM_NAME
 
     algorithms = [a for segment in ds.get("SegmentSequence", [])
                   for a in segment.get("SegmentationAlgorithmIdentificationSequence", [])]
@@ -185,7 +185,7 @@ def _seg_is_ours(ds: Any, adapter: "Adapter", adapter_name: str) -> bool:
 
 def _rtstruct_is_ours(ds: Any, adapter: "Adapter", adapter_name: str) -> bool:
     """StructureSetDescription reads ``samed-adapter <version>, adapter_fingerprint=..., adapter=<name>``."""
-    from ..io.dicom_seg import ALGORITHM_NAME
+    from ..io.dicom_derived import ALGORITHM_NAME
 
     maker, _, parameters = str(ds.get("StructureSetDescription", "")).partition(", ")
     return maker.split(" ")[0] == ALGORITHM_NAME and _names_adapter(_parameters(parameters), adapter, adapter_name)

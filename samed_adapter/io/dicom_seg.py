@@ -30,24 +30,19 @@ import numpy as np
 from ..version import __version__
 from .files import atomic_path
 from .overlay import colour_table
+from .dicom_derived import (
+    ALGORITHM_NAME,
+    chosen_classes,
+    class_ids,
+    derived_series_number,
+    dicom_text,
+    require_series,
+    slice_stack,
+    source_header,
+)
 from .volumes import Volume
 
 __all__ = ["ALGORITHM_NAME", "read_dicom_seg", "write_dicom_seg"]
-
-#: AlgorithmName of every segment written here.
-ALGORITHM_NAME = "samed-adapter"
-
-# The SEG joins its source's study and frame of reference: without these it cannot.
-_SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                "FrameOfReferenceUID")
-# Patient and study attributes highdicom copies; DICOM lets them be empty (type 2), and
-# de-identification tools sometimes drop them altogether.
-_COPIED_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
-                 "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
-
-_NO_SERIES = ("{kind} needs a DICOM series input ({what}); "
-              "write NIfTI (.nii.gz) labels for NIfTI, PNG and NPY inputs")
-
 
 def _highdicom() -> Any:
     """highdicom, or an ImportError that says how to install it."""
@@ -58,56 +53,6 @@ def _highdicom() -> Any:
             "writing DICOM-SEG needs highdicom; install it with pip install 'samed-adapter[io]'"
         ) from exc
     return highdicom
-
-
-def _lo(text: str) -> str:
-    """``text`` as a valid LO value: at most 64 characters, no ``\\`` (the value separator)."""
-    return " ".join(str(text).replace("\\", "/").split())[:64]
-
-
-def _require_series(volume: Volume, kind: str = "DICOM-SEG") -> None:
-    """Raise unless ``volume`` was read from DICOM slices (only those can be referenced)."""
-    if not volume.files:
-        raise ValueError(_NO_SERIES.format(kind=kind, what=f"{volume.source or 'the volume'} has no "
-                                                           "DICOM slice files (Volume.files is empty)"))
-
-
-def _slice_stack(labels: Any, volume: Volume, kind: str = "DICOM-SEG") -> np.ndarray:
-    """``labels`` checked against ``volume`` and viewed as ``(D, H, W)`` (one frame per file)."""
-    _require_series(volume, kind)
-    labels = np.asarray(labels)
-    if labels.shape != volume.array.shape:
-        raise ValueError(f"labels shape {labels.shape} does not match image shape "
-                         f"{volume.array.shape}; pass labels in the layout of Volume.array")
-    return labels.reshape((len(volume.files), *labels.shape[-2:]))
-
-
-def _class_ids(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``labels`` as int64 class ids, each in 0..num_classes; else a ValueError saying why."""
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
-        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
-    if np.issubdtype(labels.dtype, np.floating) and not (labels == np.round(labels)).all():
-        raise ValueError("labels hold non-integer values; take argmax/round to class ids first")
-    lo, hi = (labels.min(), labels.max()) if labels.size else (0, 0)
-    if lo < 0 or hi > num_classes:
-        raise ValueError(f"labels range [{lo}, {hi}] is outside 0..{num_classes}: class_names "
-                         f"names {num_classes} classes (1..{num_classes}); pass one name per class")
-    return labels.astype(np.int64)
-
-
-def _chosen_classes(classes: Optional[Sequence[int]], num_classes: int) -> list[int]:
-    """The class ids to write, sorted: ``classes`` checked against 1..num_classes."""
-    if num_classes < 1:
-        raise ValueError("class_names is empty; give one name per foreground class")
-    if classes is None:
-        return list(range(1, num_classes + 1))
-    chosen = sorted({int(c) for c in classes})
-    if not chosen or chosen[0] < 1 or chosen[-1] > num_classes:
-        raise ValueError(f"classes {list(classes)} must be a non-empty subset of "
-                         f"1..{num_classes} (0 is background and gets no segment)")
-    return chosen
 
 
 def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
@@ -126,7 +71,7 @@ def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
     # The overlay PNGs' colour for this class, so the viewer shows the same colours.
     rgb = colour_table(class_id)[class_id]
     description = hd.seg.SegmentDescription(
-        segment_number=number, segment_label=_lo(name),
+        segment_number=number, segment_label=dicom_text(name),
         # Generic codes (3D Slicer's default terminology): class names are free text.
         segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -135,36 +80,6 @@ def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
     )
     description.SegmentDescription = str(name)[:1024]  # ST: free text, up to 1024 characters
     return description
-
-
-def _source_header(path: Path, step: float, kind: str = "DICOM-SEG") -> Any:
-    """The header of source slice ``path``, ready for highdicom (pixel data is not needed).
-
-    ``step`` (mm between slices) stands in for a missing SliceThickness: the SEG's
-    pixel measures need one, and each label voxel covers one step.
-    """
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    missing = [tag for tag in _SOURCE_UIDS if not ds.get(tag)]
-    if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}, which a {kind} must share with "
-                         "its source series; write NIfTI for this input instead")
-    for tag in _COPIED_TYPE2:
-        if tag not in ds:
-            setattr(ds, tag, "")  # present but empty: "unknown", as the standard allows
-    if not ds.get("SliceThickness"):
-        ds.SliceThickness = f"{step:.6g}"
-    return ds
-
-
-def _series_number(first: Any) -> int:
-    """The source's SeriesNumber + 1000, so viewers list the SEG after, and near, its source."""
-    try:
-        number = int(first.get("SeriesNumber") or 0)
-    except (TypeError, ValueError):  # malformed IS: any number will do
-        number = 0
-    return number + 1000 if 0 <= number < 2**31 - 1001 else 1000
 
 
 def write_dicom_seg(
@@ -208,30 +123,30 @@ def write_dicom_seg(
         ImportError: highdicom is not installed.
     """
     hd = _highdicom()
-    stack = _class_ids(_slice_stack(labels, volume), len(class_names))
-    chosen = _chosen_classes(classes, len(class_names))
+    stack = class_ids(slice_stack(labels, volume), len(class_names))
+    chosen = chosen_classes(classes, len(class_names))
     # Segment n <- class chosen[n - 1]; unchosen classes become background.
     lookup = np.zeros(len(class_names) + 1, dtype=np.uint8 if len(chosen) < 256 else np.uint16)
     lookup[chosen] = np.arange(1, len(chosen) + 1)
     pixels = lookup[stack]  # (frames, rows, cols): frame k is segmented from sources[k]
-    sources = [_source_header(f, volume.spacing[0]) for f in volume.files]
+    sources = [source_header(f, volume.spacing[0]) for f in volume.files]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment(hd, n, c, class_names[c - 1], adapter_name, adapter_fingerprint)
                               for n, c in enumerate(chosen, start=1)],
-        series_instance_uid=hd.UID(), series_number=_series_number(sources[0]),
+        series_instance_uid=hd.UID(), series_number=derived_series_number(sources[0]),
         sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="samed-adapter", manufacturer_model_name="samed-adapter",
         software_versions=__version__, device_serial_number="0",
-        content_description=_lo(f"{ALGORITHM_NAME} {adapter_name}"),
+        content_description=dicom_text(f"{ALGORITHM_NAME} {adapter_name}"),
         # Type 2 in the Content Identification macro: readers such as dcmqi warn when it is
         # absent. An automatic segmentation has no person behind it, so the algorithm is named;
         # the trailing "^" marks a lone family-name component (PN), which highdicom would
         # otherwise warn about as a likely misencoded name.
         content_creator_name=f"{ALGORITHM_NAME}^",
-        series_description=_lo(series_description),
+        series_description=dicom_text(series_description),
         # Empty frames are left out (a sparse mask's size, not D x K full frames); empty
         # segments stay described. An all-background mask must keep its frames: say so
         # here rather than let highdicom log a warning that it does.
@@ -272,7 +187,7 @@ def read_dicom_seg(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
     hd = _highdicom()
     import pydicom
 
-    _require_series(volume)
+    require_series(volume)
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
                 .SOPInstanceUID) for f in volume.files]
     seg = hd.seg.segread(path)

@@ -48,8 +48,17 @@ from typing import Any, Optional
 import numpy as np
 
 from ..version import __version__
-from .dicom_seg import (ALGORITHM_NAME, _chosen_classes, _class_ids, _lo, _require_series, _series_number,
-                        _slice_stack, _source_header)
+from .dicom_derived import (
+    ALGORITHM_NAME,
+    COPIED_TYPE2,
+    chosen_classes,
+    class_ids,
+    derived_series_number,
+    dicom_text,
+    require_series,
+    slice_stack,
+    source_header,
+)
 from .files import atomic_path
 from .overlay import colour_table
 from .volumes import Volume
@@ -74,7 +83,7 @@ def _rt_utils() -> Any:
 
 def _sh(text: str) -> str:
     """``text`` as a valid SH value (at most 16 characters, no ``\\``)."""
-    return _lo(text)[:16]
+    return dicom_text(text)[:16]
 
 
 def _floats(value: Any) -> np.ndarray:
@@ -117,8 +126,8 @@ def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name
 
     roi = Dataset()
     roi.ROINumber, roi.ReferencedFrameOfReferenceUID = class_id, frame_of_reference
-    roi.ROIName, roi.ROIDescription = _lo(name), str(name)[:1024]
-    roi.ROIGenerationAlgorithm, roi.ROIGenerationDescription = "AUTOMATIC", _lo(generation)
+    roi.ROIName, roi.ROIDescription = dicom_text(name), str(name)[:1024]
+    roi.ROIGenerationAlgorithm, roi.ROIGenerationDescription = "AUTOMATIC", dicom_text(generation)
 
     contours = []
     for header, mask in zip(headers, masks):
@@ -165,10 +174,10 @@ def _skeleton(rt: Any, headers: Sequence[Any]) -> Any:
     rt.ds_helper.add_patient_information(ds, headers)
     rt.ds_helper.add_refd_frame_of_ref_sequence(ds, headers)
     ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")  # not the source's
-    # Type 2 attributes of the General Study module that rt-utils leaves out: present, and the
-    # source's values, as the DICOM-SEG carries them (a PACS files both under the same accession).
-    for keyword in ("AccessionNumber", "ReferringPhysicianName", "StudyID"):
-        setattr(ds, keyword, getattr(headers[0], keyword, "") or "")
+    # The patient and study attributes the DICOM-SEG carries, rt-utils' few included (a PACS
+    # files both under the same accession); source_header made each present.
+    for keyword in COPIED_TYPE2:
+        setattr(ds, keyword, headers[0].get(keyword, ""))
     return ds
 
 
@@ -216,18 +225,18 @@ def write_rtstruct(
     import pydicom.uid
 
     rt = _rt_utils()
-    stack = _class_ids(_slice_stack(labels, volume, _KIND), len(class_names))
-    chosen = _chosen_classes(classes, len(class_names))
-    headers = [_source_header(f, volume.spacing[0], _KIND) for f in volume.files]
+    stack = class_ids(slice_stack(labels, volume, _KIND), len(class_names))
+    chosen = chosen_classes(classes, len(class_names))
+    headers = [source_header(f, volume.spacing[0], _KIND) for f in volume.files]
     ds = _skeleton(rt, headers)
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = pydicom.uid.generate_uid(), \
-        _series_number(headers[0]) + 1, 1  # just after the SEG's number: viewers list both by their source
-    ds.SeriesDescription = _lo(series_description or f"{ALGORITHM_NAME} {adapter_name}")
+        derived_series_number(headers[0]) + 1, 1  # just after the SEG's number: viewers list both by their source
+    ds.SeriesDescription = dicom_text(series_description or f"{ALGORITHM_NAME} {adapter_name}")
     ds.OperatorsName = f"{ALGORITHM_NAME}^"  # RT Series' type 2 creator: an algorithm, not a person
     ds.Manufacturer = ds.ManufacturerModelName = ALGORITHM_NAME
     ds.SoftwareVersions, ds.DeviceSerialNumber = __version__, "0"
     ds.StructureSetLabel = _sh(ALGORITHM_NAME)
-    ds.StructureSetName = _lo(adapter_name)
+    ds.StructureSetName = dicom_text(adapter_name)
     identity = f"{ALGORITHM_NAME} {__version__}, "
     if adapter_fingerprint:
         identity += f"adapter_fingerprint={adapter_fingerprint}, "
@@ -280,7 +289,7 @@ def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
     import pydicom
 
     _rt_utils()
-    _require_series(volume, _KIND)
+    require_series(volume, _KIND)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.files]
     ds = pydicom.dcmread(path)
     if str(ds.get("SOPClassUID", "")) != _RTSTRUCT_SOP_CLASS:
