@@ -112,20 +112,26 @@ def test_three_adapters_interleaved_equal_local_runs(capsys, files, server, ct_s
         out = tmp_path / f"server_{name}_{i}"
         return name, "native", {"mni": _labels(out / "mni.nii.gz"), "ct": _labels(out / "ct.nii.gz")}, None
 
-    batches, mixed = _metric(server, "samed_batch_adapters_count"), _metric(server, "samed_batch_adapters_sum")
     work = [(name, i) for i in range(2) for name in KINDS]  # interleaved: liver3, other3, liver1, liver3, ...
-    with ThreadPoolExecutor(len(work)) as pool:
-        answers = list(pool.map(lambda w: remote(*w), work))
-    for name, kind, labels, params in answers:
-        if kind == "monai":
-            np.testing.assert_array_equal(labels, local[name]["mni"])
-            assert params["label_names"] == {n: i for i, n in enumerate(["liver", "kidney", "spleen"][:KINDS[name][0]], 1)}
-        else:
-            np.testing.assert_array_equal(labels["mni"], local[name]["mni"])
-            np.testing.assert_array_equal(labels["ct"], local[name]["ct"])
-    # Some batch held slices of more than one adapter.
-    new_batches = _metric(server, "samed_batch_adapters_count") - batches
-    assert _metric(server, "samed_batch_adapters_sum") - mixed > new_batches
+    # Whether slices of two requests meet in one batch depends on this machine's timing; every
+    # round checks every answer, and some round (of at most three) must have mixed adapters.
+    for _ in range(3):
+        batches, mixed = _metric(server, "samed_batch_adapters_count"), _metric(server, "samed_batch_adapters_sum")
+        with ThreadPoolExecutor(len(work)) as pool:
+            answers = list(pool.map(lambda w: remote(*w), work))
+        for name, kind, labels, params in answers:
+            if kind == "monai":
+                np.testing.assert_array_equal(labels, local[name]["mni"])
+                assert params["label_names"] == {n: i for i, n in
+                                                 enumerate(["liver", "kidney", "spleen"][:KINDS[name][0]], 1)}
+            else:
+                np.testing.assert_array_equal(labels["mni"], local[name]["mni"])
+                np.testing.assert_array_equal(labels["ct"], local[name]["ct"])
+        new_batches = _metric(server, "samed_batch_adapters_count") - batches
+        if _metric(server, "samed_batch_adapters_sum") - mixed > new_batches:  # a batch held two adapters
+            break
+    else:
+        pytest.fail("in three rounds of six concurrent requests for three adapters, no batch mixed adapters")
 
 
 def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct_series, tmp_path):

@@ -197,7 +197,13 @@ def predict(model: "SAMed", inputs: torch.Tensor, probabilities: bool = False
     x = inputs.to(param.device, param.dtype, non_blocking=True).expand(-1, 3, -1, -1)
     logits = model(x)["masks"]
     check_finite_logits(model, logits)
-    dtype = torch.uint8 if model.config.num_classes < 255 else torch.int32
+    return to_labels(logits, probabilities)
+
+
+def to_labels(logits: torch.Tensor, probabilities: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(b, K+1, S, S) logits -> (b, S, S) labels on the CPU (uint8, int32 from 255 classes on), and
+    the float32 softmax when asked: what every path that predicts (local, Ray, a server) returns."""
+    dtype = torch.uint8 if logits.shape[1] - 1 < 255 else torch.int32
     # max(dim).indices is argmax (the first maximum on ties) and 7x faster on the CPU for (b, C, S, S).
     labels = logits.max(dim=1).indices.to(dtype).cpu()
     probs = torch.softmax(logits.float(), dim=1).cpu() if probabilities else None

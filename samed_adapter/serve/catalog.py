@@ -67,6 +67,7 @@ class AdapterCatalog:
         self.hub_ids = {check_name(n): r for n, r in (hub_ids or {}).items()}
         self._hub_kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         self._hub_paths: dict[str, Path] = {}
+        self._found: dict[str, Path] = {}  # the folders' files, as last listed
         self._described: dict[str, tuple[Stamp, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         if not (self.folders or self.files or self.hub_ids):
@@ -100,7 +101,17 @@ class AdapterCatalog:
 
                     self._hub_paths[name] = hf_hub_adapter_path(self.hub_ids[name], **self._hub_kwargs)
                 return self._hub_paths[name]
-        found = self._folder_files().get(name) if NAME.fullmatch(name or "") else None
+        found = None
+        if NAME.fullmatch(name or ""):
+            # Each batch asks for its adapters: list the folders only for a name not seen there yet,
+            # or whose file went away.
+            with self._lock:
+                found = self._found.get(name)
+            if found is None or not found.is_file():
+                files = self._folder_files()
+                with self._lock:
+                    self._found = files
+                found = files.get(name)
         if found is None:
             names = self.names()
             listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")

@@ -225,11 +225,11 @@ class ServingModel:
     def _result(self, item: SliceRequest, logits: torch.Tensor, info: dict[str, Any]
                 ) -> Union[SliceResult, ServeError]:
         """As :func:`samed_adapter.inference.stages.predict` does for one image."""
+        from ..inference.stages import to_labels
+
         if not bool(torch.isfinite(logits).all()):
             return UnprocessableError(
                 f"adapter {item.adapter!r} gives NaN or infinite logits on this image, so no labels are made from "
                 "them: its weights (or the SAM's) overflow, or its pixel_std is near zero")
-        dtype = torch.uint8 if logits.shape[0] - 1 < 255 else torch.int32
-        labels = logits.max(dim=0).indices.to(dtype).cpu().numpy()
-        probs = torch.softmax(logits.float()[None], dim=1)[0].cpu().numpy() if item.probabilities else None
-        return SliceResult(labels, probs, info)
+        labels, probs = to_labels(logits[None], item.probabilities)
+        return SliceResult(labels[0].numpy(), None if probs is None else probs[0].numpy(), info)
