@@ -187,8 +187,13 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../../etc/evil.dcm", b"x")
+    header = nib.Nifti1Header()  # a 46.6 GiB float32 volume, by its header; the file is 1.4 kB
+    header.set_data_shape((5000, 5000, 500))
+    header.set_data_dtype(np.float32)
+    bomb = header.binaryblock + b"\0" * 1004
     cases = [
         (dict(adapter="nope", file=("mni.nii.gz", mni)), 404, "no adapter named 'nope'"),
+        (dict(file=("bomb.nii", bomb)), 413, "samed-adapter serve --max-voxels"),
         (dict(file=("mni.nii.gz", mni), headers={}), 401, "Bearer"),
         (dict(file=("mni.nii.gz", mni), headers={"Authorization": "Bearer wrong"}), 401, "Bearer"),
         (dict(file=("mni.nii.gz", b"not a nifti at all")), 422, "upload"),
@@ -296,3 +301,17 @@ def test_a_replica_that_dies_is_replaced_and_no_answer_is_wrong(files, server):
     assert codes[-1] == 200, codes
     now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Segmenter" in a["name"]]
     assert now and replicas[0]["name"] not in now  # answered by the new replica
+
+
+def test_3d_slicer_logs_in_with_the_token_as_password(server):
+    """MONAI Label's login (what 3D Slicer's module does when the server says auth is enabled)."""
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    client = MONAILabelClient(server.url)
+    assert client.auth_enabled() is True
+    with pytest.raises(MONAILabelClientException, match="401"):
+        client.auth_token("radiologist", "wrong")
+    client.update_auth(client.auth_token("radiologist", TOKEN))
+    assert client.auth_valid_token() is True
+    assert set(client.info()["models"]) == set(KINDS)

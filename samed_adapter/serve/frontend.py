@@ -201,7 +201,8 @@ class Frontend:
             prepared = await asyncio.to_thread(
                 lambda: inference.prepare_volume(config, job.read(opts), **opts.preparing()))
         except ImageTooLargeError as err:
-            raise PayloadTooLargeError(str(err).replace(str(source), UPLOAD)) from None
+            raise PayloadTooLargeError(str(err).replace(str(source), UPLOAD) + " (here the limit is the server's: "
+                                       "samed-adapter serve --max-voxels)") from None
         except (ImageReadError, ValueError, OSError) as err:
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         t1 = time.perf_counter()
