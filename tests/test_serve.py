@@ -134,6 +134,20 @@ def test_three_adapters_interleaved_equal_local_runs(capsys, files, server, ct_s
         pytest.fail("in three rounds of six concurrent requests for three adapters, no batch mixed adapters")
 
 
+def test_monai_label_answers_never_overwrite_each_other_in_the_clients_folder(files, server, tmp_path):
+    # 3D Slicer keeps one client, and the client saves each answer as tmpdir/<the answer's file name>.
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    first, _ = client.infer("liver3", "mni", {}, file=str(files["mni"]))
+    kept = Path(first).read_bytes()
+    second, _ = client.infer("liver1", "mni", {}, file=str(files["mni"]))
+    assert first != second and Path(first).name.startswith("mni.") and second.endswith(".nii.gz")
+    assert Path(first).read_bytes() == kept
+    assert _labels(Path(first)).max() > 1 >= _labels(Path(second)).max()
+
+
 def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct_series, tmp_path):
     extra = ["--statistics", "--split", "--classes", "liver,spleen", "--save-probabilities"]
     _local(capsys, files, "liver3", [files["mni"], ct_series], tmp_path / "local", *extra)

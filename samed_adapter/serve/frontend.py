@@ -37,7 +37,7 @@ from .errors import (
     UnprocessableError,
 )
 from .metrics import Metrics
-from .monai_label import app_info, multipart
+from .monai_label import answer_name, app_info, multipart
 from .residents import SliceChunk, chunk_size
 from .settings import ServeSettings
 from .uploads import (
@@ -357,11 +357,11 @@ class Frontend:
                 label = files[0]
                 if output in ("image", "dicom_seg"):
                     media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
-                    response = FileResponse(label, media_type=media, filename=label.name,
+                    response = FileResponse(label, media_type=media, filename=answer_name(label.name),
                                             background=BackgroundTask(self._remove, folder))
                     handed = True
                     return response
-                body, content_type = multipart(result, label.name, label.read_bytes())
+                body, content_type = multipart(result, answer_name(label.name), label.read_bytes())
                 return Response(body, media_type=content_type)
             finally:
                 if not handed:

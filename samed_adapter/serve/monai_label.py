@@ -47,6 +47,18 @@ def app_info(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def answer_name(name: str) -> str:
+    """The file name an answer carries: the output's own name with a random part before its
+    suffixes (``mni.nii.gz`` -> ``mni.3f9c0a1b.nii.gz``).
+
+    MONAI Label's client saves an answer as ``tmpdir/<that name>``, and 3D Slicer shares one client
+    (and one tmpdir) across requests: with a fixed name, two answers in flight overwrite each other's
+    file while it is being read (seen as an empty NIfTI under concurrent requests). MONAI Label's own
+    server names its answers after a temporary file, unique for the same reason."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.{secrets.token_hex(4)}{dot}{suffix}"
+
+
 def multipart(params: dict[str, Any], filename: str, data: bytes) -> tuple[bytes, str]:
     """``POST /infer``'s default answer: (body, content type) with a ``params`` JSON part and the
     label file as an ``image`` part, as MONAI Label's MultipartEncoder writes it."""
