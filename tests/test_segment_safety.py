@@ -8,6 +8,7 @@ outputs made by another adapter or with other options; the summary counts every 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ import pydicom.data
 import pytest
 
 import samed_adapter as sa
+from samed_adapter.segment.pipeline import SamSource
 from samed_adapter.testing import random_adapter
 from samed_adapter.testing.cli import run
 
@@ -109,6 +111,71 @@ def test_symlinked_output_onto_an_input_is_refused(adapters, capsys, tmp_path):
     assert _digest(a) == before
     assert f"would overwrite the input {a}" in err
     assert code == 1
+
+
+# --------------------------------------------------------------------------- files of others never overwritten
+
+
+@pytest.mark.parametrize("victim, flags", [("s0.nii.gz", []), ("s0_statistics.json", ["--statistics"])])
+def test_a_file_samed_adapter_did_not_write_is_kept(adapters, capsys, tmp_path, victim, flags):
+    """A radiologist's segmentation (or any file) where a planned output goes, with no record of ours
+    beside it: that input fails with the file named, the file is kept byte for byte, the others are
+    written; --continue does not change that, --overwrite replaces it."""
+    src = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(2)]
+    clean = tmp_path / "clean"
+    assert run(capsys, "segment", *TINY, "--adapter", adapters["a"], *src, "-o", clean, *flags)[0] == 0
+    out_dir = tmp_path / "out"
+    manual = out_dir / victim
+    out_dir.mkdir()
+    manual.write_bytes(b"a manual segmentation")
+    before = _digest(manual)
+    for extra in ([], ["--continue"]):
+        code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *src, "-o", out_dir, *flags, *extra)
+        assert code == 1 and _digest(manual) == before
+        assert f"{manual} exists and samed-adapter did not write it" in err and "--overwrite" in err, err
+        assert "1 failed" in out and ("1 skipped" if extra else "segmented 1 of 2 inputs") in out, out
+        assert _digest(out_dir / "s1.nii.gz") == _digest(clean / "s1.nii.gz")
+    results = sa.segment_files(src[:1], out_dir, sam=SamSource(backbone="tiny", seed=0), adapter=adapters["a"],
+                               statistics=bool(flags))
+    assert [r.status for r in results] == ["failed"] and _digest(manual) == before
+    code, out, _ = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *src, "-o", out_dir, *flags, "--overwrite")
+    assert code == 0 and "segmented 2 of 2 inputs" in out
+    assert _digest(manual) == _digest(clean / victim) != before
+    code, out, _ = run(capsys, "segment", *TINY, "--adapter", adapters["b"], *src, "-o", out_dir, *flags)
+    assert code == 0 and "segmented 2 of 2 inputs" in out  # now ours: a later run makes it again
+
+
+def test_a_run_stopped_between_two_outputs_leaves_them_ours_and_continue_redoes_them(adapters, capsys, tmp_path):
+    """The record is written pending before an input's outputs and finished after them: a run killed
+    between the label file and the statistics leaves files a rerun may replace, and --continue,
+    which skips only finished records, makes them again."""
+    from samed_adapter.segment.outputs import claim_outputs, record_path
+
+    src = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(2)]
+    out_dir = tmp_path / "out"
+    args = ["segment", *TINY, "--adapter", adapters["a"], *src, "-o", out_dir, "--statistics", "--continue"]
+    assert run(capsys, *args)[0] == 0
+    record = json.loads(record_path(out_dir / "s0.nii.gz").read_text())
+    claim_outputs(out_dir / "s0.nii.gz", record)  # as a kill after the label file leaves it
+    (out_dir / "s0_statistics.json").unlink()
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "segmented 1 of 2 inputs" in out and "1 skipped" in out, err
+    assert (out_dir / "s0_statistics.json").exists()
+    assert "pending" not in json.loads(record_path(out_dir / "s0.nii.gz").read_text())
+
+
+def test_an_input_whose_writing_fails_leaves_no_file_and_no_record(adapters, capsys, tmp_path, monkeypatch):
+    import samed_adapter.segment.statistics as statistics
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(statistics, "label_statistics", broken)
+    src = _scan(tmp_path / "in" / "s0.nii.gz")
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], src, "-o", tmp_path / "out",
+                         "--statistics")
+    assert code == 1 and "disk full" in err, err
+    assert sorted((tmp_path / "out").rglob("*")) == []  # hidden files included
 
 
 # --------------------------------------------------------------------------- what is searched

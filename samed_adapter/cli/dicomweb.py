@@ -141,6 +141,7 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
     prompt = getpass.getpass if sys.stdin is not None and sys.stdin.isatty() else None
     common = dict(
         sam=sam, adapter=adapter, store=args.store, store_to=args.store_to, skip_stored=args.continue_,
+        overwrite=args.overwrite,
         device=args.device, merge=args.merge, allow_base_mismatch=args.allow_base_mismatch,
         engine="ray" if args.ray else args.engine, num_workers=args.num_workers, ray_address=args.ray_address,
         ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, on_series=show, **request,

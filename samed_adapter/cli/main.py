@@ -377,7 +377,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             args.inputs, args.output, sam=source, adapter=adapter, device=args.device, merge=args.merge,
             **({"allow_base_mismatch": args.allow_base_mismatch} if client is None else {}),
             engine="ray" if args.ray else args.engine,
-            num_workers=args.num_workers, skip_existing=args.continue_, num_parts=args.num_parts,
+            num_workers=args.num_workers, skip_existing=args.continue_, overwrite=args.overwrite,
+            num_parts=args.num_parts,
             part_id=args.part_id, ray_address=args.ray_address, ray_workers=args.ray_workers,
             gpus_per_worker=args.gpus_per_worker, on_result=show, on_plan=plan,
             **({} if client is None else {"runner": client.runner(adapter, args.server_inputs),
@@ -470,6 +471,9 @@ def add_segment_parser(sub: _SubParsers) -> None:
     run.add_argument("--continue", dest="continue_", action="store_true",
                      help="skip inputs whose outputs all exist (outputs are written atomically: an existing file "
                           "is complete)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace files at output paths that samed-adapter did not write (default: such an "
+                          "input fails and the file is kept; outputs of earlier runs are made again either way)")
     p.add_argument("--max-voxels", type=int, metavar="N",
                    help="refuse inputs holding more voxels than this, checked from their headers before reading "
                         "(default 2**30, about 1 G: four times a 1024 x 1024 x 1000 CT)")

@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.volumes import Volume
     from ..model import SAMed
 
-__all__ = ["OUTPUT_TYPES", "OutputOptions", "output_files", "provenance", "record_path", "resolve_classes",
-           "same_record", "segment_file", "write_outputs", "write_prepared"]
+__all__ = ["OUTPUT_TYPES", "OutputOptions", "claim_outputs", "output_files", "owns_outputs", "provenance",
+           "record_path", "resolve_classes", "same_record", "segment_file", "write_outputs", "write_prepared"]
 
 #: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation;
 #: ``dicom-rtstruct``: a DICOM RT Structure Set.
@@ -196,13 +196,36 @@ def same_record(label_path: Path, record: dict[str, Any]) -> bool:
     The adapter's name and the tool's version are recorded for people, not compared: the same
     adapter named by another path makes the same labels.
     """
+    found = _read_record(label_path)
+    ignored = ("version", "adapter")
+    return found is not None and ({k: v for k, v in found.items() if k not in ignored}
+                                  == {k: v for k, v in record.items() if k not in ignored})
+
+
+def _read_record(label_path: Path) -> Optional[dict[str, Any]]:
     try:
         found = json.loads(record_path(label_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    ignored = ("version", "adapter")
-    return isinstance(found, dict) and ({k: v for k, v in found.items() if k not in ignored}
-                                        == {k: v for k, v in record.items() if k not in ignored})
+        return None
+    return found if isinstance(found, dict) and "adapter_fingerprint" in found else None
+
+
+def owns_outputs(label_path: Path) -> bool:
+    """Whether a record beside ``label_path`` says samed-adapter writes its outputs: files there
+    are ours to make again, any other file at a planned path is somebody's (a manual
+    segmentation, another tool's result) and is kept unless the caller asks to overwrite."""
+    return _read_record(label_path) is not None
+
+
+def claim_outputs(label_path: Path, record: dict[str, Any]) -> Path:
+    """Write ``label_path``'s record as pending, before any of its outputs: a run stopped between
+    two outputs leaves files that :func:`owns_outputs` still calls ours, and that ``--continue``
+    makes again (a pending record never matches :func:`same_record`). The finished record
+    replaces it last."""
+    from ..version import __version__
+
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_json({**record, "version": __version__, "pending": True}, record_path(label_path))
 
 
 def _kept(options: OutputOptions, num_classes: int) -> list[int]:
@@ -283,8 +306,11 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
     kept = _kept(options, len(names))
     if options.classes is not None:
         labels = np.where(np.isin(labels, kept), labels, 0).astype(labels.dtype)
-    files = iter(output_files(label_path, options, names))
+    planned = output_files(label_path, options, names)
+    files = iter(planned)
     written: list[Path] = []
+    if options.record is not None:
+        claim_outputs(label_path, options.record)
     try:
         if "nifti" in options.output_types:
             written.append(write_labels(labels, volume, next(files)))
@@ -328,6 +354,8 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
     except BaseException:
         for path in written:  # all or nothing per input
             path.unlink(missing_ok=True)
+        if options.record is not None and not any(p.exists() for p in planned[:-1]):
+            record_path(label_path).unlink(missing_ok=True)  # the claim, on nothing left
         split_dir = label_path.parent / _stem(label_path)
         if options.split and split_dir.is_dir() and not any(split_dir.iterdir()):
             split_dir.rmdir()

@@ -317,6 +317,25 @@ def _check_inputs(jobs: Sequence[Job], every_job: Sequence[Job], given: Sequence
     return kept, problems
 
 
+def _check_owned(jobs: Sequence[Job], options: OutputOptions, names: Sequence[str]) -> tuple[list[Job], list[str]]:
+    """Leave out (as problems) the inputs any of whose planned outputs is a file samed-adapter did
+    not write: no record beside it (:func:`~samed_adapter.segment.outputs.owns_outputs`). A
+    radiologist's segmentation named like a planned label file is kept, whatever the run."""
+    from .outputs import owns_outputs
+
+    kept, problems = [], []
+    for job in jobs:
+        outs = output_files(job.out, job.options(options), names)
+        found = None if owns_outputs(job.out) else next((o for o in outs if os.path.lexists(o)), None)
+        if found is not None:
+            problems.append(f"{job.name}: {found} exists and samed-adapter did not write it (no record beside it); "
+                            "it is kept and nothing is written for this input: choose another output folder (-o), "
+                            "move the file, or pass --overwrite to replace it")
+            continue
+        kept.append(job)
+    return kept, problems
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -501,6 +520,7 @@ def segment_files(
     engine: str = "pipeline",
     num_workers: Optional[int] = None,
     skip_existing: bool = False,
+    overwrite: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
     device: str = "cpu",
@@ -534,6 +554,9 @@ def segment_files(
             ``base_fingerprint``.
         skip_existing: skip inputs whose outputs all exist (outputs are written atomically, so an
             existing file is a complete one): `--continue`.
+        overwrite: replace files at planned output paths that samed-adapter did not write (no
+            record beside them); without it such an input fails and the file is kept. Outputs of
+            earlier runs are always ours to make again. Inputs are never overwritten.
         num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
             between machines without any engine.
         options: what to write and how to predict, see
@@ -559,6 +582,9 @@ def segment_files(
     jobs, not_made = _fit_output_types(jobs, opts)
     jobs, clashes = _check_unique(jobs, opts, names)
     jobs, overwrites = _check_inputs(jobs, found.jobs, inputs, opts, names)
+    if not overwrite:
+        jobs, foreign = _check_owned(jobs, opts, names)
+        overwrites += foreign
     results: list[InputResult] = [InputResult(n.split(": ")[0], "ignored", message=n) for n in found.ignored]
     results += [InputResult(p.split(":")[0], "failed", message=p) for p in found.problems + not_made + clashes
                 + overwrites]

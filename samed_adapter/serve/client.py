@@ -118,7 +118,7 @@ class ServerClient:
 
     def segment(self, job: Any, options: Any, adapter: RemoteAdapter) -> tuple[list[Path], list[str]]:
         """Send one job's input, write what comes back where a local run writes it: (files, messages)."""
-        from ..segment.outputs import output_files
+        from ..segment.outputs import claim_outputs, output_files, record_path
 
         names = list(adapter.config.class_names or [])
         opts = job.options(options)
@@ -149,6 +149,8 @@ class ServerClient:
             raise ServerError(f"the server sent {members} but a local run writes {sorted(allowed)}; nothing was "
                               "written (is the server's samed-adapter another version?)")
         written: list[Path] = []
+        if opts.record is not None:
+            claim_outputs(job.out, opts.record)
         try:
             for member in members:  # in the server's order: the record last, so it says all the rest is complete
                 path = allowed[member]
@@ -159,6 +161,8 @@ class ServerClient:
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
+            if opts.record is not None and not any(p.exists() for p in planned[:-1]):
+                record_path(job.out).unlink(missing_ok=True)  # the claim, on nothing left
             raise
         return written, messages
 
