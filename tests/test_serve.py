@@ -26,6 +26,7 @@ from samed_adapter.serve import ServeSettings, start  # noqa: E402
 from samed_adapter.serve.client import ServerError, segment_on_server  # noqa: E402
 from samed_adapter.testing import random_adapter  # noqa: E402
 from samed_adapter.testing.cli import run  # noqa: E402
+from samed_adapter.testing.dicom import write_ct_slice  # noqa: E402
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -205,7 +206,14 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
     header.set_data_shape((5000, 5000, 500))
     header.set_data_dtype(np.float32)
     bomb = header.binaryblock + b"\0" * 1004
+    no_study = io.BytesIO()  # slices without StudyInstanceUID: a NIfTI can be made, a DICOM-SEG cannot
+    with zipfile.ZipFile(no_study, "w") as zf:
+        for k in range(3):
+            write_ct_slice(tmp_path / f"s{k}.dcm", np.full((32, 32), 40 * k), [0.0, 0.0, 2.0 * k],
+                           iop=[1, 0, 0, 0, 1, 0], spacing=[0.7, 0.7], series="1.2.840.99.78", intercept=0.0)
+            zf.write(tmp_path / f"s{k}.dcm", f"s{k}.dcm")
     cases = [
+        (dict(file=("ct.zip", no_study.getvalue()), output_type="dicom-seg"), 422, "StudyInstanceUID"),
         (dict(adapter="nope", file=("mni.nii.gz", mni)), 404, "no adapter named 'nope'"),
         (dict(file=("bomb.nii", bomb)), 413, "samed-adapter serve --max-voxels"),
         (dict(file=("mni.nii.gz", mni), headers={}), 401, "Bearer"),
@@ -224,6 +232,7 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
         assert answer.status_code == status, (kwargs.get("adapter"), answer.text)
         body = answer.json()
         assert body["status"] == status and words in body["error"] and "Traceback" not in body["error"]
+        assert "samed-serve-" not in body["error"], body  # the server's folders are its own business
     answer = requests.post(f"{server.url}/infer/nope", headers=AUTH, files={"file": ("mni.nii.gz", mni)}, timeout=60)
     assert answer.status_code == 404 and "nope" in answer.json()["error"]
     answer = requests.post(f"{server.url}/v1/segment", data=b"garbage", timeout=60,

@@ -210,7 +210,10 @@ class Frontend:
         t2 = time.perf_counter()
         labels, probs = stack_results(results, opts.save_probabilities)
         small, soft = inference.resize_slices(labels, probs, prepared.size)
-        files = await asyncio.to_thread(write_prepared, prepared, small, soft, job.out, opts, config)
+        try:
+            files = await asyncio.to_thread(write_prepared, prepared, small, soft, job.out, opts, config)
+        except ValueError as err:  # what the upload lacks for an output asked for (a SEG's source UIDs)
+            raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         times.update(pre=t1 - t0, infer=t2 - t1, post=time.perf_counter() - t2)
         return files, [m.replace(str(source), UPLOAD) for m in prepared.messages]
 
