@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'samed-adapter[serve]'")
 
 import samed_adapter as sa  # noqa: E402
+from samed_adapter.segment.outputs import record_path, same_record  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource  # noqa: E402
 from samed_adapter.serve import ServeSettings, start  # noqa: E402
 from samed_adapter.serve.client import ServerError, segment_on_server  # noqa: E402
@@ -195,6 +196,31 @@ def test_segment_server_writes_what_a_local_run_writes(capsys, files, server, ct
 def _post(server, *, adapter="liver3", file=("ct.nii.gz", b""), headers=AUTH, **fields):
     return requests.post(f"{server.url}/v1/segment", headers=headers, data={"adapter": adapter, **fields},
                          files={"file": file}, timeout=60)
+
+
+def test_ctrl_c_stops_a_server_run_and_sends_nothing_more(files, server, tmp_path):
+    """Ctrl-C while answers come back (here: raised where the first result is reported): the inputs
+    not yet sent are never sent, the one in flight finishes, every file written is complete."""
+    inputs = [tmp_path / "in" / f"s{i}.nii.gz" for i in range(8)]
+    inputs[0].parent.mkdir()
+    for path in inputs:
+        path.write_bytes(files["mni"].read_bytes())
+    seen = []
+
+    def stop(result):
+        seen.append(result)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        segment_on_server([inputs[0].parent], out, server=server.url, adapter="liver3", token=TOKEN, workers=1,
+                          on_result=stop)
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert len(seen) == 1 and 1 <= len(written) <= 2, written  # the reported one, and at most one in flight
+    for name in written:
+        assert _labels(out / name).shape == _labels(files["mni"]).shape
+        assert same_record(out / name, json.loads(record_path(out / name).read_text()))  # finished, not pending
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
 def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_path):

@@ -171,7 +171,8 @@ class ServerClient:
         batches fill with slices of several of them."""
 
         def run(jobs: Sequence[Any], options: Any, report: Callable) -> None:
-            with ThreadPoolExecutor(workers, thread_name_prefix="samed-client") as pool:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="samed-client")
+            try:
                 futures = [(job, pool.submit(self.segment, job, options, adapter)) for job in jobs]
                 for job, future in futures:
                     try:
@@ -180,6 +181,10 @@ class ServerClient:
                         report(job, err, [])
                     else:
                         report(job, files, messages)
+            finally:
+                # Ctrl-C (or an error) stops the run: inputs not yet sent are dropped, the few in
+                # flight finish writing. A plain `with` would send every input left first.
+                pool.shutdown(wait=True, cancel_futures=True)
 
         return run
 
