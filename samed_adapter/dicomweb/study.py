@@ -106,11 +106,12 @@ def fetch_series(client: "DICOMwebClient", url: str, study_uid: str, series: Seq
         if modality in NOT_IMAGES:  # QIDO-RS says enough: no need to fetch a report or a SEG
             fetched.append(FetchedSeries(info, folder, f"not an image ({modality}: {NOT_IMAGES[modality]})"))
             continue
+        # Streamed to disk an instance at a time: retrieve_series would hold a whole series (a
+        # 1000-slice CT is 0.5 GB) in memory before the first file is written.
         with talking(url, f"fetching series {info.label} of study {study_uid} (WADO-RS)",
                      stored="nothing was segmented or stored"):
-            instances = client.retrieve_series(study_uid, info.uid)
-        for k, ds in enumerate(instances):
-            pydicom.dcmwrite(folder / f"{k:05d}.dcm", ds, enforce_file_format=True)
+            for k, ds in enumerate(client.iter_series(study_uid, info.uid)):
+                pydicom.dcmwrite(folder / f"{k:05d}.dcm", ds, enforce_file_format=True)
         item = FetchedSeries(info, folder, why_not_segmented(folder))
         fetched.append(item)
         if on_fetched is not None:
