@@ -46,6 +46,7 @@ from .uploads import (
     params_json,
     segment_options,
     stack_results,
+    too_large,
     unpack_series,
     upload_stem,
     upload_suffix,
@@ -201,8 +202,7 @@ class Frontend:
             prepared = await asyncio.to_thread(
                 lambda: inference.prepare_volume(config, job.read(opts), **opts.preparing()))
         except ImageTooLargeError as err:
-            raise PayloadTooLargeError(str(err).replace(str(source), UPLOAD) + " (here the limit is the server's: "
-                                       "samed-adapter serve --max-voxels)") from None
+            raise too_large(str(err), source) from None
         except (ImageReadError, ValueError, OSError) as err:
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         t1 = time.perf_counter()

@@ -8,6 +8,7 @@ request ends, whatever happened.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 import tempfile
@@ -40,6 +41,15 @@ class RequestFolder:
 
     def __exit__(self, *exc: Any) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def too_large(message: str, source: Path) -> PayloadTooLargeError:
+    """A scan over the voxel limit, worded for a client: the limit is the server's to raise, so the
+    local hint (``--max-voxels (Python: max_voxels=)``) becomes the server's flag."""
+    text = message.replace(str(source), UPLOAD)
+    text = re.sub(r"(the limit with )?--max-voxels \((Python: )?max_voxels=\)", "the server's limit (samed-adapter serve --max-voxels)",
+                  text)
+    return PayloadTooLargeError(text)
 
 
 def upload_suffix(filename: Optional[str]) -> str:
