@@ -241,7 +241,8 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
     cases = [
         (dict(file=("ct.zip", no_study.getvalue()), output_type="dicom-seg"), 422, "StudyInstanceUID"),
         (dict(adapter="nope", file=("mni.nii.gz", mni)), 404, "no adapter named 'nope'"),
-        (dict(file=("bomb.nii", bomb)), 413, "exceeds the limit of 1,073,741,824 voxels; if it is real and the memory is there, raise the server's limit (samed-adapter serve --max-voxels)"),
+        (dict(file=("bomb.nii", bomb)), 413, "1,073,741,824 voxels; if it is real and the memory is there, "
+                                             "raise the server's limit (samed-adapter serve --max-voxels)"),
         (dict(file=("mni.nii.gz", mni), headers={}), 401, "Bearer"),
         (dict(file=("mni.nii.gz", mni), headers={"Authorization": "Bearer wrong"}), 401, "Bearer"),
         (dict(file=("mni.nii.gz", b"not a nifti at all")), 422, "upload"),

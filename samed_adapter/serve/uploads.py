@@ -47,8 +47,8 @@ def too_large(message: str, source: Path) -> PayloadTooLargeError:
     """A scan over the voxel limit, worded for a client: the limit is the server's to raise, so the
     local hint (``--max-voxels (Python: max_voxels=)``) becomes the server's flag."""
     text = message.replace(str(source), UPLOAD)
-    text = re.sub(r"(the limit with )?--max-voxels \((Python: )?max_voxels=\)", "the server's limit (samed-adapter serve --max-voxels)",
-                  text)
+    text = re.sub(r"(the limit with )?--max-voxels \((Python: )?max_voxels=\)",
+                  "the server's limit (samed-adapter serve --max-voxels)", text)
     return PayloadTooLargeError(text)
 
 
