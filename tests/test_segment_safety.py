@@ -113,6 +113,27 @@ def test_symlinked_output_onto_an_input_is_refused(adapters, capsys, tmp_path):
     assert code == 1
 
 
+@pytest.mark.parametrize("case", ["itself", "a link to it", "a per-class file"])
+def test_segment_file_never_overwrites_its_input(adapters, tmp_path, case):
+    """The one-file Python API checks its outputs against the input as `segment` does."""
+    if case == "a per-class file":
+        scan = _scan(tmp_path / "s" / "white_matter.nii.gz")
+        output, options = tmp_path / "s.nii.gz", {"split": True}
+    else:
+        scan = _scan(tmp_path / "s.nii.gz")
+        output, options = tmp_path / "labels.nii.gz", {}
+        if case == "itself":
+            output = scan
+        else:
+            output.symlink_to(scan)
+    before = _digest(scan)
+    with pytest.raises(ValueError, match="would overwrite the input .*nothing was written"):
+        sa.segment_file(scan, output, sam=sa.build_sam("tiny", seed=0), adapter=adapters["a"], **options)
+    assert _digest(scan) == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        {"s", "white_matter.nii.gz"} if case == "a per-class file" else {"s.nii.gz", output.name})
+
+
 # --------------------------------------------------------------------------- files of others never overwritten
 
 

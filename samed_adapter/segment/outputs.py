@@ -363,6 +363,19 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
     return (labels, written) if return_labels else written
 
 
+def _check_spares_input(input: Union[str, os.PathLike], label_path: Path, options: OutputOptions,
+                        class_names: Sequence[str]) -> None:
+    """ValueError when an output of ``label_path`` is the input or one of its files (symlinks followed),
+    before anything is read or written: ``segment_file("ct.nii.gz", "ct.nii.gz")`` would replace the scan."""
+    from .pipeline import Job, input_files
+
+    reads = input_files([Job(source=os.fspath(input), out=label_path)], [input])
+    hit = next((o for o in output_files(label_path, options, class_names) if o.resolve() in reads), None)
+    if hit is not None:
+        raise ValueError(f"output {hit} would overwrite the input {reads[hit.resolve()]}; nothing was written: "
+                         "choose another output path")
+
+
 def segment_file(
     input: Union[str, os.PathLike, "nib.spatialimages.SpatialImage"],
     output: Union[str, os.PathLike, None] = None,
@@ -408,6 +421,8 @@ def segment_file(
     model = patch(sam.to(device), adapter, merge=merge, allow_base_mismatch=allow_base_mismatch)
     try:
         opts = OutputOptions(classes=resolve_classes(names, model.config.class_names or []), **options)
+        if output is not None and isinstance(input, (str, os.PathLike)):
+            _check_spares_input(input, Path(output), opts, model.config.class_names or [])
         volume = volume_from_nifti(input) if isinstance(input, nib.spatialimages.SpatialImage) else read_image(input)
         if output is None:
             labels = model.segment(volume, batch_size=opts.batch_size, **opts.scaling())

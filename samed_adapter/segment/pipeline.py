@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.volumes import Volume
     from ..model import SAMed
 
-__all__ = ["InputResult", "Job", "SamSource", "check_request", "check_run", "find_jobs", "select_part", "segment_files"]
+__all__ = ["InputResult", "Job", "SamSource", "check_request", "check_run", "find_jobs", "input_files", "select_part",
+           "segment_files"]
 
 _NIFTI = (".nii", ".nii.gz")
 _NOT_DICOM = (".nii", ".nii.gz", ".png", ".npy", ".npz", ".json", ".txt", ".csv", ".md", ".jpg", ".jpeg", ".gz",
@@ -276,7 +277,7 @@ def _fit_output_types(jobs: Sequence[Job], options: OutputOptions) -> tuple[list
     return kept, problems
 
 
-def _input_files(jobs: Sequence[Job], given: Sequence[Union[str, os.PathLike]]) -> dict[Path, str]:
+def input_files(jobs: Sequence[Job], given: Sequence[Union[str, os.PathLike]]) -> dict[Path, str]:
     """Every file a run reads, by real path (symlinks followed): files named, found, and the files
     of every DICOM folder (a series' slices and whatever lies beside them)."""
     files: dict[Path, str] = {}
@@ -304,7 +305,7 @@ def _check_inputs(jobs: Sequence[Job], every_job: Sequence[Job], given: Sequence
     Checked against every input of the run, not only the job's own, before anything is written:
     ``segment ct/ ct.nii.gz -o .`` would otherwise write the DICOM series' labels over the NIfTI.
     """
-    inputs = _input_files(every_job, given)
+    inputs = input_files(every_job, given)
     kept, problems = [], []
     for job in jobs:
         outs = output_files(job.out, job.options(options), names)
