@@ -199,6 +199,28 @@ def test_an_input_whose_writing_fails_leaves_no_file_and_no_record(adapters, cap
     assert sorted((tmp_path / "out").rglob("*")) == []  # hidden files included
 
 
+def test_evaluate_keeps_tables_it_did_not_write(adapters, capsys, tmp_path):
+    """An nnU-Net validation folder holds a summary.json of the same name and shape as ours."""
+    data = tmp_path / "data"
+    _scan(data / "imagesTr" / "case.nii.gz")
+    labels = (np.arange(40 * 36 * 4).reshape(40, 36, 4) % 3).astype(np.uint8)
+    (data / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(labels, np.diag([1.0, 1.0, 2.0, 1.0])), data / "labelsTr" / "case.nii.gz")
+    out = tmp_path / "nnunet_fold0"
+    out.mkdir()
+    (out / "summary.json").write_text('{"foreground_mean": {"Dice": 0.91}}\n')
+    before = _digest(out / "summary.json")
+    args = ["evaluate", *TINY, "--adapter", adapters["a"], "--data", data, "-o", out]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and _digest(out / "summary.json") == before
+    assert f"{out / 'summary.json'} exists and samed-adapter did not write it" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    assert run(capsys, *args, "--overwrite")[0] == 0
+    ours = json.loads((out / "summary.json").read_text())
+    assert set(ours["mean"]) == {"1", "2"} and ours["foreground_mean"]["Dice"] is not None
+    assert run(capsys, *args)[0] == 0  # ours now: a second evaluation replaces them
+
+
 # --------------------------------------------------------------------------- what is searched
 
 

@@ -9,6 +9,7 @@ written), 2 an error that stopped the command (message on stderr).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..io.files import atomic_path
 from ..io.printable import printable
+from ..version import __version__
 from ..volume.preprocessing import WindowChoice
 from .arguments import orientation_argument, pair_argument, window_argument
 
@@ -609,6 +611,10 @@ def add_pull_parser(sub: _SubParsers) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
+EVALUATION_TABLES = ("evaluation.md", "evaluation.csv", "summary.json")
+EVALUATION_RECORD = ".samed-adapter-evaluation.json"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV)."""
     from ..adapter_file.adapter import Adapter
@@ -622,6 +628,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"-o {printable(out)} is a file; give the folder for evaluation.md, evaluation.csv "
                               "and summary.json")
+    # summary.json has nnU-Net's shape and name: an nnU-Net validation folder holds one. Tables
+    # with our record beside them are ours to replace; any other is kept unless --overwrite.
+    record = out / EVALUATION_RECORD
+    theirs = [name for name in EVALUATION_TABLES if (out / name).exists()] if not record.exists() else []
+    if theirs and not args.overwrite:
+        raise FileExistsError(f"{printable(out / theirs[0])} exists and samed-adapter did not write it; it is kept: "
+                              "choose another -o, or pass --overwrite to replace it")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.window is not None and args.percentiles is not None:
@@ -657,9 +670,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                orientation=config.orientation, slice_axis=config.slice_axis)
     summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.md").write_text(summary.to_markdown())
-    summary.to_csv(out / "evaluation.csv")
-    summary.to_json(out / "summary.json")
+    record.write_text(json.dumps({"adapter_fingerprint": adapter.fingerprint, "version": __version__}) + "\n")
+    with atomic_path(out / "evaluation.md") as tmp:  # never half a table where a whole one was
+        tmp.write_text(summary.to_markdown())
+    with atomic_path(out / "evaluation.csv") as tmp:
+        summary.to_csv(tmp)
+    summary.to_json(out / "summary.json")  # atomic itself
     print(_shown(summary.to_markdown()))  # class names from the adapter, shown escaped (the files keep them)
     print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}, {out / 'summary.json'} (nnU-Net's shape)")
     return 0
@@ -694,6 +710,8 @@ def add_evaluate_parser(sub: _SubParsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("-o", "--output", default=".", help="folder for evaluation.md, evaluation.csv and summary.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace tables in -o that samed-adapter did not write (e.g. nnU-Net's summary.json)")
     p.set_defaults(func=cmd_evaluate)
 
 
