@@ -327,8 +327,8 @@ def _check_owned(jobs: Sequence[Job], options: OutputOptions, names: Sequence[st
     kept, problems = [], []
     for job in jobs:
         outs = output_files(job.out, job.options(options), names)
-        found = None if owns_outputs(job.out) else next((o for o in outs if os.path.lexists(o)), None)
-        if found is not None:
+        found = next((o for o in outs if os.path.lexists(o)), None)
+        if found is not None and not owns_outputs(job.out):  # the record is read only where files are
             problems.append(f"{job.name}: {found} exists and samed-adapter did not write it (no record beside it); "
                             "it is kept and nothing is written for this input: choose another output folder (-o), "
                             "move the file, or pass --overwrite to replace it")
