@@ -20,29 +20,17 @@ import pytest
 
 import samed_adapter as sa
 from samed_adapter.segment.pipeline import SamSource
-from samed_adapter.testing import random_adapter
-from samed_adapter.testing.cli import run
+from samed_adapter.testing.cli import random_scan, run, two_adapters
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
-CONFIG = sa.AdapterConfig(num_classes=2, image_size=64, intensity_window=(0.0, 100.0),
-                          class_names=["white matter", "grey matter"])
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    sam = sa.build_sam("tiny", seed=0)
-    return {name: random_adapter(sam, CONFIG, seed=seed).save(root / f"{name}.safetensors")
-            for name, seed in (("a", 1), ("b", 2))}
+    return two_adapters(tmp_path_factory.mktemp("adapters"))
 
 
-def _scan(path: Path, seed: int = 0, shape=(40, 36, 4)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.random.default_rng(seed).uniform(0.0, 100.0, size=shape).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), path)
-    return path
-
-
+_scan = random_scan
 CR = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033"
 
 

@@ -21,13 +21,14 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..io.files import atomic_path
+from ..io.files import atomic_path, held_lock, remove_stale_temporaries
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import nibabel as nib
@@ -39,14 +40,21 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.volumes import Volume
     from ..model import SAMed
 
-__all__ = ["OUTPUT_TYPES", "OutputOptions", "claim_outputs", "output_files", "owns_outputs", "provenance",
-           "record_path", "resolve_classes", "same_record", "segment_file", "write_outputs", "write_prepared"]
+__all__ = ["OUTPUT_TYPES", "OutputsBusyError", "OutputOptions", "claim_outputs", "lock_path", "output_files",
+           "owns_outputs", "provenance", "record_path", "resolve_classes", "same_record", "segment_file",
+           "writing_outputs", "write_outputs", "write_prepared"]
 
 #: ``nifti``: the label file (PNG/NPY for 2-D inputs); ``dicom-seg``: a DICOM Segmentation;
 #: ``dicom-rtstruct``: a DICOM RT Structure Set.
 OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-rtstruct")
 #: The output types that reference the instances of a DICOM series, and so need one as input.
 DICOM_OUTPUT_TYPES = ("dicom-seg", "dicom-rtstruct")
+#: Seconds an input waits for another run that is writing the same outputs, before it fails.
+LOCK_TIMEOUT = 600.0
+
+
+class OutputsBusyError(OSError):
+    """Another run held an input's outputs for :data:`LOCK_TIMEOUT` seconds; nothing was written."""
 
 
 @dataclass
@@ -228,6 +236,61 @@ def claim_outputs(label_path: Path, record: dict[str, Any]) -> Path:
     return _write_json({**record, "version": __version__, "pending": True}, record_path(label_path))
 
 
+def lock_path(label_path: Path) -> Path:
+    """The lock file two runs writing ``label_path``'s outputs take turns on (hidden; it exists
+    only while one of them writes)."""
+    return label_path.parent / f".{_stem(label_path)}.samed-adapter.lock"
+
+
+@contextmanager
+def writing_outputs(label_path: Path, planned: Sequence[Path], record: Optional[dict[str, Any]]) -> Iterator[list[Path]]:
+    """Hold ``label_path``'s outputs while one input writes them: ``with writing_outputs(...) as
+    written: ...`` (append each file to ``written`` as it lands).
+
+    Under the lock (:func:`lock_path`) a second run, local, on Ray or via ``--server``, waits
+    before it writes any of them, so the label file and the record beside it always come from
+    one run (two runs writing in turns gave one's labels beside the other's record). Under it,
+    the temporaries a killed writer left are removed and the pending record is written
+    (:func:`claim_outputs`); on any error the files in ``written`` are removed, and the claim
+    if nothing planned is left.
+
+    Raises:
+        OutputsBusyError: another run held them for :data:`LOCK_TIMEOUT` seconds.
+    """
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    held = False
+    try:
+        with held_lock(lock_path(label_path), timeout=LOCK_TIMEOUT):
+            held = True
+            for path in planned:
+                remove_stale_temporaries(path)  # safe now: no other writer of these paths runs
+            written: list[Path] = []
+            if record is not None:
+                claim_outputs(label_path, record)
+            try:
+                yield written
+            except BaseException:
+                _undo(label_path, planned, written, record is not None)
+                raise
+    except TimeoutError:
+        if held:  # the writing's own (a slow disk, a socket), not the lock's
+            raise
+        raise OutputsBusyError(f"{label_path}: another samed-adapter run has been writing this input's outputs for "
+                               f"{LOCK_TIMEOUT:.0f} s (it holds {lock_path(label_path)}); nothing was written for it: "
+                               "let that run finish, then run again with --continue") from None
+
+
+def _undo(label_path: Path, planned: Sequence[Path], written: Sequence[Path], claimed: bool) -> None:
+    """All or nothing per input: remove what this input wrote (and its claim, on nothing left)."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    if claimed and not any(p.exists() for p in planned[:-1]):
+        record_path(label_path).unlink(missing_ok=True)
+    split_dir = label_path.parent / _stem(label_path)
+    if split_dir.is_dir() and split_dir in {p.parent for p in planned} and not any(split_dir.iterdir()):
+        split_dir.rmdir()
+
+
 def _kept(options: OutputOptions, num_classes: int) -> list[int]:
     return sorted(options.classes) if options.classes is not None else list(range(1, num_classes + 1))
 
@@ -284,6 +347,13 @@ def write_outputs(model: "SAMed", volume: "Volume", label_path: Union[str, os.Pa
     return write_prepared(prepared, labels, probs, label_path, options, model.config, return_labels=True)
 
 
+def _digest(options: OutputOptions) -> Optional[str]:
+    """What the DICOM results record of the labels' making, for ``--dicomweb --continue``."""
+    from ..io.dicom_derived import labels_digest
+
+    return None if options.record is None else labels_digest(options.record)
+
+
 def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.ndarray],
                    label_path: Union[str, os.PathLike], options: OutputOptions, config: "AdapterConfig",
                    *, return_labels: bool = False):
@@ -308,10 +378,7 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
         labels = np.where(np.isin(labels, kept), labels, 0).astype(labels.dtype)
     planned = output_files(label_path, options, names)
     files = iter(planned)
-    written: list[Path] = []
-    if options.record is not None:
-        claim_outputs(label_path, options.record)
-    try:
+    with writing_outputs(label_path, planned, options.record) as written:
         if "nifti" in options.output_types:
             written.append(write_labels(labels, volume, next(files)))
         if "dicom-seg" in options.output_types:
@@ -320,13 +387,14 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
             # The fingerprint (in the record of a segment job) lets --dicomweb --continue know our SEG.
             fingerprint = (options.record or {}).get("adapter_fingerprint")
             written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
-                                           classes=kept, adapter_fingerprint=fingerprint))
+                                           classes=kept, adapter_fingerprint=fingerprint,
+                                           labels_digest=_digest(options)))
         if "dicom-rtstruct" in options.output_types:
             from ..io.rtstruct import write_rtstruct
 
             written.append(write_rtstruct(labels, volume, names, next(files), adapter_name=options.adapter_name,
                                           classes=kept, adapter_fingerprint=(options.record or {}).get(
-                                              "adapter_fingerprint")))
+                                              "adapter_fingerprint"), labels_digest=_digest(options)))
         if options.statistics:
             stats = label_statistics(labels, volume, names)
             written.append(_write_json({n: stats[n] for n in (names[c - 1] for c in kept)}, next(files)))
@@ -351,15 +419,6 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
             from ..version import __version__
 
             written.append(_write_json({**options.record, "version": __version__}, next(files)))
-    except BaseException:
-        for path in written:  # all or nothing per input
-            path.unlink(missing_ok=True)
-        if options.record is not None and not any(p.exists() for p in planned[:-1]):
-            record_path(label_path).unlink(missing_ok=True)  # the claim, on nothing left
-        split_dir = label_path.parent / _stem(label_path)
-        if options.split and split_dir.is_dir() and not any(split_dir.iterdir()):
-            split_dir.rmdir()
-        raise
     return (labels, written) if return_labels else written
 
 

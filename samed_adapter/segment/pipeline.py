@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ..inference import stages as inference
-from ..io.files import remove_stale_temporaries
 from ..io.volumes import image_suffix
 from .outputs import DICOM_OUTPUT_TYPES, OutputOptions, output_files, write_prepared
 
@@ -607,9 +606,7 @@ def segment_files(
                 continue
             if all(p.exists() for p in files[:-1]):  # complete, but made by another adapter or with other options
                 redo.add(id(job))
-            todo.append(job)
-            for path in files:
-                remove_stale_temporaries(path)  # what a killed run left half written
+            todo.append(job)  # what a killed run left half written goes when it is written (writing_outputs)
         jobs = todo
     if not jobs:
         return results

@@ -240,8 +240,7 @@ class _Segmenter:
 
 def _write(row: dict, *, options: "OutputOptions", config: "AdapterConfig") -> dict:
     """CPU task: put the labels back on the scan's grid and write every output of one input."""
-    from ..io.files import remove_stale_temporaries
-    from .outputs import output_files, write_prepared
+    from .outputs import write_prepared
 
     out = {"index": row["index"], "files": b"", "messages": b"", "error": row["error"]}
     if row["error"]:
@@ -252,8 +251,8 @@ def _write(row: dict, *, options: "OutputOptions", config: "AdapterConfig") -> d
         prepared = pickle.loads(row["meta"])
         labels, probs = pickle.loads(row["labels"])
         options = job.options(options)  # as they apply to this input
-        for path in output_files(job.out, options, list(config.class_names or [])):
-            remove_stale_temporaries(path)  # what an earlier, killed attempt of this write left
+        # write_prepared removes what an earlier, killed attempt of this write left, under the
+        # outputs' lock, as every writer of them takes it (another run's included).
         files = write_prepared(prepared, labels, probs, job.out, options, config)
         out.update(files=_dumps([str(p) for p in files]), messages=_dumps(list(prepared.messages)))
     except Exception as err:  # noqa: BLE001 - reported for this input; the others go on

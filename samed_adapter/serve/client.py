@@ -118,7 +118,7 @@ class ServerClient:
 
     def segment(self, job: Any, options: Any, adapter: RemoteAdapter) -> tuple[list[Path], list[str]]:
         """Send one job's input, write what comes back where a local run writes it: (files, messages)."""
-        from ..segment.outputs import claim_outputs, output_files, record_path
+        from ..segment.outputs import output_files, writing_outputs
 
         names = list(adapter.config.class_names or [])
         opts = job.options(options)
@@ -148,22 +148,14 @@ class ServerClient:
         if unexpected or len(members) != len(planned):
             raise ServerError(f"the server sent {members} but a local run writes {sorted(allowed)}; nothing was "
                               "written (is the server's samed-adapter another version?)")
-        written: list[Path] = []
-        if opts.record is not None:
-            claim_outputs(job.out, opts.record)
-        try:
+        # Under the same claim as a local run's: another run writing these outputs is waited for.
+        with writing_outputs(job.out, planned, opts.record) as written:
             for member in members:  # in the server's order: the record last, so it says all the rest is complete
                 path = allowed[member]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp_path, open(tmp_path, "xb") as out:
                     out.write(archive.read(member))
                 written.append(path)
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            if opts.record is not None and not any(p.exists() for p in planned[:-1]):
-                record_path(job.out).unlink(missing_ok=True)  # the claim, on nothing left
-            raise
         return written, messages
 
     def runner(self, adapter: RemoteAdapter, workers: int = 2) -> Callable[[Sequence[Any], Any, Callable], None]:

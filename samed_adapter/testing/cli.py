@@ -1,10 +1,11 @@
-"""Run the command line inside a test and read what it printed."""
+"""Run the command line inside a test and read what it printed, on small scans and adapters."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-__all__ = ["run"]
+__all__ = ["random_scan", "run", "two_adapters"]
 
 
 def run(capsys: Any, *argv: object) -> tuple[int, str, str]:
@@ -17,3 +18,27 @@ def run(capsys: Any, *argv: object) -> tuple[int, str, str]:
     code = main.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def random_scan(path: Path, seed: int = 0, shape: tuple[int, ...] = (40, 36, 4)) -> Path:
+    """A NIfTI at ``path`` (folders made) of uniform noise in 0..100, 1 x 1 x 2 mm voxels."""
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).uniform(0.0, 100.0, size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), path)
+    return path
+
+
+def two_adapters(root: Path) -> dict[str, Path]:
+    """Two different random 2-class adapters for the tiny SAM of seed 0 (``--sam-backbone tiny
+    --random-sam-seed 0``), at 64 pixels with the window 0..100: ``{"a": file, "b": file}``."""
+    from .. import AdapterConfig, build_sam
+    from . import random_adapter
+
+    config = AdapterConfig(num_classes=2, image_size=64, intensity_window=(0.0, 100.0),
+                           class_names=["white matter", "grey matter"])
+    sam = build_sam("tiny", seed=0)
+    return {name: random_adapter(sam, config, seed=seed).save(root / f"{name}.safetensors")
+            for name, seed in (("a", 1), ("b", 2))}

@@ -1,0 +1,161 @@
+"""What a local `segment` writes can be trusted (issue 28): two runs into one folder leave each
+label file beside its own record, the quick start's next step works, and the small words of
+the command line are true."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import samed_adapter as sa
+from samed_adapter.segment import outputs, pipeline
+from samed_adapter.segment.pipeline import SamSource
+from samed_adapter.testing.cli import random_scan, run, two_adapters
+
+TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    return two_adapters(tmp_path_factory.mktemp("adapters"))
+
+
+_scan = random_scan
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+# --------------------------------------------------------------------------- two runs, one folder
+
+
+def _in_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make two runs meet at each input's writing and then write in a random order: both reach
+    an input's write_prepared together (a barrier per label file), and the label file and the
+    record each wait a random while before they land."""
+    import samed_adapter.io as sio
+
+    barriers: dict[Path, threading.Barrier] = {}
+    guard = threading.Lock()
+    rng = random.Random(0)
+
+    def pause() -> None:
+        with guard:
+            delay = rng.uniform(0.0, 0.04)
+        time.sleep(delay)
+
+    def meet(label_path: Path) -> None:
+        with guard:
+            barrier = barriers.setdefault(Path(label_path), threading.Barrier(2, timeout=20))
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:  # the other run failed this input: nothing to meet
+            pass
+
+    real_write, real_labels, real_json = pipeline.write_prepared, sio.write_labels, outputs._write_json
+
+    def write_prepared(prepared, labels, probs, label_path, *args, **kwargs):
+        meet(label_path)
+        return real_write(prepared, labels, probs, label_path, *args, **kwargs)
+
+    def write_labels(*args, **kwargs):
+        pause()
+        return real_labels(*args, **kwargs)
+
+    def write_json(data, path):
+        pause()
+        return real_json(data, path)
+
+    monkeypatch.setattr(pipeline, "write_prepared", write_prepared)
+    monkeypatch.setattr(sio, "write_labels", write_labels)
+    monkeypatch.setattr(outputs, "_write_json", write_json)
+
+
+def test_two_runs_into_one_folder_leave_each_label_file_beside_its_own_record(adapters, tmp_path, monkeypatch):
+    """Two runs with different adapters write the same 12 outputs at the same moments: every
+    label file is the one its record's adapter gives, byte for byte in its labels, and a later
+    --continue with either adapter skips exactly the inputs whose record is its own."""
+    src = [_scan(tmp_path / "in" / f"s{i:02d}.nii.gz", seed=i) for i in range(12)]
+    fingerprint = {sa.Adapter.load(path).fingerprint: name for name, path in adapters.items()}
+    sams = {name: sa.build_sam("tiny", seed=0) for name in adapters}
+    expected = {}
+    for name in adapters:  # each adapter alone: the labels it gives
+        sa.segment_files(src, tmp_path / f"alone_{name}", sam=SamSource(module=sams[name]), adapter=adapters[name],
+                         engine="serial")
+        expected[name] = {p.name: _labels(tmp_path / f"alone_{name}" / p.name) for p in src}
+    assert sum(not np.array_equal(expected["a"][k], expected["b"][k]) for k in expected["a"]) >= 10
+
+    _in_step(monkeypatch)
+    out = tmp_path / "out"
+    results: dict[str, list] = {}
+
+    def segment(name: str, engine: str) -> None:
+        results[name] = sa.segment_files(src, out, sam=SamSource(module=sams[name]), adapter=adapters[name],
+                                         engine=engine, num_workers=1)
+
+    threads = [threading.Thread(target=segment, args=("a", "pipeline")),
+               threading.Thread(target=segment, args=("b", "serial"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(r.status == "written" for name in adapters for r in results[name]), results
+
+    owner = {}
+    for path in src:
+        record = json.loads(outputs.record_path(out / path.name).read_text())
+        assert "pending" not in record
+        owner[path.name] = fingerprint[record["adapter_fingerprint"]]
+        np.testing.assert_array_equal(_labels(out / path.name), expected[owner[path.name]][path.name],
+                                      err_msg=f"{path.name}: not the labels of the adapter its record names")
+    assert not list(out.glob(".*.lock")) and not list(out.glob(".*.tmp*"))
+    monkeypatch.undo()
+    for name in adapters:  # --continue trusts exactly the records that are its own
+        shutil.copytree(out, tmp_path / f"again_{name}")
+        done = sa.segment_files(src, tmp_path / f"again_{name}", sam=SamSource(module=sams[name]),
+                                adapter=adapters[name], engine="serial", skip_existing=True)
+        assert sorted(Path(r.name).name for r in done if r.status == "skipped") == \
+            sorted(k for k, v in owner.items() if v == name)
+
+
+def test_an_input_another_run_holds_waits_and_then_fails_with_the_lock_named(adapters, capsys, tmp_path,
+                                                                            monkeypatch):
+    """A run whose outputs another run holds (here: the test) waits for it, then fails that input
+    with one line naming the lock and --continue; the other inputs are written, nothing of it."""
+    from samed_adapter.io.files import held_lock
+
+    src = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(outputs, "LOCK_TIMEOUT", 0.5)
+    with held_lock(outputs.lock_path(out / "s0.nii.gz"), timeout=1):
+        code, stdout, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *src, "-o", out)
+    assert code == 1 and "segmented 1 of 2 inputs" in stdout, err
+    assert "another samed-adapter run has been writing" in err and ".s0.samed-adapter.lock" in err
+    assert "--continue" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [".s1.samed-adapter.json", "s1.nii.gz"]
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_and_removed(adapters, capsys, tmp_path):
+    """A run killed while writing leaves its lock file (the kernel releases the lock itself) and
+    its temporaries: the next run takes the lock, removes both, and writes."""
+    src = _scan(tmp_path / "in" / "s0.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    outputs.lock_path(out / "s0.nii.gz").write_text("")
+    stale = out / ".s0.0123456789ab.tmp.nii.gz"
+    stale.write_bytes(b"half a file")
+    other = out / ".s0.v2.0123456789ab.tmp.nii.gz"  # s0.v2.nii.gz's, which this run does not write
+    other.write_bytes(b"someone else's")
+    code, stdout, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], src, "-o", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".s0.samed-adapter.json", other.name, "s0.nii.gz"]
