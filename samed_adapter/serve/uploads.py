@@ -11,10 +11,11 @@ import json
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 
@@ -28,6 +29,13 @@ MAX_ZIP_MEMBERS = 20_000
 #: how answers name the uploaded file (its path here is a private temporary one).
 UPLOAD = "the upload"
 _MAX_MESSAGES = 60_000  # a zip comment holds 65535 bytes
+# The zip records read before zipfile parses anything (PKWARE APPNOTE 4.3.12-4.3.16): the end of
+# central directory record, the zip64 locator just before it and the zip64 record before that,
+# and the fixed part of one central directory header (its name, extra and comment follow it).
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -75,15 +83,15 @@ def unpack_series(archive: Path, into: Path, *, max_bytes: int) -> Path:
     """Extract a zip of one DICOM series into ``into`` and return that folder.
 
     Refused (nothing extracted): members with an absolute path or ``..``, links, more than
-    :data:`MAX_ZIP_MEMBERS` members, or more than ``max_bytes`` once inflated (the sizes the
+    :data:`MAX_ZIP_MEMBERS` members (counted before zipfile parses the zip), or more than ``max_bytes`` once inflated (the sizes the
     zip declares; zipfile stops each member at its declared size and checks its CRC).
     """
+    check_zip_entries(archive)
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
             if len(members) > MAX_ZIP_MEMBERS:
-                raise PayloadTooLargeError(f"the zip holds {len(members)} files, more than a series "
-                                           f"({MAX_ZIP_MEMBERS}); send one DICOM series per request")
+                raise _too_many(str(len(members)))
             total = 0
             for member in zf.infolist():
                 path = PurePosixPath(member.filename.replace("\\", "/"))
@@ -106,6 +114,62 @@ def unpack_series(archive: Path, into: Path, *, max_bytes: int) -> Path:
     except zipfile.BadZipFile as err:
         raise UnprocessableError(f"the upload is not a readable zip ({err}); send a zip of one DICOM series") from None
     return into
+
+
+def _too_many(count: str) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the zip holds {count} files, more than a series ({MAX_ZIP_MEMBERS}); send one "
+                                "DICOM series per request")
+
+
+def check_zip_entries(archive: Path) -> None:
+    """Refuse (413) a zip of more than :data:`MAX_ZIP_MEMBERS` entries before zipfile parses it.
+
+    :class:`zipfile.ZipFile` builds an object for every entry of the central directory before the
+    count can be checked (a 47 MB zip of a million entries costs 0.4 GB), so the count is read
+    from the end record (zip64's where there is one), and the central directory's headers are
+    then stepped over, at most ``MAX_ZIP_MEMBERS + 1`` of them, since zipfile reads as many as
+    fit in the directory's size whatever count the record gives. It reads at most 64 KiB at once.
+    A file with no end record is not a zip (422).
+    """
+    with open(archive, "rb") as f:
+        count, start, size = _central_directory(f)
+        if count > MAX_ZIP_MEMBERS:
+            raise _too_many(str(count))
+        f.seek(start)
+        walked = read = 0
+        while read < size:
+            head = f.read(_CENTRAL.size)
+            if len(head) < _CENTRAL.size or head[:4] != b"PK\x01\x02":
+                return  # not a central directory header: zipfile says what is wrong (422)
+            fields = _CENTRAL.unpack(head)
+            skip = fields[10] + fields[11] + fields[12]  # the name's, extra field's and comment's lengths
+            f.seek(skip, 1)
+            read += _CENTRAL.size + skip
+            walked += 1
+            if walked > MAX_ZIP_MEMBERS:  # the end record understates the count
+                raise _too_many(f"more than {MAX_ZIP_MEMBERS}")
+
+
+def _central_directory(f: BinaryIO) -> tuple[int, int, int]:
+    """(entries, start, size) of the central directory of the zip open as ``f``, from its end
+    record, located as zipfile locates it: the directory ends where the end record (or the zip64
+    record before it) begins, whatever offset the record gives (data may precede the zip)."""
+    end = f.seek(0, 2)
+    f.seek(max(0, end - _EOCD.size - 0xFFFF))  # the record, then a comment of up to 65535 bytes
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise UnprocessableError("the upload is not a readable zip (no end of central directory); send a zip of one "
+                                 "DICOM series")
+    location = end - len(tail) + at
+    _, _, _, _, count, size, _, _ = _EOCD.unpack_from(tail, at)
+    if location >= _EOCD64_LOCATOR.size + _EOCD64.size:
+        f.seek(location - _EOCD64_LOCATOR.size - _EOCD64.size)
+        record, locator = f.read(_EOCD64.size), f.read(_EOCD64_LOCATOR.size)
+        if locator[:4] == b"PK\x06\x07" and record[:4] == b"PK\x06\x06":
+            _, _, _, _, _, _, _, count, size, _ = _EOCD64.unpack(record)
+            location -= _EOCD64_LOCATOR.size + _EOCD64.size
+    return count, max(0, location - size), size
 
 
 def flag(form: Any, name: str, default: bool = False) -> bool:
