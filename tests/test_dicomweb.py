@@ -31,6 +31,7 @@ from samed_adapter.cli import main as cli  # noqa: E402
 from samed_adapter.dicomweb import DicomWebConnectionError, StudyNotFoundError, segment_study  # noqa: E402
 from samed_adapter.dicomweb.session import Credentials, open_client  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
+from samed_adapter.io.dicom_derived import labels_digest  # noqa: E402
 from samed_adapter.io.dicom_seg import read_dicom_seg  # noqa: E402
 from samed_adapter.io.rtstruct import read_rtstruct  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource  # noqa: E402
@@ -171,13 +172,17 @@ def test_the_stored_results_are_found_by_qido_in_the_study_and_reference_the_rig
         assert seg_ds.AccessionNumber == first.AccessionNumber
         assert seg_ds.FrameOfReferenceUID == first.FrameOfReferenceUID
         assert rt_ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == first.FrameOfReferenceUID
-        # The algorithm: this library, its version, the adapter's fingerprint and name.
+        # The algorithm: this library, its version, the adapter's fingerprint, the digest of the record's label
+        # options (what --continue compares on the server) and the adapter's name.
+        record = json.loads((first_run["out"] / f".{['2_axial_1', '3_axial_2'][k]}.samed-adapter.json").read_text())
+        digest = labels_digest(record)
         for segment in seg_ds.SegmentSequence:
             (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
             assert algorithm.AlgorithmName == "samed-adapter" and algorithm.AlgorithmVersion == sa.__version__
-            assert f"adapter_fingerprint={fingerprint},adapter={adapter}" in algorithm.AlgorithmParameters
+            assert f"adapter_fingerprint={fingerprint},labels={digest},adapter={adapter}" in \
+                algorithm.AlgorithmParameters
         assert rt_ds.StructureSetDescription == \
-            f"samed-adapter {sa.__version__}, adapter_fingerprint={fingerprint}, adapter={adapter}"
+            f"samed-adapter {sa.__version__}, adapter_fingerprint={fingerprint}, labels={digest}, adapter={adapter}"
         assert _rtstruct_references(rt_ds)[1] <= sources and _rtstruct_references(rt_ds)[1]
         path = tmp_path / f"seg{k}.dcm"
         seg_ds.save_as(path, enforce_file_format=True)

@@ -42,10 +42,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="HTTP basic user; the password comes from SAMED_DICOMWEB_PASSWORD or a prompt, never a flag")
     web.add_argument("--dicomweb-token-env", metavar="VAR",
                      help="the environment variable holding a bearer token (default: SAMED_DICOMWEB_TOKEN, if set)")
+    _add_limits(web)
 
 
+def _typed(parse: Any) -> Any:
+    """``parse`` for argparse: its ValueError's own words instead of argparse's "invalid value"."""
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
+
+
+def _add_limits(web: Any) -> None:
+    """What a run accepts from a server (a broken or hostile PACS): defaults no real study reaches."""
+    from ..dicomweb.limits import Limits, parse_duration, parse_size, shown_size
+
+    default = Limits()
+    web.add_argument("--max-instance-size", metavar="SIZE", type=_typed(parse_size),
+                     help=f"the most bytes of one instance (or one QIDO-RS answer) a server may send, e.g. 4G "
+                          f"(default {shown_size(default.max_instance_bytes)})")
+    web.add_argument("--max-series-size", metavar="SIZE", type=_typed(parse_size),
+                     help=f"the most bytes of one series a server may send (default "
+                          f"{shown_size(default.max_series_bytes)})")
+    web.add_argument("--max-series", metavar="N", type=_typed(_positive),
+                     help=f"the most series a study may have (default {default.max_series})")
+    web.add_argument("--max-pages", metavar="N", type=_typed(_positive),
+                     help=f"the most pages of one QIDO-RS search (default {default.max_pages})")
+    web.add_argument("--max-run-time", metavar="TIME", type=_typed(parse_duration),
+                     help=f"the most time the whole run may take, e.g. 90m, 48h; a server that sends slower is "
+                          f"given up (default {int(default.max_run_time // 3600)}h)")
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+_LIMITS = ("max_instance_size", "max_series_size", "max_series", "max_pages", "max_run_time")
 _WEB_ONLY = ("study", "series", "query", "patient_id", "modality", "study_date", "store", "store_to", "dicomweb_user",
-             "dicomweb_token_env")
+             "dicomweb_token_env", *_LIMITS)
 
 
 def _flag(name: str) -> str:
@@ -110,10 +150,13 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
     from ..io.printable import printable
     from .main import _fail, _shown
 
-    counts = {"stored": 0, "written": 0, "skipped": 0, "not segmented": 0, "failed": 0}
+    counts = {"stored": 0, "written": 0, "skipped": 0, "not segmented": 0, "failed": 0, "made again": 0}
 
     def show(result: Any) -> None:
         counts[result.status] += 1
+        if result.redone:
+            counts["made again"] += 1
+            print(f"samed-adapter segment: note: {_shown(result.redone)}", file=sys.stderr)
         if result.status == "not segmented":
             print(f"samed-adapter segment: note: not segmented: {_shown(result.message)}", file=sys.stderr)
             return
@@ -145,6 +188,8 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
         device=args.device, merge=args.merge, allow_base_mismatch=args.allow_base_mismatch,
         engine="ray" if args.ray else args.engine, num_workers=args.num_workers, ray_address=args.ray_address,
         ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, on_series=show, **request,
+        max_instance_bytes=args.max_instance_size, max_series_bytes=args.max_series_size,
+        max_series=args.max_series, max_pages=args.max_pages, max_run_time=args.max_run_time,
     )
     try:
         credentials = Credentials.resolve(args.dicomweb_user, token_env=args.dicomweb_token_env, prompt=prompt)
@@ -165,9 +210,11 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
     where = f" into {args.output}" if args.output is not None else ""
     stored = f", {counts['stored']} stored on {shown_url(args.store_to or args.dicomweb)}" if args.store else ""
     parts = [f"{counts['skipped']} skipped (results existed)"] if counts["skipped"] else []
+    parts += [f"{counts['made again']} made again (the server's results did not count, listed above)"] \
+        if counts["made again"] else []
     parts += [f"{counts['failed']} failed"] if counts["failed"] else []
     parts += [f"{counts['not segmented']} not segmented (listed above)"] if counts["not segmented"] else []
-    total = sum(counts.values()) - counts["not segmented"]
+    total = sum(counts.values()) - counts["not segmented"] - counts["made again"]
     print(f"segmented {counts['stored'] + counts['written']} of {total} series of {len(studies)} "
           f"stud{'y' if len(studies) == 1 else 'ies'}{where}{stored}" + "".join(f", {p}" for p in parts))
     return 1 if counts["failed"] else 0

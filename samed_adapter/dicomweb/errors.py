@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DicomWebAuthError", "DicomWebConnectionError", "DicomWebError", "StoreError", "StudyNotFoundError",
-           "shown_url", "talking"]
+__all__ = ["BadAnswerError", "DicomWebAuthError", "DicomWebConnectionError", "DicomWebError", "LimitError",
+           "ServerFaultError", "StoreError", "StudyNotFoundError", "shown_url", "talking"]
 
 
 class DicomWebError(RuntimeError):
@@ -33,6 +33,28 @@ class DicomWebConnectionError(DicomWebError):
 
 class StoreError(DicomWebError):
     """STOW-RS refused some or all of the results of a series."""
+
+
+class ServerFaultError(DicomWebError):
+    """A server answered what no working server sends; the message names the server, the fault and the fix."""
+
+    def __init__(self, server: str, problem: str, fix: str, what: str = "") -> None:
+        self.server, self.problem, self.fix, self.what = server, problem, fix, what
+        during = f" while {what}" if what else ""
+        super().__init__(f"{server}: {problem}{during}; {fix}")
+
+    def during(self, what: str) -> "ServerFaultError":
+        """The same error, saying what the run was doing (the first one said wins)."""
+        return self if self.what else type(self)(self.server, self.problem, self.fix, what)
+
+
+class LimitError(ServerFaultError):
+    """A server sent more, or took longer, than a bound of the run allows (see :mod:`.limits`)."""
+
+
+class BadAnswerError(ServerFaultError):
+    """A server's answer is not what was asked for: malformed DICOM JSON, a part that is not DICOM,
+    an instance of another study, series or patient."""
 
 
 def shown_url(url: str) -> str:
@@ -65,12 +87,26 @@ def _status_error(url: str, what: str, status: int, reason: str) -> DicomWebErro
                          "should be the DICOMweb root, e.g. http://host:8042/dicom-web)")
 
 
+def _never_sent(err: Exception) -> bool:
+    """Whether a connection error came before the request could reach the server (refused, no route)."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(err, requests.ConnectTimeout):
+        return True
+    cause = err.args[0] if err.args else None
+    return isinstance(getattr(cause, "reason", cause), (NewConnectionError, ConnectionRefusedError))
+
+
 @contextmanager
-def talking(url: str, what: str, stored: Optional[str] = None) -> Iterator[None]:
+def talking(url: str, what: str, stored: Optional[str] = None, if_taken: Optional[str] = None) -> Iterator[None]:
     """Run the block's server calls; what they raise becomes a :class:`DicomWebError` about ``what``.
 
     ``stored``: what the run had stored before (for the message), e.g. ``"nothing was stored"``.
+    ``if_taken``: instead of ``stored`` where the connection broke after the server may have
+    taken the request (a STOW-RS it may have stored part of before it went away).
     """
+    import json
     import logging
 
     import requests
@@ -83,6 +119,12 @@ def talking(url: str, what: str, stored: Optional[str] = None) -> Iterator[None]
     quiet.setLevel(logging.CRITICAL)
     try:
         yield
+    except ServerFaultError as err:
+        raise err.during(f"{what}{tail}") from None
+    except (requests.exceptions.InvalidJSONError, json.JSONDecodeError) as err:
+        raise BadAnswerError(shown_url(url), f"answered what is not JSON ({str(err)[:100]})",
+                             "check the server and the URL (the DICOMweb root, e.g. http://host:8042/dicom-web)",
+                             f"{what}{tail}") from None
     except requests.HTTPError as err:
         response = err.response
         status = response.status_code if response is not None else 0
@@ -90,6 +132,11 @@ def talking(url: str, what: str, stored: Optional[str] = None) -> Iterator[None]
         raise type(error)(f"{error}{tail}") from None
     except (requests.ConnectionError, requests.Timeout) as err:
         kind = "did not answer in time" if isinstance(err, requests.Timeout) else "could not be reached or went away"
+        if if_taken is not None and not _never_sent(err):
+            kind = "did not answer in time" if isinstance(err, requests.Timeout) else "went away"
+            raise DicomWebConnectionError(f"{shown_url(url)}: the server {kind} while {what}; {if_taken}; check that "
+                                          "it runs, then run again with --continue, which stores what it lacks") \
+                from None
         raise DicomWebConnectionError(f"{shown_url(url)}: the server {kind} while {what}{tail}; check that it runs "
                                       "and the URL, then run again with --continue") from None
     except requests.RequestException as err:  # a malformed URL, too many redirects, a broken answer

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from ..segment.outputs import DICOM_OUTPUT_TYPES
 from .errors import StudyNotFoundError, shown_url
+from .limits import Limits
+from .query import StoredResults
 from .session import Credentials, open_client
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..segment.pipeline import InputResult
     from .query import SeriesInfo, StudyInfo
+    from .study import FetchedSeries
 
 __all__ = ["SeriesResult", "StudyResult", "segment_studies", "segment_study"]
 
@@ -33,7 +36,9 @@ class SeriesResult:
     ``status``: ``"stored"`` (segmented and its DICOM results stored), ``"written"`` (segmented,
     nothing stored), ``"skipped"`` (``--continue``: the server, or the output folder, already
     holds this adapter's results), ``"not segmented"`` (``message`` says why: a report, a SEG, a
-    localizer) or ``"failed"`` (``message`` says why; the other series went on).
+    localizer) or ``"failed"`` (``message`` says why; the other series went on). ``redone``:
+    with ``--continue``, why this adapter's results on the server did not count (they reference
+    other instances, or were made with other options), so the series was made again.
     """
 
     uid: str
@@ -42,6 +47,7 @@ class SeriesResult:
     message: str = ""
     files: list[Path] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)
+    redone: str = ""
 
 
 @dataclass
@@ -91,6 +97,7 @@ def segment_study(
     token: Optional[str] = None,
     on_series: Optional[Callable[[SeriesResult], None]] = None,
     on_result: Optional[Callable[["InputResult"], None]] = None,
+    limits: Optional[Limits] = None,
     **options: Any,
 ) -> StudyResult:
     """Segment the series of a study on a DICOMweb server, and store the results back.
@@ -109,12 +116,18 @@ def segment_study(
             DICOM-SEG is added.
         store_to: store on this DICOMweb server instead (with the same credentials).
         skip_stored: ``--continue``: skip series for which the server already holds this
-            adapter's results of every DICOM type asked for (and, with ``output_dir``, the local
-            outputs that exist, which are stored if the server lacks them).
+            adapter's results of every DICOM type asked for, made with the same label options on
+            exactly the series' current instances (and, with ``output_dir``, the local outputs
+            that exist, which are stored if the server lacks them). Results of this adapter that
+            do not count are left on the server; the series is made again (``redone`` says why).
         credentials, user, password, token: HTTP basic (``user`` with ``password``, else
             ``$SAMED_DICOMWEB_PASSWORD``) or a bearer token (else ``$SAMED_DICOMWEB_TOKEN``).
         on_series: called with each :class:`SeriesResult` as it is known.
         on_result: passed on to the segment job: called as each series' outputs are written.
+        limits: what the run accepts from the servers (:class:`~.limits.Limits`; its clock
+            starts when it is made), or its bounds as keyword arguments: ``max_instance_bytes``,
+            ``max_series_bytes``, ``max_series`` (of the study), ``max_pages`` (of a QIDO-RS
+            search), ``max_run_time`` (seconds).
         options: what to write and how to predict (``output_types``, ``classes``, ``engine``,
             ``batch_size``, ...): see :func:`~samed_adapter.segment_files`.
 
@@ -127,6 +140,9 @@ def segment_study(
         DicomWebConnectionError: the server could not be reached or went away; what was stored
             before is complete (the message says which series), nothing else was stored.
         StoreError: the server refused some results of a series.
+        LimitError: a server sent more, or took longer, than ``limits`` allow.
+        BadAnswerError: a QIDO-RS answer that is not DICOM JSON. (A WADO-RS answer that is not
+            the series asked for, or not DICOM, fails that series; the others go on.)
         ValueError: options the segment job refuses, or neither ``output_dir`` nor ``store``.
     """
     from ..adapter_file.adapter import Adapter
@@ -138,15 +154,51 @@ def segment_study(
     options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
     adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
     _dicom_types(options, store)
-    source = open_client(url, credentials)
-    target_url = store_to or url
-    target = open_client(store_to, credentials) if store_to else source
+    limits = limits if limits is not None else Limits.take(options)
+    source = open_client(url, credentials, limits=limits)
+    target = _Server(store_to, open_client(store_to, credentials, limits=limits)) if store_to else \
+        _Server(url, source)
+    run = _Run(_Server(url, source), target, limits, study_uid, store, skip_stored, sam, adapter, on_series,
+               on_result, options)
     if output_dir is None:
         with tempfile.TemporaryDirectory(prefix="samed-dicomweb-out-") as tmp:
-            return _segment_study(source, url, target, target_url, study_uid, series, Path(tmp), store, skip_stored,
-                                  sam, adapter, on_series, on_result, options)
-    return _segment_study(source, url, target, target_url, study_uid, series, Path(output_dir), store, skip_stored,
-                          sam, adapter, on_series, on_result, options)
+            return _segment_study(run, series, Path(tmp))
+    return _segment_study(run, series, Path(output_dir))
+
+
+@dataclass
+class _Server:
+    url: str
+    client: Any
+
+
+@dataclass
+class _Run:
+    """What one study's round trip works with."""
+
+    source: _Server
+    target: _Server
+    limits: Limits
+    study_uid: str
+    store: bool
+    skip_stored: bool
+    sam: Any
+    adapter: Any
+    on_series: Optional[Callable]
+    on_result: Optional[Callable]
+    options: dict[str, Any]
+
+
+def _labels_digest(adapter: Any, options: dict[str, Any]) -> str:
+    """The digest the segment job's DICOM results will record for ``options`` (see
+    :func:`~samed_adapter.io.dicom_derived.labels_digest`): the same record, made the same way."""
+    from ..io.dicom_derived import labels_digest
+    from ..segment.outputs import OutputOptions, provenance
+    from ..segment.pipeline import check_request
+
+    fields = {k: v for k, v in options.items() if k in OutputOptions.__dataclass_fields__ or k == "classes"}
+    opts = check_request(adapter, [], **fields)
+    return labels_digest(provenance(adapter, opts, allow_base_mismatch=bool(options.get("allow_base_mismatch"))))
 
 
 def _chosen(infos: Sequence["SeriesInfo"], wanted: Optional[Sequence[str]], url: str, study_uid: str
@@ -162,62 +214,86 @@ def _chosen(infos: Sequence["SeriesInfo"], wanted: Optional[Sequence[str]], url:
     return [known[uid] for uid in dict.fromkeys(wanted)]
 
 
-def _segment_study(source: Any, url: str, target: Any, target_url: str, study_uid: str,
-                   wanted: Optional[Sequence[str]], out: Path, store: bool, skip_stored: bool, sam: Any, adapter: Any,
-                   on_series: Optional[Callable], on_result: Optional[Callable], options: dict[str, Any]) -> StudyResult:
-    from ..segment.pipeline import segment_files
-    from .query import stored_results, study_series
-    from .store import store_series
+def _segment_study(run: _Run, wanted: Optional[Sequence[str]], out: Path) -> StudyResult:
+    from ..io.dicom_series import NOT_IMAGES
+    from .query import series_instances, stored_results, study_patient, study_series
     from .study import fetch_series, series_folder_names
 
-    result = StudyResult(study_uid)
+    result = StudyResult(run.study_uid)
 
     def say(item: SeriesResult) -> SeriesResult:
         result.series.append(item)
-        if on_series is not None:
-            on_series(item)
+        if run.on_series is not None:
+            run.on_series(item)
         return item
 
-    infos = _chosen(study_series(source, url, study_uid), wanted, url, study_uid)
+    source, limits, study_uid, options = run.source, run.limits, run.study_uid, run.options
+    infos = _chosen(study_series(source.client, source.url, study_uid, limits), wanted, source.url, study_uid)
+    # What each image series holds now: its fetched instances must be these, and a result on the server counts
+    # for --continue only if it references exactly these.
+    instances = {info.uid: series_instances(source.client, source.url, study_uid, info, limits) for info in infos
+                 if info.modality.upper() not in NOT_IMAGES}
     asked = [t for t in DICOM_OUTPUT_TYPES if t in options["output_types"]]
-    on_server: dict[str, set[str]] = {}
-    if skip_stored and asked:
-        on_server = stored_results(target, target_url, study_uid, adapter, options["adapter_name"], asked)
+    on_server = StoredResults()
+    if run.skip_stored and asked:
+        on_server = stored_results(run.target.client, run.target.url, study_uid, run.adapter, options["adapter_name"],
+                                   limits, digest=_labels_digest(run.adapter, options), instances=instances,
+                                   types=asked)
     names = series_folder_names(infos)  # of every series asked for: stable whichever are skipped
     todo = []
     for info in infos:
-        if asked and set(asked) <= on_server.get(info.uid, set()):
+        if asked and set(asked) <= on_server.done.get(info.uid, set()):
             say(SeriesResult(info.uid, names[info.uid], "skipped",
                              f"series {names[info.uid]}: the server holds this adapter's results (--continue)"))
         else:
             todo.append(info)
     with tempfile.TemporaryDirectory(prefix="samed-dicomweb-") as tmp:  # mode 0700: the instances are patient data
-        fetched = fetch_series(source, url, study_uid, todo, Path(tmp), names)
+        fetched = fetch_series(source.client, source.url, study_uid, todo, Path(tmp), names, instances=instances,
+                               patient_id=study_patient(source.client, source.url, study_uid, limits))
         ready = []
         for item in fetched:
             name = item.folder.name
-            if item.reason is not None:
+            if item.error is not None:
+                say(SeriesResult(item.info.uid, name, "failed", item.error))
+            elif item.reason is not None:
                 say(SeriesResult(item.info.uid, name, "not segmented", f"series {name}: {item.reason}"))
             else:
                 ready.append(item)
-        by_folder = {str(item.folder): item for item in ready}
-        done: dict[str, "InputResult"] = {}
+        done = _segment_ready(run, ready, out) if ready else {}
+    _store_ready(run, ready, done, on_server, say)
+    result.series.sort(key=lambda s: [i.uid for i in infos].index(s.uid))
+    return result
 
-        def collect(input_result: "InputResult") -> None:
-            # A result names its series folder, alone or followed by " (series ...)", "/file" or ": why".
-            name = input_result.name
-            item = next((f for key, f in by_folder.items()
-                         if name.startswith(key) and name[len(key):len(key) + 1] in ("", " ", "/", ":")), None)
-            if item is not None:
-                input_result.message = _relabelled(input_result.message, item.folder, item.folder.name)
-                if input_result.status != "ignored":  # a stray instance beside the slices is not the series' result
-                    done.setdefault(item.info.uid, input_result)
-            if on_result is not None:
-                on_result(input_result)
 
-        if ready:
-            segment_files([str(item.folder) for item in ready], out, sam=sam, adapter=adapter,
-                          skip_existing=skip_stored, on_result=collect, **options)
+def _segment_ready(run: _Run, ready: list["FetchedSeries"], out: Path) -> dict[str, "InputResult"]:
+    """Run the segment job on the fetched series folders; SeriesInstanceUID -> its result."""
+    from ..segment.pipeline import segment_files
+
+    by_folder = {str(item.folder): item for item in ready}
+    done: dict[str, "InputResult"] = {}
+
+    def collect(input_result: "InputResult") -> None:
+        # A result names its series folder, alone or followed by " (series ...)", "/file" or ": why".
+        name = input_result.name
+        item = next((f for key, f in by_folder.items()
+                     if name.startswith(key) and name[len(key):len(key) + 1] in ("", " ", "/", ":")), None)
+        if item is not None:
+            input_result.message = _relabelled(input_result.message, item.folder, item.folder.name)
+            if input_result.status != "ignored":  # a stray instance beside the slices is not the series' result
+                done.setdefault(item.info.uid, input_result)
+        if run.on_result is not None:
+            run.on_result(input_result)
+
+    segment_files([str(item.folder) for item in ready], out, sam=run.sam, adapter=run.adapter,
+                  skip_existing=run.skip_stored, on_result=collect, **run.options)
+    return done
+
+
+def _store_ready(run: _Run, ready: list["FetchedSeries"], done: dict[str, "InputResult"], on_server: StoredResults,
+                 say: Callable[[SeriesResult], SeriesResult]) -> None:
+    """Store the DICOM results of each segmented series the server lacks (one request each), and say each."""
+    from .store import store_series
+
     stored_names: list[str] = []
     for item in ready:
         name, made = item.folder.name, done.get(item.info.uid)
@@ -225,19 +301,18 @@ def _segment_study(source: Any, url: str, target: Any, target_url: str, study_ui
             say(SeriesResult(item.info.uid, name, "failed", made.message if made else f"series {name}: not segmented"))
             continue
         files = [Path(f) for f in made.files]
-        series_result = SeriesResult(item.info.uid, name, "written", made.message, files)
-        if store:
-            have = on_server.get(item.info.uid, set())
+        stale = "; ".join(dict.fromkeys(on_server.stale.get(item.info.uid, [])))
+        series_result = SeriesResult(item.info.uid, name, "written", made.message, files,
+                                     redone=f"series {name}: {stale}; made again" if stale else "")
+        if run.store:
+            have = on_server.done.get(item.info.uid, set())
             results = [f for f in files if f.suffix == ".dcm" and _output_type(f) not in have]
             if results:
-                before = (f"the results of series {', '.join(stored_names)} were stored, nothing of series {name} "
-                          "and after" if stored_names else "nothing was stored")
-                series_result.stored = store_series(target, target_url, study_uid, results, f"series {name}", before)
+                series_result.stored = store_series(run.target.client, run.target.url, run.study_uid, results,
+                                                    f"series {name}", stored_names)
                 stored_names.append(name)
             series_result.status = "stored"
         say(series_result)
-    result.series.sort(key=lambda s: [i.uid for i in infos].index(s.uid))
-    return result
 
 
 def _output_type(path: Path) -> str:
@@ -277,8 +352,9 @@ def segment_studies(
 
     credentials = credentials or Credentials.resolve(kwargs.pop("user", None), kwargs.pop("password", None),
                                                      kwargs.pop("token", None))
-    studies = find_studies(open_client(url, credentials), url, patient_id=patient_id, modality=modality,
-                           study_date=study_date)
+    limits = Limits.take(kwargs)  # one clock for the whole run
+    studies = find_studies(open_client(url, credentials, limits=limits), url, limits, patient_id=patient_id,
+                           modality=modality, study_date=study_date)
     if on_studies is not None:
         on_studies(studies)
     if not studies:
@@ -289,6 +365,6 @@ def segment_studies(
     if kwargs.get("engine") != "ray":  # Ray workers rebuild the SAM themselves
         sam = (sam if isinstance(sam, SamSource) else SamSource.of(sam))
         sam = SamSource(sam.build()) if sam.module is None else sam
-    return [segment_study(url, study.uid, sam=sam, adapter=adapter, credentials=credentials,
+    return [segment_study(url, study.uid, sam=sam, adapter=adapter, credentials=credentials, limits=limits,
                           output_dir=None if output_dir is None else Path(output_dir) / study.uid, **kwargs)
             for study in studies]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .errors import DicomWebError, shown_url
+from .limits import Limits, bounded_session
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dicomweb_client import DICOMwebClient
@@ -72,11 +73,13 @@ class Credentials:
         return cls(user, password, token)
 
 
-def open_client(url: str, credentials: Optional[Credentials] = None, *, timeout: float = TIMEOUT) -> "DICOMwebClient":
+def open_client(url: str, credentials: Optional[Credentials] = None, *, timeout: float = TIMEOUT,
+                limits: Optional[Limits] = None) -> "DICOMwebClient":
     """A ``dicomweb_client.DICOMwebClient`` for the DICOMweb root ``url`` (e.g. ``http://host:8042/dicom-web``).
 
     Requests that fail are not retried (dicomweb-client would retry a 503 for about 15 s): a run
-    reports a failed server at once, and ``--continue`` is how to try again.
+    reports a failed server at once, and ``--continue`` is how to try again. Every answer is
+    read under ``limits`` (default :class:`~.limits.Limits`, its clock starting now).
 
     Raises:
         DicomWebError: ``url`` is not an http(s) URL, or dicomweb-client is not installed.
@@ -87,13 +90,12 @@ def open_client(url: str, credentials: Optional[Credentials] = None, *, timeout:
         raise DicomWebError(f"--dicomweb {shown_url(url)!r} is not an http(s) URL; give the DICOMweb root, e.g. "
                             "http://host:8042/dicom-web")
     try:
-        import requests
         from dicomweb_client import DICOMwebClient
     except ImportError:
         raise DicomWebError("DICOMweb needs dicomweb-client; install it with pip install 'samed-adapter[dicomweb]'") \
             from None
     credentials = credentials or Credentials()
-    session = requests.Session()
+    session = bounded_session(url, limits or Limits())
     if credentials.user is not None:
         session.auth = (credentials.user, credentials.password or "")
     elif credentials.token is not None:

@@ -1,10 +1,11 @@
-"""STOW-RS: the DICOM results of one series go to the server in one request, or not at all.
+"""STOW-RS: the DICOM results of one series go to the server in one request.
 
 A series' SEG and RTSTRUCT are sent together, and only once every output of that series was
 written (the segment job writes an input's outputs all together or not at all). A server that
-fails the request stores nothing of it; one that stores some instances and refuses others (STOW-RS
-answers 202 with a FailedSOPSequence) is asked to delete what it stored, and the error says
-whether it did.
+refuses the request stores nothing of it; one that takes it and then goes away may hold part of
+it (the client cannot know: the error says so, and ``--continue`` stores what it lacks); one
+that stores some instances and refuses others (STOW-RS answers 202 with a FailedSOPSequence) is
+asked to delete what it stored, and the error says whether it did.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def _reason(item: Any) -> str:
 
 
 def store_series(client: "DICOMwebClient", url: str, study_uid: str, files: Sequence[Path], what: str,
-                 stored_before: str = "") -> list[str]:
+                 stored_before: Sequence[str] = ()) -> list[str]:
     """Send ``files`` (the DICOM results of one series) to the study in one STOW-RS request.
 
     Args:
-        what: how messages name the series.
-        stored_before: what the run has stored, for the error message (default: nothing of ``what``).
+        what: how messages name the series (``series 2_axial``).
+        stored_before: the names of the series whose results the run stored before, for messages.
 
     Returns:
         The SOPInstanceUIDs stored.
@@ -48,7 +49,10 @@ def store_series(client: "DICOMwebClient", url: str, study_uid: str, files: Sequ
     Raises:
         StoreError: a file is not of ``study_uid`` (it would join another study), or the server
             refused some or all of the instances.
-        DicomWebError: the request failed (see :mod:`.errors`): nothing of it was stored.
+        DicomWebError: the request failed (see :mod:`.errors`): nothing of it was stored where the
+            server refused it or could not be reached; where it went away or did not answer after
+            taking the request, the message says that it may hold part of it (the client cannot
+            know) and that ``--continue`` stores what it lacks.
     """
     import pydicom
 
@@ -57,7 +61,11 @@ def store_series(client: "DICOMwebClient", url: str, study_uid: str, files: Sequ
         if str(ds.get("StudyInstanceUID", "")) != study_uid:
             raise StoreError(f"{path}: belongs to study {ds.get('StudyInstanceUID', '(none)')}, not {study_uid}; "
                              "nothing of it was stored")
-    with talking(url, f"storing the results of {what} (STOW-RS)", stored=stored_before or f"nothing of {what} was stored"):
+    before = f"the results of series {', '.join(stored_before)} were stored, " if stored_before else ""
+    with talking(url, f"storing the results of {what} (STOW-RS)",
+                 stored=f"{before}nothing of {what} and after" if before else "nothing was stored",
+                 if_taken=f"{before}the server may hold part of the results of {what} (it took the request "
+                          "and gave no answer), nothing after"):
         answer = client.store_instances(datasets, study_instance_uid=study_uid)
     failed = list(answer.get("FailedSOPSequence", []))
     stored = [str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])

@@ -26,6 +26,28 @@ SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPCl
 COPIED_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                 "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
+#: What in a segment job's record (segment.outputs.provenance) changes no label of a SEG or RTSTRUCT.
+_NOT_LABELS = ("version", "adapter", "pending", "output_types", "statistics", "split", "save_probabilities",
+               "overlay")
+
+
+def labels_digest(record: dict[str, Any]) -> str:
+    """``sha256:<16 hex>`` of what in ``record`` changes the labels: the adapter by fingerprint, the
+    classes kept, the intensity options, and any option added to the record later.
+
+    A SEG records it in each segment's AlgorithmParameters (``labels=``), an RTSTRUCT in its
+    StructureSetDescription, so that ``segment --dicomweb --continue`` takes a result on a server
+    as done only where this run would make the same labels (what a local ``--continue`` reads
+    from the record beside the files).
+    """
+    import hashlib
+    import json
+
+    kept = {key: value for key, value in record.items() if key not in _NOT_LABELS}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 NO_SERIES = ("{kind} needs a DICOM series input ({what}); "
              "write NIfTI (.nii.gz) labels for NIfTI, PNG and NPY inputs")
 

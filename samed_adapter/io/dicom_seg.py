@@ -13,9 +13,10 @@ the default ``classes`` (all of 1..K) the segment number *is* the class id.
 Each segment also records its class id in its AlgorithmParameters
 (``class_id=<c>,adapter=<name>``), which :func:`read_dicom_seg` uses to map
 segments back when only some classes were written, and, when the writer is
-given one, the adapter's fingerprint (``class_id=<c>,adapter_fingerprint=sha256:...,
-adapter=<name>``), by which ``segment --dicomweb --continue`` knows this
-adapter's SEGs on a server (a retrained adapter keeps its name, not its fingerprint).
+given one, the adapter's fingerprint and the digest of what else changes the labels
+(``class_id=<c>,adapter_fingerprint=sha256:...,labels=sha256:...,adapter=<name>``), by
+which ``segment --dicomweb --continue`` knows this adapter's SEGs on a server, made as
+this run would make them (a retrained adapter keeps its name, not its fingerprint).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _highdicom() -> Any:
 
 
 def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
-             fingerprint: Optional[str] = None) -> Any:
+             fingerprint: Optional[str] = None, labels: Optional[str] = None) -> Any:
     """The SegmentDescription of segment ``number``, which holds class ``class_id``."""
     from pydicom.sr.codedict import codes
 
@@ -64,6 +65,8 @@ def _segment(hd: Any, number: int, class_id: int, name: str, adapter_name: str,
     parameters = {"class_id": str(class_id)}
     if fingerprint:
         parameters["adapter_fingerprint"] = str(fingerprint)
+    if labels:
+        parameters["labels"] = str(labels)
     parameters["adapter"] = str(adapter_name)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence, version=__version__, parameters=parameters,
@@ -92,6 +95,7 @@ def write_dicom_seg(
     classes: Optional[Sequence[int]] = None,
     series_description: str = "samed-adapter segmentation",
     adapter_fingerprint: Optional[str] = None,
+    labels_digest: Optional[str] = None,
 ) -> Path:
     """Write class ids predicted for a DICOM series as a DICOM Segmentation (BINARY) file.
 
@@ -112,6 +116,8 @@ def write_dicom_seg(
         series_description: SeriesDescription of the new series.
         adapter_fingerprint: the adapter's :attr:`~samed_adapter.Adapter.fingerprint`,
             recorded in each segment's AlgorithmParameters when given.
+        labels_digest: :func:`~.dicom_derived.labels_digest` of the segment job's record,
+            recorded after it (``labels=``) when given.
 
     Returns:
         ``path``, written atomically (a failed write leaves no partial file).
@@ -134,7 +140,8 @@ def write_dicom_seg(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment(hd, n, c, class_names[c - 1], adapter_name, adapter_fingerprint)
+        segment_descriptions=[_segment(hd, n, c, class_names[c - 1], adapter_name, adapter_fingerprint,
+                                       labels_digest)
                               for n, c in enumerate(chosen, start=1)],
         series_instance_uid=hd.UID(), series_number=derived_series_number(sources[0]),
         sop_instance_uid=hd.UID(), instance_number=1,

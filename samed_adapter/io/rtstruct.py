@@ -27,7 +27,7 @@ ROI ``n`` holds class ``n`` (ROI numbers need not be contiguous), so
 its class (ROIName, ROIObservationLabel), coloured as the overlay PNGs colour it,
 interpreted as ``ORGAN`` and generated ``AUTOMATIC`` by ``samed-adapter <version>``;
 StructureSetDescription says
-``samed-adapter <version>, adapter_fingerprint=sha256:..., adapter=<name>``
+``samed-adapter <version>, adapter_fingerprint=sha256:..., labels=sha256:..., adapter=<name>``
 (the fingerprint when the writer is given one; the name last, as it may hold
 ``,`` or ``=``).
 
@@ -191,6 +191,7 @@ def write_rtstruct(
     classes: Optional[Sequence[int]] = None,
     series_description: Optional[str] = None,
     adapter_fingerprint: Optional[str] = None,
+    labels_digest: Optional[str] = None,
 ) -> Path:
     """Write class ids predicted for a DICOM series as a DICOM RT Structure Set file.
 
@@ -211,6 +212,8 @@ def write_rtstruct(
             ``"samed-adapter <adapter_name>"``.
         adapter_fingerprint: the adapter's :attr:`~samed_adapter.Adapter.fingerprint`,
             recorded in StructureSetDescription when given.
+        labels_digest: :func:`~.dicom_derived.labels_digest` of the segment job's record,
+            recorded after it (``labels=``) when given.
 
     Returns:
         ``path``, written atomically (a failed write leaves no partial file, and an
@@ -240,6 +243,8 @@ def write_rtstruct(
     identity = f"{ALGORITHM_NAME} {__version__}, "
     if adapter_fingerprint:
         identity += f"adapter_fingerprint={adapter_fingerprint}, "
+    if labels_digest:
+        identity += f"labels={labels_digest}, "
     ds.StructureSetDescription = f"{identity}adapter={adapter_name}"[:1024]
     frame = str(headers[0].FrameOfReferenceUID)
     for c in chosen:
