@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shlex
 import shutil
 import threading
 import time
@@ -159,3 +161,71 @@ def test_a_lock_left_by_a_killed_run_is_taken_and_removed(adapters, capsys, tmp_
     code, stdout, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], src, "-o", out)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [".s0.samed-adapter.json", other.name, "s0.nii.gz"]
+
+
+# --------------------------------------------------------------------------- the quick start's next step
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_commands() -> tuple[list[str], list[str]]:
+    """The README's quick start command (the last step of its first install line) and the
+    `segment` command it says the quick start prints, as argument lists."""
+    text = README.read_text(encoding="utf-8")
+    install = re.search(r"```bash\n# 1\. install.*?\n```", text, re.S)
+    assert install is not None, "README: the install block (# 1. install ...) is gone"
+    quickstart = shlex.split(install.group(0).replace("\\\n", " ").splitlines()[2].split("&&")[-1])
+    after = text.index("It ends by printing the `segment` command")
+    segment = re.search(r"```bash\n(.*?)\n```", text[after:], re.S)
+    assert segment is not None, "README: the segment command after the quick start is gone"
+    return quickstart, shlex.split(segment.group(1).replace("\\\n", " "))
+
+
+def test_the_readmes_quick_start_then_its_segment_command_give_the_same_labels(capsys, tmp_path, monkeypatch):
+    """The README's commands in sequence, in a fresh folder: `python examples/quickstart.py`
+    (with fewer epochs at a smaller size, for time), the command it prints (which is the README's
+    next one), a --continue that trusts the quick start's own record, and the README's command,
+    which makes the labels again: each exits 0, and the labels are the quick start's."""
+    import runpy
+    import sys
+
+    from samed_adapter.cli import main as cli
+
+    quickstart, segment = _readme_commands()
+    assert quickstart[:2] == ["python", "examples/quickstart.py"] and segment[:2] == ["samed-adapter", "segment"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [*quickstart[1:], "--epochs", "6", "--image-size", "64"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(README.parent / quickstart[1]), run_name="__main__")
+    stdout = capsys.readouterr().out
+    assert exited.value.code == 0, stdout
+    printed = shlex.split(stdout.split("the same from the command line:\n", 1)[1].splitlines()[0])
+    assert printed == segment, "the quick start prints another command than the README shows"
+    label_file = tmp_path / segment[segment.index("-o") + 1] / "mni_val.nii.gz"
+    made = _labels(label_file)
+    assert len(np.unique(made)) == 3
+
+    # The quick start's record is the one `segment` writes: --continue (without --overlay) trusts it.
+    code = cli.main([*segment[1:-1], "--continue"])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "segmented 0 of 1 inputs" in stdout and "1 skipped" in stdout, err
+    code = cli.main(segment[1:])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "segmented 1 of 1 inputs" in stdout, err
+    np.testing.assert_array_equal(_labels(label_file), made)
+    assert (label_file.parent / "mni_val_overlay.png").is_file()
+
+
+def test_segment_file_writes_the_record_that_segment_trusts(adapters, capsys, tmp_path):
+    """Python's segment_file writes what `segment` writes, record included: a later `segment` into
+    that folder makes its files again, and with --continue skips them."""
+    scan = _scan(tmp_path / "in" / "s0.nii.gz")
+    sa.segment_file(scan, tmp_path / "out" / "s0.nii.gz", sam=sa.build_sam("tiny", seed=0), adapter=adapters["a"],
+                    statistics=True)
+    made = _labels(tmp_path / "out" / "s0.nii.gz")
+    args = ["segment", *TINY, "--adapter", adapters["a"], scan, "-o", tmp_path / "out", "--statistics"]
+    code, stdout, err = run(capsys, *args, "--continue")
+    assert code == 0 and "segmented 0 of 1 inputs" in stdout and "1 skipped" in stdout, err
+    code, stdout, err = run(capsys, *args)
+    assert code == 0 and "segmented 1 of 1 inputs" in stdout, err
+    np.testing.assert_array_equal(_labels(tmp_path / "out" / "s0.nii.gz"), made)

@@ -14,6 +14,7 @@ import argparse
 import textwrap
 import time
 from pathlib import Path
+from shlex import quote
 from typing import Optional, Sequence
 
 
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from .demo import MNI_CLASS_NAMES, MNI_PERCENTILES, best_constant_dice, build_mni_task
     from ..evaluation.evaluate import evaluate
     from ..volume.geometry import axis_codes
-    from ..io import overlay_volume, read_image, write_labels
+    from ..adapter_file.adapter import Adapter
+    from ..io import overlay_volume, read_image
+    from ..segment.outputs import OutputOptions, provenance, write_outputs
     from ..training import NiftiSlices, NiftiVolumes
     from ..training.loop import TrainConfig, train
 
@@ -125,19 +128,24 @@ def run(args: argparse.Namespace) -> int:
     trivial = best_constant_dice(held_out["image"], held_out["label"], 2)
     print(f"  mean Dice     {100 * (summary.mean_dice or 0):6.2f} %   (best trivial predictor: {100 * trivial:.2f} %)")
 
-    # What `samed-adapter segment` does with the raw file: the same labels, on the file's own grid.
+    # What `samed-adapter segment` does with the raw file: the same labels, on the file's own grid,
+    # with the record beside them that says samed-adapter made them (so `segment -o` that folder
+    # makes them again, and `segment --continue` skips them).
     scan = read_image(held_out_path)
-    labels = model.segment(scan)
+    options = OutputOptions(adapter_name=str(adapter_path))
+    options.record = provenance(Adapter.load(adapter_path), options, allow_base_mismatch=False)
+    labels, _ = write_outputs(model, scan, out / "labels" / "mni_val.nii.gz", options)
     if not np.array_equal(scan.to_voxels(labels), volumes.to_stored("mni_val", predictions["mni_val"])):
         raise RuntimeError("segment and evaluate disagree on the held-out scan; please report this")
-    label_path = write_labels(labels, scan, out / "labels" / "mni_val.nii.gz")
+    label_path = out / "labels" / "mni_val.nii.gz"
     print(f"labels: {label_path} (segment on the raw file gives exactly the labels scored above)")
     truth = read_image(root / "labelsTr" / "mni_val.nii.gz").array.astype(np.int64)
     picture = overlay_volume(scan, labels, list(MNI_CLASS_NAMES), out / "quickstart.png", truth=truth, max_slices=4)
     print(f"picture: {picture} (image | truth | prediction; radiological view)")
-    backbone = f"--sam {args.sam}" if args.sam else f"--sam-backbone {args.backbone} --random-sam-seed {args.seed}"
-    print(f"the same from the command line:\n  samed-adapter segment {backbone} --adapter {adapter_path} "
-          f"{held_out_path} -o {out / 'labels'}")
+    backbone = f"--sam {quote(args.sam)}" if args.sam else \
+        f"--sam-backbone {quote(args.backbone)} --random-sam-seed {args.seed}"
+    print(f"the same from the command line:\n  samed-adapter segment {backbone} --adapter {quote(str(adapter_path))} "
+          f"{quote(str(held_out_path))} -o {quote(str(out / 'labels'))} --overlay")
     sa.unpatch(sam)
     return 0
 

@@ -466,6 +466,7 @@ def segment_file(
     """
     import nibabel as nib
 
+    from ..adapter_file.adapter import Adapter
     from ..io.volumes import label_nifti, read_image, volume_from_nifti
     from ..patching import patch, unpatch
     from ..surgery.structure import get_stock_state
@@ -476,10 +477,13 @@ def segment_file(
         sam = load_stock_sam(sam)
     names = options.pop("classes", None)
     options.setdefault("adapter_name", os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else "adapter")
+    adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
     was_patched = get_stock_state(sam) is not None
     model = patch(sam.to(device), adapter, merge=merge, allow_base_mismatch=allow_base_mismatch)
     try:
         opts = OutputOptions(classes=resolve_classes(names, model.config.class_names or []), **options)
+        # The record a `segment` run writes: its later runs into this folder know these files as ours.
+        opts.record = provenance(adapter, opts, allow_base_mismatch=bool(allow_base_mismatch))
         if output is not None and isinstance(input, (str, os.PathLike)):
             _check_spares_input(input, Path(output), opts, model.config.class_names or [])
         volume = volume_from_nifti(input) if isinstance(input, nib.spatialimages.SpatialImage) else read_image(input)
