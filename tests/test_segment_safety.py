@@ -352,7 +352,7 @@ def test_dicom_files_that_are_no_volume_slice_are_listed(adapters, capsys, tmp_p
     assert _tree(tmp_path / "out") == ["study.nii.gz"]
     for name in ("6154", "cr2.dcm"):
         assert f"note: not segmented: {folder / name}: single projection image (CR)" in err, err
-    assert "segmented 1 of 1 inputs" in out and "2 DICOM file(s) not segmented" in out
+    assert "segmented 1 of 1 inputs" in out and "2 file(s) not segmented" in out
 
     only_cr = tmp_path / "cr_only"
     only_cr.mkdir()
@@ -360,7 +360,7 @@ def test_dicom_files_that_are_no_volume_slice_are_listed(adapters, capsys, tmp_p
     code, out, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], only_cr, "-o", tmp_path / "out2")
     assert code == 1
     assert f"note: not segmented: {only_cr / '6154'}: single projection image (CR)" in err
-    assert "1 DICOM file(s) found, none a slice of a volume" in err
+    assert "1 file(s) found and left out (listed above)" in err
 
 
 # --------------------------------------------------------------------------- memory

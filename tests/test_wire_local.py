@@ -229,3 +229,115 @@ def test_segment_file_writes_the_record_that_segment_trusts(adapters, capsys, tm
     code, stdout, err = run(capsys, *args)
     assert code == 0 and "segmented 1 of 1 inputs" in stdout, err
     np.testing.assert_array_equal(_labels(tmp_path / "out" / "s0.nii.gz"), made)
+
+
+# --------------------------------------------------------------------------- names: one rule for local and --server
+
+
+class _StandIn:
+    """A `samed-adapter serve` stand-in on 127.0.0.1 (a thread; stops with the block): the server's
+    own rules for what a request may name (serve.uploads: upload_suffix, label_name,
+    segment_options), the outputs of segment_file for that name, zipped as the server zips them."""
+
+    def __init__(self, adapter: Path, root: Path) -> None:
+        import http.server
+
+        self.adapter, self.root, self.sam = sa.Adapter.load(adapter), root, sa.build_sam("tiny", seed=0)
+        self.requests, self.lock = 0, threading.Lock()  # one SAM, patched per request: one at a time
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                entry = {"name": "a", "config": stand_in.adapter.config.to_dict(),
+                         "fingerprint": stand_in.adapter.fingerprint,
+                         "base_fingerprint": stand_in.adapter.base_fingerprint}
+                self._send(200, "application/json", json.dumps({"adapters": [entry]}).encode())
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                try:
+                    self._send(200, "application/zip", stand_in.segment(self.headers["Content-Type"], body))
+                except Exception as err:  # noqa: BLE001 - the server's JSON error, as it answers
+                    self._send(getattr(err, "status", 500), "application/json", json.dumps({"error": str(err)}).encode())
+
+            def _send(self, status: int, kind: str, data: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def segment(self, content_type: str, body: bytes) -> bytes:
+        with self.lock:
+            return self._segment(content_type, body)
+
+    def _segment(self, content_type: str, body: bytes) -> bytes:
+        from email.parser import BytesParser
+
+        from samed_adapter.serve.uploads import label_name, segment_options, upload_stem, upload_suffix, zip_outputs
+
+        message = BytesParser().parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+        form, upload = {}, None
+        for part in message.get_payload():
+            field = part.get_param("name", header="content-disposition")
+            if field == "file":
+                upload = (part.get_filename(), part.get_payload(decode=True))
+            else:
+                form[field] = part.get_payload(decode=True).decode()
+        self.requests += 1
+        folder = self.root / f"request{self.requests}"
+        (folder / "out").mkdir(parents=True)
+        saved = folder / f"upload{upload_suffix(upload[0])}"
+        saved.write_bytes(upload[1])
+        options = segment_options(form, dicom=False)
+        label = folder / "out" / label_name(form.get("name"), upload_stem(upload[0]))
+        sa.segment_file(saved, label, sam=self.sam, adapter=self.adapter, **options)
+        files = sorted((p for p in (folder / "out").rglob("*") if p.is_file()),
+                       key=lambda p: p.name.endswith(".samed-adapter.json"))  # the record last
+        zip_outputs(files, folder / "out", folder / "outputs.zip", [])
+        return (folder / "outputs.zip").read_bytes()
+
+    def __enter__(self) -> "_StandIn":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_server_and_local_runs_take_the_same_names_and_say_what_a_search_leaves_out(adapters, capsys, tmp_path):
+    """A hidden NIfTI and one with a backslash in its name, named as inputs, are segmented locally
+    and with --server alike (the server refused them: its rule for a plain file name), and a
+    hidden NIfTI found in a folder is left out with a note saying so, by both."""
+    named = [_scan(tmp_path / "in" / ".hidden.nii.gz", seed=1), _scan(tmp_path / "in" / "a\\b.nii.gz", seed=2)]
+    _scan(tmp_path / "in" / "folder" / "seen.nii.gz", seed=3)
+    _scan(tmp_path / "in" / "folder" / ".quiet.nii.gz", seed=4)
+    inputs = [*named, tmp_path / "in" / "folder"]
+    code, local_out, local_err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *inputs,
+                                     "-o", tmp_path / "local")
+    with _StandIn(adapters["a"], tmp_path / "server") as server:
+        code_remote, remote_out, remote_err = run(capsys, "segment", "--server", server.url, "--adapter", "a",
+                                                  *inputs, "-o", tmp_path / "remote")
+    for code, out, err in ((code, local_out, local_err), (code_remote, remote_out, remote_err)):
+        assert code == 0 and "segmented 3 of 3 inputs" in out and "1 file(s) not segmented" in out, err
+        assert f"note: not segmented: {tmp_path / 'in' / 'folder' / '.quiet.nii.gz'}: hidden" in err
+        assert "name the file itself as an input" in err
+    written = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert sorted(str(p) for p in written) == sorted([".a\\b.samed-adapter.json", "..hidden.samed-adapter.json",
+                                                      ".hidden.nii.gz", "a\\b.nii.gz", "seen.nii.gz",
+                                                      ".seen.samed-adapter.json"])
+    assert sorted(p.relative_to(tmp_path / "remote") for p in (tmp_path / "remote").rglob("*") if p.is_file()) \
+        == written
+    for rel in written:
+        if rel.name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(_labels(tmp_path / "remote" / rel), _labels(tmp_path / "local" / rel))
+        else:
+            assert outputs.same_record(tmp_path / "remote" / rel.parent / rel.name.split(".samed")[0][1:],
+                                       json.loads((tmp_path / "local" / rel).read_text()))

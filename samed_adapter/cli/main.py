@@ -404,7 +404,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     parts += [f"{counts['failed']} failed"] if counts["failed"] else []
     parts += [f"{counts['redone']} made again (made by another adapter or with other options)"] \
         if counts["redone"] else []
-    parts += [f"{counts['ignored']} DICOM file(s) not segmented (listed above)"] if counts["ignored"] else []
+    parts += [f"{counts['ignored']} file(s) not segmented (listed above)"] if counts["ignored"] else []
     print(f"segmented {counts['written']} of {total} inputs into {args.output}" + "".join(f", {p}" for p in parts))
     return 1 if counts["failed"] else 0
 

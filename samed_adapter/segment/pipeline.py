@@ -94,7 +94,7 @@ class InputResult:
 
     ``status`` is "written", "skipped" (outputs existed and were made as asked: ``--continue``),
     "failed", or "ignored" (a DICOM file that is no slice of a volume, such as a CR image or a
-    report: ``message`` says why). ``redone``: written again by ``--continue`` because the
+    report, or a hidden NIfTI file that a folder search passes by: ``message`` says why). ``redone``: written again by ``--continue`` because the
     outputs there were made by another adapter or with other options.
     """
 
@@ -136,6 +136,17 @@ def _dicom_jobs(folder: Path, out: Path, found: _Found) -> int:
     return len(dicom.series)
 
 
+#: Why a folder search leaves a hidden NIfTI file out (said for each), locally and with --server alike.
+_HIDDEN_NOTE = ("hidden (its name starts with '.'; macOS's ._ files beside copied scans hold no image), so a folder "
+               "search leaves it out; name the file itself as an input to segment it")
+
+
+def _hidden(path: Path) -> bool:
+    """Whether a folder search passes ``path`` by: a name starting with '.' (``.git``, macOS's
+    ``._ct.nii.gz``, our own records). A hidden file named as an input is segmented like any other."""
+    return path.name.startswith(".")
+
+
 def _real_key(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_dev, st.st_ino
@@ -160,7 +171,9 @@ def _walk(root: Path, out_dir: Path, rel: Path, found: _Found, seen: set[tuple[i
         return
     folders = []
     for path in entries:
-        if path.name.startswith("."):
+        if _hidden(path):
+            if image_suffix(path) in _NIFTI and not path.is_dir():
+                found.ignored.append(f"{path}: {_HIDDEN_NOTE}")
             continue
         try:
             if path.is_dir():
@@ -202,8 +215,7 @@ def _find(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Path
             if len(found.jobs) == before[0] and len(found.problems) == before[1]:
                 what = "no NIfTI files or DICOM series found in this folder or below"
                 if len(found.ignored) > before[2]:
-                    what += f"; {len(found.ignored) - before[2]} DICOM file(s) found, none a slice of a volume " \
-                            "(listed above)"
+                    what += f"; {len(found.ignored) - before[2]} file(s) found and left out (listed above)"
                 raise ImageReadError(f"{given}: {what}")
         except (ImageReadError, ValueError, OSError) as err:
             found.problems.append(str(err) if str(given) in str(err) else f"{given}: {err}")

@@ -123,12 +123,16 @@ class ServerClient:
         names = list(adapter.config.class_names or [])
         opts = job.options(options)
         planned = output_files(job.out, opts, names)
+        # The server knows the input by a plain name of ours, so that every name a local run takes
+        # (".ct.nii.gz", "a\\b.nii.gz", any character) goes up too; what it sends back for that name
+        # is written under the input's own, file for file in the order output_files lists them.
+        remote = _remote_label(job.out)
         with tempfile.TemporaryDirectory(prefix="samed-client-") as tmp:
             upload, upload_name = _upload(job, Path(tmp))
             for attempt in range(self.retries + 1):
                 try:
                     with open(upload, "rb") as fh:
-                        answer = self._request("POST", "/v1/segment", data=_form(opts, adapter, job.out.name),
+                        answer = self._request("POST", "/v1/segment", data=_form(opts, adapter, remote.name),
                                                files={"file": (upload_name, fh)})
                     break
                 except ServerError as err:
@@ -142,7 +146,8 @@ class ServerClient:
                         for m in json.loads(archive.comment or b"{}").get("messages", [])]
         except (zipfile.BadZipFile, ValueError) as err:
             raise ServerError(f"the server's answer is not a zip of outputs ({err})") from None
-        allowed = {p.relative_to(job.out.parent).as_posix(): p for p in planned}
+        allowed = {r.relative_to(remote.parent).as_posix(): p
+                   for r, p in zip(output_files(remote, opts, names), planned, strict=True)}
         members = archive.namelist()
         unexpected = [m for m in members if m not in allowed or PurePosixPath(m).is_absolute()]
         if unexpected or len(members) != len(planned):
@@ -205,14 +210,21 @@ def _form(options: Any, adapter: RemoteAdapter, name: str) -> dict[str, str]:
     return form
 
 
+def _remote_label(label_path: Path) -> Path:
+    """What the server is asked to call ``label_path`` (``input.nii.gz`` or ``input.nii`` beside it),
+    a name its plain-file-name rule takes whatever the input is called here."""
+    return label_path.with_name("input.nii" if label_path.name.lower().endswith(".nii") else "input.nii.gz")
+
+
 def _upload(job: Any, tmp: Path) -> tuple[Path, str]:
-    """The file to send for ``job``: a NIfTI as it is, a DICOM series zipped (its slice files only)."""
+    """The file to send for ``job`` and the name it goes up under: a NIfTI as it is, a DICOM
+    series zipped (its slice files only)."""
     from ..io.dicom_series import list_dicom_series
     from ..io.volumes import image_suffix
 
     source = Path(job.source)
     if job.series is None and source.is_file() and image_suffix(source) in (".nii", ".nii.gz"):
-        return source, source.name
+        return source, f"input{image_suffix(source)}"
     if not job.is_dicom:
         raise ServerError(f"{source}: a server segments NIfTI volumes and DICOM series; segment 2-D PNG and NPY "
                           "images locally (without --server)")
@@ -227,7 +239,7 @@ def _upload(job: Any, tmp: Path) -> tuple[Path, str]:
     with zipfile.ZipFile(archive, "x", compression=zipfile.ZIP_STORED) as zf:
         for i, path in enumerate(files):
             zf.write(path, f"{i:06d}.dcm")
-    return archive, f"{job.out.name.split('.')[0] or 'series'}.zip"
+    return archive, "input.zip"
 
 
 def segment_on_server(inputs: Sequence[Union[str, os.PathLike]], output_dir: Union[str, os.PathLike], *,
