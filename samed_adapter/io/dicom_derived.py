@@ -7,6 +7,8 @@ words and join the source's study the same way.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +57,22 @@ NO_SERIES = ("{kind} needs a DICOM series input ({what}); "
 def dicom_text(text: str) -> str:
     """``text`` as a valid LO value: at most 64 characters, no ``\\`` (the value separator)."""
     return " ".join(str(text).replace("\\", "/").split())[:64]
+
+
+def adapter_label(adapter_name: str | os.PathLike[str]) -> str:
+    """How a file made for others names the adapter: a Hub id as given, a local adapter by its
+    file (or folder) name alone.
+
+    The path an adapter was loaded from (a home folder, a mount point) says where the file was
+    made, which is no reader's business; the fingerprint recorded beside the name identifies the
+    adapter itself.
+    """
+    from ..adapter_file.hub_cache import looks_like_repo_id
+
+    text = os.fspath(adapter_name)
+    if looks_like_repo_id(text) and not os.path.exists(text):
+        return text
+    return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text
 
 
 def require_series(volume: Volume, kind: str = "DICOM-SEG") -> None:

@@ -5,7 +5,7 @@ Structure Set (a new series in the source's study, on its frame of reference)
 with one ROI per class, named by the class; :func:`read_rtstruct` rasterises
 such a file back onto the source slices.  rt-utils (what TotalSegmentator
 writes its RTSTRUCTs with) gives the dataset skeleton (patient, study and the
-referenced series) and traces each slice's outlines.
+referenced series); the outlines are traced here (:mod:`.outlines`).
 
 What rt-utils is not used for, and why
 --------------------------------------
@@ -19,6 +19,10 @@ What rt-utils is not used for, and why
   spacings, exactly.  (Where rt-utils' mapping is right, its reader reads these
   files the same; the tests check it.)
 - ``add_roi`` numbers ROIs 1, 2, ... and prints to stdout for an empty mask.
+- Its outlines run through the centres of each region's border pixels. A
+  planning system (or plastimatch) keeps the pixels whose centres lie inside a
+  contour, so it got back 53-81 % of each class, and nothing of a 1- or
+  2-pixel structure or a 1-pixel-wide line.
 
 ROI numbers and what is recorded
 --------------------------------
@@ -29,12 +33,17 @@ interpreted as ``ORGAN`` and generated ``AUTOMATIC`` by ``samed-adapter <version
 StructureSetDescription says
 ``samed-adapter <version>, adapter_fingerprint=sha256:..., labels=sha256:..., adapter=<name>``
 (the fingerprint when the writer is given one; the name last, as it may hold
-``,`` or ``=``).
+``,`` or ``=``).  The adapter is named by its Hub id or its file name, never by
+the local path it was loaded from (:func:`.dicom_derived.adapter_label`).
 
-Outlines follow the centres of each region's border pixels (OpenCV's contour
-tracing), as rt-utils writes them; filling them again gives back the region
-up to pixels that the outline cuts through (thin strands, inner borders of
-holes), which is why contours are compared to labels at 99 % and not 100 %.
+Outlines
+--------
+Each 4-connected region of a class on a slice is one CLOSED_PLANAR contour along
+its pixels' edges, a 64th of a pixel inside, with its holes joined by keyhole
+cuts (:func:`.outlines.pixel_outlines`): plastimatch, dcmrtstruct2nii,
+rt-utils and :func:`read_rtstruct` all give back exactly the labels, on any
+slice orientation and pixel spacing (rt-utils on square pixels only: it
+swaps the row and column spacings).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from ..version import __version__
 from .dicom_derived import (
     ALGORITHM_NAME,
     COPIED_TYPE2,
+    adapter_label,
     chosen_classes,
     class_ids,
     derived_series_number,
@@ -60,6 +70,7 @@ from .dicom_derived import (
     source_header,
 )
 from .files import atomic_path
+from .outlines import fill_outlines, pixel_outlines
 from .overlay import colour_table
 from .volumes import Volume
 
@@ -101,7 +112,7 @@ def _pixel_to_patient(header: Any) -> np.ndarray:
 
 
 def _contour(header: Any, outline: np.ndarray) -> Any:
-    """One CLOSED_PLANAR Contour item: ``outline`` ``(N, 2)`` (column, row) on slice ``header``."""
+    """One CLOSED_PLANAR Contour item: ``outline`` ``(N, 2)`` (column, row), in pixels, on slice ``header``."""
     from pydicom.dataset import Dataset
 
     points = _pixel_to_patient(header) @ np.column_stack([outline, np.ones(len(outline))]).T  # (3, N)
@@ -116,7 +127,7 @@ def _contour(header: Any, outline: np.ndarray) -> Any:
     return item
 
 
-def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name: str,
+def _roi(headers: Sequence[Any], masks: np.ndarray, class_id: int, name: str,
          frame_of_reference: str, generation: str) -> tuple[Any, Any, Any]:
     """The StructureSetROI, ROIContour and RTROIObservations items of ROI ``class_id``.
 
@@ -131,9 +142,7 @@ def _roi(rt: Any, headers: Sequence[Any], masks: np.ndarray, class_id: int, name
 
     contours = []
     for header, mask in zip(headers, masks):
-        if mask.any():
-            outlines, _ = rt.image_helper.find_mask_contours(mask, approximate_contours=True)
-            contours += [_contour(header, np.asarray(o, dtype=np.float64)) for o in outlines]
+        contours += [_contour(header, outline) for outline in pixel_outlines(mask)]
     contour = Dataset()
     contour.ReferencedROINumber = class_id
     contour.ROIDisplayColor = [int(v) for v in colour_table(class_id)[class_id]]  # as the overlay PNGs
@@ -203,9 +212,10 @@ def write_rtstruct(
             contoured on ``volume.files[k]``.
         class_names: K names, for classes 1..K; each names its ROI.
         path: the file to write (``.dcm`` by convention).
-        adapter_name: the adapter's file name or Hub id, recorded in the
-            SeriesDescription (by default), StructureSetDescription and each
-            ROI's generation description.
+        adapter_name: the adapter's file or Hub id, recorded (a Hub id as given,
+            a local file by its name alone) in the SeriesDescription (by
+            default), StructureSetName, StructureSetDescription and each ROI's
+            generation description.
         classes: the class ids to write, ROI number = class id; default all of
             1..K.  Classes absent from ``labels`` still get a (named, contour-less) ROI.
         series_description: SeriesDescription of the new series; default
@@ -228,6 +238,7 @@ def write_rtstruct(
     import pydicom.uid
 
     rt = _rt_utils()
+    adapter_name = adapter_label(adapter_name)  # never the local path it was loaded from
     stack = class_ids(slice_stack(labels, volume, _KIND), len(class_names))
     chosen = chosen_classes(classes, len(class_names))
     headers = [source_header(f, volume.spacing[0], _KIND) for f in volume.files]
@@ -248,7 +259,7 @@ def write_rtstruct(
     ds.StructureSetDescription = f"{identity}adapter={adapter_name}"[:1024]
     frame = str(headers[0].FrameOfReferenceUID)
     for c in chosen:
-        roi, contour, observation = _roi(rt, headers, stack == c, c, class_names[c - 1], frame,
+        roi, contour, observation = _roi(headers, stack == c, c, class_names[c - 1], frame,
                                          f"{ALGORITHM_NAME} {__version__} {adapter_name}")
         ds.StructureSetROISequence.append(roi)
         ds.ROIContourSequence.append(contour)
@@ -276,9 +287,12 @@ def _slice_index(contour: Any, uids: dict[str, int], planes: np.ndarray, normal:
 def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
     """Rasterise an RT Structure Set into class ids in ``volume.array``'s layout, ``(D, H, W)``.
 
-    Each ROI's closed planar contours are filled (nested outlines leave holes) on
-    the slice they reference, placed by that slice's own position, orientation
-    and spacing; contours without references go to the slice plane they lie on.
+    Each ROI's closed planar contours are filled as planning systems and
+    plastimatch fill them: the pixels whose centres lie inside, by the even-odd
+    rule across all of the ROI's contours on a slice (nested outlines leave
+    holes).  Contours go on the slice they reference, placed by that slice's own
+    position, orientation and spacing; contours without references go to the
+    slice plane they lie on.
     ROI number ``n`` becomes class ``n``, as :func:`write_rtstruct` numbers them;
     where ROIs overlap, the higher number wins.
 
@@ -288,12 +302,9 @@ def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
     Raises:
         ValueError: ``volume`` is not a DICOM series, ``path`` is no RT
             Structure Set, or it has contours on slices other than ``volume``'s.
-        ImportError: rt-utils (OpenCV) is not installed.
     """
-    import cv2
     import pydicom
 
-    _rt_utils()
     require_series(volume, _KIND)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.files]
     ds = pydicom.dcmread(path)
@@ -320,12 +331,7 @@ def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
                                  f"one of {volume.source or 'the volume'}; read it with the series it was made "
                                  "from")
             points = _floats(contour.ContourData).reshape(-1, 3) - _floats(headers[k].ImagePositionPatient)
-            pixels = np.rint(points @ to_pixels[k].T).astype(np.int32)  # (N, 2) column, row
-            polygons.setdefault(k, []).append(pixels)
+            polygons.setdefault(k, []).append(points @ to_pixels[k].T)  # (N, 2) column, row
         for k, outlines in polygons.items():
-            mask = np.zeros(labels.shape[1:], dtype=np.uint8)
-            # All outlines of a slice at once: OpenCV fills by the even-odd rule, so inner
-            # outlines (holes) stay empty, as RT planning systems read them.
-            cv2.fillPoly(mask, outlines, 1)
-            labels[k][mask.astype(bool)] = int(roi.ReferencedROINumber)
+            labels[k][fill_outlines(outlines, labels.shape[1:])] = int(roi.ReferencedROINumber)
     return labels.reshape(volume.array.shape)

@@ -49,10 +49,13 @@ class ServeSettings:
     batching: str = "mixed"
     max_queue: int = 32
     max_upload_mb: float = 1024.0
+    body_timeout_s: float = 60.0
     max_voxels: Optional[int] = None
     allow_base_mismatch: bool = False
     ray_address: Optional[str] = None
     local_files_only: bool = False
+    #: where each request's private folder is made (an absolute path; None: the system's temporary folder)
+    tmp_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Replicas run in Ray's worker processes, whose working folder is not the command's.
