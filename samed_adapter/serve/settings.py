@@ -49,7 +49,6 @@ class ServeSettings:
     batching: str = "mixed"
     max_queue: int = 32
     max_upload_mb: float = 1024.0
-    body_timeout_s: float = 60.0
     max_voxels: Optional[int] = None
     allow_base_mismatch: bool = False
     ray_address: Optional[str] = None
