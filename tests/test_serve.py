@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import socket
 import tempfile
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +66,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(files):
+def server(files, tmp_path_factory):
+    # A temporary folder of its own: another `samed-adapter serve` on this machine has its requests'
+    # folders in the shared one.
     settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])],
                              port=_free_port(), token=TOKEN, max_batch_size=8, batch_wait_ms=20, max_queue=8,
-                             max_upload_mb=2, max_resident=2)
+                             max_upload_mb=2, max_resident=2, tmp_dir=str(tmp_path_factory.mktemp("serve-tmp")))
     with start(settings) as running:
         yield running
 
@@ -269,15 +274,28 @@ def test_bad_requests_get_their_codes_and_the_server_goes_on(files, server, tmp_
     assert answer.status_code == 404 and "POST /v1/segment" in answer.json()["error"]
     with pytest.raises(ServerError, match="401"):
         segment_on_server([files["mni"]], tmp_path / "x", server=server.url, adapter="liver3", token="wrong")
-    # Still answering, with the right labels, and no upload left behind.
-    answer = _post(server, file=("mni.nii.gz", mni))
-    assert answer.status_code == 200 and "mni.nii.gz" in zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
-    assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
-    # The last answer's folder goes once its file has been sent (a background task of the response).
-    deadline = time.monotonic() + 10
-    while list(Path(tempfile.gettempdir()).glob("samed-serve-*")) and time.monotonic() < deadline:
+    # Still answering, with the right labels, and no upload left behind; the folder of another
+    # server's request in the shared temporary folder is neither counted nor touched.
+    other = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+    try:
+        answer = _post(server, file=("mni.nii.gz", mni))
+        assert answer.status_code == 200 and "mni.nii.gz" in zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+        assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
+        assert _no_folder_left(server) and other.is_dir()
+    finally:
+        other.rmdir()
+
+
+def _folders(server) -> list[Path]:
+    return list(Path(server.settings.tmp_dir).glob("samed-serve-*"))
+
+
+def _no_folder_left(server, timeout_s: float = 10.0) -> bool:
+    """Whether the server's temporary folder holds no request folder, within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while _folders(server) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not list(Path(tempfile.gettempdir()).glob("samed-serve-*"))
+    return not _folders(server)
 
 
 def test_an_overloaded_server_answers_503_and_the_rest_200(files, server):
@@ -365,3 +383,136 @@ def test_3d_slicer_logs_in_with_the_token_as_password(server):
     client.update_auth(client.auth_token("radiologist", TOKEN))
     assert client.auth_valid_token() is True
     assert set(client.info()["models"]) == set(KINDS)
+
+
+def _multipart(fields: dict[str, str], file: tuple[str, bytes]) -> tuple[str, bytes]:
+    """(Content-Type, body) of a form as `curl -F` sends it."""
+    boundary = "samed-test-boundary-7f3a"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file[0]}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + file[1] + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", b"".join(parts)
+
+
+def _dropping_client(server, upload: bytes, body_part: float, read: int, **fields: str) -> bytes:
+    """POST /v1/segment of ``upload`` over a raw socket: send ``body_part`` of the body, wait until the server
+    holds the request's folder (a partial upload) or read ``read`` bytes of the answer (-1: its
+    headers), then close the socket. Returns what was read."""
+    content_type, body = _multipart({"adapter": "liver3", **fields}, ("mni.nii.gz", upload))
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    head = (f"POST /v1/segment HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + body[: int(len(body) * body_part)])
+        if body_part < 1:
+            deadline = time.monotonic() + 30
+            while not _folders(server) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _folders(server), "the server made no request folder in its --tmp-dir for the upload"
+            return got
+        while read and (b"\r\n\r\n" not in got if read < 0 else len(got) < read):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_a_client_that_drops_leaves_no_scan_on_the_servers_disk(files, server):
+    """Gone during the upload, before the answer, after its headers or in its middle: the request's
+    folder (upload, labels, zip) is removed each time, by the time the server is done with it."""
+    mni = files["mni"].read_bytes()
+    # Noise, so that its probabilities make an answer of some MB, which takes a while to go out.
+    noise = np.random.default_rng(3).integers(0, 255, (120, 120, 100), dtype=np.uint8)
+    upload = _gzip(nib.Nifti1Image(noise, np.eye(4)).to_bytes())
+    _dropping_client(server, mni, 0.5, 0)  # during the upload
+    assert _no_folder_left(server, 30)
+    _dropping_client(server, mni, 1, 0)  # before the answer
+    assert _no_folder_left(server, 30)
+    head = _dropping_client(server, upload, 1, -1, probabilities="true")  # after the headers
+    assert head.startswith(b"HTTP/1.1 200") and b"x-adapter-fingerprint: sha256:" in head.lower()
+    assert _no_folder_left(server, 30)
+    part = _dropping_client(server, upload, 1, 100_000, probabilities="true")  # in the middle of the answer
+    assert part.startswith(b"HTTP/1.1 200") and len(part) >= 100_000
+    assert _no_folder_left(server, 30)
+    answer = _post(server, file=("mni.nii.gz", mni))  # and it goes on
+    assert answer.status_code == 200 and _no_folder_left(server)
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=1)
+
+
+def _replace_keeping_size_and_mtime(path: Path, source: Path) -> None:
+    """Overwrite ``path`` in place with ``source``'s bytes and put its mtime back, as `cp -p` does."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.write(source.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def _answer(response) -> tuple[str, dict, bytes]:
+    """(the X-Adapter-Fingerprint header, the record, the labels' NIfTI bytes) of a /v1/segment answer."""
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    record = json.loads(archive.read(record_path(Path("mni.nii.gz")).as_posix()))
+    return response.headers["X-Adapter-Fingerprint"], record, _gunzip(archive.read("mni.nii.gz"))
+
+
+def test_an_adapter_replaced_with_the_same_size_and_mtime_answers_as_the_new_one(files, server):
+    """`cp -p` over a served adapter: the next request is answered by the new file, and says so."""
+    mni = files["mni"].read_bytes()
+    swap, liver3, other3 = (files["adapters"] / f"{n}.safetensors" for n in ("swap", "liver3", "other3"))
+    shutil.copyfile(liver3, swap)
+    try:
+        before = _answer(_post(server, adapter="swap", file=("mni.nii.gz", mni)))  # now resident
+        assert before[0] == before[1]["adapter_fingerprint"] == sa.Adapter.load(liver3).fingerprint
+        _replace_keeping_size_and_mtime(swap, other3)
+        after = _answer(_post(server, adapter="swap", file=("mni.nii.gz", mni)))
+        want = _answer(_post(server, adapter="other3", file=("mni.nii.gz", mni)))
+        assert after[0] == after[1]["adapter_fingerprint"] == want[0] == sa.Adapter.load(other3).fingerprint
+        assert after[2] == want[2] != before[2]
+    finally:
+        swap.unlink()
+
+
+def test_an_adapter_replaced_while_requests_run_never_gives_a_mixed_answer(files, server):
+    """A file flipped between two versions every 10 ms while six requests are answered: each answer
+    is one version's labels, and its header and record name that version, or it is a 409."""
+    mni = files["mni"].read_bytes()
+    sources = [files["adapters"] / "liver3.safetensors", files["adapters"] / "other3.safetensors"]
+    versions = {fingerprint: labels for fingerprint, _, labels in
+                (_answer(_post(server, adapter=p.stem, file=("mni.nii.gz", mni))) for p in sources)}
+    assert len(versions) == 2 and len(set(versions.values())) == 2
+    flip, staged = files["adapters"] / "flip.safetensors", files["root"] / "flip.staged"
+    shutil.copyfile(sources[0], flip)
+    stop = threading.Event()
+
+    def flipper() -> None:
+        for i in range(3000):  # at most 30 s
+            if stop.wait(0.01):
+                return
+            shutil.copyfile(sources[i % 2], staged)
+            os.replace(staged, flip)
+
+    thread = threading.Thread(target=flipper, daemon=True)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: _post(server, adapter="flip", file=("mni.nii.gz", mni)), range(6)))
+    finally:
+        stop.set()
+        thread.join()
+        flip.unlink()
+    assert {a.status_code for a in answers} <= {200, 409} and 200 in {a.status_code for a in answers}
+    for answer in answers:
+        if answer.status_code == 409:
+            assert "'flip' was replaced" in answer.json()["error"]
+            continue
+        header, record, labels = _answer(answer)
+        assert header == record["adapter_fingerprint"] and labels == versions[header]

@@ -29,16 +29,24 @@ class UnknownAdapterError(KeyError):
 
 @dataclass(frozen=True)
 class Stamp:
-    """What a file is now: a changed stamp means the adapter behind a name was replaced."""
+    """What a file is now, without reading it: a changed stamp means the file behind a name changed.
+
+    The inode and ctime are in it because ``cp -p`` and ``rsync -t`` keep a replaced file's size
+    and mtime: ctime moves on every write and rename and cannot be set back by a user. A request
+    does not trust a stamp: :meth:`AdapterCatalog.pin` reads the content each time.
+    """
 
     path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
 
     @classmethod
     def of(cls, path: Path) -> "Stamp":
         st = path.stat()
-        return cls(str(path), st.st_size, st.st_mtime_ns)
+        return cls(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 class AdapterCatalog:
@@ -119,13 +127,25 @@ class AdapterCatalog:
         return found
 
     def describe(self, name: str) -> dict[str, Any]:
-        """``GET /v1/adapters``' entry for ``name``: its config, without the tensors (cached per file)."""
+        """``GET /v1/adapters``' entry for ``name``: its config, without the tensors (cached per
+        :class:`Stamp`; a request pins its version with :meth:`pin`, which reads the content)."""
         path = self.path(name)
         stamp = Stamp.of(path)
         with self._lock:
             cached = self._described.get(name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        return self.pin(name)
+
+    def pin(self, name: str) -> dict[str, Any]:
+        """The entry of the adapter ``name`` names now, read whole from its file.
+
+        Its ``fingerprint`` (a sha256 over the config and tensors read, :attr:`Adapter.fingerprint`)
+        pins a request to this version: the replicas answer it with that version or not at all.
+        The file is read each time, as no stamp proves that the content is unchanged.
+        """
+        path = self.path(name)
+        stamp = Stamp.of(path)  # before the read: a change during it makes the cached stamp stale, not wrong
         adapter = Adapter.load(path)
         config = adapter.config
         entry = {

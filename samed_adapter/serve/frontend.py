@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +18,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ..adapter_file.config import AdapterConfig
@@ -36,6 +34,7 @@ from .errors import (
     UnauthorizedError,
     UnprocessableError,
 )
+from .folders import RequestFolder, open_answer, stream
 from .metrics import Metrics
 from .monai_label import answer_name, app_info, multipart
 from .residents import SliceChunk, chunk_size
@@ -55,6 +54,10 @@ from .uploads import (
 
 app = FastAPI(title="samed-adapter", description="SAMed adapters on one SAM: native API and MONAI Label's",
               docs_url=None, redoc_url=None, openapi_url=None)
+
+#: the response header that names the adapter version (its fingerprint) that made an answer
+FINGERPRINT_HEADER = "X-Adapter-Fingerprint"
+
 
 def _error(err: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
@@ -80,21 +83,29 @@ class Frontend:
                                       local_files_only=settings.local_files_only)
         self.metrics = Metrics()
         self.busy = 0
-        self._folders: set[Path] = set()  # the requests' private folders not yet removed
+        self._folders: set[RequestFolder] = set()  # the requests' private folders not yet closed
 
-    def _folder(self) -> Path:
-        """A private folder for one request's upload and outputs (mode 0700)."""
-        folder = Path(tempfile.mkdtemp(prefix="samed-serve-"))
+    def _folder(self) -> RequestFolder:
+        """A private folder for one request's upload and outputs (mode 0700), under --tmp-dir if set."""
+        folder = RequestFolder(self.settings.tmp_dir)
         self._folders.add(folder)
         return folder
 
-    def _remove(self, folder: Path) -> None:
-        shutil.rmtree(folder, ignore_errors=True)
+    def _remove(self, folder: RequestFolder) -> None:
+        folder.close()
         self._folders.discard(folder)
 
+    def _send(self, folder: RequestFolder, path: Path, media_type: str, filename: str,
+              headers: dict[str, str]) -> StreamingResponse:
+        """The file ``path`` as the answer; ``folder`` is removed before its first byte goes out,
+        so a client that goes away during or after the answer leaves nothing on disk."""
+        handle, size = open_answer(folder, path)
+        return StreamingResponse(stream(handle), media_type=media_type, headers={
+            **headers, "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'})
+
     def __del__(self) -> None:
-        # Ray Serve calls this when it stops the replica: an answer whose file was still going out
-        # when the server stopped leaves no scan behind.
+        # Ray Serve calls this when it stops the replica: a request still being answered when the
+        # server stopped leaves no scan behind.
         for folder in list(getattr(self, "_folders", ())):
             self._remove(folder)
 
@@ -156,38 +167,41 @@ class Frontend:
             raise PayloadTooLargeError(f"the upload is {int(length) / 2**20:.1f} MiB, over this server's limit of "
                                        f"{self.settings.max_upload_mb:g} MiB (--max-upload-mb)")
 
-    async def _describe(self, name: str) -> dict[str, Any]:
+    async def _describe(self, name: str, *, pin: bool = False) -> dict[str, Any]:
+        """Adapter ``name``'s entry; ``pin``: read from its file now, to pin a request to that version."""
         try:
-            return await asyncio.to_thread(self.catalog.describe, name)
+            return await asyncio.to_thread(self.catalog.pin if pin else self.catalog.describe, name)
         except UnknownAdapterError as err:
             raise NotFoundError(str(err)) from None
         except (ValueError, OSError) as err:
             raise UnprocessableError(f"adapter {name!r} cannot be read: {err}") from None
 
-    async def _save_upload(self, form: Any, field: str, folder: Path) -> tuple[Path, str, bool]:
+    async def _save_upload(self, form: Any, field: str, folder: RequestFolder) -> tuple[Path, str, bool]:
         """The uploaded file as a path in ``folder`` (a DICOM zip unpacked): (path, stem, is DICOM)."""
         upload = form.get(field)
         if upload is None or isinstance(upload, str):
             raise BadRequestError(f"no file in the form field {field!r}; send the scan as multipart form data "
                                   f"(curl -F {field}=@ct.nii.gz)")
         suffix = upload_suffix(upload.filename)
-        saved = folder / f"upload{suffix}"
+        saved = folder.path / f"upload{suffix}"
         with open(saved, "xb") as out:
-            await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+            await folder.run(shutil.copyfileobj, upload.file, out, 1 << 20)
         if suffix == ".zip":
             limit = max(self.settings.max_upload_bytes * 4, 1 << 30)
-            return await asyncio.to_thread(unpack_series, saved, folder / "series", max_bytes=limit), \
+            return await folder.run(lambda: unpack_series(saved, folder.path / "series", max_bytes=limit)), \
                 upload_stem(upload.filename), True
         return saved, upload_stem(upload.filename), False
 
-    async def _segment(self, name: str, source: Path, label_name: str, options: dict[str, Any], out: Path,
-                       times: dict[str, float]) -> tuple[list[Path], list[str]]:
-        """Segment one scan with adapter ``name`` into ``out``: what `segment` writes for it."""
+    async def _segment(self, entry: dict[str, Any], source: Path, label_name: str, options: dict[str, Any],
+                       folder: RequestFolder, times: dict[str, float]) -> tuple[list[Path], list[str]]:
+        """Segment one scan into ``folder``/out with the adapter version ``entry`` pinned (its
+        fingerprint): what `segment` writes for it."""
         from ..inference import stages as inference
         from ..segment.outputs import provenance, write_prepared
         from ..segment.pipeline import Job, check_request
 
-        entry = await self._describe(name)
+        name, out = entry["name"], folder.path / "out"
+        out.mkdir()
         config = AdapterConfig.from_dict(entry["config"])
         adapter = SimpleNamespace(config=config, fingerprint=entry["fingerprint"],
                                   base_fingerprint=entry["base_fingerprint"])
@@ -199,31 +213,33 @@ class Frontend:
         job = Job(source=str(source), out=out / label_name)
         t0 = time.perf_counter()
         try:
-            prepared = await asyncio.to_thread(
-                lambda: inference.prepare_volume(config, job.read(opts), **opts.preparing()))
+            prepared = await folder.run(lambda: inference.prepare_volume(config, job.read(opts), **opts.preparing()))
         except ImageTooLargeError as err:
             raise too_large(str(err), source) from None
         except (ImageReadError, ValueError, OSError) as err:
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         t1 = time.perf_counter()
-        results = await self._predict(name, prepared.inputs[:, 0].numpy(), opts.save_probabilities)
+        results = await self._predict(name, entry["fingerprint"], prepared.inputs[:, 0].numpy(),
+                                      opts.save_probabilities)
         t2 = time.perf_counter()
         labels, probs = stack_results(results, opts.save_probabilities)
         small, soft = inference.resize_slices(labels, probs, prepared.size)
         try:
-            files = await asyncio.to_thread(write_prepared, prepared, small, soft, job.out, opts, config)
+            files = await folder.run(write_prepared, prepared, small, soft, job.out, opts, config)
         except ValueError as err:  # what the upload lacks for an output asked for (a SEG's source UIDs)
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         times.update(pre=t1 - t0, infer=t2 - t1, post=time.perf_counter() - t2)
         return files, [m.replace(str(source), UPLOAD) for m in prepared.messages]
 
-    async def _predict(self, name: str, slices: np.ndarray, probabilities: bool) -> list[Any]:
+    async def _predict(self, name: str, fingerprint: str, slices: np.ndarray, probabilities: bool) -> list[Any]:
+        """Every slice through version ``fingerprint`` of adapter ``name`` (the replicas answer with it or 409)."""
         import ray
 
         step = chunk_size(self.settings.max_batch_size)
         try:
-            chunks = await asyncio.gather(*[self.segmenter.remote(SliceChunk(name, slices[i : i + step], probabilities))
-                                            for i in range(0, len(slices), step)])
+            chunks = await asyncio.gather(*[
+                self.segmenter.remote(SliceChunk(name, slices[i : i + step], probabilities, fingerprint))
+                for i in range(0, len(slices), step)])
         except ray.exceptions.RayError as err:
             raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
                                   "replaced: retry in a few seconds") from None
@@ -260,8 +276,8 @@ class Frontend:
         for name in await asyncio.to_thread(self.catalog.names):
             try:
                 entry = await self._describe(name)
-                entries.append({**entry, "resident": self.metrics.resident_on(name) > 0,
-                                "resident_replicas": self.metrics.resident_on(name)})
+                on = self.metrics.resident_on(name, entry["fingerprint"])
+                entries.append({**entry, "resident": on > 0, "resident_replicas": on})
             except ServeError:  # a broken file in the folder is not served, and does not hide the others
                 continue
         return entries
@@ -271,7 +287,6 @@ class Frontend:
         async def work() -> Response:
             self._check_length(request)
             folder = self._folder()
-            handed = False
             try:
                 async with request.form(max_files=1, max_fields=32) as form:
                     name = form.get("adapter")
@@ -281,18 +296,14 @@ class Frontend:
                     source, stem, dicom = await self._save_upload(form, "file", folder)
                     options = segment_options(form, dicom=dicom)
                     label_file = label_name(form.get("name"), stem)
-                out = folder / "out"
-                out.mkdir()
-                files, messages = await self._segment(name, source, label_file, options, out, {})
-                archive = folder / "outputs.zip"
-                await asyncio.to_thread(zip_outputs, files, out, archive, messages)
-                response = FileResponse(archive, media_type="application/zip", filename=f"{stem}.zip",
-                                        background=BackgroundTask(self._remove, folder))
-                handed = True
-                return response
+                entry = await self._describe(name, pin=True)  # this version answers, or none (409)
+                files, messages = await self._segment(entry, source, label_file, options, folder, {})
+                archive = folder.path / "outputs.zip"
+                await folder.run(zip_outputs, files, folder.path / "out", archive, messages)
+                return self._send(folder, archive, "application/zip", f"{stem}.zip",
+                                  {FINGERPRINT_HEADER: entry["fingerprint"]})
             finally:
-                if not handed:
-                    self._remove(folder)
+                self._remove(folder)
         return await self._answer("/v1/segment", request, work, guarded=True)
 
     # ------------------------------------------------------------------ MONAI Label
@@ -334,7 +345,6 @@ class Frontend:
                 raise BadRequestError(f"output={output!r}: use image, json, all or dicom_seg")
             self._check_length(request)
             folder = self._folder()
-            handed = False
             try:
                 async with request.form(max_files=2, max_fields=16) as form:
                     params = params_json(form.get("params"))
@@ -344,29 +354,24 @@ class Frontend:
                     source, stem, dicom = await self._save_upload(form, "file", folder)
                 if output == "dicom_seg" and not dicom:
                     raise BadRequestError("output=dicom_seg needs a DICOM series upload (a .zip)")
-                out = folder / "out"
-                out.mkdir()
                 times: dict[str, float] = {}
                 start = time.perf_counter()
                 kind = "dicom-seg" if output == "dicom_seg" else "nifti"
-                files, _ = await self._segment(model, source, f"{stem}.nii.gz", {"output_types": kind}, out, times)
-                entry = await self._describe(model)
+                entry = await self._describe(model, pin=True)  # this version answers, or none (409)
+                files, _ = await self._segment(entry, source, f"{stem}.nii.gz", {"output_types": kind}, folder, times)
+                version = {FINGERPRINT_HEADER: entry["fingerprint"]}
                 result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
                           "latencies": {**{k: round(v, 3) for k, v in times.items()},
                                         "total": round(time.perf_counter() - start, 3)},
-                          "params": params}
+                          "params": params, "adapter": {"name": model, "fingerprint": entry["fingerprint"]}}
                 if output == "json":
-                    return JSONResponse(result)
+                    return JSONResponse(result, headers=version)
                 label = files[0]
                 if output in ("image", "dicom_seg"):
                     media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
-                    response = FileResponse(label, media_type=media, filename=answer_name(label.name),
-                                            background=BackgroundTask(self._remove, folder))
-                    handed = True
-                    return response
+                    return self._send(folder, label, media, answer_name(label.name), version)
                 body, content_type = multipart(result, answer_name(label.name), label.read_bytes())
-                return Response(body, media_type=content_type)
+                return Response(body, media_type=content_type, headers=version)
             finally:
-                if not handed:
-                    self._remove(folder)
+                self._remove(folder)
         return await self._answer("/infer", request, work, guarded=True)

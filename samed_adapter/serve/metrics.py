@@ -32,13 +32,14 @@ class Metrics:
         self.in_progress = Gauge("samed_requests_in_progress", "Segment requests being answered",
                                  registry=self.registry)
         self._seen: set[tuple[str, int]] = set()
-        #: the adapters each replica held after its latest batch (``GET /v1/adapters``' "resident")
-        self.resident: dict[str, set[str]] = {}
+        #: the adapter versions, (name, fingerprint), each replica held after its latest batch
+        #: (``GET /v1/adapters``' "resident")
+        self.resident: dict[str, set[tuple[str, str]]] = {}
 
     def batch(self, info: dict[str, Any]) -> None:
         """Count the batch a slice result ran in, once per batch."""
         key = (str(info.get("replica", "")), int(info.get("batch", 0)))
-        self.resident[key[0]] = set(info.get("resident", ()))
+        self.resident[key[0]] = {(str(name), str(fingerprint)) for name, fingerprint in info.get("resident", ())}
         if key in self._seen:
             return
         if len(self._seen) > 100_000:  # a long-running server: old batches will not come again
@@ -48,9 +49,9 @@ class Metrics:
         self.batch_adapters.observe(info.get("adapters", 0))
         self.adapter_loads.labels(key[0]).set(info.get("loads", 0))
 
-    def resident_on(self, name: str) -> int:
-        """On how many replicas adapter ``name`` was resident after their latest batch."""
-        return sum(name in names for names in self.resident.values())
+    def resident_on(self, name: str, fingerprint: str) -> int:
+        """On how many replicas version ``fingerprint`` of adapter ``name`` was resident after their latest batch."""
+        return sum((name, fingerprint) in versions for versions in self.resident.values())
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,10 @@ slices are grouped by adapter; with ``batching="mixed"`` every group that shares
 with ``"per-adapter"`` each adapter runs its own forward after a hot swap, as Ray Serve's
 model multiplexing does (the benchmark's baseline). A batch of one adapter is a plain forward
 of the active adapter: the same arithmetic as a local ``segment`` run.
+
+Adapters are resident by (name, fingerprint): a request pinned to a version when it started is
+answered by that version while it stays resident, though the file behind the name was replaced
+meanwhile, and fails with 409 once it is gone; its slices never come from two versions.
 """
 
 from __future__ import annotations
@@ -20,19 +24,35 @@ import torch
 
 from ..adapter_file.adapter import Adapter, AdapterError
 from ..segment.pipeline import SamSource
-from .catalog import AdapterCatalog, Stamp, UnknownAdapterError
+from .catalog import AdapterCatalog, UnknownAdapterError
 from .errors import NotFoundError, OverloadedError, ServeError, UnprocessableError
 
 BATCHING = ("mixed", "per-adapter")
 
 
+class AdapterChangedError(ServeError):
+    """The adapter file was replaced or removed while a request pinned to its former version was
+    being answered, and that version is not resident here (409: send the request again)."""
+
+    status = 409
+
+
 @dataclass
 class SliceRequest:
-    """One slice to predict: (S, S) float32 in [0, 1] at ``adapter``'s image size."""
+    """One slice to predict: (S, S) float32 in [0, 1] at ``adapter``'s image size.
+
+    ``fingerprint`` is the adapter version its request was pinned to when it started
+    (:meth:`AdapterCatalog.pin`); None takes the version the catalog sees in the file now.
+    """
 
     adapter: str
     image: np.ndarray
     probabilities: bool = False
+    fingerprint: Optional[str] = None
+
+    @property
+    def key(self) -> tuple[str, Optional[str]]:
+        return self.adapter, self.fingerprint
 
 
 @dataclass
@@ -47,9 +67,10 @@ class SliceChunk:
     adapter: str
     images: np.ndarray
     probabilities: bool = False
+    fingerprint: Optional[str] = None
 
     def requests(self) -> list[SliceRequest]:
-        return [SliceRequest(self.adapter, image, self.probabilities) for image in self.images]
+        return [SliceRequest(self.adapter, image, self.probabilities, self.fingerprint) for image in self.images]
 
 
 def slices_in(chunks: list[SliceChunk]) -> int:
@@ -73,10 +94,12 @@ class SliceResult:
 
 
 class ServingModel:
-    """A stock SAM patched on first use, and at most ``max_resident`` adapters kept on it.
+    """A stock SAM patched on first use, and at most ``max_resident`` adapter versions kept on it.
 
-    An adapter is loaded from its file (the catalog's) on the first slice that asks for it, and
-    again when its file changed; the least recently used one goes when there are too many.
+    An adapter version, (name, fingerprint), is loaded from the catalog's file on the first slice
+    that asks for it, under a slot name of its own on the SAM, so that a replaced file's former
+    version still answers the requests pinned to it; the least recently used version goes when
+    there are too many.
     """
 
     def __init__(self, source: SamSource, catalog: AdapterCatalog, *, max_resident: int = 8,
@@ -93,66 +116,100 @@ class ServingModel:
         self.max_resident = max_resident
         self.batching = batching
         self.allow_base_mismatch = allow_base_mismatch
-        self.resident: OrderedDict[str, Stamp] = OrderedDict()  # least recently used first
+        #: (name, fingerprint) -> its slot on the SAM, least recently used first
+        self.resident: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.loads = 0
         self.batches = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ adapters
 
-    def _load(self, name: str) -> None:
+    def _current(self, name: str) -> str:
+        """The fingerprint of the version in ``name``'s file now (for slices not pinned to one)."""
         try:
-            path = self.catalog.path(name)
-            stamp = Stamp.of(path)
+            return self.catalog.describe(name)["fingerprint"]
         except UnknownAdapterError as err:
             raise NotFoundError(str(err)) from None
         except OSError as err:
             raise NotFoundError(f"adapter {name!r}: its file cannot be read ({err.strerror or err})") from None
-        if self.resident.get(name) == stamp:
-            self.resident.move_to_end(name)
-            return
+        except AdapterError as err:
+            raise UnprocessableError(f"adapter {name!r} cannot run on this server's SAM: {err}") from None
+
+    def _read(self, name: str, fingerprint: str) -> Adapter:
+        """Version ``fingerprint`` of adapter ``name`` from its file; AdapterChangedError if the file holds another."""
         try:
+            path = self.catalog.path(name)
             adapter = Adapter.load(path)
+        except UnknownAdapterError as err:
+            raise AdapterChangedError(f"adapter {name!r} was removed from the server while this request was being "
+                                      f"answered; send the request again ({err})") from None
+        except OSError as err:
+            raise NotFoundError(f"adapter {name!r}: its file cannot be read ({err.strerror or err})") from None
+        except AdapterError as err:
+            raise UnprocessableError(f"adapter {name!r} cannot run on this server's SAM: {err}") from None
+        if adapter.fingerprint != fingerprint:
+            raise AdapterChangedError(
+                f"adapter {name!r} was replaced on the server while this request was being answered (it started with "
+                f"{fingerprint[:19]}..., the file now holds {adapter.fingerprint[:19]}...); no answer mixes two "
+                "versions: send the request again")
+        return adapter
+
+    def _load(self, name: str, fingerprint: Optional[str]) -> tuple[str, str]:
+        """Make version ``fingerprint`` of ``name`` resident (None: the file's version now); its key."""
+        key = (name, fingerprint if fingerprint is not None else self._current(name))
+        if key in self.resident:
+            self.resident.move_to_end(key)
+            return key
+        adapter = self._read(*key)
+        slot = f"{name}@{key[1]}"
+        try:
             if self.model is None:
                 from ..patching import patch
 
-                self.model = patch(self.sam, adapter, adapter_name=name, allow_base_mismatch=self.allow_base_mismatch)
+                self.model = patch(self.sam, adapter, adapter_name=slot, allow_base_mismatch=self.allow_base_mismatch)
                 self.model.eval()
             else:
-                self.model.load_adapter(adapter, name, allow_base_mismatch=self.allow_base_mismatch)
-                if self.model.active_adapter == name:  # its file changed: the live values too
-                    self.model.set_adapter(name)
+                self.model.load_adapter(adapter, slot, allow_base_mismatch=self.allow_base_mismatch)
         except (AdapterError, OSError) as err:
             raise UnprocessableError(f"adapter {name!r} cannot run on this server's SAM: {err}") from None
-        self.resident[name] = stamp
-        self.resident.move_to_end(name)
+        self.resident[key] = slot
         self.loads += 1
+        return key
 
-    def _evict(self, keep: set[str]) -> None:
-        for name in list(self.resident):
+    def _evict(self, keep: set[tuple[str, str]]) -> None:
+        for key in list(self.resident):
             if len(self.resident) <= self.max_resident:
                 return
-            if name in keep or name == self.model.active_adapter:
+            if key in keep:
                 continue
-            self.model.delete_adapter(name)
-            del self.resident[name]
+            if self.resident[key] == self.model.active_adapter:
+                if not keep:
+                    continue
+                self.model.set_adapter(self.resident[next(iter(keep))])  # this batch's forward swaps to it anyway
+            self.model.delete_adapter(self.resident.pop(key))
 
-    def ensure(self, names: list[str]) -> dict[str, ServeError]:
-        """Make ``names`` resident; returns the error of each one that cannot be."""
-        errors: dict[str, ServeError] = {}
-        for name in names:
+    def ensure(self, keys: list[tuple[str, Optional[str]]]) -> tuple[dict[tuple[str, Optional[str]], str],
+                                                                      dict[tuple[str, Optional[str]], ServeError]]:
+        """Make the versions ``keys`` ask for resident: the slot of each one that is, the error of each one that cannot be."""
+        slots: dict[tuple[str, Optional[str]], str] = {}
+        errors: dict[tuple[str, Optional[str]], ServeError] = {}
+        for key in keys:
             try:
-                self._load(name)
+                slots[key] = self.resident[self._load(*key)]
             except ServeError as err:
-                errors[name] = err
+                errors[key] = err
         if self.model is not None:
-            self._evict(set(names))
-        return errors
+            self._evict({k for k in self.resident if self.resident[k] in slots.values()})
+        return slots, errors
+
+    def resident_versions(self) -> list[list[str]]:
+        """``[name, fingerprint]`` of each resident version (for the metrics and ``GET /v1/adapters``)."""
+        return [list(key) for key in self.resident]
 
     # ------------------------------------------------------------------ prediction
 
     def _groups(self, names: list[str]) -> list[list[str]]:
-        """Adapters that can share one forward pass."""
+        """Resident slots that can share one forward pass."""
         if self.batching == "per-adapter":
             return [[n] for n in names]
         from ..surgery.structure import require_stock_state
@@ -193,19 +250,18 @@ class ServingModel:
 
     def _predict(self, items: list[SliceRequest]) -> list[Union[SliceResult, ServeError]]:
         out: list[Union[SliceResult, ServeError, None]] = [None] * len(items)
-        names = list(dict.fromkeys(item.adapter for item in items))
-        errors = self.ensure(names)
-        ready = [n for n in names if n not in errors]
+        slots, errors = self.ensure(list(dict.fromkeys(item.key for item in items)))
+        ready = list(dict.fromkeys(slots.values()))
         groups = self._groups(ready) if ready else []
         self.batches += 1
-        info = {"size": len(items), "adapters": len(names), "forwards": len(groups), "batch": self.batches}
+        info = {"size": len(items), "adapters": len(ready), "forwards": len(groups), "batch": self.batches}
         for group in groups:
-            rows = [i for i, item in enumerate(items) if item.adapter in group]
+            rows = [i for i, item in enumerate(items) if slots.get(item.key) in group]
             try:
                 images = torch.from_numpy(np.stack([items[i].image for i in rows]).astype(np.float32, copy=False))
                 param = next(self.sam.image_encoder.parameters())
                 x = images[:, None].to(param.device, param.dtype).expand(-1, 3, -1, -1)
-                logits = self._forward(group, x, [items[i].adapter for i in rows])
+                logits = self._forward(group, x, [slots[items[i].key] for i in rows])
             except torch.cuda.OutOfMemoryError:
                 for i in rows:
                     out[i] = OverloadedError("out of GPU memory on this replica; retry, or start the server with a "
@@ -218,8 +274,8 @@ class ServingModel:
             for i, logit in zip(rows, logits):
                 out[i] = self._result(items[i], logit, info)
         for i, item in enumerate(items):
-            if item.adapter in errors:
-                out[i] = errors[item.adapter]
+            if item.key in errors:
+                out[i] = errors[item.key]
         return out  # type: ignore[return-value]
 
     def _result(self, item: SliceRequest, logits: torch.Tensor, info: dict[str, Any]

@@ -43,7 +43,8 @@ class Segmenter:
         results = self.model.predict_chunks(chunks)
         for result in (r for chunk in results for r in chunk):
             if isinstance(result, SliceResult):
-                result.batch.update(replica=self.replica, loads=self.model.loads, resident=list(self.model.resident))
+                result.batch.update(replica=self.replica, loads=self.model.loads,
+                                    resident=self.model.resident_versions())
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=slices_in)
