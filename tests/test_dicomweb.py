@@ -320,6 +320,45 @@ def test_a_server_that_goes_away_mid_study_stores_nothing(adapter, tmp_path, mon
         server.stop()
 
 
+def test_continue_makes_again_results_on_the_server_of_other_instances_or_other_options(adapter, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A SEG of this adapter over 4 of a series' 8 instances, and one made with other --classes, are not this
+    run's results: --continue makes them again and says why; then it skips both (issue 28)."""
+    study = write_study(tmp_path / "study", ct_series=2, slices=8)
+    server = Orthanc(tmp_path / "server").start()
+    try:
+        server.upload(study["files"])
+        first, second = study["ct"]
+        half = tmp_path / "2_axial_1"  # a local run on 4 of the first series' instances
+        half.mkdir()
+        for path in sorted(study["folders"][first].iterdir())[:4]:
+            shutil.copy(path, half)
+        for source, extra in ((half, ()), (study["folders"][second], ("--classes", "liver"))):
+            code, _, err = run(capsys, "segment", *TINY, "--adapter", adapter, source, "-o", tmp_path / "earlier",
+                               "--output-type", "dicom-seg", *extra)
+            assert code == 0, err
+        server.upload([tmp_path / "earlier" / "2_axial_1_seg.dcm", tmp_path / "earlier" / "ct2_seg.dcm"])
+        before = server.series_uids()
+        monkeypatch.setenv("SAMED_DICOMWEB_PASSWORD", server.password)
+        command = ["segment", *TINY, "--adapter", adapter, "--dicomweb", server.dicomweb, "--study", study["study"],
+                   "--store", "--continue", "--dicomweb-user", server.user]
+        code, out, err = run(capsys, *command)
+        assert code == 0, err
+        assert "note: series 2_axial_1: its SEG on the server references 4 of the series' 8 instances; made " \
+               "again" in err, err
+        assert "note: series 3_axial_2: its SEG on the server was made with other options (--classes" in err, err
+        assert out.count("stored 1 instance(s)") == 2 and "segmented 2 of 2 series" in out, out
+        assert "2 made again (the server's results did not count, listed above)" in out, out
+        after = server.series_uids()
+        assert len(set(after) - set(before)) == 2  # the earlier SEGs stay; the new ones join them
+        code, out, err = run(capsys, *command)  # now the server holds this run's results of both
+        assert code == 0 and "segmented 0 of 2 series" in out and "2 skipped" in out and "made again" not in out, \
+            out + err
+        assert server.series_uids() == after
+    finally:
+        server.stop()
+
+
 def test_credentials_come_from_the_environment_never_a_flag(monkeypatch):
     monkeypatch.setenv("SAMED_DICOMWEB_TOKEN", "t0k3n")
     monkeypatch.delenv("SAMED_DICOMWEB_PASSWORD", raising=False)
