@@ -18,7 +18,7 @@ import torch
 
 import samed_adapter as sa
 from samed_adapter.segment.pipeline import SamSource
-from samed_adapter.serve.catalog import AdapterCatalog
+from samed_adapter.serve.catalog import AdapterCatalog, Stamp
 from samed_adapter.serve.residents import AdapterChangedError, ServingModel, SliceRequest, SliceResult
 from samed_adapter.testing import random_adapter
 
@@ -57,7 +57,7 @@ def _replace_keeping_size_and_mtime(path: Path, source: Path) -> None:
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
-def test_a_replacement_with_the_same_size_and_mtime_is_noticed(folder):
+def test_a_replacement_with_the_same_size_and_mtime_is_noticed(folder, monkeypatch):
     catalog = AdapterCatalog([folder])
     old = catalog.describe("a0")["fingerprint"]
     _replace_keeping_size_and_mtime(folder / "a0.safetensors", folder / "a1.safetensors")
@@ -65,6 +65,11 @@ def test_a_replacement_with_the_same_size_and_mtime_is_noticed(folder):
     assert new != old
     assert catalog.describe("a0")["fingerprint"] == new  # the listing's cache sees the ctime move
     assert catalog.pin("a0")["fingerprint"] == new  # a request reads the content
+    # A request's pin does not rest on any stamp: with every stat alike, it still sees the bytes change.
+    frozen = Stamp.of(folder / "a0.safetensors")
+    monkeypatch.setattr(Stamp, "of", classmethod(lambda cls, path: frozen))
+    _replace_keeping_size_and_mtime(folder / "a0.safetensors", folder / "a2.safetensors")
+    assert catalog.pin("a0")["fingerprint"] == sa.Adapter.load(folder / "a2.safetensors").fingerprint
 
 
 def test_a_request_is_answered_by_the_version_it_started_with(folder, tmp_path):

@@ -7,6 +7,7 @@ for, so adapters copied in while the server runs are found on the next request f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -77,6 +78,7 @@ class AdapterCatalog:
         self._hub_paths: dict[str, Path] = {}
         self._found: dict[str, Path] = {}  # the folders' files, as last listed
         self._described: dict[str, tuple[Stamp, dict[str, Any]]] = {}
+        self._pinned: dict[str, tuple[str, dict[str, Any]]] = {}  # name: (sha256 of the file's bytes, entry)
         self._lock = threading.Lock()
         if not (self.folders or self.files or self.hub_ids):
             raise ValueError("no adapters to serve; give --adapters FOLDER, --adapter NAME=FILE or --hub-adapter "
@@ -138,30 +140,52 @@ class AdapterCatalog:
         return self.pin(name)
 
     def pin(self, name: str) -> dict[str, Any]:
-        """The entry of the adapter ``name`` names now, read whole from its file.
+        """The entry of the adapter ``name`` names now, from its file's content.
 
-        Its ``fingerprint`` (a sha256 over the config and tensors read, :attr:`Adapter.fingerprint`)
+        Its ``fingerprint`` (:attr:`Adapter.fingerprint`, a sha256 over the config and tensors)
         pins a request to this version: the replicas answer it with that version or not at all.
-        The file is read each time, as no stamp proves that the content is unchanged.
+        No stamp proves a file unchanged, so its bytes are hashed each time (about 25 ms for
+        ViT-B's 19 MiB on 2 cores); it is parsed again only when they changed.
         """
         path = self.path(name)
-        stamp = Stamp.of(path)  # before the read: a change during it makes the cached stamp stale, not wrong
-        adapter = Adapter.load(path)
-        config = adapter.config
-        entry = {
-            "name": name,
-            "class_names": list(config.class_names or []),
-            "num_classes": config.num_classes,
-            "backbone": config.backbone,
-            "image_size": config.image_size,
-            "rank": config.rank,
-            "fingerprint": adapter.fingerprint,
-            "base_fingerprint": adapter.base_fingerprint,
-            "config": config.to_dict(),
-        }
+        stamp = Stamp.of(path)  # before the reads: a change during them makes the cached stamp stale, not wrong
+        digest = _sha256(path)
         with self._lock:
+            cached = self._pinned.get(name)
+        if cached is not None and cached[0] == digest:
+            entry = cached[1]
+        else:
+            entry = _entry(name, Adapter.load(path))
+            if _sha256(path) != digest:  # changed while parsed: right for this request, not to be cached by digest
+                return entry
+        with self._lock:
+            self._pinned[name] = (digest, entry)
             self._described[name] = (stamp, entry)
         return entry
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(name: str, adapter: Adapter) -> dict[str, Any]:
+    """``GET /v1/adapters``' entry for ``adapter`` served as ``name``."""
+    config = adapter.config
+    return {
+        "name": name,
+        "class_names": list(config.class_names or []),
+        "num_classes": config.num_classes,
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "rank": config.rank,
+        "fingerprint": adapter.fingerprint,
+        "base_fingerprint": adapter.base_fingerprint,
+        "config": config.to_dict(),
+    }
 
 
 def check_name(name: str) -> str:
