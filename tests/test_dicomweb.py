@@ -1,8 +1,9 @@
 """The PACS round trip against a real Orthanc with its DICOMweb plugin (issue 23): a study's series
 fetched over WADO-RS give the files of a local run on the same series folder; the DICOM-SEG and
 RTSTRUCT stored back (STOW-RS) are found by QIDO-RS in the right study and reference the right
-instances, the SEG reads in highdicom and dcmqi without a warning; ``--continue`` stores nothing new; a wrong password, an
-unknown study and a server that goes away mid-study each give one clear error and store nothing."""
+instances, the SEG reads in highdicom and dcmqi without a warning; ``--continue`` stores nothing new, and makes again
+what the server holds over other instances or made with other options (issue 28); a wrong password, an unknown study
+and a server that goes away mid-study each give one clear error and store nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed: pip install 'samed-adapter[dicomweb]'")
 
-from samed_adapter.testing.orthanc import INSTALL_HINT, Orthanc, missing, write_study  # noqa: E402
+from samed_adapter.testing.orthanc import INSTALL_HINT, Orthanc, missing, organs_adapter, write_study  # noqa: E402
 
 _MISSING = missing()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING} (Debian: {INSTALL_HINT})")
@@ -31,11 +32,10 @@ from samed_adapter.cli import main as cli  # noqa: E402
 from samed_adapter.dicomweb import DicomWebConnectionError, StudyNotFoundError, segment_study  # noqa: E402
 from samed_adapter.dicomweb.session import Credentials, open_client  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
-from samed_adapter.io.dicom_derived import labels_digest  # noqa: E402
+from samed_adapter.io.dicom_derived import adapter_label, labels_digest  # noqa: E402
 from samed_adapter.io.dicom_seg import read_dicom_seg  # noqa: E402
 from samed_adapter.io.rtstruct import read_rtstruct  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource  # noqa: E402
-from samed_adapter.testing import random_adapter  # noqa: E402
 from samed_adapter.testing.cli import run  # noqa: E402
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
@@ -47,10 +47,7 @@ SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage") or shutil.which("segimage2
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     """A random adapter on the tiny random SAM that predicts several classes on CT_small."""
-    config = sa.AdapterConfig(num_classes=3, image_size=64, intensity_window=None, intensity_percentiles=(1.0, 99.0),
-                              class_names=["liver", "spleen", "right kidney"])
-    return random_adapter(sa.build_sam("tiny", seed=0), config, seed=4, scale=0.5).save(
-        tmp_path_factory.mktemp("adapter") / "organs.safetensors")
+    return organs_adapter(tmp_path_factory.mktemp("adapter") / "organs.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +179,8 @@ def test_the_stored_results_are_found_by_qido_in_the_study_and_reference_the_rig
             assert f"adapter_fingerprint={fingerprint},labels={digest},adapter={adapter}" in \
                 algorithm.AlgorithmParameters
         assert rt_ds.StructureSetDescription == \
-            f"samed-adapter {sa.__version__}, adapter_fingerprint={fingerprint}, labels={digest}, adapter={adapter}"
+            f"samed-adapter {sa.__version__}, adapter_fingerprint={fingerprint}, labels={digest}, " \
+            f"adapter={adapter_label(str(adapter))}"
         assert _rtstruct_references(rt_ds)[1] <= sources and _rtstruct_references(rt_ds)[1]
         path = tmp_path / f"seg{k}.dcm"
         seg_ds.save_as(path, enforce_file_format=True)

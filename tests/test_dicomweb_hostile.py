@@ -25,13 +25,11 @@ pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed:
 
 import pydicom  # noqa: E402
 
-import samed_adapter as sa  # noqa: E402
 from samed_adapter.dicomweb import segment_study  # noqa: E402
 from samed_adapter.dicomweb.errors import BadAnswerError, LimitError  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource  # noqa: E402
-from samed_adapter.testing import random_adapter  # noqa: E402
 from samed_adapter.testing.cli import run  # noqa: E402
-from samed_adapter.testing.orthanc import write_study  # noqa: E402
+from samed_adapter.testing.orthanc import organs_adapter, write_study  # noqa: E402
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
 BOUNDARY = "samed-hostile-boundary"
@@ -179,10 +177,8 @@ class HostilePacs(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
-    config = sa.AdapterConfig(num_classes=3, image_size=64, intensity_window=None, intensity_percentiles=(1.0, 99.0),
-                              class_names=["liver", "spleen", "right kidney"])
-    return random_adapter(sa.build_sam("tiny", seed=0), config, seed=4, scale=0.5).save(
-        tmp_path_factory.mktemp("adapter") / "organs.safetensors")
+    """A random adapter on the tiny random SAM that predicts several classes on CT_small."""
+    return organs_adapter(tmp_path_factory.mktemp("adapter") / "organs.safetensors")
 
 
 @pytest.fixture(scope="module")

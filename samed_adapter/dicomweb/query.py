@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from ..adapter_file.adapter import Adapter
 
-__all__ = ["SeriesInfo", "StoredResults", "StudyInfo", "check_study_date", "checked_json", "find_studies", "search", "series_instances",
-           "study_patient", "study_series", "stored_results"]
+__all__ = ["SeriesInfo", "StoredResults", "StudyInfo", "check_study_date", "checked_json", "find_studies", "search",
+           "series_instances", "study_patient", "study_series", "stored_results"]
 
 #: Results asked for per QIDO-RS request (servers cap their answers; the rest comes by offset).
 PAGE = 200
@@ -236,7 +236,8 @@ def _seg_parameters(ds: Any) -> list[dict[str, str]]:
 
 
 def _rtstruct_parameters(ds: Any) -> list[dict[str, str]]:
-    """StructureSetDescription reads ``samed-adapter <version>, adapter_fingerprint=..., labels=..., adapter=<name>``."""
+    """StructureSetDescription reads ``samed-adapter <version>, adapter_fingerprint=..., labels=...,
+    adapter=<name>``."""
     from ..io.dicom_derived import ALGORITHM_NAME
 
     maker, _, parameters = str(ds.get("StructureSetDescription", "")).partition(", ")

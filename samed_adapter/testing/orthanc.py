@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["INSTALL_HINT", "Orthanc", "missing", "write_study"]
+__all__ = ["INSTALL_HINT", "Orthanc", "missing", "organs_adapter", "write_study"]
 
 INSTALL_HINT = "apt-get install orthanc orthanc-dicomweb"
 #: Where Debian's orthanc-dicomweb package puts the plugin.
@@ -290,3 +290,15 @@ def write_study(folder: Union[str, os.PathLike], *, ct_series: int = 1, slices: 
         made["report"] = str(ds.SeriesInstanceUID)
         save(ds, folder / "report", "000.dcm")
     return made
+
+
+def organs_adapter(path: Union[str, os.PathLike]) -> Path:
+    """A random 3-class adapter (liver, spleen, right kidney) on the tiny random SAM of seed 0
+    (``--sam-backbone tiny --random-sam-seed 0``), saved at ``path``: on :func:`write_study`'s CT
+    it predicts several classes, so that its SEG and RTSTRUCT hold more than one segment."""
+    from .. import AdapterConfig, build_sam
+    from . import random_adapter
+
+    config = AdapterConfig(num_classes=3, image_size=64, intensity_window=None, intensity_percentiles=(1.0, 99.0),
+                           class_names=["liver", "spleen", "right kidney"])
+    return random_adapter(build_sam("tiny", seed=0), config, seed=4, scale=0.5).save(path)
