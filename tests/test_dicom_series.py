@@ -302,3 +302,35 @@ def test_dicom_files_without_a_suffix_are_recognised_by_their_magic(tmp_path: Pa
     notes.write_text("not an image")
     with pytest.raises(ImageReadError, match="unknown image type '\\(no suffix\\)'"):
         read_image(notes)
+
+
+def test_one_series_in_two_frames_of_reference_is_refused_saying_why(tmp_path: Path) -> None:
+    """Four axial slices of one SeriesInstanceUID, two in each of two frames of reference (a rescan
+    after the patient moved, stored under one series): their positions are in different coordinate
+    systems. They were stacked into one volume without a word (and a DICOM-SEG then failed with
+    highdicom's "Source images must all be part of the same series and must have the same image
+    dimensions"); now reading refuses them, naming both frames."""
+    from samed_adapter.cli import main as cli
+
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    frames = [generate_uid(), generate_uid()]
+    for k in range(4):
+        write_ct_slice(folder / f"s{k}.dcm", np.full((4, 5), 100 * k), [-10.0, -20.0, 2.5 * k], iop=AXIAL,
+                       spacing=[0.8, 0.6], series="1.2.840.99.7", tags={"FrameOfReferenceUID": frames[k // 2]})
+    with pytest.raises(ImageReadError, match="2 frames of reference") as refused:
+        read_image(folder)
+    assert all(uid in str(refused.value) for uid in frames) and "folder of its own" in str(refused.value)
+    code = cli.main(["segment", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapter",
+                     str(_tiny_adapter(tmp_path)), str(folder), "-o", str(tmp_path / "out")])
+    assert code == 1 and not list((tmp_path / "out").glob("*.nii.gz"))
+    for k in range(4):  # one frame of reference: one volume, as before
+        write_ct_slice(folder / f"s{k}.dcm", np.full((4, 5), 100 * k), [-10.0, -20.0, 2.5 * k], iop=AXIAL,
+                       spacing=[0.8, 0.6], series="1.2.840.99.7", tags={"FrameOfReferenceUID": frames[0]})
+    assert read_image(folder).array.shape == (4, 4, 5)
+
+
+def _tiny_adapter(tmp_path: Path) -> Path:
+    from samed_adapter.testing.cli import two_adapters
+
+    return two_adapters(tmp_path)["a"]

@@ -40,7 +40,7 @@ from .slice_spacing import even_run, shortened
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .volumes import Volume
 
-__all__ = ["NOT_IMAGES", "DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series",
+__all__ = ["COVERS", "NOT_IMAGES", "DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series",
            "probe_dicom", "read_dicom_folder", "read_dicom_path", "read_dicom_series"]
 
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
@@ -412,6 +412,11 @@ def _check_orientation(path: Path, orient: np.ndarray) -> None:
                              "the header is damaged (fix it, or convert the series with dcm2niix)")
 
 
+#: What a left-out slice means for the outputs: whichever were asked for (a label file, a DICOM-SEG,
+#: an RTSTRUCT, statistics) are made from the slices kept; a SEG or RTSTRUCT references those alone.
+#: `segment` names the outputs it writes instead (see segment.pipeline).
+COVERS = "the outputs (label file, DICOM-SEG or RTSTRUCT, whichever are written) cover"
+
 #: At most this many slices of another size or orientation are left out of a series (a localizer
 #: or two stored with it, usual on CT); more is a mixed series (a 3-plane localizer), refused.
 _MAX_ODD_SLICES = 2
@@ -447,8 +452,25 @@ def _split_odd_slices(slices: list[_Slice], source: Path) -> tuple[list[_Slice],
                              "the folder must hold one series of parallel, equally sized slices")
     names = ", ".join(p.name for p in odd)
     return main, [f"{source}: left out {len(odd)} slice(s) of another size or orientation ({names}) than the "
-                  f"{len(main)} others, e.g. a localizer stored in the series; the label file covers those "
-                  f"{len(main)} slices only"]
+                  f"{len(main)} others, e.g. a localizer stored in the series; {COVERS} those {len(main)} slices "
+                  "only"]
+
+
+def _check_one_frame(slices: list[_Slice], source: Path) -> None:
+    """Refuse slices in several frames of reference: their positions are coordinates in different
+    patient spaces (another scan of the patient, a moved table), so stacking them makes a volume
+    that is no one place (and highdicom refuses a DICOM-SEG over them, blaming the image sizes)."""
+    frames: dict[str, list[Path]] = {}
+    for path, ds in slices:
+        uid = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+        if uid:
+            frames.setdefault(uid, []).append(path)
+    if len(frames) < 2:
+        return
+    shown = "; ".join(f"{uid} ({len(paths)} slices, e.g. {paths[0].name})" for uid, paths in list(frames.items())[:3])
+    raise ImageReadError(f"{source}: one series with slices in {len(frames)} frames of reference ({shown}); their "
+                         "positions are in different coordinate systems, so they make no one volume: put each frame "
+                         "of reference's slices in a folder of its own and segment each")
 
 
 def _check_slices(slices: list[_Slice]) -> tuple[np.ndarray, np.ndarray]:
@@ -485,7 +507,7 @@ def _dropped_message(source: Path, offsets: np.ndarray, run: Any) -> str:
     dropped = ", ".join(f"{offsets[i]:.2f}" for i in run.dropped)
     return (f"{source}: left out {len(run.dropped)} slice(s) at {dropped} mm standing apart from the "
             f"{len(run.keep)} evenly spaced slices ({kept[0]:.2f} to {kept[-1]:.2f} mm, step {run.step:.4g} mm), "
-            "e.g. a localizer stored in the series; the label file covers those slices only")
+            f"e.g. a localizer stored in the series; {COVERS} those slices only")
 
 
 def _stack_order(slices: list[_Slice], source: Path, normal: np.ndarray, allow_uneven: bool
@@ -583,6 +605,7 @@ def _read_dicom_slices(slices: list[_Slice], source: Path, max_voxels: int = DEF
     from .volumes import Volume, voxel_sizes
 
     slices, messages = _split_odd_slices(slices, source)
+    _check_one_frame(slices, source)
     first_path, first = slices[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(f"{first_path}: multi-frame DICOM unsupported; convert with dcm2niix")

@@ -275,15 +275,35 @@ def voxel_sizes(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
 _spacing_from_affine = voxel_sizes  # the earlier private name
 
 
-def nifti_voxels(img: Any, index: Any = None) -> np.ndarray:
+def nifti_voxels(img: Any, index: Any = None, *, name: Any = None) -> np.ndarray:
     """A nibabel image's voxels (or the part ``index`` selects) as float32, scaled by its header.
 
     Every reader goes through here, so a plane read alone is bit for bit the same plane of the
     whole volume: training slices, `evaluate` volumes and `segment` see the same numbers.
+
+    Raises:
+        ImageReadError: voxels that are no real numbers (complex, RGB), named as ``name`` (default:
+            the image's file).
     """
+    _check_real(img, name)
     if index is None:
         index = (slice(None),) * len(img.shape)
     return np.asarray(img.dataobj[index], dtype=np.float32)
+
+
+def _check_real(img: Any, name: Any = None) -> None:
+    """ImageReadError unless ``img`` stores real numbers: a float32 copy of complex voxels keeps
+    their real part and drops the rest without a word (numpy only warns), and RGB has no one value."""
+    dtype = img.get_data_dtype()
+    if np.issubdtype(dtype, np.complexfloating):
+        what, fix = f"complex numbers ({dtype})", "its magnitude (numpy.abs) or real part"
+    elif dtype.fields is not None or not (np.issubdtype(dtype, np.number) or dtype == bool):
+        what, fix = f"not numbers ({dtype}: e.g. RGB colours)", "one channel or a grey-scale version"
+    else:
+        return
+    shown = name or img.get_filename() or "the image"
+    raise ImageReadError(f"{shown}: its voxels are {what}, not the real intensities of a scan; save {fix} as a "
+                         "real-valued NIfTI and segment that")
 
 
 def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
@@ -295,6 +315,7 @@ def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
     name = source or "the image"
     if not isinstance(img, nib.Nifti1Pair):
         raise ImageReadError(f"{name}: not a NIfTI image ({type(img).__name__}); {_SUPPORTED}")
+    _check_real(img, name)  # before any other word about it
     shape = img.shape
     # Trailing singleton axes (e.g. a 4-D file with one time point) carry no data.
     while len(shape) > 3 and shape[-1] == 1:
@@ -311,7 +332,7 @@ def volume_from_nifti(img: Any, source: Optional[Path] = None) -> Volume:
     disagreement = voxel_size_disagreement(affine, img.header.get_zooms()[:3], name)
     if disagreement:
         warnings.warn(disagreement, UserWarning, stacklevel=user_stacklevel())
-    data = nifti_voxels(img).reshape(shape)
+    data = nifti_voxels(img, name=name).reshape(shape)
     # (X, Y, Z) -> (Z, Y, X); nibabel returns Fortran-ordered data, so no copy here.
     array = np.ascontiguousarray(data.T)
     return Volume(array, affine, img.header, voxel_sizes(affine, array.ndim), source,
