@@ -1,5 +1,6 @@
 """Papercuts a new user hit: a non-checkpoint file given as the stock SAM, adapter files that
-ignored the umask, and a mismatch message that named a SAM segment_anything cannot build.
+ignored the umask, a mismatch message that named a SAM segment_anything cannot build, and
+words of `segment` that were not true (issue 28: a complex NIfTI, Ctrl-C, a left-out localizer).
 """
 
 from __future__ import annotations
@@ -271,3 +272,87 @@ def test_a_vit_b_adapter_on_a_tiny_sam_suggests_the_registry(adapter):
 )
 def test_build_hint(name, hint):
     assert build_hint(name) == hint
+
+
+# --------------------------------------------------------------------------- segment's words (issue 28)
+
+TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    from samed_adapter.testing.cli import two_adapters
+
+    return two_adapters(tmp_path_factory.mktemp("pair"))
+
+
+def test_a_complex_nifti_is_refused_in_one_line(capsys, tmp_path, pair):
+    """A complex-valued NIfTI (an MR phase/magnitude pair stored as one) was segmented on its real
+    part without a word: now that input fails in one line naming the dtype and the way out."""
+    from samed_adapter.io import ImageReadError, read_image
+    from samed_adapter.testing.cli import run
+
+    data = np.random.default_rng(0).uniform(0, 100, (40, 36, 4)) * np.exp(1j * np.pi / 3)
+    path = tmp_path / "mr.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.complex64), np.eye(4)), path)
+    with pytest.raises(ImageReadError, match=r"complex numbers \(complex64\)"):
+        read_image(path)
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", pair["a"], path, "-o", tmp_path / "out")
+    assert code == 1 and "segmented 0 of 1 inputs" in out
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "complex numbers (complex64)" in errors[0] and "numpy.abs" in errors[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(capsys, tmp_path, pair, monkeypatch):
+    """Ctrl-C while the adapter or SAM loads (here: in Adapter.load) gave a traceback."""
+    from samed_adapter.adapter_file.adapter import Adapter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Adapter, "load", interrupted)
+    scan = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)), scan)
+    code = cli.main(["segment", *TINY, "--adapter", str(pair["a"]), str(scan), "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 130 and err == "samed-adapter segment: interrupted (Ctrl-C)\n" and out == ""
+
+
+def test_ctrl_c_after_every_input_was_written_says_so(capsys, tmp_path, pair, monkeypatch):
+    """A Ctrl-C that comes once all 3 inputs were written (here: as the SAM is put back) said
+    "interrupted before the end of 3 inputs": now it says all 3 were done, and no --continue."""
+    import samed_adapter.patching as patching
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patching, "unpatch", interrupted)
+    scans = []
+    for i in range(3):
+        scans.append(tmp_path / "in" / f"s{i}.nii.gz")
+        scans[-1].parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(np.full((16, 16, 2), 10.0 * i, np.float32), np.eye(4)), scans[-1])
+    code = cli.main(["segment", *TINY, "--adapter", str(pair["a"]), *map(str, scans), "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 130 and len(list((tmp_path / "out").glob("*.nii.gz"))) == 3
+    assert "interrupted after all 3 inputs were done (3 written)" in err and "before the end" not in err
+    assert "--continue" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("types, said", [("dicom-seg", "the DICOM-SEG covers those slices only"),
+                                         ("nifti,dicom-rtstruct", "the label file and the RTSTRUCT cover those")])
+def test_a_left_out_localizer_names_the_outputs_written(capsys, tmp_path, pair, types, said):
+    """pydicom's CT2 holds a localizer 200 mm from its 3 even slices: it is left out, and the
+    warning said "the label file covers those slices only" with --output-type dicom-seg, which
+    writes no label file; it names the outputs that are written."""
+    import pydicom.data
+
+    from samed_adapter.testing.cli import run
+
+    ct2 = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033" / "CT2"
+    code, _, err = run(capsys, "segment", *TINY, "--adapter", pair["a"], ct2, "-o", tmp_path / "out",
+                       "--output-type", types)
+    assert code == 0, err
+    assert "left out 1 slice(s) at -99.48 mm" in err and said in err, err
+    assert ("label file" in err) == ("nifti" in types)

@@ -17,11 +17,15 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..io.files import atomic_path
-from ..io.printable import printable
-from ..version import __version__
-from ..volume.preprocessing import WindowChoice
-from .arguments import orientation_argument, pair_argument, window_argument
+try:  # a Ctrl-C while these load (numpy, PIL: a second on a busy machine) is one line too, as in main()
+    from ..io.files import atomic_path
+    from ..io.printable import printable
+    from ..version import __version__
+    from ..volume.preprocessing import WindowChoice
+    from .arguments import orientation_argument, pair_argument, window_argument
+except KeyboardInterrupt:  # pragma: no cover - a matter of timing
+    print("samed-adapter: interrupted (Ctrl-C)", file=sys.stderr)
+    raise SystemExit(130) from None
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -387,10 +391,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                           "allow_base_mismatch": client.allow_base_mismatch}), **request,
         )
     except KeyboardInterrupt:
-        # Outputs appear atomically and writes under way are finished, so what exists is complete.
         bar.close()
-        _fail("segment", f"interrupted before the end of {planned['inputs']} inputs; every file in {args.output} is "
-                         "complete (none is left half written); run the same command with --continue to do the rest")
+        _fail("segment", _interrupted(counts, planned["inputs"], args.output))
         return 130
     except BaseMismatchError as err:
         if args.sam is None:  # the wording stays the command line's (err.command_line); only the hint is added
@@ -407,6 +409,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
     parts += [f"{counts['ignored']} file(s) not segmented (listed above)"] if counts["ignored"] else []
     print(f"segmented {counts['written']} of {total} inputs into {args.output}" + "".join(f", {p}" for p in parts))
     return 1 if counts["failed"] else 0
+
+
+def _interrupted(counts: dict[str, int], planned: int, output: str) -> str:
+    """What a Ctrl-C during `segment` left: how many inputs were done of how many, and what next."""
+    done = counts["written"] + counts["skipped"] + counts["failed"]
+    # Outputs appear atomically and writes under way are finished, so what exists is complete.
+    complete = f"every file in {output} is complete (none is left half written)"
+    if planned and done >= planned:
+        return f"interrupted after all {planned} inputs were done ({_tally(counts)}); {complete}"
+    what = f"{done} of {planned} inputs done ({_tally(counts)})" if planned else "before any input was segmented"
+    return f"interrupted with {what}; {complete}; run the same command with --continue to do the rest"
+
+
+def _tally(counts: dict[str, int]) -> str:
+    return ", ".join(f"{counts[k]} {k}" for k in ("written", "skipped", "failed") if counts[k]) or "none written"
 
 
 def add_segment_parser(sub: _SubParsers) -> None:
@@ -771,9 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit code (2 for an error, with a message on stderr)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (2 for an error, with a message on stderr;
+    130 for Ctrl-C, in one line wherever it comes: loading torch, reading the SAM, ...)."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     # AdapterError and UnsafeCheckpointError are ValueErrors: no torch import needed to catch them.
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -781,6 +800,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # (flags instead of keyword arguments; see patching._worded).
         _fail(args.command, getattr(err, "command_line", None) or str(err))
         return 2
+    except KeyboardInterrupt:  # a command's own handler says more where it knows more (segment)
+        print(f"samed-adapter{'' if args is None else ' ' + args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -636,6 +636,7 @@ def segment_files(
             if result.redone:
                 messages = [*messages, f"{job.name}: made again: its outputs were made by another adapter or with "
                                        "other options (--continue redoes those)"]
+        messages = [_covered(m, job.options(opts)) for m in messages]
         fresh = [m for m in messages if m not in said]
         said.update(fresh)
         result.message = "\n".join([*fresh, result.message]).strip() if result.status == "written" else result.message
@@ -673,6 +674,21 @@ def segment_files(
         if source.module is not None and not was_patched:
             unpatch(sam_module)
     return results
+
+
+def _covered(message: str, options: OutputOptions) -> str:
+    """A reader's "the outputs (...) cover those slices only" told as what this input gets: "the
+    DICOM-SEG covers", "the label file and the RTSTRUCT cover" (with --server, the server's words too)."""
+    from ..io.dicom_series import COVERS
+
+    if COVERS not in message:
+        return message
+    made = [_OUTPUT_NAMES[t] for t in options.output_types]
+    return message.replace(COVERS, f"{made[0]} covers" if len(made) == 1
+                           else f"{', '.join(made[:-1])} and {made[-1]} cover")
+
+
+_OUTPUT_NAMES = {"nifti": "the label file", "dicom-seg": "the DICOM-SEG", "dicom-rtstruct": "the RTSTRUCT"}
 
 
 @dataclass
