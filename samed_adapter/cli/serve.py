@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, device=args.device,
         max_resident=args.max_resident, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         batching=args.batching, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
+        body_timeout_s=args.body_timeout,
         max_voxels=args.max_voxels, allow_base_mismatch=args.allow_base_mismatch, ray_address=args.ray_address,
         local_files_only=args.local_files_only,
     )
@@ -96,6 +97,9 @@ def add_serve_parser(sub: Any) -> None:
     net.add_argument("--token", metavar="T", help="bearer token every request needs (default: the SAMED_SERVE_TOKEN "
                                                   "environment variable); 3D Slicer logs in with it as password")
     net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB", help="largest upload (default 1024)")
+    net.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="an upload's body must arrive within this; a slower one gets 408 and frees its slot "
+                          "(default 60)")
     net.add_argument("--max-voxels", type=int, metavar="N", help="largest scan, as segment --max-voxels")
     net.add_argument("--max-queue", type=int, default=32, metavar="N",
                      help="segment requests answered at once; more get 503 and retry (default 32)")

@@ -66,6 +66,12 @@ __all__ = ["RayInputError", "WrittenFiles", "run_on_ray"]
 BACKEND_LOG_LEVEL_ENV = "RAY_BACKEND_LOG_LEVEL"
 # What Ray's core says, on the driver's stderr, on reading the variable: nothing to the user.
 _LEVEL_NOTICE = "Set ray log level from environment variable " + BACKEND_LOG_LEVEL_ENV
+# Ray takes any machine for a cluster node and listens on all its interfaces (metrics exporters
+# without a token among them) unless this is 0, its default on macOS and Windows: then a Ray
+# started here listens on 127.0.0.1 only, which is all that a Ray started inside a command needs.
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Logged by every Ray started here that keeps Ray's default, token authentication: nothing to do.
+_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 #: Test hook (tests/test_ray.py): the path of a marker file. A model actor that finds the file
 #: (holding nothing, or text that is part of the input's path) deletes it and kills its own
@@ -314,10 +320,47 @@ def _native_stderr_without(unwanted: str) -> Iterator[None]:
                 sys.stderr.flush()
 
 
+@contextlib.contextmanager
+def _loopback_if_started_here(address: Optional[str]) -> Iterator[None]:
+    """Inside the block, a Ray that ``ray.init`` starts (no address given, none in ``RAY_ADDRESS``)
+    takes 127.0.0.1 for its node's address, so that all its sockets but one listen there (see
+    :data:`_CLUSTER_ENV`; the processes it starts read the variable, this one Ray's constant).
+    Ray Serve's replicas still listen on all interfaces for each other (a port hard-coded in
+    ``ray/serve/_private/replica.py``), behind Ray's token."""
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    from ray._private import ray_constants
+
+    before, os.environ[_CLUSTER_ENV] = os.environ.get(_CLUSTER_ENV), "0"
+    cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if before is None:
+            del os.environ[_CLUSTER_ENV]
+        else:
+            os.environ[_CLUSTER_ENV] = before
+
+
 def _init_ray(ray: Any, address: Optional[str]) -> None:
     """``ray.init`` for the Ray this run starts or connects to, its logging kept to what matters:
     Python warnings and errors, and Ray's core only where it fails (fatal), unless the user chose
-    the core's level in ``RAY_BACKEND_LOG_LEVEL`` (see :data:`BACKEND_LOG_LEVEL_ENV`)."""
+    the core's level in ``RAY_BACKEND_LOG_LEVEL`` (see :data:`BACKEND_LOG_LEVEL_ENV`). A Ray
+    started here listens on 127.0.0.1 (:func:`_loopback_if_started_here`)."""
+    notice = logging.Filter()
+    notice.filter = lambda record: _TOKEN_NOTICE not in record.getMessage()  # type: ignore[method-assign]
+    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    token_logger.addFilter(notice)
+    try:
+        with _loopback_if_started_here(address):
+            _init_ray_quietly(ray, address)
+    finally:
+        token_logger.removeFilter(notice)
+
+
+def _init_ray_quietly(ray: Any, address: Optional[str]) -> None:
     options = dict(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                    logging_level=logging.WARNING, configure_logging=True)
     if os.environ.get(BACKEND_LOG_LEVEL_ENV):

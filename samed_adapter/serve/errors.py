@@ -37,6 +37,12 @@ class NotFoundError(ServeError):
     status = 404
 
 
+class RequestTimeoutError(ServeError):
+    """An upload whose body did not arrive within --body-timeout (408)."""
+
+    status = 408
+
+
 class PayloadTooLargeError(ServeError):
     """An upload over --max-upload-mb, or a scan over --max-voxels (413)."""
 

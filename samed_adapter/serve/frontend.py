@@ -41,6 +41,7 @@ from .residents import SliceChunk, chunk_size
 from .settings import ServeSettings
 from .uploads import (
     UPLOAD,
+    bound_body,
     label_name,
     params_json,
     segment_options,
@@ -127,6 +128,7 @@ class Frontend:
         start = time.perf_counter()
         status = 500
         counted = False
+        bound_body(request, self.settings.body_timeout_s)  # a stalled upload would hold its slot
         try:
             if authorize:
                 self._authorize(request)
@@ -148,6 +150,8 @@ class Frontend:
             response = _error(err)
             if status == 503:
                 response.headers["Retry-After"] = "5"
+            if status == 408:  # the rest of that body is not read: the connection cannot carry another request
+                response.headers["Connection"] = "close"
             return response
         except Exception as err:  # noqa: BLE001 - a client gets one line, never a traceback
             logging.getLogger("ray.serve").exception("samed-adapter: %s failed", route)  # the replica's log has it

@@ -15,6 +15,10 @@ from .catalog import AdapterCatalog
 from .settings import ServeSettings
 
 APP_NAME = "samed-adapter"
+#: requests the front takes at once. Ray Serve answers a request over this, or over its queue,
+#: itself, with a plain-text 503; the front's own bound (--max-queue, a JSON 503 before the body is
+#: read) and --body-timeout come first, so this is set out of reach, and Ray's queue left unbounded.
+FRONT_ONGOING = 100_000
 
 
 @dataclass
@@ -88,9 +92,7 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
             ray_actor_options=_replica_resources(ray, settings, local=settings.ray_address is None),
         ).bind(settings)
         frontend = Frontend.options(
-            # Our own bound answers 503 with a JSON body; Ray Serve's is the backstop behind it.
-            max_ongoing_requests=settings.max_queue + 16, max_queued_requests=settings.max_queue,
-            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=FRONT_ONGOING, ray_actor_options={"num_cpus": 0},
         ).bind(segmenter, settings)
         serve.run(frontend, name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:

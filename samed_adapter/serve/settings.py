@@ -30,6 +30,8 @@ class ServeSettings:
         batching: "mixed" (adapters share a forward pass) or "per-adapter" (the baseline).
         max_queue: segment requests in progress at once; more are answered 503.
         max_upload_mb: the largest upload; max_voxels: the largest scan (as `segment --max-voxels`).
+        body_timeout_s: seconds a request's body may take to arrive; later it is answered 408 and
+            its slot freed (a client that declares a body and stalls would hold it until it closes).
         ray_address: an existing Ray cluster (None: a local Ray started by the server).
     """
 
@@ -49,6 +51,7 @@ class ServeSettings:
     batching: str = "mixed"
     max_queue: int = 32
     max_upload_mb: float = 1024.0
+    body_timeout_s: float = 60.0
     max_voxels: Optional[int] = None
     allow_base_mismatch: bool = False
     ray_address: Optional[str] = None
@@ -74,8 +77,9 @@ class ServeSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
                 span = f"{low}..{high}" if high is not None else f"at least {low}"
                 raise ValueError(f"{flag} must be an integer {span}, got {value!r}")
-        if self.gpus_per_replica < 0 or self.batch_wait_ms < 0 or self.max_upload_mb <= 0:
-            raise ValueError("--gpus-per-replica and --batch-wait-ms must be at least 0 and --max-upload-mb above 0")
+        if self.gpus_per_replica < 0 or self.batch_wait_ms < 0 or self.max_upload_mb <= 0 or not self.body_timeout_s > 0:
+            raise ValueError("--gpus-per-replica and --batch-wait-ms must be at least 0, --max-upload-mb and "
+                             "--body-timeout above 0")
         if self.batching not in BATCHING:
             raise ValueError(f"--batching must be {' or '.join(BATCHING)}, got {self.batching!r}")
         if self.gpus_per_replica > 0 and self.device == "cpu":

@@ -7,12 +7,14 @@ request ends, whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import stat
 import struct
 import tempfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Optional
@@ -20,7 +22,7 @@ from typing import Any, BinaryIO, Optional
 import numpy as np
 
 from ..io.volumes import image_suffix
-from .errors import BadRequestError, PayloadTooLargeError, UnprocessableError
+from .errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError, UnprocessableError
 
 #: the uploads a request may carry: a NIfTI volume, or a zip of one DICOM series.
 UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".zip")
@@ -49,6 +51,34 @@ class RequestFolder:
 
     def __exit__(self, *exc: Any) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def bound_body(request: Any, seconds: float) -> None:
+    """Give ``request``'s body ``seconds`` from now to arrive: a read of it after that raises
+    :class:`RequestTimeoutError` (408), so that a client that declares a body and stalls frees its
+    slot instead of holding it until it closes (``serve --body-timeout``).
+
+    Starlette reads every body (a form, JSON, a stream) through the request's ``_receive``, the
+    ASGI channel, so the deadline is put there; once the last part of the body came, reads pass.
+    """
+    receive = request._receive
+    deadline = time.monotonic() + seconds
+    arrived = False
+
+    async def bounded() -> dict[str, Any]:
+        nonlocal arrived
+        if arrived:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"the request's body did not arrive within {seconds:g} s (this server's "
+                                      "--body-timeout); send it again, on a faster link, or ask for a longer "
+                                      "samed-adapter serve --body-timeout") from None
+        arrived = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    request._receive = bounded
 
 
 def too_large(message: str, source: Path) -> PayloadTooLargeError:
