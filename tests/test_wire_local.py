@@ -5,7 +5,6 @@ the command line are true."""
 from __future__ import annotations
 
 import json
-import random
 import re
 import shlex
 import shutil
@@ -40,28 +39,25 @@ def _labels(path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- two runs, one folder
 
 
-def _in_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make two runs meet at each input's writing and then write in a random order: both reach
-    an input's write_prepared together (a barrier per label file), and the label file and the
-    record each wait a random while before they land."""
+def _crossed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make two runs write each input at the same moment, in the order that crosses them: both
+    reach an input's write_prepared together (a barrier per label file); the first there writes
+    its label file late and its record at once, the second its label file at once and its record
+    later still. Unlocked, that leaves the first's labels beside the second's record, every time;
+    under the lock, whichever holds it writes both before the other starts."""
     import samed_adapter.io as sio
 
     barriers: dict[Path, threading.Barrier] = {}
     guard = threading.Lock()
-    rng = random.Random(0)
-
-    def pause() -> None:
-        with guard:
-            delay = rng.uniform(0.0, 0.04)
-        time.sleep(delay)
+    arrived = threading.local()  # 0 or 1: this writer's place at its input's barrier
 
     def meet(label_path: Path) -> None:
         with guard:
             barrier = barriers.setdefault(Path(label_path), threading.Barrier(2, timeout=20))
         try:
-            barrier.wait()
+            arrived.place = barrier.wait()
         except threading.BrokenBarrierError:  # the other run failed this input: nothing to meet
-            pass
+            arrived.place = 0
 
     real_write, real_labels, real_json = pipeline.write_prepared, sio.write_labels, outputs._write_json
 
@@ -70,11 +66,12 @@ def _in_step(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_write(prepared, labels, probs, label_path, *args, **kwargs)
 
     def write_labels(*args, **kwargs):
-        pause()
+        time.sleep(0.05 if arrived.place == 0 else 0.0)
         return real_labels(*args, **kwargs)
 
     def write_json(data, path):
-        pause()
+        if "adapter_fingerprint" in data and "pending" not in data:  # the finished record
+            time.sleep(0.1 if arrived.place == 1 else 0.0)
         return real_json(data, path)
 
     monkeypatch.setattr(pipeline, "write_prepared", write_prepared)
@@ -96,7 +93,7 @@ def test_two_runs_into_one_folder_leave_each_label_file_beside_its_own_record(ad
         expected[name] = {p.name: _labels(tmp_path / f"alone_{name}" / p.name) for p in src}
     assert sum(not np.array_equal(expected["a"][k], expected["b"][k]) for k in expected["a"]) >= 10
 
-    _in_step(monkeypatch)
+    _crossed(monkeypatch)
     out = tmp_path / "out"
     results: dict[str, list] = {}
 
