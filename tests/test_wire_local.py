@@ -258,7 +258,8 @@ class _StandIn:
                 try:
                     self._send(200, "application/zip", stand_in.segment(self.headers["Content-Type"], body))
                 except Exception as err:  # noqa: BLE001 - the server's JSON error, as it answers
-                    self._send(getattr(err, "status", 500), "application/json", json.dumps({"error": str(err)}).encode())
+                    answer = json.dumps({"error": str(err)}).encode()
+                    self._send(getattr(err, "status", 500), "application/json", answer)
 
             def _send(self, status: int, kind: str, data: bytes) -> None:
                 self.send_response(status)

@@ -243,7 +243,8 @@ def lock_path(label_path: Path) -> Path:
 
 
 @contextmanager
-def writing_outputs(label_path: Path, planned: Sequence[Path], record: Optional[dict[str, Any]]) -> Iterator[list[Path]]:
+def writing_outputs(label_path: Path, planned: Sequence[Path],
+                    record: Optional[dict[str, Any]]) -> Iterator[list[Path]]:
     """Hold ``label_path``'s outputs while one input writes them: ``with writing_outputs(...) as
     written: ...`` (append each file to ``written`` as it lands).
 
