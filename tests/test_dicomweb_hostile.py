@@ -307,6 +307,26 @@ def test_a_series_over_its_limit_stops_although_each_instance_is_small(study, ad
                max_series_bytes=80 << 10)
 
 
+def test_the_instance_count_restarts_at_every_boundary_even_one_split_between_pieces():
+    """What the instance limit counts: the bytes since the last multipart boundary, however the answer
+    arrives in pieces (a boundary may straddle two reads)."""
+    import random
+
+    from samed_adapter.dicomweb.limits import Limits, _CappedBody
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        marker = b"--" + bytes(rng.choice(b"ab") for _ in range(rng.randint(1, 4)))
+        body = bytes(rng.choice(b"-ab.") for _ in range(rng.randint(0, 60)))
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randint(0, 8))))
+        counted = _CappedBody(None, Limits(), "server", f"multipart/related; boundary={marker[2:].decode()}")
+        for start, end in zip([0, *cuts], [*cuts, len(body)]):
+            if end > start:
+                counted._count(body[start:end])
+        at = body.rfind(marker)
+        assert counted._part == (len(body) - at - len(marker) if at >= 0 else len(body)), (marker, body, cuts)
+
+
 def test_qido_pages_of_new_series_without_end_stop_at_the_page_and_series_limits(study, adapter, tmp_path, capsys):
     def page(offset: int) -> list[dict[str, Any]]:  # 200 new series on every page, whatever the offset
         return [{"0020000E": _element("UI", f"1.2.3.{offset + k}"), "00080060": _element("CS", "CT")}

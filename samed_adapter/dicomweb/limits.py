@@ -160,10 +160,17 @@ class _CappedBody:
     def _count(self, chunk: bytes) -> None:
         self._total += len(chunk)
         if self._marker is not None:
-            seen = self._tail + chunk
-            at = seen.rfind(self._marker)
-            self._part = len(seen) - at - len(self._marker) if at >= 0 else self._part + len(chunk)
-            self._tail = seen[-(len(self._marker) - 1):] if len(self._marker) > 1 else b""
+            marker = self._marker
+            at = chunk.rfind(marker)
+            if at >= 0:
+                self._part = len(chunk) - at - len(marker)
+            else:  # a marker split between the last piece and this one (only the edges are joined: no copy)
+                edge = self._tail + chunk[:len(marker) - 1]
+                split = edge.rfind(marker)
+                self._part = len(edge) - split - len(marker) + len(chunk) - min(len(chunk), len(marker) - 1) \
+                    if split >= 0 else self._part + len(chunk)
+            self._tail = (self._tail + chunk)[-(len(marker) - 1):] if len(chunk) < len(marker) else \
+                chunk[-(len(marker) - 1):]
         else:
             self._part = self._total
         limits = self._limits
