@@ -126,18 +126,28 @@ def test_two_runs_into_one_folder_leave_each_label_file_beside_its_own_record(ad
             sorted(k for k, v in owner.items() if v == name)
 
 
+@pytest.mark.parametrize("via", ["local", "server"])
 def test_an_input_another_run_holds_waits_and_then_fails_with_the_lock_named(adapters, capsys, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, via):
     """A run whose outputs another run holds (here: the test) waits for it, then fails that input
-    with one line naming the lock and --continue; the other inputs are written, nothing of it."""
+    with one line naming the lock and --continue; the other inputs are written, nothing of it.
+    With --server the client takes the same lock before it writes what the server sent."""
+    import contextlib
+
     from samed_adapter.io.files import held_lock
 
     src = [_scan(tmp_path / "in" / f"s{i}.nii.gz", seed=i) for i in range(2)]
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setattr(outputs, "LOCK_TIMEOUT", 0.5)
-    with held_lock(outputs.lock_path(out / "s0.nii.gz"), timeout=1):
-        code, stdout, err = run(capsys, "segment", *TINY, "--adapter", adapters["a"], *src, "-o", out)
+    with contextlib.ExitStack() as stack:
+        if via == "server":
+            server = stack.enter_context(_StandIn(adapters["a"], tmp_path / "server"))
+            how = ["--server", server.url, "--adapter", "a"]
+        else:
+            how = [*TINY, "--adapter", adapters["a"]]
+        with held_lock(outputs.lock_path(out / "s0.nii.gz"), timeout=1):
+            code, stdout, err = run(capsys, "segment", *how, *src, "-o", out)
     assert code == 1 and "segmented 1 of 2 inputs" in stdout, err
     assert "another samed-adapter run has been writing" in err and ".s0.samed-adapter.lock" in err
     assert "--continue" in err and "Traceback" not in err
