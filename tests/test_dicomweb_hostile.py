@@ -403,3 +403,20 @@ def test_a_stow_request_taken_and_dropped_says_the_server_may_hold_part(study, a
     assert code == 2 and "went away while storing the results of series 2_axial_1 (STOW-RS)" in line, line
     assert "the server may hold part of the results of series 2_axial_1" in line and "--continue" in line, line
     assert "nothing was stored" not in line, line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-pages", "3", "x.nii.gz", "-o", "o"], "--max-pages goes with --dicomweb URL"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "-o", "o", "--max-instance-size", "2X"],
+     "argument --max-instance-size: '2X' is not a size; give bytes, e.g. 500M, 2G or 1048576"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "-o", "o", "--max-run-time", "soon"],
+     "argument --max-run-time: 'soon' is not a duration"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "-o", "o", "--max-series", "0"],
+     "argument --max-series: '0' is not a positive whole number"),
+])
+def test_limit_flags_are_checked_before_any_work(argv, message, capsys):
+    try:
+        code, _, err = run(capsys, "segment", *TINY, "--adapter", "missing.safetensors", *argv)
+    except SystemExit as stop:  # argparse's own refusal of a flag's value
+        code, err = stop.code, capsys.readouterr().err
+    assert code == 2 and message in err, err
