@@ -74,7 +74,7 @@ class Limits:
     max_series: int = 2000
     max_pages: int = 1000
     max_run_time: float = 24 * 3600.0
-    started: float = field(default_factory=time.monotonic, compare=False)
+    started: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("max_instance_bytes", "max_series_bytes", "max_series", "max_pages", "max_run_time"):
