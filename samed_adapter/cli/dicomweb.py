@@ -204,8 +204,8 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
         _fail("segment", str(err))
         return 2
     except KeyboardInterrupt:
-        _fail("segment", "interrupted; what was stored is complete (one request per series), nothing else was "
-                         "stored; run the same command with --continue to do the rest")
+        _fail("segment", "interrupted; what was stored before is complete (one request per series), and a request "
+                         "under way may be stored in part; run the same command with --continue to do the rest")
         return 130
     where = f" into {args.output}" if args.output is not None else ""
     stored = f", {counts['stored']} stored on {shown_url(args.store_to or args.dicomweb)}" if args.store else ""

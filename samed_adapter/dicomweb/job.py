@@ -138,7 +138,9 @@ def segment_study(
         DicomWebAuthError: the server refused the credentials.
         StudyNotFoundError: no such study, or a series named is not in it.
         DicomWebConnectionError: the server could not be reached or went away; what was stored
-            before is complete (the message says which series), nothing else was stored.
+            before is complete (the message says which series), nothing else was stored, except
+            that a STOW-RS request the server took before it went away may be stored in part
+            (the message says so; ``skip_stored`` then stores what it lacks).
         StoreError: the server refused some results of a series.
         LimitError: a server sent more, or took longer, than ``limits`` allow.
         BadAnswerError: a QIDO-RS answer that is not DICOM JSON. (A WADO-RS answer that is not
