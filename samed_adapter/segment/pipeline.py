@@ -568,7 +568,9 @@ def segment_files(
             existing file is a complete one): `--continue`.
         overwrite: replace files at planned output paths that samed-adapter did not write (no
             record beside them); without it such an input fails and the file is kept. Outputs of
-            earlier runs are always ours to make again. Inputs are never overwritten.
+            earlier runs are always ours to make again. Inputs are never overwritten. Another run
+            writing an input's outputs at the same time is waited for (see
+            :func:`~samed_adapter.segment.outputs.writing_outputs`).
         num_parts, part_id: take a deterministic share of the inputs, for splitting an archive
             between machines without any engine.
         options: what to write and how to predict, see
