@@ -40,8 +40,11 @@ def test_serve_answers_until_ctrl_c(tmp_path):
         assert info["models"]["organs"]["labels"] == {"liver": 1, "spleen": 2}
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=120)
-        err = proc.stderr.read()
+        out, err = line + proc.stdout.read(), proc.stderr.read()
         assert code == 0 and "stopped" in err and "Traceback" not in err, err
+        # Nothing of Ray's: its token-auth notice on start, its controller's "graceful_shutdown failed" on stop.
+        theirs = [text for text in (out + err).splitlines() if text and not text.startswith("samed-adapter serve:")]
+        assert not theirs, theirs
         time.sleep(0.5)
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/healthz", timeout=5)
@@ -69,3 +72,21 @@ def test_serve_refuses_gpus_the_local_ray_does_not_have(tmp_path, capsys):
         code, _, err = run(capsys, "serve", "--sam-backbone", "tiny", "--random-sam-seed", 0, "--adapters", tmp_path,
                            "--port", busy.getsockname()[1])
     assert code == 2 and "cannot listen there" in err and "another --port" in err and "Traceback" not in err, err
+
+
+def test_serve_says_in_one_line_that_its_model_replicas_failed(tmp_path):
+    """The front answers before the model replicas run; one that fails to start ends the command
+    with its exception in one line (was Ray's traceback, "Failed to update the deployments")."""
+    config = sa.AdapterConfig(num_classes=1, image_size=64, class_names=["liver"])
+    random_adapter(sa.build_sam("tiny", seed=0), config, seed=4).save(tmp_path / "liver.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "samed_adapter.cli", "serve", "--sam-backbone", "tiny", "--random-sam-seed", "0",
+         "--adapters", str(tmp_path), "--port", str(port), "--device", "nope"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(error) == 1 and "replicas failed to start (Segmenter: RuntimeError:" in error[0], done.stderr
+    assert "nope" in error[0], error

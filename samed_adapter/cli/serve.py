@@ -13,9 +13,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the server and answer until Ctrl-C (or SIGTERM); 0 when stopped that way."""
     from ..segment.pipeline import SamSource
     from ..serve.catalog import parse_pairs
-    from ..serve.server import start
+    from ..serve.server import DeployError, start
     from ..serve.settings import ServeSettings
-    from .main import _warn
+    from .main import _fail, _warn
 
     if args.sam is None and args.random_sam_seed is None:
         raise ValueError("--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and "
@@ -45,9 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             print(f"samed-adapter serve: serving at {server.url} (native API: {server.url}/v1/adapters; 3D Slicer's "
                   f"MONAI Label module: server address {server.url}); Ctrl-C stops", flush=True)
-            stop.wait()
+            while not stop.wait(1.0):
+                server.check()  # a model replica that failed to start after the front answered
         finally:
             server.shutdown()
+    except DeployError as err:
+        _fail("serve", str(err))
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

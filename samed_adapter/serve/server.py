@@ -21,6 +21,11 @@ APP_NAME = "samed-adapter"
 FRONT_ONGOING = 100_000
 
 
+class DeployError(RuntimeError):
+    """Ray Serve gave up starting a deployment: its replicas' constructor failed (one line, the
+    replica's exception)."""
+
+
 @dataclass
 class Server:
     """A running server: ``url`` to call, :meth:`shutdown` to stop it (and the Ray it started)."""
@@ -29,15 +34,29 @@ class Server:
     settings: ServeSettings
     started_ray: bool
 
+    def check(self) -> None:
+        """Raise :class:`DeployError` if Ray Serve gave up starting a replica: the model replicas
+        may still be starting when the front first answers, and fail after that."""
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        if app is None or app.status != "DEPLOY_FAILED":
+            return
+        # A deployment's message ends with its replica's exception (the traceback before it is Ray's log's).
+        why = [f"{name}: {status.message.strip().splitlines()[-1]}" for name, status in app.deployments.items()
+               if status.status == "DEPLOY_FAILED" and status.message.strip()]
+        raise DeployError(f"the server's replicas failed to start ({'; '.join(why) or app.message}); Ray's logs "
+                          "(/tmp/ray/session_latest/logs/serve/) have the whole traceback")
+
     def shutdown(self) -> None:
         import ray
         from ray import serve
 
         try:
             serve.delete(APP_NAME)
-            if self.started_ray:
-                serve.shutdown()
         finally:
+            # A Ray started here stops with Serve's actors in it; serve.shutdown first would have Ray
+            # print its controller's shutdown task as failed (killed while it ran).
             if self.started_ray:
                 ray.shutdown()
 
@@ -57,7 +76,8 @@ def _import_serve() -> Any:
 
 
 def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
-    """Start serving ``settings``' adapters; returns once ``/healthz`` answers.
+    """Start serving ``settings``' adapters; returns once ``/healthz`` answers (the model replicas
+    may still be starting: requests wait for them, and :meth:`Server.check` raises if they fail).
 
     The catalog is checked here first (folders and files exist), so a typo is one line, not a
     replica that fails to start; each replica then builds its SAM from ``settings.sam``.
@@ -94,14 +114,25 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
         frontend = Frontend.options(
             max_ongoing_requests=FRONT_ONGOING, ray_actor_options={"num_cpus": 0},
         ).bind(segmenter, settings)
-        serve.run(frontend, name=APP_NAME, route_prefix="/", blocking=False)
+        # serve.run returns once every replica runs, polling each second; the front answers before
+        # the model replicas are up (requests wait for them), so readiness is its first answer.
+        # serve._run (in ray.serve's __all__) is serve.run that can leave the waiting to us.
+        deploy = getattr(serve, "_run", None)
+        if deploy is not None:
+            deploy(frontend, _blocking=False, name=APP_NAME, route_prefix="/")
+        else:
+            serve.run(frontend, name=APP_NAME, route_prefix="/", blocking=False)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        server = Server(f"http://{host}:{settings.port}", settings, started_ray)
     except BaseException:
         if started_ray:
             ray.shutdown()
         raise
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    server = Server(f"http://{host}:{settings.port}", settings, started_ray)
-    _wait_healthy(server.url, ready_timeout_s)
+    try:
+        _wait_healthy(server, ready_timeout_s)
+    except BaseException:
+        server.shutdown()
+        raise
     return server
 
 
@@ -141,15 +172,19 @@ def _replica_resources(ray: Any, settings: ServeSettings, *, local: bool) -> dic
     return {"num_cpus": share, "num_gpus": 0}
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(server: Server, timeout_s: float) -> None:
+    """Return once ``/healthz`` answers 200 (Ray Serve's proxy answers 404 until the route is
+    there, then holds a request until the front runs); raise what failed the deployment first."""
     deadline = time.monotonic() + timeout_s
     while True:
+        server.check()
+        left = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+            with urllib.request.urlopen(f"{server.url}/healthz", timeout=max(0.5, min(left, 5.0))) as answer:
                 if answer.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the server at {url} did not answer /healthz within {timeout_s:.0f} s")
-        time.sleep(0.2)
+        if left < 0:
+            raise TimeoutError(f"the server at {server.url} did not answer /healthz within {timeout_s:.0f} s")
+        time.sleep(0.1)
