@@ -45,8 +45,9 @@ class Server:
         # A deployment's message ends with its replica's exception (the traceback before it is Ray's log's).
         why = [f"{name}: {status.message.strip().splitlines()[-1]}" for name, status in app.deployments.items()
                if status.status == "DEPLOY_FAILED" and status.message.strip()]
-        raise DeployError(f"the server's replicas failed to start ({'; '.join(why) or app.message}); Ray's logs "
-                          "(/tmp/ray/session_latest/logs/serve/) have the whole traceback")
+        raise DeployError(f"the server's replicas failed to start ({'; '.join(why) or app.message}); the replica's "
+                          "log in Ray's session folder (logs/serve/; /tmp/ray/session_latest for a Ray started here) "
+                          "has the traceback")
 
     def shutdown(self) -> None:
         import ray
