@@ -28,7 +28,8 @@ from scipy import ndimage
 import samed_adapter as sa
 from samed_adapter.inference import stages as inference
 from samed_adapter.io import read_image
-from samed_adapter.segment.pipeline import SamSource, find_jobs, segment_files
+from samed_adapter.segment.job import find_jobs
+from samed_adapter.segment.pipeline import SamSource, segment_files
 from samed_adapter.testing import random_adapter
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from samed_adapter.cli import main as cli
-from samed_adapter.segment.pipeline import find_jobs, select_part
+from samed_adapter.segment.job import find_jobs, select_part
 from samed_adapter.testing.cli import run  # noqa: E402
 
 TINY = ["--sam-backbone", "tiny", "--random-sam-seed", "0"]

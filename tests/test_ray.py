@@ -23,6 +23,7 @@ import ray  # noqa: E402
 
 import samed_adapter  # noqa: E402
 from samed_adapter.segment import ray_data as ray_backend  # noqa: E402
+from samed_adapter.segment import ray_start  # noqa: E402
 from samed_adapter.cli.demo import build_mni_task  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource, segment_files  # noqa: E402
 from samed_adapter.testing import random_adapter  # noqa: E402
@@ -148,7 +149,7 @@ def test_a_ray_run_started_by_the_command_says_only_its_own_lines(archive, tmp_p
     descriptors that capture_output does)."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != ray_backend.BACKEND_LOG_LEVEL_ENV}
+    env = {k: v for k, v in os.environ.items() if k != ray_start.BACKEND_LOG_LEVEL_ENV}
     done = subprocess.run([sys.executable, "-m", "samed_adapter.cli", "segment", "--sam-backbone", "tiny",
                            "--random-sam-seed", "0", "--adapter", str(archive["adapter"]), str(archive["inputs"]),
                            "-o", str(tmp_path / "out"), "--ray"], capture_output=True, text=True, timeout=600,
@@ -169,22 +170,22 @@ def test_ray_core_logging_is_fatal_only_while_ray_starts_unless_the_user_chose(m
 
     class FakeRay:
         def init(self, **options):
-            seen.append(os.environ.get(ray_backend.BACKEND_LOG_LEVEL_ENV))
+            seen.append(os.environ.get(ray_start.BACKEND_LOG_LEVEL_ENV))
             os.write(2, b"[2026-01-01 00:00:00,000 I 1 1] logging.cc:303: Set ray log level from environment "
                         b"variable RAY_BACKEND_LOG_LEVEL to 5\n")
 
-    monkeypatch.delenv(ray_backend.BACKEND_LOG_LEVEL_ENV, raising=False)
-    ray_backend._init_ray(FakeRay(), None)
-    assert seen == ["fatal"] and ray_backend.BACKEND_LOG_LEVEL_ENV not in os.environ
-    monkeypatch.setenv(ray_backend.BACKEND_LOG_LEVEL_ENV, "debug")
-    ray_backend._init_ray(FakeRay(), None)
-    assert seen == ["fatal", "debug"] and os.environ[ray_backend.BACKEND_LOG_LEVEL_ENV] == "debug"
+    monkeypatch.delenv(ray_start.BACKEND_LOG_LEVEL_ENV, raising=False)
+    ray_start.init_ray(FakeRay(), None)
+    assert seen == ["fatal"] and ray_start.BACKEND_LOG_LEVEL_ENV not in os.environ
+    monkeypatch.setenv(ray_start.BACKEND_LOG_LEVEL_ENV, "debug")
+    ray_start.init_ray(FakeRay(), None)
+    assert seen == ["fatal", "debug"] and os.environ[ray_start.BACKEND_LOG_LEVEL_ENV] == "debug"
 
 
 def test_native_stderr_passes_on_all_but_the_unwanted_lines(capfd):
     """What C++ writes to descriptor 2 while Ray starts comes back in order, less Ray's notice."""
     print("before", file=sys.stderr)
-    with ray_backend._native_stderr_without("Set ray log level"):
+    with ray_start._native_stderr_without("Set ray log level"):
         os.write(2, b"a real problem\n[...] logging.cc:303: Set ray log level from environment variable\n")
         os.write(2, b"another\n")
     print("after", file=sys.stderr)

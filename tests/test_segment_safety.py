@@ -230,7 +230,7 @@ def test_symlink_loops_and_second_links_are_searched_once(adapters, capsys, tmp_
         _scan(src / "scans" / f"s{i}.nii.gz", seed=i)
     (src / "scans" / "loop").symlink_to(src)        # a loop back to the top
     (src / "again").symlink_to(src / "scans")       # a second name for one folder
-    from samed_adapter.segment.pipeline import find_jobs
+    from samed_adapter.segment.job import find_jobs
 
     jobs, problems = find_jobs([src], tmp_path / "out")
     assert problems == []

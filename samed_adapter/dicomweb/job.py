@@ -21,7 +21,7 @@ from .query import StoredResults
 from .session import Credentials, open_client
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..segment.pipeline import InputResult
+    from ..segment.job import InputResult
     from .query import SeriesInfo, StudyInfo
     from .study import FetchedSeries
 

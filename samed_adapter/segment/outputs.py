@@ -427,7 +427,7 @@ def _check_spares_input(input: Union[str, os.PathLike], label_path: Path, option
                         class_names: Sequence[str]) -> None:
     """ValueError when an output of ``label_path`` is the input or one of its files (symlinks followed),
     before anything is read or written: ``segment_file("ct.nii.gz", "ct.nii.gz")`` would replace the scan."""
-    from .pipeline import Job, input_files
+    from .job import Job, input_files
 
     reads = input_files([Job(source=os.fspath(input), out=label_path)], [input])
     hit = next((o for o in output_files(label_path, options, class_names) if o.resolve() in reads), None)
