@@ -22,7 +22,7 @@ from .surgery.structure import encoder_lora_layers, require_stock_state
 from .surgery.transfer import extract_adapter
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .io.volumes import Volume
+    from .io.volume import Volume
 
 
 class SAMed(nn.Module):
@@ -226,7 +226,9 @@ class SAMed(nn.Module):
             Integer labels 0..K (uint8 when K < 255), as described for each kind of input, or
             ``(labels, probabilities)`` with ``return_probabilities``.
         """
-        from .io.volumes import Volume, label_nifti, read_image, volume_from_nifti
+        from .io.nifti import label_nifti, volume_from_nifti
+        from .io.volume import Volume
+        from .io.volumes import read_image
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

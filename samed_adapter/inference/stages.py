@@ -25,7 +25,7 @@ from ..volume.geometry import SliceGeometry
 from ..volume.preprocessing import Intensity, contrast_warning
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..io.volumes import Volume
+    from ..io.volume import Volume
     from ..model import SAMed
 
 __all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_model_size", "check_unit_range", "predict",

@@ -2,7 +2,8 @@
 
 Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 ``Volume.array[k, j, i]`` is NIfTI voxel ``(i, j, k)``.  See
-:mod:`samed_adapter.io.volumes` for the full convention,
+:mod:`samed_adapter.io.volume` for the full convention (readers by format: :mod:`.nifti`,
+:mod:`.png_npy`, :mod:`.volumes` for any of them),
 :mod:`samed_adapter.io.dicom_series` for DICOM folders and series (even slice spacing),
 :mod:`samed_adapter.io.limits` for how big an input may be, and
 :mod:`samed_adapter.volume.geometry` for how volumes are cut into the model's slices.
@@ -23,18 +24,10 @@ from samed_adapter.io.errors import ImageReadError, ImageTooLargeError, Truncate
 from samed_adapter.io.limits import DEFAULT_MAX_VOXELS, check_voxels
 from samed_adapter.io.overlay import colour_table, overlay_montage, overlay_volume
 from samed_adapter.io.rtstruct import read_rtstruct, write_rtstruct
-from samed_adapter.io.volumes import (
-    READ_SUFFIXES,
-    WRITE_SUFFIXES,
-    Volume,
-    label_nifti,
-    nifti_voxels,
-    output_path,
-    read_image,
-    volume_from_nifti,
-    voxel_sizes,
-    write_labels,
-)
+from samed_adapter.io.nifti import label_nifti, nifti_voxels, volume_from_nifti
+from samed_adapter.io.paths import READ_SUFFIXES, WRITE_SUFFIXES, output_path
+from samed_adapter.io.volume import Volume, voxel_sizes
+from samed_adapter.io.volumes import read_image, write_labels
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",

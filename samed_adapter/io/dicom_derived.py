@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .volumes import Volume
+from .volume import Volume
 
 #: AlgorithmName of every segment, and maker of every structure set, written here.
 ALGORITHM_NAME = "samed-adapter"

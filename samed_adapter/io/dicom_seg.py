@@ -41,7 +41,7 @@ from .dicom_derived import (
     slice_stack,
     source_header,
 )
-from .volumes import Volume
+from .volume import Volume
 
 __all__ = ["ALGORITHM_NAME", "read_dicom_seg", "write_dicom_seg"]
 

@@ -38,7 +38,7 @@ from .limits import DEFAULT_MAX_VOXELS, check_voxels
 from .slice_spacing import even_run, shortened
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .volumes import Volume
+    from .volume import Volume
 
 __all__ = ["COVERS", "NOT_IMAGES", "DicomFolder", "DicomSeries", "find_dicom", "is_dicom_file", "list_dicom_series",
            "probe_dicom", "read_dicom_folder", "read_dicom_path", "read_dicom_series"]
@@ -602,7 +602,7 @@ def _read_dicom_slices(slices: list[_Slice], source: Path, max_voxels: int = DEF
     C.7.6.2.1.1 voxel-to-LPS map with its first two rows negated (RAS), as
     nibabel and dcm2niix build it.
     """
-    from .volumes import Volume, voxel_sizes
+    from .volume import Volume, voxel_sizes
 
     slices, messages = _split_odd_slices(slices, source)
     _check_one_frame(slices, source)

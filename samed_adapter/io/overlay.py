@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from samed_adapter.volume.geometry import RADIOLOGICAL
-from samed_adapter.io.volumes import Volume, atomic_path
+from samed_adapter.io.files import atomic_path
+from samed_adapter.io.volume import Volume
 
 __all__ = ["colour_table", "overlay_montage", "overlay_volume"]
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
-from ..io.volumes import image_suffix
+from ..io.paths import image_suffix
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.dicom_series import DicomSeries
-    from ..io.volumes import Volume
+    from ..io.volume import Volume
     from .outputs import OutputOptions
 
 __all__ = ["InputResult", "Job", "find_inputs", "find_jobs", "input_files", "select_part"]

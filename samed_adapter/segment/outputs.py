@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..adapter_file.adapter import Adapter
     from ..adapter_file.config import AdapterConfig
     from ..inference.stages import Prepared
-    from ..io.volumes import Volume
+    from ..io.volume import Volume
     from ..model import SAMed
 
 __all__ = ["OUTPUT_TYPES", "OutputsBusyError", "OutputOptions", "claim_outputs", "lock_path", "output_files",
@@ -122,13 +122,13 @@ class OutputOptions:
 
 
 def _stem(label_path: Path) -> str:
-    from ..io.volumes import image_stem
+    from ..io.paths import image_stem
 
     return image_stem(label_path)
 
 
 def _suffix(label_path: Path) -> str:
-    from ..io.volumes import image_suffix
+    from ..io.paths import image_suffix
 
     return image_suffix(label_path)
 
@@ -468,7 +468,8 @@ def segment_file(
     import nibabel as nib
 
     from ..adapter_file.adapter import Adapter
-    from ..io.volumes import label_nifti, read_image, volume_from_nifti
+    from ..io.nifti import label_nifti, volume_from_nifti
+    from ..io.volumes import read_image
     from ..patching import patch, unpatch
     from ..surgery.structure import get_stock_state
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..inference import stages as inference
-from ..io.volumes import image_suffix
+from ..io.paths import image_suffix
 from .job import InputResult, Job, find_inputs, input_files, select_part
 from .outputs import DICOM_OUTPUT_TYPES, OutputOptions, output_files, write_prepared
 

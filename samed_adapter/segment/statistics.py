@@ -20,7 +20,7 @@ __all__ = ["label_statistics"]
 
 def _as_voxels(name: str, value: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(array on the file's voxel grid, affine or None) of an ndarray, a Volume or a nibabel image."""
-    from ..io.volumes import Volume
+    from ..io.volume import Volume
 
     if isinstance(value, Volume):
         return value.voxels, value.affine
@@ -62,7 +62,7 @@ def label_statistics(
         (``(i, j, k)`` for NIfTI and DICOM inputs); the standard deviation is the population
         one (ddof 0). An empty class has 0 voxels and ``None`` for the mean, std and box.
     """
-    from ..io.volumes import Volume
+    from ..io.volume import Volume
 
     raw, affine = _as_voxels("image", image)
     if isinstance(image, Volume) and isinstance(labels, np.ndarray):

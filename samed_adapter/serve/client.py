@@ -220,7 +220,7 @@ def _upload(job: Any, tmp: Path) -> tuple[Path, str]:
     """The file to send for ``job`` and the name it goes up under: a NIfTI as it is, a DICOM
     series zipped (its slice files only)."""
     from ..io.dicom_series import list_dicom_series
-    from ..io.volumes import image_suffix
+    from ..io.paths import image_suffix
 
     source = Path(job.source)
     if job.series is None and source.is_file() and image_suffix(source) in (".nii", ".nii.gz"):

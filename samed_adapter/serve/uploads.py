@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Optional
 
 import numpy as np
 
-from ..io.volumes import image_suffix
+from ..io.paths import image_suffix
 from .errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError, UnprocessableError
 
 #: the uploads a request may carry: a NIfTI volume, or a zip of one DICOM series.

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from ..adapter_file.config import CT_ABDOMEN_WINDOW
 from ..volume.geometry import SliceGeometry, axis_codes, check_slice_axis, check_voxel_sizes, parse_orientation
 from ..io.limits import check_voxels
-from ..io.volumes import nifti_voxels
+from ..io.nifti import nifti_voxels
 from ..volume.preprocessing import Intensity
 from .augment import as_int_label
 
