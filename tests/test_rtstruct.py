@@ -399,3 +399,24 @@ def test_the_rtstruct_never_overwrites_an_input(adapter, capsys, tmp_path, ct_se
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == before
     assert f"its output {victim} would overwrite the input {victim}" in err, err
     assert code == 1
+
+
+def test_a_long_outline_is_written_whole(tmp_path: Path) -> None:
+    """An outline of thousands of points has more than the 64 KB of text that an element holds in
+    explicit VR (pydicom wrote it as UN, which no reader takes for coordinates): the file is implicit
+    VR, as rt-utils and planning systems write structure sets, and reads back whole."""
+    from samed_adapter.testing.dicom import write_ct_series
+
+    folder = write_ct_series(tmp_path / "ct", (2, 400, 400), iop=[1, 0, 0, 0, 1, 0], spacing=[0.7, 0.7])
+    volume = read_image(folder)
+    r, c = np.mgrid[:400, :400]
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[1][(np.abs(r - c) <= 2) | (np.abs(r + c - 399) <= 2)] = 1  # an X of staircases: ~3,200 corners
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = write_rtstruct(labels, volume, NAMES[:1], tmp_path / "rt.dcm", adapter_name="a")
+    ds = pydicom.dcmread(out)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    (contour,) = ds.ROIContourSequence[0].ContourSequence
+    assert contour.NumberOfContourPoints > 3000 and len(contour.ContourData) == 3 * contour.NumberOfContourPoints
+    np.testing.assert_array_equal(read_rtstruct(out, volume), labels)

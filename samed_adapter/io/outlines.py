@@ -191,10 +191,13 @@ def pixel_outlines(mask: np.ndarray) -> list[np.ndarray]:
         region's pixel edges, :data:`INSET` inside; the centres of exactly the region's pixels
         lie inside the polygons.
     """
-    padded = np.pad(np.asarray(mask, dtype=bool), 1)
-    starts, dirs = _edges(padded)
-    if not len(dirs):
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
         return []
+    # Traced within the region's bounding box (an organ covers a small part of a slice), then moved back.
+    padded = np.pad(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 1)
+    starts, dirs = _edges(padded)
     successor, outgoing = _successors(starts, dirs, padded.shape)
     loops = _Loops(starts, dirs, successor)
     cuts = _cuts(padded, starts, dirs, outgoing, loops)
@@ -209,8 +212,8 @@ def pixel_outlines(mask: np.ndarray) -> list[np.ndarray]:
                 stack.append(_walk(loops, cuts, *block))
             else:
                 blocks.append(block)
-        # Lattice corner j is padded column j's left edge, i.e. column j - 1.5 of the mask.
-        polygons.append(np.concatenate(blocks) / _UNIT - 1.5)
+        # Lattice corner j is padded column j's left edge, i.e. column j - 1.5 of the box.
+        polygons.append(np.concatenate(blocks) / _UNIT - 1.5 + [cols[0], rows[0]])
     return polygons
 
 
@@ -227,15 +230,29 @@ def fill_outlines(polygons: Sequence[np.ndarray], shape: tuple[int, int]) -> np.
     """
     rows, cols = shape
     toggles = np.zeros((rows, cols + 1), np.int64)
-    for polygon in polygons:
-        p = np.asarray(polygon, np.float64)
-        q = np.roll(p, -1, axis=0)
-        lo, hi = np.minimum(p[:, 1], q[:, 1]), np.maximum(p[:, 1], q[:, 1])
-        first, last = np.clip(np.ceil(lo), 0, rows), np.clip(np.ceil(hi), 0, rows)  # rows first..last-1
-        count = np.maximum(last - first, 0).astype(np.int64)
-        edge = np.repeat(np.arange(len(p)), count)
-        y = np.repeat(first, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-        t = (y - p[edge, 1]) / (q[edge, 1] - p[edge, 1])
-        x = p[edge, 0] + t * (q[edge, 0] - p[edge, 0])
-        np.add.at(toggles, (y.astype(np.int64), np.clip(np.ceil(x), 0, cols).astype(np.int64)), 1)
+    if not len(polygons):
+        return np.zeros(shape, bool)
+    # Every polygon's edges at once (p[e] -> q[e]): their crossings add up, even-odd.
+    p = np.concatenate([np.asarray(polygon, np.float64).reshape(-1, 2) for polygon in polygons])
+    q = np.concatenate([np.roll(np.asarray(polygon, np.float64).reshape(-1, 2), -1, axis=0) for polygon in polygons])
+    lo, hi = np.minimum(p[:, 1], q[:, 1]), np.maximum(p[:, 1], q[:, 1])
+    first, last = np.clip(np.ceil(lo), 0, rows), np.clip(np.ceil(hi), 0, rows)  # rows first..last-1
+    count = np.maximum(last - first, 0).astype(np.int64)
+    # A few edges at a time: an edge may cross every row, and a file may hold any number of them.
+    bounds = np.searchsorted(np.cumsum(count), np.arange(1, int(count.sum()) // _CROSSINGS + 1) * _CROSSINGS)
+    for edges in np.split(np.arange(len(p)), np.unique(bounds + 1)):
+        _toggle(toggles, p[edges], q[edges], first[edges], count[edges])
     return (np.cumsum(toggles, axis=1)[:, :cols] % 2).astype(bool)
+
+
+_CROSSINGS = 1 << 20  # scan-line crossings computed at once by fill_outlines
+
+
+def _toggle(toggles: np.ndarray, p: np.ndarray, q: np.ndarray, first: np.ndarray, count: np.ndarray) -> None:
+    """Add each crossing of edges ``p[e] -> q[e]`` with rows ``first[e] .. first[e] + count[e] - 1``
+    to ``toggles`` ``(H, W + 1)``, at the first column at or right of it."""
+    edge = np.repeat(np.arange(len(p)), count)
+    y = np.repeat(first, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    t = (y - p[edge, 1]) / (q[edge, 1] - p[edge, 1])
+    x = p[edge, 0] + t * (q[edge, 0] - p[edge, 0])
+    np.add.at(toggles, (y.astype(np.int64), np.clip(np.ceil(x), 0, toggles.shape[1] - 1).astype(np.int64)), 1)

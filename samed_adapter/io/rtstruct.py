@@ -72,12 +72,13 @@ from .dicom_derived import (
 from .files import atomic_path
 from .outlines import fill_outlines, pixel_outlines
 from .overlay import colour_table
-from .volumes import Volume
+from .volume import Volume
 
 __all__ = ["read_rtstruct", "write_rtstruct"]
 
 _KIND = "DICOM-RTSTRUCT"
 _RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+_CONTOUR_DATA = 0x30060050
 
 
 def _rt_utils() -> Any:
@@ -113,6 +114,7 @@ def _pixel_to_patient(header: Any) -> np.ndarray:
 
 def _contour(header: Any, outline: np.ndarray) -> Any:
     """One CLOSED_PLANAR Contour item: ``outline`` ``(N, 2)`` (column, row), in pixels, on slice ``header``."""
+    from pydicom.charset import default_encoding
     from pydicom.dataset import Dataset
 
     points = _pixel_to_patient(header) @ np.column_stack([outline, np.ones(len(outline))]).T  # (3, N)
@@ -122,9 +124,40 @@ def _contour(header: Any, outline: np.ndarray) -> Any:
     item.ContourImageSequence = [image]
     item.ContourGeometricType = "CLOSED_PLANAR"
     item.NumberOfContourPoints = len(outline)
-    # DS holds 16 characters: 6 decimals (a micrometre) fit any position inside a scanner.
-    item.ContourData = [f"{v:.6f}"[:16] for v in points.T.ravel()]  # x1, y1, z1, x2, ...
+    item[_CONTOUR_DATA] = _decimal_strings(points.T.ravel())  # x1, y1, z1, x2, ...
+    # Declared as encoded as the file will be (implicit VR little endian; ASCII only, the same bytes in
+    # every character set): else pydicom parses the contour text again before writing it.
+    item.set_original_encoding(True, True, default_encoding)
     return item
+
+
+def _decimal_strings(values: np.ndarray) -> Any:
+    """``values`` as the text of a DS element, ready to write.
+
+    pydicom checks each value of a DS it is given (some microseconds each): a scan's contours
+    hold millions, so the text is made here, each value valid by construction. DS holds 16
+    characters: 6 decimals (a nanometre, far below the outlines' 1/64-pixel inset) fit any
+    position inside a scanner.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    text = "\\".join(f"{v:.6f}"[:16] for v in values).encode("ascii")
+    text += b" " * (len(text) % 2)  # an even length, padded with a space as DICOM pads text
+    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, True, True)
+
+
+def _contour_points(contour: Any, path: Any, roi: Any) -> np.ndarray:
+    """A Contour item's ContourData, ``(N, 3)`` mm; read as numbers at once where still raw text."""
+    element = contour.get_item(_CONTOUR_DATA)
+    try:
+        if element is not None and getattr(element, "is_raw", False) and element.VR in (None, "DS"):
+            values = np.array(bytes(element.value).split(b"\\"), dtype=np.float64)
+        else:
+            values = _floats(contour.ContourData)
+        return values.reshape(-1, 3)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: ROI {roi.ReferencedROINumber} has a contour whose ContourData are not x, y, z "
+                         f"triples of numbers ({exc}); the file is damaged") from None
 
 
 def _roi(headers: Sequence[Any], masks: np.ndarray, class_id: int, name: str,
@@ -169,7 +202,10 @@ def _skeleton(rt: Any, headers: Sequence[Any]) -> Any:
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = _RTSTRUCT_SOP_CLASS, pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    # Implicit VR, as rt-utils and planning systems write structure sets: an element's length has 32 bits
+    # there, and 16 in explicit VR, where the ContourData of an outline of over ~1,800 points would not fit
+    # (pydicom would write it as UN, which no reader takes for coordinates).
+    meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     ds = FileDataset("rtstruct", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class and patient names in any script
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -270,16 +306,17 @@ def write_rtstruct(
     return path
 
 
-def _slice_index(contour: Any, uids: dict[str, int], planes: np.ndarray, normal: np.ndarray,
+def _slice_index(contour: Any, points: np.ndarray, uids: dict[str, int], planes: np.ndarray, normal: np.ndarray,
                  tolerance: float) -> Optional[int]:
-    """The slice a Contour item lies on: by its referenced instance, else by its position."""
+    """The slice a Contour item (its ``points``, ``(N, 3)`` mm) lies on: by its referenced instance,
+    else by its position."""
     for image in contour.get("ContourImageSequence", []):
         k = uids.get(str(image.ReferencedSOPInstanceUID))
         if k is not None:
             return k
         return None  # on an instance of another series
     # ContourImageSequence is optional: the nearest slice plane, if the contour lies on one.
-    z = float(_floats(contour.ContourData)[:3] @ normal)
+    z = float(points[0] @ normal)
     k = int(np.argmin(np.abs(planes - z)))
     return k if abs(planes[k] - z) <= tolerance else None
 
@@ -325,13 +362,14 @@ def read_rtstruct(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
     for roi in rois:
         polygons: dict[int, list[np.ndarray]] = {}
         for contour in roi.get("ContourSequence", []):
-            k = _slice_index(contour, uids, planes, normal, tolerance)
+            points = _contour_points(contour, path, roi)
+            k = _slice_index(contour, points, uids, planes, normal, tolerance)
             if k is None:
                 raise ValueError(f"{path}: ROI {roi.ReferencedROINumber} has a contour on a slice that is not "
                                  f"one of {volume.source or 'the volume'}; read it with the series it was made "
                                  "from")
-            points = _floats(contour.ContourData).reshape(-1, 3) - _floats(headers[k].ImagePositionPatient)
-            polygons.setdefault(k, []).append(points @ to_pixels[k].T)  # (N, 2) column, row
+            in_plane = points - _floats(headers[k].ImagePositionPatient)
+            polygons.setdefault(k, []).append(in_plane @ to_pixels[k].T)  # (N, 2) column, row
         for k, outlines in polygons.items():
             labels[k][fill_outlines(outlines, labels.shape[1:])] = int(roi.ReferencedROINumber)
     return labels.reshape(volume.array.shape)
