@@ -168,33 +168,67 @@ def settings_for(args: argparse.Namespace, source: SamSource, folder: Path, **ch
     return ServeSettings(**options)
 
 
+#: where one request's time goes, as MONAI Label's /infer?output=json reports it (seconds): on
+#: the front, reading + preparing (pre), the call to a model replica (infer), resizing + writing
+#: (post), all of it (total); on the replica, arrival to its first batch (replica_queued), its
+#: batches' forward passes (replica_model), arrival to answer (replica_replica)
+HOPS = ("pre", "infer", "post", "total", "replica_queued", "replica_model", "replica_replica")
+
+
 def breakdown(url: str, adapter: str, data: bytes, repeats: int = 3) -> dict[str, float]:
-    """Where one request's time goes, alone on the server: MONAI Label's /infer?output=json
-    reports reading + preparing (pre), the model replicas (infer) and resizing + writing (post)."""
+    """Where one request's time goes, alone on the server (medians in ms, ``HOPS``); "client":
+    the whole HTTP request as the client times it."""
     times = []
     for _ in range(repeats):
+        start_time = time.perf_counter()
         answer = requests.post(f"{url}/infer/{adapter}", params={"output": "json"},
                                files={"file": ("scan.nii.gz", data)}, timeout=600)
+        client = time.perf_counter() - start_time
         answer.raise_for_status()
-        times.append(answer.json()["latencies"])
-    return {key: statistics.median(t[key] for t in times) * 1e3 for key in ("pre", "infer", "post", "total")}
+        times.append({**answer.json()["latencies"], "client": client})
+    return {key: statistics.median(t.get(key, float("nan")) for t in times) * 1e3 for key in (*HOPS, "client")}
+
+
+def hop_lines(name: str, t: dict[str, float], model_ms: float, slices: int) -> list[str]:
+    """One request's hops, in words: what the service adds to the model and the file work."""
+    return [f"{name}: client {t['client']:.1f} ms = HTTP + upload {t['client'] - t['total']:.1f} + front "
+            f"{t['total']:.1f} (read + prepare {t['pre']:.1f}, replica call {t['infer']:.1f}, resize + write "
+            f"{t['post']:.1f}); the replica call = Ray's hops {t['infer'] - t['replica_replica']:.1f} + on the "
+            f"replica {t['replica_replica']:.1f} (queued {t['replica_queued']:.1f}, its batches "
+            f"{t['replica_model']:.1f}); the model alone {model_ms:.1f} ms for its {slices} slice(s): the service "
+            f"adds {t['infer'] - model_ms:.1f} ms to the model and the file work (goal <= 20)"]
+
+
+def load_rows(url: str, path: str, names: list[str], data: bytes, slices: int, clients: int, count: int,
+              counts: list[int]) -> list[dict[str, Any]]:
+    """One row per number of adapters interleaved: ``count`` requests of ``slices`` slices from
+    ``clients`` threads, after a warm-up that makes every adapter resident."""
+    rows = []
+    for n in counts:
+        use = names[:n]
+        warm = max(n, clients)  # every adapter resident, Ray's handles and threads warm
+        concurrently(clients, warm, lambda i: post(url, use[i % n], data))
+        before = metrics(url)
+        wall, latencies = concurrently(clients, count, lambda i: post(url, use[i % n], data))
+        rows.append(row(path, n, count, slices, wall, latencies, before, metrics(url)))
+        print(f"    {path}, {n:2d} adapters: {rows[-1]['slices_per_s']:.1f} slices/s", flush=True)
+    return rows
 
 
 def served_rows(args: argparse.Namespace, source: SamSource, folder: Path, names: list[str], data: bytes,
-                batching: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    rows = []
+                few: bytes, batching: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """The rows of one batching mode, on a server of its own: full volumes (--slices) and small
+    requests (--few-slices) from more clients, and one request alone of each size and of one slice."""
     started = time.perf_counter()
     with start(settings_for(args, source, folder, batching=batching)) as server:
         print(f"  {batching}: server up in {time.perf_counter() - started:.1f} s", flush=True)
-        alone = breakdown(server.url, names[0], data)
-        for n in args.adapters:
-            use = names[:n]
-            warm = max(n, args.clients)  # every adapter resident, Ray's handles and threads warm
-            concurrently(args.clients, warm, lambda i: post(server.url, use[i % n], data))
-            before = metrics(server.url)
-            wall, latencies = concurrently(args.clients, args.requests, lambda i: post(server.url, use[i % n], data))
-            rows.append(row(batching, n, args.requests, args.slices, wall, latencies, before, metrics(server.url)))
-            print(f"    {n:2d} adapters: {rows[-1]['slices_per_s']:.1f} slices/s", flush=True)
+        post(server.url, names[0], data)
+        alone = {"volume": breakdown(server.url, names[0], data, args.alone_repeats),
+                 "one slice": breakdown(server.url, names[0], nifti_bytes(make_volume(args.image_size, 1)),
+                                        args.alone_repeats)}
+        rows = load_rows(server.url, batching, names, data, args.slices, args.clients, args.requests, args.adapters)
+        rows += load_rows(server.url, f"{batching}, {args.few_slices}-slice requests", names, few, args.few_slices,
+                          args.few_clients, args.few_requests, [max(args.adapters)])
     return rows, alone
 
 
@@ -273,22 +307,14 @@ def replica_cold(args: argparse.Namespace, source: SamSource, folder: Path, name
 
 
 def swap_ms(sam: Any, paths: list[Path], device: str, repeats: int, volume: np.ndarray,
-            batch_size: int) -> tuple[float, float]:
+            batch_sizes: list[int]) -> tuple[float, dict[int, float]]:
     """Median of one file swap: Adapter.load(path) + load_adapter + set_adapter, the previous one
-    deleted after; and the model alone's slices/s on the volume's slices in batches (the ceiling)."""
+    deleted after; and the model alone's slices/s on the volume's slices in batches of each of
+    ``batch_sizes`` (the first: the server's --max-batch-size, the ceiling)."""
     sam = sam.to(device)
     model = sa.patch(sam, sa.Adapter.load(paths[0]), adapter_name="a0")
     images = torch.from_numpy(np.moveaxis(volume, 2, 0).copy())[:, None].expand(-1, 3, -1, -1).to(device)
-    model(images[:batch_size])  # warm-up
-    passes = []
-    for _ in range(3):
-        sync(device)
-        start_time = time.perf_counter()
-        for batch in images.split(batch_size):
-            model(batch)
-        sync(device)
-        passes.append(time.perf_counter() - start_time)
-    ceiling = len(images) / statistics.median(passes)
+    rates = {b: model_rate(model, images, b, device) for b in dict.fromkeys(batch_sizes)}
     times = []
     for i in range(1, repeats + 1):
         name, path = f"a{i}", paths[i % len(paths)]
@@ -300,7 +326,21 @@ def swap_ms(sam: Any, paths: list[Path], device: str, repeats: int, volume: np.n
         times.append(time.perf_counter() - start_time)
         model.delete_adapter(f"a{i - 1}")
     sa.unpatch(sam)
-    return statistics.median(times) * 1e3, ceiling
+    return statistics.median(times) * 1e3, rates
+
+
+def model_rate(model: Any, images: torch.Tensor, batch_size: int, device: str, repeats: int = 3) -> float:
+    """The model alone's slices/s on (n, 3, S, S) ``images`` in batches of ``batch_size`` (median of ``repeats``)."""
+    model(images[:batch_size])  # warm-up
+    passes = []
+    for _ in range(repeats):
+        sync(device)
+        start_time = time.perf_counter()
+        for batch in images.split(batch_size):
+            model(batch)
+        sync(device)
+        passes.append(time.perf_counter() - start_time)
+    return len(images) / statistics.median(passes)
 
 
 def sync(device: str) -> None:
@@ -323,6 +363,11 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--process-requests", type=int, help="requests of row (c) (default: --clients)")
     parser.add_argument("--skip-processes", action="store_true", help="leave out row (c)")
+    parser.add_argument("--few-slices", type=int, default=2,
+                        help="slices per request of the rows where per-adapter batches cannot fill")
+    parser.add_argument("--few-clients", type=int, default=8, help="clients of those rows")
+    parser.add_argument("--few-requests", type=int, default=96, help="timed requests of those rows")
+    parser.add_argument("--alone-repeats", type=int, default=7, help="requests alone timed (medians)")
     parser.add_argument("--cold-rounds", type=int, default=32)
     parser.add_argument("--swap-repeats", type=int, default=20)
     parser.add_argument("--out", help="also write the numbers here as JSON")
@@ -350,20 +395,23 @@ def main() -> None:
         data = nifti_bytes(volume)
         volume_path = work / "scan.nii.gz"
         volume_path.write_bytes(data)
-        swap, ceiling = swap_ms(sam, paths, args.device, args.swap_repeats, volume, args.batch_size)
+        swap, model_rates = swap_ms(sam, paths, args.device, args.swap_repeats, volume,
+                                    [args.batch_size, args.few_slices, 1])
+        ceiling = model_rates[args.batch_size]
         del sam
         where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
             f"{torch.get_num_threads()} threads"
         header = (f"{args.backbone} ({'checkpoint' if args.sam else 'random weights'}) at {args.image_size}, "
                   f"{args.device} ({where}); {args.clients} clients, {args.requests} requests per row of "
                   f"{args.slices} slices; max batch {args.batch_size}, wait {args.batch_wait_ms:g} ms; model alone "
-                  f"{ceiling:.0f} slices/s")
+                  f"{ceiling:.0f} slices/s ({', '.join(f'{r:.0f} in batches of {b}' for b, r in model_rates.items())})")
         print(header, flush=True)
 
         rows = []
-        alone: dict[str, dict[str, float]] = {}
+        alone: dict[str, dict[str, dict[str, float]]] = {}
+        few = nifti_bytes(volume[:, :, : args.few_slices])
         for batching in ("mixed", "per-adapter"):
-            more, alone[batching] = served_rows(args, source, folder, names, data, batching)
+            more, alone[batching] = served_rows(args, source, folder, names, data, few, batching)
             rows += more
         if not args.skip_processes:
             print("  processes ...", flush=True)
@@ -379,6 +427,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{header}\n")
+    ratios = report(args, rows, cold, alone, model_rates)
+    if args.out:
+        numbers = {"setup": header, "args": vars(args), "ceiling_slices_per_s": ceiling, "model_rates": model_rates,
+                   "alone_ms": alone, "rows": rows, "ratios": ratios, "cold": cold}
+        Path(args.out).write_text(json.dumps(numbers, indent=2))
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], cold: dict[str, Any],
+           alone: dict[str, dict[str, dict[str, float]]], model_rates: dict[int, float]) -> dict[str, float]:
+    """Print the table, the ratios against the issues' goals and each request alone's hops; the ratios."""
     print("| path | adapters | slices/s | p50 ms | p95 ms | slices/batch | adapters/batch | adapter loads |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -393,6 +451,15 @@ def main() -> None:
     ratios: dict[str, float] = {}
     print()
     low, high = min(args.adapters), max(args.adapters)
+    ceiling = model_rates[args.batch_size]
+    for batching in ("mixed", "per-adapter"):
+        ratios[f"{batching}@{low}/model"] = rate(batching, low) / ceiling
+        t = alone[batching]["volume"]
+        serial = args.slices / (args.slices / ceiling + (t["pre"] + t["post"]) / 1e3)
+        ratios[f"{batching}@{low}/model+files"] = rate(batching, low) / serial
+        print(f"{batching}, {low} adapter(s): {ratios[f'{batching}@{low}/model']:.2f} of the model alone's slices/s "
+              f"(goal >= 0.70); {ratios[f'{batching}@{low}/model+files']:.2f} of the model and one request's file "
+              f"work one after the other ({serial:.0f} slices/s: read + prepare, resize + write share the cores)")
     for n in args.adapters:
         ratios[f"mixed/per-adapter@{n}"] = rate("mixed", n) / rate("per-adapter", n)
         line = f"mixed / per-adapter, {n:2d} adapters: {ratios[f'mixed/per-adapter@{n}']:.2f}x"
@@ -400,6 +467,11 @@ def main() -> None:
             ratios[f"mixed/per-adapter@{n} / @1"] = ratios[f"mixed/per-adapter@{n}"] / ratios["mixed/per-adapter@1"]
             line += f" ({ratios[f'mixed/per-adapter@{n} / @1']:.2f}x divided by the 1-adapter ratio, same code in both)"
         print(line)
+    suffix = f", {args.few_slices}-slice requests"
+    ratios[f"few mixed/per-adapter@{high}"] = rate("mixed" + suffix, high) / rate("per-adapter" + suffix, high)
+    print(f"mixed / per-adapter, {high} adapters, {args.few_clients} clients of {args.few_slices}-slice requests "
+          f"(per-adapter batches cannot fill): {ratios[f'few mixed/per-adapter@{high}']:.2f}x (the model alone in "
+          f"batches of {args.batch_size} / of {args.few_slices}: {ceiling / model_rates[args.few_slices]:.2f}x)")
     if high != low:
         ratios[f"mixed {high}/{low} adapters"] = rate("mixed", high) / rate("mixed", low)
         ratios[f"per-adapter {high}/{low} adapters"] = rate("per-adapter", high) / rate("per-adapter", low)
@@ -417,14 +489,14 @@ def main() -> None:
     print(f"the same on one replica's model in this process (no HTTP, no Ray): cold {r['cold_ms']:.1f} ms, warm "
           f"{r['warm_ms']:.1f} ms, cold - warm {r['extra_ms']:.2f} ms; (cold - warm) / swap = {r['ratio']:.2f} "
           f"(goal <= 1); {r['loads']} loads")
-    for batching, t in alone.items():
-        print(f"one request alone ({batching}, median of 3): {t['total']:.0f} ms = read + prepare {t['pre']:.0f}, "
-              f"model replica {t['infer']:.0f}, resize + write {t['post']:.0f} (the model alone: "
-              f"{args.slices / ceiling * 1e3:.0f} ms for its {args.slices} slices)")
-    if args.out:
-        numbers = {"setup": header, "args": vars(args), "ceiling_slices_per_s": ceiling, "alone_ms": alone,
-                   "rows": rows, "ratios": ratios, "cold": cold}
-        Path(args.out).write_text(json.dumps(numbers, indent=2))
+    for batching, both in alone.items():
+        for what, t in both.items():
+            slices = args.slices if what == "volume" else 1
+            model_ms = slices / (ceiling if what == "volume" else model_rates[1]) * 1e3
+            ratios[f"{batching} alone {what}: added ms"] = t["infer"] - model_ms
+            print(*hop_lines(f"one request of {slices} slice(s) alone ({batching}, median of {args.alone_repeats})",
+                             t, model_ms, slices))
+    return ratios
 
 
 if __name__ == "__main__":

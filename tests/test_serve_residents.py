@@ -1,9 +1,13 @@
 """What one server replica computes (samed_adapter.serve.residents), without Ray: mixed batches
-equal per-adapter ones, the resident set stays bounded, a bad adapter fails only its slices."""
+equal per-adapter ones, the resident set stays bounded, a bad adapter fails only its slices, and
+the replica's queue packs the slices of whole requests (one call each) into batches that mix
+them, every request answered with its own labels in its own order."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -13,7 +17,8 @@ import samed_adapter as sa
 from samed_adapter.segment.pipeline import SamSource
 from samed_adapter.serve.catalog import AdapterCatalog
 from samed_adapter.serve.errors import NotFoundError, ServeError, UnprocessableError
-from samed_adapter.serve.residents import ServingModel, SliceRequest, SliceResult
+from samed_adapter.serve.residents import (ServingModel, SliceQueue, SliceRequest, SliceResult, VolumeRequest,
+                                           VolumeResult)
 from samed_adapter.testing import random_adapter
 
 K3 = sa.AdapterConfig(num_classes=3, image_size=64, class_names=["a", "b", "c"])
@@ -105,3 +110,67 @@ def test_hub_ids_and_named_files_are_served_by_name(folder, offline_cache, tmp_p
         catalog.path("../a1")  # a name is never a path
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_pairs(["organs"], "--hub-adapter")
+
+
+def _drain(queue: SliceQueue, model: ServingModel) -> list[list[tuple[str, int]]]:
+    """Run every batch the queue gives through ``model``; each batch as (adapter, slice index) pairs."""
+    batches = []
+    while batch := queue.take():
+        batches.append([(ticket.request.adapter, i) for ticket, i in batch])
+        start = time.perf_counter()
+        results = model.predict(SliceQueue.items(batch))
+        queue.deliver(batch, results, time.perf_counter() - start)
+    return batches
+
+
+def test_the_queue_mixes_requests_in_a_batch_and_answers_each_with_its_own_labels(folder):
+    volumes = {"a0": np.stack(_slices(5, seed=3)), "a1": np.stack(_slices(2, seed=4)), "a3": np.stack(_slices(3, seed=5))}
+    queue, futures = SliceQueue(4, "mixed"), {}
+    for name, images in volumes.items():
+        futures[name] = Future()
+        queue.put(VolumeRequest(name, images, probabilities=(name == "a1")), futures[name])
+    assert queue.waiting() == 10
+    batches = _drain(queue, _model(folder))
+    # The oldest slices first, whatever their adapter: a batch one request cannot fill takes the next ones'.
+    assert batches == [[("a0", 0), ("a0", 1), ("a0", 2), ("a0", 3)], [("a0", 4), ("a1", 0), ("a1", 1), ("a3", 0)],
+                       [("a3", 1), ("a3", 2)]]
+    for name, images in volumes.items():
+        result = futures[name].result(timeout=0)
+        assert isinstance(result, VolumeResult) and result.labels.shape == (len(images), 64, 64)
+        for image, labels in zip(images, result.labels):
+            np.testing.assert_array_equal(labels, _alone(folder, name, image))
+        assert result.times["replica"] >= result.times["model"] > 0
+    mixed = futures["a1"].result(timeout=0).batches
+    assert [b["adapters"] for b in mixed] == [3] and mixed[0]["size"] == 4
+    assert [b["size"] for b in futures["a0"].result(timeout=0).batches] == [4, 4]
+    assert futures["a1"].result(timeout=0).probs.shape == (2, 4, 64, 64) and futures["a0"].result(timeout=0).probs is None
+
+
+def test_per_adapter_batches_take_one_adapter_version_from_every_request(folder):
+    queue, futures = SliceQueue(4, "per-adapter"), [Future() for _ in range(4)]
+    for future, (name, n) in zip(futures, [("a0", 3), ("a1", 2), ("a0", 2), ("a1", 1)]):
+        queue.put(VolumeRequest(name, np.stack(_slices(n, seed=n))), future)
+    batches = _drain(queue, _model(folder, batching="per-adapter"))
+    assert batches == [[("a0", 0), ("a0", 1), ("a0", 2), ("a0", 0)], [("a1", 0), ("a1", 1), ("a1", 0)], [("a0", 1)]]
+    assert all(isinstance(f.result(timeout=0), VolumeResult) for f in futures)
+    assert [b["adapters"] for f in futures for b in f.result(timeout=0).batches] == [1] * 5
+
+
+def test_a_failing_adapter_or_a_gone_caller_leaves_the_other_requests_answered(folder):
+    queue, good, missing, gone = SliceQueue(8, "mixed"), Future(), Future(), Future()
+    images = np.stack(_slices(3, seed=6))
+    queue.put(VolumeRequest("missing", images[:2]), missing)
+    queue.put(VolumeRequest("a0", images[:2]), gone)
+    queue.put(VolumeRequest("a2", images), good)
+    assert gone.cancel()  # its caller went away before its slices were taken: they are not predicted
+    assert _drain(queue, _model(folder)) == [[("missing", 0), ("missing", 1), ("a2", 0), ("a2", 1), ("a2", 2)]]
+    assert isinstance(missing.result(timeout=0), NotFoundError) and "a0, a1" in str(missing.result(timeout=0))
+    for image, labels in zip(images, good.result(timeout=0).labels):
+        np.testing.assert_array_equal(labels, _alone(folder, "a2", image))
+    # A batch that fails as a whole fails its requests, and the queue goes on with the next.
+    broken = Future()
+    queue.put(VolumeRequest("a0", images), broken)
+    SliceQueue.fail(queue.take(), RuntimeError("the model thread died"))
+    with pytest.raises(RuntimeError, match="died"):
+        broken.result(timeout=0)
+    assert queue.take() == [] and queue.waiting() == 0

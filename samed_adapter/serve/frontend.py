@@ -2,8 +2,8 @@
 
 Native API (``/v1``), MONAI Label's (``/info/``, ``/infer/{model}``, ``/auth/``), ``/healthz`` and
 ``/metrics``. Reading, reorienting and scaling a scan, and writing its outputs, run here on
-threads; only its slices go to the model replicas (:mod:`.segmenter`), one call per slice, so
-that ``@serve.batch`` packs slices of every request in flight into full batches.
+threads; only its slices go to the model replicas (:mod:`.segmenter`), one call per request, and
+the replica packs slices of every request in flight into full batches.
 """
 
 
@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,7 +37,7 @@ from .errors import (
 from .folders import RequestFolder, open_answer, stream
 from .metrics import Metrics
 from .monai_label import answer_name, app_info, multipart
-from .residents import SliceChunk, chunk_size
+from .residents import VolumeRequest, VolumeResult
 from .settings import ServeSettings
 from .uploads import (
     UPLOAD,
@@ -45,7 +45,6 @@ from .uploads import (
     label_name,
     params_json,
     segment_options,
-    stack_results,
     too_large,
     unpack_series,
     upload_stem,
@@ -70,6 +69,18 @@ async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
     return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, POST "
                              "/v1/segment, GET /info/, POST /infer/{adapter}, GET /healthz, GET /metrics)",
                              err.status_code))
+
+
+def _resized(result: VolumeResult, size: tuple[int, int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """A replica's (D, S, S) labels (and (D, C, S, S) softmax) at the scan's (H, W) (on a thread)."""
+    import torch
+
+    from ..inference.stages import resize_slices
+
+    # Ray's object store hands the arrays over read-only (no copy); torch wants to own what it wraps.
+    labels = torch.from_numpy(np.array(result.labels))
+    probs = None if result.probs is None else torch.from_numpy(np.array(result.probs))
+    return resize_slices(labels, probs, size)
 
 
 @serve.deployment(name="Frontend")
@@ -224,38 +235,37 @@ class Frontend:
         except (ImageReadError, ValueError, OSError) as err:
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
         t1 = time.perf_counter()
-        results = await self._predict(name, entry["fingerprint"], prepared.inputs[:, 0].numpy(),
-                                      opts.save_probabilities)
+        on_replica: dict[str, float] = {}
+        result = await self._predict(name, entry["fingerprint"], np.ascontiguousarray(prepared.inputs[:, 0].numpy()),
+                                     opts.save_probabilities, on_replica)
         t2 = time.perf_counter()
-        labels, probs = stack_results(results, opts.save_probabilities)
-        small, soft = inference.resize_slices(labels, probs, prepared.size)
+        small, soft = await folder.run(_resized, result, prepared.size)
         try:
             files = await folder.run(write_prepared, prepared, small, soft, job.out, opts, config)
         except ValueError as err:  # what the upload lacks for an output asked for (a SEG's source UIDs)
             raise UnprocessableError(str(err).replace(str(source), UPLOAD)) from None
-        times.update(pre=t1 - t0, infer=t2 - t1, post=time.perf_counter() - t2)
+        times.update(pre=t1 - t0, infer=t2 - t1, post=time.perf_counter() - t2,
+                     **{f"replica_{k}": v for k, v in on_replica.items()})
         return files, [m.replace(str(source), UPLOAD) for m in prepared.messages]
 
-    async def _predict(self, name: str, fingerprint: str, slices: np.ndarray, probabilities: bool) -> list[Any]:
-        """Every slice through version ``fingerprint`` of adapter ``name`` (the replicas answer with it or 409)."""
+    async def _predict(self, name: str, fingerprint: str, slices: np.ndarray, probabilities: bool,
+                       times: dict[str, float]) -> VolumeResult:
+        """(n, S, S) slices through version ``fingerprint`` of adapter ``name`` in one call to a
+        replica (it answers with that version or 409); ``times`` gets where its time went there."""
         import ray
 
-        step = chunk_size(self.settings.max_batch_size)
         try:
-            chunks = await asyncio.gather(*[
-                self.segmenter.remote(SliceChunk(name, slices[i : i + step], probabilities, fingerprint))
-                for i in range(0, len(slices), step)])
+            result = await self.segmenter.remote(VolumeRequest(name, slices, probabilities, fingerprint))
         except ray.exceptions.RayError as err:
             raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
                                   "replaced: retry in a few seconds") from None
-        results = [result for chunk in chunks for result in chunk]
-        for result in results:
-            if isinstance(result, ServeError):
-                raise result
-        for result in results:
-            self.metrics.batch(result.batch)
-        self.metrics.slices.labels(name).inc(len(results))
-        return results
+        if isinstance(result, ServeError):
+            raise result
+        for batch in result.batches:
+            self.metrics.batch(batch)
+        self.metrics.slices.labels(name).inc(len(slices))
+        times.update(result.times)
+        return result
 
     # ------------------------------------------------------------------ native API
 

@@ -7,6 +7,10 @@ with ``"per-adapter"`` each adapter runs its own forward after a hot swap, as Ra
 model multiplexing does (the benchmark's baseline). A batch of one adapter is a plain forward
 of the active adapter: the same arithmetic as a local ``segment`` run.
 
+A replica takes one call per request, its whole volume (:class:`VolumeRequest`), and its
+:class:`SliceQueue` packs the slices of every request in flight into batches: a batch that one
+request cannot fill takes the next requests' slices, whatever their adapters.
+
 Adapters are resident by (name, fingerprint): a request pinned to a version when it started is
 answered by that version while it stays resident, though the file behind the name was replaced
 meanwhile, and fails with 409 once it is gone; its slices never come from two versions.
@@ -15,6 +19,7 @@ meanwhile, and fails with 409 once it is gone; its slices never come from two ve
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -56,12 +61,14 @@ class SliceRequest:
 
 
 @dataclass
-class SliceChunk:
-    """Consecutive slices of one request, sent to a replica in one call: (n, S, S) float32.
+class VolumeRequest:
+    """One request's slices, sent to a replica in one call: (n, S, S) float32 in [0, 1], every
+    one through version ``fingerprint`` of ``adapter``.
 
-    One call per slice costs more in Ray than a small model's forward pass (measured: 16
-    slices took 160 ms as 16 calls, 32 ms in the model), so slices travel in chunks, and
-    ``@serve.batch`` counts slices (:func:`slices_in`), not calls, against --max-batch-size.
+    One Ray call per request, not per slice or chunk: a call through a Ray Serve handle costs more
+    than a small model's forward pass (benchmarks/RESULTS.md, issue 30), so the replica packs the
+    slices of every request in flight into batches itself (:class:`SliceQueue`). The array
+    travels through Ray's object store and is read there without a copy.
     """
 
     adapter: str
@@ -69,18 +76,131 @@ class SliceChunk:
     probabilities: bool = False
     fingerprint: Optional[str] = None
 
-    def requests(self) -> list[SliceRequest]:
-        return [SliceRequest(self.adapter, image, self.probabilities, self.fingerprint) for image in self.images]
+    @property
+    def key(self) -> tuple[str, Optional[str]]:
+        return self.adapter, self.fingerprint
 
 
-def slices_in(chunks: list[SliceChunk]) -> int:
-    """A batch's size in slices (Ray Serve's ``batch_size_fn``)."""
-    return sum(len(chunk.images) for chunk in chunks)
+@dataclass
+class VolumeResult:
+    """A request's answer: (n, S, S) labels, the (n, K+1, S, S) float32 softmax when asked, the
+    batches its slices ran in (for the metrics: each batch once), and where its time went on the
+    replica in seconds ("queued": arrival to its first batch, "model": its batches' forward
+    passes, "replica": arrival to answer)."""
+
+    labels: np.ndarray
+    probs: Optional[np.ndarray]
+    batches: list[dict[str, Any]]
+    times: dict[str, float] = field(default_factory=dict)
 
 
-def chunk_size(max_batch_size: int) -> int:
-    """Slices per call: a quarter of a batch, so that a batch holds slices of about four requests."""
-    return max(1, max_batch_size // 4)
+class _Ticket:
+    """A request in a :class:`SliceQueue`: its slices taken so far and their results."""
+
+    def __init__(self, request: VolumeRequest, future: Any) -> None:
+        self.request, self.future = request, future
+        self.taken = 0
+        self.results: list[Optional[SliceResult]] = [None] * len(request.images)
+        self.got = 0
+        self.batches: dict[int, dict[str, Any]] = {}
+        self.arrived = time.perf_counter()
+        self.first: Optional[float] = None
+        self.model_s = 0.0
+
+    @property
+    def left(self) -> int:
+        return len(self.request.images) - self.taken
+
+    def answer(self) -> VolumeResult:
+        labels = np.stack([r.labels for r in self.results])  # type: ignore[union-attr]
+        probs = np.stack([r.probs for r in self.results]) if self.request.probabilities else None  # type: ignore
+        now = time.perf_counter()
+        return VolumeResult(labels, probs, list(self.batches.values()),
+                            {"queued": (self.first or now) - self.arrived, "model": self.model_s,
+                             "replica": now - self.arrived})
+
+
+class SliceQueue:
+    """The slices of every request in flight on one replica, packed into batches of at most
+    ``max_batch`` slices.
+
+    ``"mixed"``: the oldest slices first, whatever their adapter, so a batch that one request
+    cannot fill takes the next requests' slices (several adapters in one encoder pass).
+    ``"per-adapter"``: the oldest request's adapter version, with its slices of every request in
+    flight, as Ray Serve's model multiplexing batches (the benchmark's baseline).
+
+    Plain Python, on one thread (the replica's event loop); a request's ``future`` (asyncio's or
+    concurrent.futures') gets its :class:`VolumeResult`, or the first :class:`ServeError` of its
+    slices, and a request whose future is done (cancelled: its caller went away) is skipped.
+    """
+
+    def __init__(self, max_batch: int, batching: str = "mixed") -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"--batching must be {' or '.join(BATCHING)}, got {batching!r}")
+        self.max_batch = max_batch
+        self.batching = batching
+        self._waiting: list[_Ticket] = []  # requests with slices not yet taken, oldest first
+
+    def put(self, request: VolumeRequest, future: Any) -> None:
+        if len(request.images) == 0:
+            future.set_result(VolumeResult(np.zeros((0, 0, 0), np.uint8), None, []))
+            return
+        self._waiting.append(_Ticket(request, future))
+
+    def waiting(self) -> int:
+        """Slices not yet taken into a batch."""
+        return sum(t.left for t in self._waiting if not t.future.done())
+
+    def take(self) -> list[tuple[_Ticket, int]]:
+        """The next batch: (request, slice index) pairs, at most ``max_batch``; [] when none wait."""
+        self._waiting = [t for t in self._waiting if not t.future.done()]
+        if not self._waiting:
+            return []
+        key = self._waiting[0].request.key if self.batching == "per-adapter" else None
+        batch: list[tuple[_Ticket, int]] = []
+        now = time.perf_counter()
+        for ticket in self._waiting:
+            if key is not None and ticket.request.key != key:
+                continue
+            count = min(self.max_batch - len(batch), ticket.left)
+            batch += [(ticket, i) for i in range(ticket.taken, ticket.taken + count)]
+            ticket.taken += count
+            ticket.first = ticket.first or now
+            if len(batch) == self.max_batch:
+                break
+        self._waiting = [t for t in self._waiting if t.left]
+        return batch
+
+    @staticmethod
+    def items(batch: list[tuple[_Ticket, int]]) -> list[SliceRequest]:
+        """The batch's slices for :meth:`ServingModel.predict` (views of the requests' arrays, not copies)."""
+        return [SliceRequest(t.request.adapter, t.request.images[i], t.request.probabilities, t.request.fingerprint)
+                for t, i in batch]
+
+    @staticmethod
+    def deliver(batch: list[tuple[_Ticket, int]], results: list[Union[SliceResult, ServeError]],
+                seconds: float = 0.0) -> None:
+        """Hand each slice's result to its request; answer the requests now complete, or failed."""
+        for ticket in dict.fromkeys(t for t, _ in batch):
+            ticket.model_s += seconds
+        for (ticket, i), result in zip(batch, results):
+            if ticket.future.done():
+                continue
+            if isinstance(result, ServeError):  # the request fails with its first error; its other slices are dropped
+                ticket.future.set_result(result)
+                continue
+            ticket.results[i] = result
+            ticket.got += 1
+            ticket.batches.setdefault(int(result.batch.get("batch", 0)), result.batch)
+            if ticket.got == len(ticket.results):
+                ticket.future.set_result(ticket.answer())
+
+    @staticmethod
+    def fail(batch: list[tuple[_Ticket, int]], error: BaseException) -> None:
+        """Every request of a batch that failed as a whole gets ``error``."""
+        for ticket in dict.fromkeys(t for t, _ in batch):
+            if not ticket.future.done():
+                ticket.future.set_exception(error)
 
 
 @dataclass
@@ -232,15 +352,6 @@ class ServingModel:
             self.model.set_adapter(names[0])
         masks = self.model(images, adapter_names=per_image)["masks"]
         return list(masks)
-
-    def predict_chunks(self, chunks: list[SliceChunk]) -> list[list[Union[SliceResult, ServeError]]]:
-        """:meth:`predict` for whole chunks: one list of per-slice results per chunk."""
-        flat = self.predict([item for chunk in chunks for item in chunk.requests()])
-        out, at = [], 0
-        for chunk in chunks:
-            out.append(flat[at : at + len(chunk.images)])
-            at += len(chunk.images)
-        return out
 
     def predict(self, items: list[SliceRequest]) -> list[Union[SliceResult, ServeError]]:
         """Predict every slice; a slice whose adapter cannot run, or whose logits are not finite,

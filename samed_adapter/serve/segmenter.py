@@ -1,23 +1,27 @@
-"""The model replicas: each holds one SAM and its resident adapters, and batches slices across
-requests with Ray Serve's ``@serve.batch``."""
+"""The model replicas: each holds one SAM and its resident adapters, takes one call per request
+(its whole volume of slices) and packs the slices of every request in flight into batches
+itself (:class:`~.residents.SliceQueue`): adapters mixed across requests, no wait that a full
+batch does not need."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ray import serve
 
 from .catalog import AdapterCatalog
 from .errors import ServeError
-from .residents import ServingModel, SliceChunk, SliceResult, slices_in
+from .residents import ServingModel, SliceQueue, SliceResult, VolumeRequest, VolumeResult
 from .settings import ServeSettings
 
 
 @serve.deployment(name="Segmenter")
 class Segmenter:
-    """One replica: ``await handle.remote(SliceChunk)`` -> one SliceResult or ServeError per slice."""
+    """One replica: ``await handle.remote(VolumeRequest)`` -> its VolumeResult, or the ServeError
+    of its first slice that failed."""
 
     def __init__(self, settings: ServeSettings) -> None:
         catalog = AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
@@ -34,22 +38,63 @@ class Segmenter:
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.replicas))
-        self.predict_batch.set_max_batch_size(settings.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
-        # One thread runs the model, so the event loop keeps taking slices for the next batch meanwhile.
+        self.queue = SliceQueue(settings.max_batch_size, settings.batching)
+        self.wait_s = settings.batch_wait_ms / 1000
+        # One thread runs the model, so the event loop keeps taking requests for the next batch meanwhile.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="samed-model")
+        self._arrived: Optional[asyncio.Event] = None
+        self._worker: Optional[asyncio.Task] = None
 
-    def _predict(self, chunks: list[SliceChunk]) -> list[list[Union[SliceResult, ServeError]]]:
-        results = self.model.predict_chunks(chunks)
-        for result in (r for chunk in results for r in chunk):
-            if isinstance(result, SliceResult):
-                result.batch.update(replica=self.replica, loads=self.model.loads,
-                                    resident=self.model.resident_versions())
+    async def __call__(self, request: VolumeRequest) -> Union[VolumeResult, ServeError]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():  # first call, on the replica's own loop
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._batches())
+        future: asyncio.Future = loop.create_future()
+        self.queue.put(request, future)
+        self._arrived.set()  # type: ignore[union-attr]
+        return await future  # cancelled when the caller goes away: its slices left in the queue are dropped
+
+    async def _batches(self) -> None:
+        """Run batches while slices wait: at once when a full batch waits or the model has just run
+        one (more slices would come only by waiting), else after up to ``--batch-wait-ms`` for more."""
+        arrived = self._arrived
+        assert arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queue.waiting():
+                arrived.clear()
+                await arrived.wait()
+                await self._fill()
+            batch = self.queue.take()
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._thread, self._predict, SliceQueue.items(batch))
+            except Exception as err:  # noqa: BLE001 - the batch's requests fail, the replica goes on
+                SliceQueue.fail(batch, err)
+                continue
+            SliceQueue.deliver(batch, results, time.perf_counter() - start)
+
+    async def _fill(self) -> None:
+        """Wait up to ``--batch-wait-ms`` for a batch to fill, after the model was idle."""
+        deadline = time.perf_counter() + self.wait_s
+        arrived = self._arrived
+        assert arrived is not None
+        while self.queue.waiting() < self.queue.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _predict(self, items: list[Any]) -> list[Union[SliceResult, ServeError]]:
+        results = self.model.predict(items)
+        info = next((r.batch for r in results if isinstance(r, SliceResult)), None)
+        if info is not None:  # one dict shared by the batch's slices
+            info.update(replica=self.replica, loads=self.model.loads, resident=self.model.resident_versions())
         return results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=slices_in)
-    async def predict_batch(self, chunks: list[SliceChunk]) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._predict, chunks)
-
-    async def __call__(self, chunk: SliceChunk) -> Any:
-        return await self.predict_batch(chunk)
