@@ -40,10 +40,13 @@ Outlines
 --------
 Each 4-connected region of a class on a slice is one CLOSED_PLANAR contour along
 its pixels' edges, a 64th of a pixel inside, with its holes joined by keyhole
-cuts (:func:`.outlines.pixel_outlines`): plastimatch, dcmrtstruct2nii,
-rt-utils and :func:`read_rtstruct` all give back exactly the labels, on any
-slice orientation and pixel spacing (rt-utils on square pixels only: it
-swaps the row and column spacings).
+cuts (:func:`.outlines.pixel_outlines`): dcmrtstruct2nii and
+:func:`read_rtstruct` give back exactly the labels on any slice orientation and
+pixel spacing, plastimatch 1.9 on axial and tilted axial slices (it rasterises
+contours in axial planes, by their z), rt-utils on square pixels of square
+images (it swaps the row and column spacings).  The file is implicit VR little
+endian, as rt-utils and planning systems write structure sets: a long outline's
+ContourData outgrows the 64 KB that an element holds in explicit VR.
 """
 
 from __future__ import annotations
