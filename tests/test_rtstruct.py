@@ -420,3 +420,21 @@ def test_a_long_outline_is_written_whole(tmp_path: Path) -> None:
     (contour,) = ds.ROIContourSequence[0].ContourSequence
     assert contour.NumberOfContourPoints > 3000 and len(contour.ContourData) == 3 * contour.NumberOfContourPoints
     np.testing.assert_array_equal(read_rtstruct(out, volume), labels)
+
+
+def test_damaged_contour_data_is_refused_naming_the_file(ct_folder: Path, tmp_path: Path) -> None:
+    from pydicom.charset import default_encoding
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    volume = read_image(ct_folder)
+    out = write_rtstruct(_shapes(volume.array.shape), volume, NAMES, tmp_path / "rt.dcm", adapter_name="a")
+    for damage in (b"1.5\\nan\\2.0 ", b"1.5\\2.0\\x3 ", b"1.5\\2.0 "):  # not finite, not a number, not triples
+        ds = pydicom.dcmread(out)
+        contour = ds.ROIContourSequence[1].ContourSequence[0]
+        contour[0x30060050] = RawDataElement(Tag(0x30060050), "DS", len(damage), damage, 0, True, True)
+        contour.set_original_encoding(True, True, default_encoding)  # written as given, unchecked
+        ds.save_as(tmp_path / "damaged.dcm")
+        with pytest.raises(ValueError, match="damaged.dcm: ROI 2 has a contour whose ContourData are not x, y, z "
+                                             "triples of numbers"):
+            read_rtstruct(tmp_path / "damaged.dcm", volume)

@@ -157,6 +157,8 @@ def _contour_points(contour: Any, path: Any, roi: Any) -> np.ndarray:
             values = np.array(bytes(element.value).split(b"\\"), dtype=np.float64)
         else:
             values = _floats(contour.ContourData)
+        if not np.isfinite(values).all():
+            raise ValueError("a value is not finite")
         return values.reshape(-1, 3)
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: ROI {roi.ReferencedROINumber} has a contour whose ContourData are not x, y, z "
