@@ -11,12 +11,19 @@ adapter loads, slices per batch and adapters per batch). Rows:
   (b) per-adapter  `batching="per-adapter"`: one adapter per forward (Ray Serve multiplexing),
   (c) processes    one `samed-adapter segment` subprocess per request (loads SAM and its adapter
                    each time), C at once, for the largest N only (it does not depend on N).
+Each batching mode also gets a row of small requests (`--few-slices`, 2) from more clients
+(`--few-clients`, 8) over the largest N adapters: there per-adapter batches cannot fill (each
+adapter has a few slices in flight) and a mixed batch can (issue 30).
 Slices per second (all the slices answered / wall time of the row) and p50 / p95 request
-latency, then the ratios: mixed / per-adapter, mixed with 16 adapters / with 1 (goal >= 0.90),
+latency, then the ratios: each mode with 1 adapter / the model alone (goal >= 0.70), mixed /
+per-adapter (full volumes and small requests), mixed with 16 adapters / with 1 (goal >= 0.90),
 mixed / processes. The header gives the model alone's slices/s on the same slices in batches of
-`--batch-size` in this process (what the service's overhead is measured against), and the last
-lines where one request's time goes when it is alone on each server (MONAI Label's
-`/infer?output=json` latencies: read + prepare, the model replicas, resize + write).
+`--batch-size`, `--few-slices` and 1 in this process (what the service's overhead is measured
+against), and the last lines where the time of one request alone goes, a whole volume and one
+slice, on each server, hop by hop (MONAI Label's `/infer?output=json` latencies: read + prepare,
+the call to the replica, resize + write on the front; queued and in its batches on the replica;
+the rest of the call is Ray's; the client's time beyond the front's is HTTP and the upload), and
+what the service adds to the model and the file work (goal <= 20 ms).
 
 Cold adapter: a mixed server with `--max-resident 2`, one client, cycling over 4 adapters so
 that each one is evicted before it comes back: each round times a request for an adapter that
@@ -32,7 +39,8 @@ the server does not resize), or random if nilearn is missing. Timings are printe
 as JSON with `--out`; nothing here is asserted.
 
     python benchmarks/bench_serve.py [--backbone tiny] [--clients 4] [--requests 32] [--slices 16]
-        [--image-size 256] [--adapters 1,4,16] [--skip-processes] [--out results.json]
+        [--image-size 256] [--adapters 1,4,16] [--few-slices 2] [--few-clients 8] [--skip-processes]
+        [--out results.json]
     python benchmarks/bench_serve.py --backbone vit_b --random-sam-seed 0 --device cuda --image-size 512
     python benchmarks/bench_serve.py --backbone vit_b --sam sam_vit_b_01ec64.pth --device cuda
 """

@@ -2,7 +2,8 @@
 # Every check that needs a CUDA GPU, as one run: the GPU kernel tests (bf16 included) and the
 # LoRA-qkv, inference and training-step benchmarks, each with its CPU-free baseline in the same
 # process, then the SAM 2 encoders against ViT-B, the hot-swap rows (compiled included) and the
-# service (bench_serve.py: mixed vs per-adapter batching vs a process per request).
+# service (bench_serve.py: mixed vs per-adapter batching, also where per-adapter batches cannot fill, vs a
+# process per request; one slice and one volume alone, hop by hop).
 # Made for a lent GPU machine with a short time budget: the most wanted figures come first.
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with PyPI: wheels the GPU image lacks -> .whl/
@@ -50,10 +51,13 @@ run() {
     timeout 120 python3 benchmarks/bench_train_step.py --device cuda 2>&1 | tee "$out/bench_train_step.txt"
     timeout 120 python3 benchmarks/bench_inference.py --backbones --device cuda --dtype bfloat16 --repeats 10 2>&1 | tee "$out/bench_backbones.txt"
     timeout 240 python3 benchmarks/bench_swap.py --compiled --device cuda 2>&1 | tee "$out/bench_swap.txt"
-    # The service (needs ray[serve] and requests in the image): ViT-B-sized random SAM at 512 (not yet run on a GPU; estimated 2-4 minutes).
+    # The service (needs ray[serve] and requests in the image): ViT-B-sized random SAM at 512 (not yet run on a GPU;
+    # estimated 3-5 minutes): full volumes, 1/4/16 adapters, mixed vs per-adapter; 2-slice requests from 8 clients
+    # over 16 adapters, where per-adapter batches cannot fill (issue 30); one volume and one slice alone, hop by hop.
     if python3 -c "import ray.serve, requests, fastapi, prometheus_client" 2>/dev/null; then
-        timeout 300 python3 benchmarks/bench_serve.py --backbone vit_b --random-sam-seed 0 --device cuda --image-size 512 \
-            --requests 16 --process-requests 4 --cold-rounds 16 --out "$out/bench_serve.json" 2>&1 | tee "$out/bench_serve.txt"
+        timeout 400 python3 benchmarks/bench_serve.py --backbone vit_b --random-sam-seed 0 --device cuda --image-size 512 \
+            --requests 16 --few-slices 2 --few-clients 8 --few-requests 48 --alone-repeats 5 \
+            --process-requests 4 --cold-rounds 16 --out "$out/bench_serve.json" 2>&1 | tee "$out/bench_serve.txt"
     else
         echo "bench_serve: skipped, this image lacks ray[serve] (pip install 'samed-adapter[serve]')" | tee "$out/bench_serve.txt"
     fi
