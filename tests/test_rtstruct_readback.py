@@ -124,21 +124,35 @@ def test_our_reader_gives_back_exactly_the_labels(written, geometry: str) -> Non
     np.testing.assert_array_equal(read_rtstruct(rt, read_image(folder)), labels)
 
 
-@pytest.mark.parametrize("geometry", AXIAL_PLANES)
-def test_plastimatch_gives_back_every_class(written, geometry: str, tmp_path: Path) -> None:
-    import SimpleITK as sitk
-
+def _plastimatch(folder: Path, rt: Path, shape: tuple[int, ...], masks: Path, *options: str) -> np.ndarray:
+    """What ``plastimatch convert`` rasterises ``rt`` to on the series' grid, as class ids."""
+    sitk = pytest.importorskip("SimpleITK")  # reads its masks; the test extra brings it (dcmrtstruct2nii)
     if shutil.which("plastimatch") is None:
         pytest.skip("plastimatch is not installed (apt-get install plastimatch; .ci/run installs it as root)")
-    folder, rt, labels = written[geometry]
     run = subprocess.run(["plastimatch", "convert", "--input", str(rt), "--referenced-ct", str(folder),
-                          "--output-prefix", str(tmp_path / "masks"), "--prefix-format", "nrrd"],
+                          "--output-prefix", str(masks), "--prefix-format", "nrrd", *options],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    back = np.zeros(labels.shape, np.uint8)
+    back = np.zeros(shape, np.uint8)
     for c, name in enumerate(NAMES, start=1):  # one mask per structure, named by the ROI
-        back[_on_our_grid(sitk.ReadImage(str(tmp_path / "masks" / f"{name}.nrrd")), folder) > 0] = c
-    check_readback(labels, back, f"plastimatch on {geometry}")
+        back[_on_our_grid(sitk.ReadImage(str(masks / f"{name}.nrrd")), folder) > 0] = c
+    return back
+
+
+@pytest.mark.parametrize("geometry", AXIAL_PLANES)
+def test_plastimatch_gives_back_every_class(written, geometry: str, tmp_path: Path) -> None:
+    """plastimatch ORs a slice's contours by default: a hole drawn as a contour of its own would come
+    back filled; the keyhole cuts keep it empty."""
+    folder, rt, labels = written[geometry]
+    check_readback(labels, _plastimatch(folder, rt, labels.shape, tmp_path), f"plastimatch on {geometry}")
+
+
+def test_plastimatch_xor_rule_gives_back_the_same(written, tmp_path: Path) -> None:
+    """Under the rule that planning systems follow (contours XORed, --xor-contours), the same voxels."""
+    folder, rt, labels = written["axial"]
+    xor = _plastimatch(folder, rt, labels.shape, tmp_path / "xor", "--xor-contours")
+    check_readback(labels, xor, "plastimatch --xor-contours")
+    np.testing.assert_array_equal(xor, _plastimatch(folder, rt, labels.shape, tmp_path / "or"))
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
