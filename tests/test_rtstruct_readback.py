@@ -2,9 +2,12 @@
 
 Planning systems and plastimatch keep the pixels whose centres lie inside a contour; rt-utils rounds
 the vertices and fills including the outline; dcmrtstruct2nii (scikit-image) fills centres inside.
-Each reader, on axial, flipped, oblique and non-square-pixel series, gives back every class (at least
-99 % of its voxels and no more than 1 % others) and every region of it, thin and tiny ones included;
-our own reader gives back exactly the labels.
+Each reader, on axial, flipped, oblique, tilted and non-square-pixel series, gives back every class
+(at least 99 % of its voxels and no more than 1 % others) and every region of it, thin and tiny ones
+included; our own reader gives back exactly the labels. Where a reader cannot read a series whoever
+wrote it, it is not asked: plastimatch 1.9 slices not in axial planes, rt-utils non-square pixels.
+The centre-through outlines written before (rt-utils' tracing) fail the plastimatch and
+dcmrtstruct2nii tests on every series.
 """
 
 from __future__ import annotations
