@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
+from samed_adapter.cli import evaluate as evaluate_command
 from samed_adapter.cli import main as cli
 from samed_adapter.cli import quickstart
 from samed_adapter.adapter_file.adapter import AdapterMismatchError, BaseMismatchError
@@ -195,7 +196,7 @@ def no_model_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a SAM was built before the options were checked")
 
-    monkeypatch.setattr(cli, "_segment_sam", refuse)
+    monkeypatch.setattr(evaluate_command, "segment_sam", refuse)
 
 
 @pytest.mark.parametrize("options, message", [

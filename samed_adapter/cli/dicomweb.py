@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
     from ..dicomweb.errors import shown_url
     from ..dicomweb.session import Credentials
     from ..io.printable import printable
-    from .main import _fail, _shown
+    from .common import escaped, fail
 
     counts = {"stored": 0, "written": 0, "skipped": 0, "not segmented": 0, "failed": 0, "made again": 0}
 
@@ -156,16 +156,16 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
         counts[result.status] += 1
         if result.redone:
             counts["made again"] += 1
-            print(f"samed-adapter segment: note: {_shown(result.redone)}", file=sys.stderr)
+            print(f"samed-adapter segment: note: {escaped(result.redone)}", file=sys.stderr)
         if result.status == "not segmented":
-            print(f"samed-adapter segment: note: not segmented: {_shown(result.message)}", file=sys.stderr)
+            print(f"samed-adapter segment: note: not segmented: {escaped(result.message)}", file=sys.stderr)
             return
         if result.status == "failed":
-            print(f"samed-adapter segment: error: {_shown(result.message)} (skipped; continuing with the other "
+            print(f"samed-adapter segment: error: {escaped(result.message)} (skipped; continuing with the other "
                   "series)", file=sys.stderr)
             return
         for line in result.message.splitlines() if result.status != "skipped" else []:
-            print(f"samed-adapter segment: warning: {_shown(line)}", file=sys.stderr)
+            print(f"samed-adapter segment: warning: {escaped(line)}", file=sys.stderr)
         # Without -o the files lie in a temporary folder that is gone by the end: not worth naming.
         shown = "" if args.output is None else ", ".join(
             printable(str(f)) for f in result.files if not f.name.endswith(".samed-adapter.json"))
@@ -201,10 +201,10 @@ def run(args: argparse.Namespace, *, sam: Any, adapter: Any, request: dict[str, 
             studies = [segment_study(args.dicomweb, args.study, series=args.series, output_dir=args.output,
                                      credentials=credentials, **common)]
     except DicomWebError as err:
-        _fail("segment", str(err))
+        fail("segment", str(err))
         return 2
     except KeyboardInterrupt:
-        _fail("segment", "interrupted; what was stored before is complete (one request per series), and a request "
+        fail("segment", "interrupted; what was stored before is complete (one request per series), and a request "
                          "under way may be stored in part; run the same command with --continue to do the rest")
         return 130
     where = f" into {args.output}" if args.output is not None else ""

@@ -17,6 +17,7 @@ from pathlib import Path
 from shlex import quote
 from typing import Optional, Sequence
 
+from .common import SubParsers, example_parser
 
 
 # What --help says: the module docstring's first two paragraphs, whole sentences, wrapped.
@@ -150,4 +151,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "build_parser", "main", "random_sam_note", "run"]
+__all__ = ["add_arguments", "add_quickstart_parser", "build_parser", "main", "random_sam_note", "run"]
+
+
+def add_quickstart_parser(sub: SubParsers) -> None:
+    """Declare `quickstart` and its arguments."""
+    p = example_parser(
+        sub, "quickstart", "train, save, patch, segment and score on the bundled MNI152 brain data",
+        "example: samed-adapter quickstart --out runs/quickstart",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)

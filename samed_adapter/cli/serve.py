@@ -15,7 +15,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.catalog import parse_pairs
     from ..serve.server import DeployError, start
     from ..serve.settings import ServeSettings
-    from .main import _fail, _warn
+    from .common import fail as _fail, warn as _warn
 
     if args.sam is None and args.random_sam_seed is None:
         raise ValueError("--sam-backbone builds a SAM with random weights and needs --random-sam-seed N (for tests and "
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(sub: Any) -> None:
     """Declare `serve` and its arguments."""
-    from .main import _example_parser
+    from .common import example_parser as _example_parser
 
     p = _example_parser(
         sub, "serve", "serve many adapters from one SAM over HTTP (native API and MONAI Label's)",

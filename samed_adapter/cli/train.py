@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .arguments import orientation_argument, pair_argument
+from .common import SubParsers, example_parser
 from ..adapter_file.config import CT_ABDOMEN_WINDOW
 from ..training.config import RECIPES, TrainConfig
 from ..training.errors import TrainingError, TrainingInterrupted, cli_spelling
@@ -363,3 +364,14 @@ def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"adapter: {path}")
     return 0
+
+
+def add_train_parser(sub: SubParsers) -> None:
+    """Declare `train` and its arguments (``examples/train.py`` has its own parser, :func:`main`)."""
+    p = example_parser(
+        sub, "train", "fine-tune an adapter (the published recipe by default)",
+        "example: samed-adapter train --data Task03_Liver --num-classes 2 --sam sam_vit_b_01ec64.pth -o runs/liver\n"
+        "         torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
