@@ -37,9 +37,9 @@ from .adapter_file.hub_cache import (  # noqa: F401 - re-exported: resolving Hub
     check_revision,
     hf_hub_adapter_path,
     hub_endpoint,
-    looks_like_repo_id,
     parse_repo_id,
 )
+from .io.paths import looks_like_repo_id
 
 TAGS = ["medical-imaging", "image-segmentation", "lora", "samed", "segment-anything"]
 # backbone -> (Hub id of the stock weights, Meta's stock checkpoint file)

@@ -179,7 +179,8 @@ class Adapter:
             AdapterFormatError: not a safetensors file, or not a valid adapter.
             ValueError: `revision` given with a local path.
         """
-        from .hub_cache import ADAPTER_FILENAME, hf_hub_adapter_path, looks_like_repo_id
+        from ..io.paths import looks_like_repo_id
+        from .hub_cache import ADAPTER_FILENAME, hf_hub_adapter_path
 
         path = Path(path_or_repo_id)
         if path.is_dir() and (path / ADAPTER_FILENAME).is_file():

@@ -16,10 +16,6 @@ from urllib.parse import urlsplit
 
 ADAPTER_FILENAME = "adapter.safetensors"
 LIBRARY_NAME = "samed-adapter"
-# "org/name" or "org/name@revision"; each name part as the Hub allows (letters, digits, - _ .).
-_REPO_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(\S+))?")
-# A name ending like a file is a local path that is missing, not a Hub repository.
-_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # A 40-hex commit, or a branch or tag name by git's ref rules (`git check-ref-format`): no
 # control character, space or any of ~^:?*[\\; no `..`, `@{`, `//`; no part starting with `.` or
@@ -68,18 +64,6 @@ def check_revision(revision: str) -> str:
             f"{revision!r} is not a branch, tag or commit name ({why}); give e.g. main, v1 or a 40-hex commit hash"
         )
     return revision
-
-
-def looks_like_repo_id(text: Union[str, os.PathLike]) -> bool:
-    """Whether `text` has the form of a Hub id, `"org/name"` or `"org/name@revision"`.
-
-    Only strings qualify (a `pathlib.Path` is always a local path), and names that end like a
-    file (`.safetensors`, `.pth`, ...) or start with `.`, `/` or `~` are taken as local paths.
-    """
-    if not isinstance(text, str):
-        return False
-    match = _REPO_ID.fullmatch(text)
-    return bool(match) and not match.group(1).lower().endswith(_FILE_SUFFIXES)
 
 
 def parse_repo_id(spec: str, revision: Optional[str] = None) -> tuple[str, Optional[str]]:

@@ -67,7 +67,7 @@ def adapter_label(adapter_name: str | os.PathLike[str]) -> str:
     made, which is no reader's business; the fingerprint recorded beside the name identifies the
     adapter itself.
     """
-    from ..adapter_file.hub_cache import looks_like_repo_id
+    from .paths import looks_like_repo_id
 
     text = os.fspath(adapter_name)
     if looks_like_repo_id(text) and not os.path.exists(text):

@@ -1,11 +1,14 @@
-"""File names of images and label maps: suffixes (``.nii.gz`` as one) and the label file of an input."""
+"""File names of images and label maps: suffixes (``.nii.gz`` as one) and the label file of an input;
+whether a name is a Hub id or a local path."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Union
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "image_stem", "image_suffix", "output_path"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "image_stem", "image_suffix", "looks_like_repo_id", "output_path"]
 
 #: Suffixes accepted by :func:`read_image` (a folder is read as a DICOM series, and so is a file
 #: of any name holding ``DICM`` at byte 128).
@@ -53,3 +56,21 @@ def output_path(
     if out.resolve() == src.resolve():
         raise ValueError(f"output {out} would overwrite the input image; choose another out_dir")
     return out
+
+
+# "org/name" or "org/name@revision"; each name part as the Hub allows (letters, digits, - _ .).
+_REPO_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(\S+))?")
+# A name ending like a file is a local path that is missing, not a Hub repository.
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl")
+
+
+def looks_like_repo_id(text: Union[str, os.PathLike]) -> bool:
+    """Whether `text` has the form of a Hub id, `"org/name"` or `"org/name@revision"`.
+
+    Only strings qualify (a `pathlib.Path` is always a local path), and names that end like a
+    file (`.safetensors`, `.pth`, ...) or start with `.`, `/` or `~` are taken as local paths.
+    """
+    if not isinstance(text, str):
+        return False
+    match = _REPO_ID.fullmatch(text)
+    return bool(match) and not match.group(1).lower().endswith(_FILE_SUFFIXES)
