@@ -94,13 +94,13 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     serve = _import_serve()
     import ray
 
-    from ..segment.ray_data import _init_ray
+    from ..segment.ray_start import init_ray
     from .frontend import Frontend
     from .segmenter import Segmenter
 
     started_ray = not ray.is_initialized() and settings.ray_address is None
     if not ray.is_initialized():
-        _init_ray(ray, settings.ray_address)
+        init_ray(ray, settings.ray_address)
     # Serve's INFO lines (started, "connecting to existing app", ready, deleting) say what the
     # command says itself in one line; its warnings and errors still show.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
