@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
+from samed_adapter.testing.cli import run
 from samed_adapter.testing import random_adapter
 
 # pip puts the command beside this interpreter, which need not be on PATH (a venv not activated).
@@ -30,9 +30,8 @@ def test_dcmqi_reads_our_seg_without_a_warning_and_gives_back_our_labels(ct_fold
                               intensity_percentiles=(1.0, 99.0), class_names=["liver", "spleen", "right kidney"])
     adapter = random_adapter(sam, config, seed=4, scale=0.5).save(tmp_path / "a.safetensors")
     out = tmp_path / "out"
-    code = cli.main(["segment", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapter", str(adapter),
-                     str(ct_folder), "-o", str(out), "--output-type", "nifti,dicom-seg"])
-    err = capsys.readouterr().err
+    code, _, err = run(capsys, "segment", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapter",
+                       str(adapter), str(ct_folder), "-o", str(out), "--output-type", "nifti,dicom-seg")
     assert code == 0, err
     assert "UserWarning" not in err, err  # highdicom's, had the creator's name been misencoded
     ours = nib.load(out / "ct.nii.gz")

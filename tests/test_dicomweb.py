@@ -7,8 +7,6 @@ and a server that goes away mid-study each give one clear error and store nothin
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -28,7 +26,6 @@ _MISSING = missing()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING} (Debian: {INSTALL_HINT})")
 
 import samed_adapter as sa  # noqa: E402
-from samed_adapter.cli import main as cli  # noqa: E402
 from samed_adapter.dicomweb import DicomWebConnectionError, StudyNotFoundError, segment_study  # noqa: E402
 from samed_adapter.dicomweb.session import Credentials, open_client  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
@@ -72,14 +69,6 @@ def _client(server):
     return open_client(server.dicomweb, Credentials(server.user, server.password))
 
 
-def _cli(*argv) -> tuple[int, str, str]:
-    """The command line, its output captured (for module fixtures, which cannot take capsys)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def first_run(pacs, adapter, tmp_path_factory):
     """``segment --dicomweb URL --study UID --store -o OUT``, once for the module's checks."""
@@ -88,7 +77,7 @@ def first_run(pacs, adapter, tmp_path_factory):
     before = server.series_uids()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAMED_DICOMWEB_PASSWORD", server.password)
-        code, stdout, stderr = _cli("segment", *TINY, "--adapter", adapter, "--dicomweb", server.dicomweb, "--study",
+        code, stdout, stderr = run(None, "segment", *TINY, "--adapter", adapter, "--dicomweb", server.dicomweb, "--study",
                                     study["study"], "--store", "-o", out, "--output-type", TYPES,
                                     "--dicomweb-user", server.user)
     return {"code": code, "out": out, "stdout": stdout, "stderr": stderr, "before": before,

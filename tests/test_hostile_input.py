@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
+from samed_adapter.testing.cli import run
 from samed_adapter.testing import random_adapter
 from samed_adapter.testing.tiny import CONFIGS
 
@@ -177,9 +177,7 @@ def cli_files(tmp_path_factory):
 def _segment(capsys, cli_files, *inputs, out, extra=()):
     argv = ["segment", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapter", str(cli_files["adapter"]),
             *map(str, inputs), "-o", str(out), *extra]
-    code = cli.main(argv)
-    stdout, stderr = capsys.readouterr()
-    return code, stdout, stderr
+    return run(capsys, *argv)
 
 
 def _bad_inputs(folder: Path, good: Path) -> dict[str, Path]:
@@ -242,8 +240,7 @@ def test_segment_command_with_a_broken_adapter_stops_and_names_it(capsys, cli_fi
     out = tmp_path / "out"
     argv = ["segment", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapter", str(adapter),
             str(cli_files["good"]), "-o", str(out)]
-    code = cli.main(argv)
-    _, stderr = capsys.readouterr()
+    code, _, stderr = run(capsys, *argv)
     assert code == 2
     assert str(adapter) in stderr
     assert _leftovers(out) == []
@@ -257,9 +254,8 @@ def test_evaluate_command_with_mismatched_label_files(capsys, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), data / "imagesTr" / "case.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 9, 3), np.uint8), np.eye(4)), data / "labelsTr" / "case.nii.gz")
     out = tmp_path / "eval"
-    code = cli.main(["evaluate", "--adapter", str(adapter), "--sam-backbone", "tiny", "--random-sam-seed", "0",
-                     "--data", str(data), "--window", "none", "-o", str(out)])
-    _, stderr = capsys.readouterr()
+    code, _, stderr = run(capsys, "evaluate", "--adapter", str(adapter), "--sam-backbone", "tiny",
+                          "--random-sam-seed", "0", "--data", str(data), "--window", "none", "-o", str(out))
     assert code == 2
     assert "case" in stderr and "shape" in stderr
     assert not out.exists() or list(out.iterdir()) == []

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import samed_adapter as sa
-from samed_adapter.cli import main as cli
+from samed_adapter.testing.cli import run
 from samed_adapter.hosts.backbones import backbone_for_state_dict, build_hint
 from samed_adapter.adapter_file.checkpoints import UnsafeCheckpointError, load_state_dict_file
 from samed_adapter.io.files import atomic_path
@@ -110,10 +110,7 @@ def cli_files(tmp_path_factory, adapter):
 
 
 def _segment(capsys, sam: Path, cli_files, out: Path) -> tuple[int, str, str]:
-    code = cli.main(["segment", "--sam", str(sam), "--adapter", str(cli_files["adapter"]), str(cli_files["image"]),
-                     "-o", str(out)])
-    stdout, stderr = capsys.readouterr()
-    return code, stdout, stderr
+    return run(capsys, "segment", "--sam", sam, "--adapter", cli_files["adapter"], cli_files["image"], "-o", out)
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -290,7 +287,6 @@ def test_a_complex_nifti_is_refused_in_one_line(capsys, tmp_path, pair):
     """A complex-valued NIfTI (an MR phase/magnitude pair stored as one) was segmented on its real
     part without a word: now that input fails in one line naming the dtype and the way out."""
     from samed_adapter.io import ImageReadError, read_image
-    from samed_adapter.testing.cli import run
 
     data = np.random.default_rng(0).uniform(0, 100, (40, 36, 4)) * np.exp(1j * np.pi / 3)
     path = tmp_path / "mr.nii.gz"
@@ -314,8 +310,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line(capsys, tmp_path, pair, mon
     monkeypatch.setattr(Adapter, "load", interrupted)
     scan = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)), scan)
-    code = cli.main(["segment", *TINY, "--adapter", str(pair["a"]), str(scan), "-o", str(tmp_path / "out")])
-    out, err = capsys.readouterr()
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", str(pair["a"]), str(scan), "-o", str(tmp_path / "out"))
     assert code == 130 and err == "samed-adapter segment: interrupted (Ctrl-C)\n" and out == ""
 
 
@@ -333,8 +328,8 @@ def test_ctrl_c_after_every_input_was_written_says_so(capsys, tmp_path, pair, mo
         scans.append(tmp_path / "in" / f"s{i}.nii.gz")
         scans[-1].parent.mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(np.full((16, 16, 2), 10.0 * i, np.float32), np.eye(4)), scans[-1])
-    code = cli.main(["segment", *TINY, "--adapter", str(pair["a"]), *map(str, scans), "-o", str(tmp_path / "out")])
-    out, err = capsys.readouterr()
+    code, out, err = run(capsys, "segment", *TINY, "--adapter", str(pair["a"]), *map(str, scans), "-o",
+                         str(tmp_path / "out"))
     assert code == 130 and len(list((tmp_path / "out").glob("*.nii.gz"))) == 3
     assert "interrupted after all 3 inputs were done (3 written)" in err and "before the end" not in err
     assert "--continue" not in err and "Traceback" not in err
@@ -348,7 +343,6 @@ def test_a_left_out_localizer_names_the_outputs_written(capsys, tmp_path, pair, 
     writes no label file; it names the outputs that are written."""
     import pydicom.data
 
-    from samed_adapter.testing.cli import run
 
     ct2 = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033" / "CT2"
     code, _, err = run(capsys, "segment", *TINY, "--adapter", pair["a"], ct2, "-o", tmp_path / "out",

@@ -20,6 +20,7 @@ import torch
 import samed_adapter as sa
 from samed_adapter.cli.main import main
 from samed_adapter.cli.demo import MNI_CLASS_NAMES, MNI_PERCENTILES, build_mni_task
+from samed_adapter.testing.cli import run
 from samed_adapter.training import (NiftiSlices, NiftiVolumes, NonFiniteLossError, RunFolderError, TrainingError,
                                     TrainingInterrupted, TrainingStateError, iterations_per_epoch)
 from samed_adapter.training import loop
@@ -525,10 +526,9 @@ def test_cli_train_bounds_the_dataset_with_max_voxels(tmp_path, capsys):
     for folder in ("imagesTr", "labelsTr"):
         (tmp_path / "data" / folder).mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.uint8), np.eye(4)), tmp_path / "data" / folder / "case.nii.gz")
-    code = main(["train", "--data", str(tmp_path / "data"), "--num-classes", "1", "--sam-backbone", "tiny",
-                 "--random-sam-seed", "0", "--image-size", "64", "--max-voxels", "1000", "--device", "cpu",
-                 "-o", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "data"), "--num-classes", "1", "--sam-backbone",
+                       "tiny", "--random-sam-seed", "0", "--image-size", "64", "--max-voxels", "1000", "--device",
+                       "cpu", "-o", str(tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1, err
     assert "16 x 16 x 4 = 1,024 voxels" in err and "limit of 1,000 voxels" in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -169,6 +169,7 @@ def test_segment_refuses_a_nifti_for_an_uneven_series_and_writes_a_dicom_seg(ct_
 
     import samed_adapter as sa
     from samed_adapter.cli import main as cli
+    from samed_adapter.testing.cli import run
     from samed_adapter.io import read_dicom_seg
     from samed_adapter.testing import random_adapter
 
@@ -186,13 +187,12 @@ def test_segment_refuses_a_nifti_for_an_uneven_series_and_writes_a_dicom_seg(ct_
     base = ["segment", "--sam", str(tmp_path / "sam.pth"), "--adapter", str(adapter), str(ct_folder)]
 
     out = tmp_path / "nifti"
-    code = cli.main([*base, "-o", str(out)])
-    captured = capsys.readouterr()
-    assert code != 0 and "Traceback" not in captured.err
-    assert "unevenly spaced" in captured.err and "--output-type dicom-seg" in captured.err
+    code, _, err = run(capsys, *base, "-o", str(out))
+    assert code != 0 and "Traceback" not in err
+    assert "unevenly spaced" in err and "--output-type dicom-seg" in err
     positions = read_image(ct_folder, allow_uneven=True).positions
     assert np.diff(positions) == pytest.approx([5.0, 5.0, 15.0], abs=1e-4)
-    assert f"positions along the normal {shortened(positions)} mm" in captured.err
+    assert f"positions along the normal {shortened(positions)} mm" in err
     assert not out.exists() or not list(out.rglob("*.nii*"))  # no NIfTI that misplaces a slice
 
     seg_out = tmp_path / "seg"

@@ -196,8 +196,6 @@ def test_the_readmes_quick_start_then_its_segment_command_give_the_same_labels(c
     import runpy
     import sys
 
-    from samed_adapter.cli import main as cli
-
     quickstart, segment = _readme_commands()
     assert quickstart[:2] == ["python", "examples/quickstart.py"] and segment[:2] == ["samed-adapter", "segment"]
     monkeypatch.chdir(tmp_path)
@@ -213,11 +211,9 @@ def test_the_readmes_quick_start_then_its_segment_command_give_the_same_labels(c
     assert len(np.unique(made)) == 3
 
     # The quick start's record is the one `segment` writes: --continue (without --overlay) trusts it.
-    code = cli.main([*segment[1:-1], "--continue"])
-    stdout, err = capsys.readouterr()
+    code, stdout, err = run(capsys, *segment[1:-1], "--continue")
     assert code == 0 and "segmented 0 of 1 inputs" in stdout and "1 skipped" in stdout, err
-    code = cli.main(segment[1:])
-    stdout, err = capsys.readouterr()
+    code, stdout, err = run(capsys, *segment[1:])
     assert code == 0 and "segmented 1 of 1 inputs" in stdout, err
     np.testing.assert_array_equal(_labels(label_file), made)
     assert (label_file.parent / "mni_val_overlay.png").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,19 @@ __all__ = ["random_scan", "run", "two_adapters"]
 def run(capsys: Any, *argv: object) -> tuple[int, str, str]:
     """``samed-adapter ARGV...`` in this process: (exit code, stdout, stderr); arguments are str()-ed.
 
-    ``capsys`` is pytest's fixture.
+    ``capsys`` is pytest's fixture; None (a module or session fixture, which cannot take it)
+    captures what the command prints itself.
     """
     from ..cli import main
 
-    code = main.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    if capsys is not None:
+        code = main.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main.main([str(a) for a in argv])
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def random_scan(path: Path, seed: int = 0, shape: tuple[int, ...] = (40, 36, 4)) -> Path:
