@@ -25,7 +25,7 @@ from .volume.geometry import describe_orientation
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from huggingface_hub import CommitInfo, ModelCard
 
-    from .evaluation.metrics import Summary
+    from .evaluation.summary import Summary
     from .model import SAMed
 
 from .adapter_file.hub_cache import (  # noqa: F401 - re-exported: resolving Hub ids lives below Adapter
@@ -125,7 +125,7 @@ def model_card(
         repo_id: where it is pushed (used in the usage examples).
         base_model: a Hub id of the stock SAM weights (`"facebook/sam-vit-base"`) or the stock
             checkpoint's file name (`"sam_vit_b_01ec64.pth"`); default: from the backbone.
-        evaluation: a `metrics.Summary` (a table in the card and its numbers in the metadata)
+        evaluation: a `summary.Summary` (a table in the card and its numbers in the metadata)
             or a Markdown string (shown as given).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -142,7 +142,7 @@ def model_card(
     if isinstance(evaluation, str):
         evaluation_text = evaluation.strip() or None
     elif evaluation is not None:
-        from .evaluation.metrics import Summary  # imported only here: metrics needs medpy
+        from .evaluation.summary import Summary  # imported only here: metrics needs medpy
 
         if not isinstance(evaluation, Summary):
             raise TypeError(f"evaluation must be a metrics Summary or a Markdown string, got {type(evaluation).__name__}")
@@ -222,7 +222,7 @@ def push_to_hub(
         revision: the branch to commit to; created from `main` if missing.
         commit_message: default: "Upload SAMed adapter (K classes, backbone)".
         create_pr: open a pull request instead of committing directly.
-        evaluation: a `metrics.Summary` or a Markdown string for the card's evaluation section.
+        evaluation: a `summary.Summary` or a Markdown string for the card's evaluation section.
         base_model: the stock SAM: a Hub id (`"facebook/sam-vit-base"`) or the stock checkpoint's
             file name; default: the one of the adapter's backbone.
 

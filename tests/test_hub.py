@@ -174,7 +174,8 @@ def test_invalid_hub_ids_are_refused():
 
 
 def _summary():
-    from samed_adapter.evaluation.metrics import ClassScore, summarize
+    from samed_adapter.evaluation.metrics import ClassScore
+    from samed_adapter.evaluation.summary import summarize
 
     scores = [ClassScore(0.9, 2.0, False, False), ClassScore(0.5, 10.0, False, False), ClassScore(None, None, True, True)]
     return summarize({"case1": scores, "case2": scores}, ["liver", "tumour", "vessel"])

@@ -11,7 +11,8 @@ import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from samed_adapter.evaluation.metrics import ClassScore, Summary, dice, hd95, score_case, summarize
+from samed_adapter.evaluation.metrics import ClassScore, dice, hd95, score_case
+from samed_adapter.evaluation.summary import Summary, summarize
 
 
 def blob_mask(rng: np.random.Generator, shape: tuple[int, ...], level: float = 0.55) -> np.ndarray:

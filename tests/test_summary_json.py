@@ -8,14 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from samed_adapter.evaluation.metrics import (
-    ClassScore,
-    ConfusionCounts,
-    confusion_counts,
-    nnunet_summary,
-    score_case,
-    summarize,
-)
+from samed_adapter.evaluation.metrics import ClassScore, ConfusionCounts, confusion_counts, score_case
+from samed_adapter.evaluation.summary import nnunet_summary, summarize
 
 NAMES = ["liver", "spleen"]
 

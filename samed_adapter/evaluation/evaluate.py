@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, Summary, confusion_counts, score_case, summarize
+from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, confusion_counts, score_case
+from .summary import Summary, summarize
 from ..model import SAMed
 
 SAMED_ROUND_TRIP = 224  # the published training slices were stored at 224 x 224
