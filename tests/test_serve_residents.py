@@ -174,3 +174,32 @@ def test_a_failing_adapter_or_a_gone_caller_leaves_the_other_requests_answered(f
     with pytest.raises(RuntimeError, match="died"):
         broken.result(timeout=0)
     assert queue.take() == [] and queue.waiting() == 0
+
+
+def test_a_replica_batches_calls_in_flight_together_and_runs_a_full_batch_without_waiting(folder):
+    """The replica's loop (serve.segmenter, its class without Ray Serve): calls that arrive while
+    a partial batch waits share it; a full batch never waits --batch-wait-ms (an hour here)."""
+    import asyncio
+
+    from samed_adapter.serve.segmenter import Segmenter
+    from samed_adapter.serve.settings import ServeSettings
+
+    images = np.stack(_slices(4, seed=8))
+
+    async def calls(replica, requests):
+        first = asyncio.ensure_future(replica(requests[0]))
+        await asyncio.sleep(0.2)  # the others come later, while the first one's partial batch waits
+        return await asyncio.wait_for(asyncio.gather(first, *[replica(r) for r in requests[1:]]), 120)
+
+    settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(folder)], max_batch_size=4,
+                             batch_wait_ms=3_600_000)
+    replica = Segmenter.func_or_class(settings)
+    # One call of a full batch, then four of one slice each, which fill the next one together.
+    full = asyncio.run(calls(replica, [VolumeRequest("a0", images)]))[0]
+    assert [b["size"] for b in full.batches] == [4]
+    small = asyncio.run(calls(replica, [VolumeRequest(n, images[i:i + 1]) for i, n in enumerate(["a1", "a3", "a0", "a2"])]))
+    assert all(isinstance(r, VolumeResult) for r in small), small
+    assert {b["batch"] for r in small for b in r.batches} == {2} and small[0].batches[0]["adapters"] == 4
+    for i, (name, result) in enumerate(zip(["a1", "a3", "a0", "a2"], small)):
+        np.testing.assert_array_equal(result.labels[0], _alone(folder, name, images[i]))
+    np.testing.assert_array_equal(full.labels[2], _alone(folder, "a0", images[2]))

@@ -61,14 +61,18 @@ class Segmenter:
         arrived = self._arrived
         assert arrived is not None
         loop = asyncio.get_running_loop()
+        idle = True  # the model ran no batch since the queue was last empty
         while True:
             if not self.queue.waiting():
+                idle = True
                 arrived.clear()
                 await arrived.wait()
+            if idle:
                 await self._fill()
             batch = self.queue.take()
             if not batch:
                 continue
+            idle = False
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._thread, self._predict, SliceQueue.items(batch))
