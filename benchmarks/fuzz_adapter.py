@@ -46,7 +46,8 @@ from typing import Optional
 
 from samed_adapter.testing.fuzz import (Report, Runner, case_record, failure_examples, markdown, memory_summary,
                                         rss_bytes, rss_of, run_in_process)
-from samed_adapter.testing.mutations import KINDS, Fixture, make_case
+from samed_adapter.testing.fuzz_files import Fixture
+from samed_adapter.testing.mutations import KINDS, make_case
 
 # torch and samed_adapter's model code are imported lazily: the orchestrating process only reads results.
 

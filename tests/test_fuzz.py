@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import samed_adapter as sa
-from samed_adapter.testing import fuzz, mutations
+from samed_adapter.testing import fuzz, fuzz_files, mutations
 
 # Every mutation kind now ends cleanly (the bugs the first 10,000-case run found are fixed).
 KNOWN_BUG_KINDS: set[str] = set()
@@ -69,7 +69,7 @@ _BUGGY_REPRESENTATIVES: set[str] = set()
 
 @pytest.fixture(scope="module")
 def fx():
-    return mutations.Fixture()
+    return fuzz_files.Fixture()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_random_cases_end_in_documented_errors_or_clean_patches(fx):
     assert {"success", "AdapterFormatError", "AdapterMismatchError", "BaseMismatchError",
             "FileNotFoundError"} <= outcomes
     assert {r["kind"] for r in report.results} == set(kinds)
-    assert {r["target"] for r in report.results} == set(mutations.TARGETS)
+    assert {r["target"] for r in report.results} == set(fuzz_files.TARGETS)
     table = fuzz.markdown(report)
     assert "| **all** | **300** |" in table and table.rstrip().endswith("| **0** |")
 
@@ -162,11 +162,11 @@ def test_the_harness_catches_undocumented_errors_and_changed_sams(runner, fx, mo
 
 def test_header_helpers_build_what_they_say(fx):
     data = fx.files["plain"]
-    length, header, body = mutations.split_file(data)
-    assert mutations.assemble(json.loads(header), body)[8:].startswith(header.rstrip())
-    assert mutations.split_file(mutations.with_length(data, 2**64 - 1))[0] == 2**64 - 1
-    assert mutations.flip(b"\x00\x0f", [1], [0xFF]) == b"\x00\xf0"
-    assert json.loads(mutations.nested(3)) == [[[3]]]
+    length, header, body = fuzz_files.split_file(data)
+    assert fuzz_files.assemble(json.loads(header), body)[8:].startswith(header.rstrip())
+    assert fuzz_files.split_file(fuzz_files.with_length(data, 2**64 - 1))[0] == 2**64 - 1
+    assert fuzz_files.flip(b"\x00\x0f", [1], [0xFF]) == b"\x00\xf0"
+    assert json.loads(fuzz_files.nested(3)) == [[[3]]]
 
 
 # --------------------------------------------------------------------------- known bugs

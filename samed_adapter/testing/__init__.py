@@ -7,7 +7,8 @@
 - `samed_adapter.testing.tiny`: a tiny random SAM, images and adapter configurations for it;
 - `samed_adapter.testing.hub`: a Hub cache laid out on disk and a recording HfApi (no network);
 - `samed_adapter.testing.soak`: the hot-swap soak (`benchmarks/soak_swap.py`);
-- `samed_adapter.testing.mutations` and `samed_adapter.testing.fuzz`: the adapter-loading fuzz.
+- `samed_adapter.testing.fuzz_files`, `samed_adapter.testing.mutations` and `samed_adapter.testing.fuzz`: the
+  adapter-loading fuzz (the valid files, the ways of breaking them, the harness).
 
 torch is imported on first use, so that a process that only reads fuzz results does not pay for it.
 """

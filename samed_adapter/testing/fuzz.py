@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .mutations import KINDS, Case, Fixture, make_case
+from .fuzz_files import Fixture
+from .mutations import KINDS, Case, make_case
 
 # torch and samed_adapter are imported lazily: a process that only reads results does not pay for them.
 
