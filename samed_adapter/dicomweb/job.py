@@ -217,7 +217,7 @@ def _chosen(infos: Sequence["SeriesInfo"], wanted: Optional[Sequence[str]], url:
 
 
 def _segment_study(run: _Run, wanted: Optional[Sequence[str]], out: Path) -> StudyResult:
-    from ..io.dicom_series import NOT_IMAGES
+    from ..io.dicom_folders import NOT_IMAGES
     from .query import series_instances, stored_results, study_patient, study_series
     from .study import fetch_series, series_folder_names
 

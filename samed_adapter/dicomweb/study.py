@@ -84,7 +84,7 @@ def why_not_segmented(folder: Path) -> Optional[str]:
     """
     import pydicom
 
-    from ..io.dicom_series import find_dicom
+    from ..io.dicom_folders import find_dicom
 
     found = find_dicom(folder)
     if not found.series:
@@ -121,7 +121,7 @@ def fetch_series(client: "DICOMwebClient", url: str, study_uid: str, series: Seq
     """
     import shutil
 
-    from ..io.dicom_series import NOT_IMAGES
+    from ..io.dicom_folders import NOT_IMAGES
 
     names = names or series_folder_names(series)
     patient = [patient_id] if patient_id else []  # the first instance's, where QIDO-RS gave none

@@ -4,22 +4,22 @@ Arrays are slices first: ``(D, H, W)`` for volumes, ``(H, W)`` for 2-D images;
 ``Volume.array[k, j, i]`` is NIfTI voxel ``(i, j, k)``.  See
 :mod:`samed_adapter.io.volume` for the full convention (readers by format: :mod:`.nifti`,
 :mod:`.png_npy`, :mod:`.volumes` for any of them),
-:mod:`samed_adapter.io.dicom_series` for DICOM folders and series (even slice spacing),
+:mod:`samed_adapter.io.dicom_folders` for the series of a DICOM folder,
+:mod:`samed_adapter.io.dicom_series` for reading one (even slice spacing),
 :mod:`samed_adapter.io.limits` for how big an input may be, and
 :mod:`samed_adapter.volume.geometry` for how volumes are cut into the model's slices.
 """
 
 from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg
-from samed_adapter.io.dicom_series import (
+from samed_adapter.io.dicom_folders import (
     DicomFolder,
     DicomSeries,
     find_dicom,
     is_dicom_file,
     list_dicom_series,
     probe_dicom,
-    read_dicom_folder,
-    read_dicom_series,
 )
+from samed_adapter.io.dicom_series import read_dicom_folder, read_dicom_series
 from samed_adapter.io.errors import ImageReadError, ImageTooLargeError, TruncatedImageError, UnevenSpacingError
 from samed_adapter.io.limits import DEFAULT_MAX_VOXELS, check_voxels
 from samed_adapter.io.overlay import colour_table, overlay_montage, overlay_volume

@@ -12,7 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .dicom_series import is_dicom_file, read_dicom_path
+from .dicom_folders import is_dicom_file
+from .dicom_series import read_dicom_path
 from .errors import SUPPORTED, ImageReadError, ImageTooLargeError, UnevenSpacingError
 from .files import atomic_path
 from .limits import DEFAULT_MAX_VOXELS, resolve_max_voxels

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 from ..io.paths import image_suffix
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..io.dicom_series import DicomSeries
+    from ..io.dicom_folders import DicomSeries
     from ..io.volume import Volume
     from .outputs import OutputOptions
 
@@ -45,7 +45,7 @@ class Job:
     @property
     def is_dicom(self) -> bool:
         """Whether the input is DICOM (a series folder, one series of a folder, or a DICOM file)."""
-        from ..io.dicom_series import is_dicom_file
+        from ..io.dicom_folders import is_dicom_file
 
         path = Path(self.source)
         return self.series is not None or path.is_dir() or image_suffix(path) == ".dcm" or is_dicom_file(path)
@@ -109,7 +109,7 @@ def _dicom_jobs(folder: Path, out: Path, found: _Found) -> int:
 
     Returns how many series ``folder`` holds.
     """
-    from ..io.dicom_series import find_dicom
+    from ..io.dicom_folders import find_dicom
 
     dicom = find_dicom(folder)
     found.ignored.extend(f"{path}: {reason}" for path, reason in dicom.skipped)

@@ -219,7 +219,7 @@ def _remote_label(label_path: Path) -> Path:
 def _upload(job: Any, tmp: Path) -> tuple[Path, str]:
     """The file to send for ``job`` and the name it goes up under: a NIfTI as it is, a DICOM
     series zipped (its slice files only)."""
-    from ..io.dicom_series import list_dicom_series
+    from ..io.dicom_folders import list_dicom_series
     from ..io.paths import image_suffix
 
     source = Path(job.source)
