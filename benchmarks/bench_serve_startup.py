@@ -239,10 +239,16 @@ def main() -> None:
         rows = [("baseline", {}), ("baseline, lean", {})] + variants
         for run in range(args.runs):
             for name, env in rows[run % len(rows):] + rows[:run % len(rows)]:  # each row in turn goes first
-                if name.startswith("baseline"):
-                    results[name].append(run_baseline(args.timeout, "lean" if "lean" in name else "plain"))
+                for attempt in range(3):  # a free port taken by another process meanwhile ends a start
+                    try:
+                        results[name].append(run_baseline(args.timeout, "lean" if "lean" in name else "plain")
+                                             if name.startswith("baseline") else
+                                             run_serve(adapters, scan, env, args.timeout))
+                        break
+                    except RuntimeError as err:
+                        print(f"{name}: a start failed, trying again ({str(err).splitlines()[-1][:200]})", flush=True)
                 else:
-                    results[name].append(run_serve(adapters, scan, env, args.timeout))
+                    raise SystemExit(f"{name}: three starts failed")
             print(f"run {run + 1}/{args.runs}: " + json.dumps({k: v[-1] for k, v in results.items()}), flush=True)
         phases = run_phases(adapters, scan)
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
