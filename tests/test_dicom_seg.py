@@ -120,6 +120,21 @@ def test_metadata_names_classes_algorithm_and_new_series(ct_folder: Path, tmp_pa
         {str(ds.SOPInstanceUID) for ds in _source(volume)}
 
 
+def test_a_local_adapter_is_named_by_its_file_name_only(ct_folder: Path, tmp_path: Path) -> None:
+    """The path an adapter was loaded from says where the file was made: the SEG names the file only."""
+    volume = read_image(ct_folder)
+    local = tmp_path / "home" / "me" / "adapters" / "ct.safetensors"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"")
+    out = write_dicom_seg(_labels(volume), volume, NAMES, tmp_path / "seg.dcm", adapter_name=str(local),
+                          adapter_fingerprint="sha256:" + "cd" * 32)
+    ds = pydicom.dcmread(out)
+    assert ds.ContentDescription == "samed-adapter ct.safetensors"
+    parameters = [s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters for s in ds.SegmentSequence]
+    assert all(p.endswith(",adapter=ct.safetensors") for p in parameters), parameters
+    assert "home" not in ds.to_json()
+
+
 def test_classes_subset_writes_only_those_segments(ct_folder: Path, tmp_path: Path) -> None:
     volume = read_image(ct_folder)
     labels = _labels(volume)

@@ -33,6 +33,7 @@ from .files import atomic_path
 from .overlay import colour_table
 from .dicom_derived import (
     ALGORITHM_NAME,
+    adapter_label,
     chosen_classes,
     class_ids,
     derived_series_number,
@@ -108,8 +109,9 @@ def write_dicom_seg(
         class_names: K names, for classes 1..K; each becomes its segment's
             SegmentLabel and SegmentDescription.
         path: the file to write (``.dcm`` by convention).
-        adapter_name: the adapter's file name or Hub id, recorded in each
-            segment's AlgorithmParameters and in ContentDescription.
+        adapter_name: the adapter's file or Hub id, recorded in each segment's
+            AlgorithmParameters and in ContentDescription (a Hub id as given, a
+            local file by its name alone: never the path it was loaded from).
         classes: the class ids to write, one segment each; default all of
             1..K.  Classes absent from ``labels`` still get a (described,
             empty) segment.
@@ -136,6 +138,7 @@ def write_dicom_seg(
     lookup[chosen] = np.arange(1, len(chosen) + 1)
     pixels = lookup[stack]  # (frames, rows, cols): frame k is segmented from sources[k]
     sources = [source_header(f, volume.spacing[0]) for f in volume.files]
+    adapter_name = adapter_label(adapter_name)  # never the local path it was loaded from
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
