@@ -165,8 +165,8 @@ def test_the_stored_results_are_found_by_qido_in_the_study_and_reference_the_rig
         for segment in seg_ds.SegmentSequence:
             (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
             assert algorithm.AlgorithmName == "samed-adapter" and algorithm.AlgorithmVersion == sa.__version__
-            assert f"adapter_fingerprint={fingerprint},labels={digest},adapter={adapter}" in \
-                algorithm.AlgorithmParameters
+            assert algorithm.AlgorithmParameters.endswith(
+                f"adapter_fingerprint={fingerprint},labels={digest},adapter={adapter_label(str(adapter))}")
         assert rt_ds.StructureSetDescription == \
             f"samed-adapter {sa.__version__}, adapter_fingerprint={fingerprint}, labels={digest}, " \
             f"adapter={adapter_label(str(adapter))}"
