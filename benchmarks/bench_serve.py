@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -378,8 +379,13 @@ def main() -> None:
     parser.add_argument("--alone-repeats", type=int, default=7, help="requests alone timed (medians)")
     parser.add_argument("--cold-rounds", type=int, default=32)
     parser.add_argument("--swap-repeats", type=int, default=20)
+    parser.add_argument("--nice", type=int, default=15,
+                        help="run this process at this niceness, as Ray runs the service's workers (its raylet's "
+                             "worker_niceness, 15): on a shared machine the model alone and the clients then yield "
+                             "to other work as much as the service does")
     parser.add_argument("--out", help="also write the numbers here as JSON")
     args = parser.parse_args()
+    os.nice(max(0, args.nice - os.nice(0)))
     args.adapters = [int(x) for x in args.adapters.split(",")]
     torch.set_grad_enabled(False)
 
@@ -411,7 +417,8 @@ def main() -> None:
             f"{torch.get_num_threads()} threads"
         header = (f"{args.backbone} ({'checkpoint' if args.sam else 'random weights'}) at {args.image_size}, "
                   f"{args.device} ({where}); {args.clients} clients, {args.requests} requests per row of "
-                  f"{args.slices} slices; max batch {args.batch_size}, wait {args.batch_wait_ms:g} ms; model alone "
+                  f"{args.slices} slices; max batch {args.batch_size}, wait {args.batch_wait_ms:g} ms; nice "
+                  f"{os.nice(0)}; model alone "
                   f"{ceiling:.0f} slices/s ({', '.join(f'{r:.0f} in batches of {b}' for b, r in model_rates.items())})")
         print(header, flush=True)
 
