@@ -203,3 +203,16 @@ def test_a_replica_batches_calls_in_flight_together_and_runs_a_full_batch_withou
     for i, (name, result) in enumerate(zip(["a1", "a3", "a0", "a2"], small)):
         np.testing.assert_array_equal(result.labels[0], _alone(folder, name, images[i]))
     np.testing.assert_array_equal(full.labels[2], _alone(folder, "a0", images[2]))
+
+
+def test_non_finite_logits_fail_only_their_own_slice_of_a_batch(folder):
+    """Labels and the finiteness check run on the whole batch at once, the verdict still per slice."""
+    slices = _slices(3, seed=9)
+    slices[1] = slices[1].copy()
+    slices[1][10, 10] = np.nan  # a NaN pixel: that image's logits are NaN, its neighbours' are not
+    for batching in ("mixed", "per-adapter"):
+        out = _model(folder, batching=batching).predict([SliceRequest("a0", slices[0]), SliceRequest("a1", slices[1]),
+                                                         SliceRequest("a1", slices[2])])
+        assert isinstance(out[1], UnprocessableError) and "NaN or infinite logits" in str(out[1]), out[1]
+        np.testing.assert_array_equal(out[0].labels, _alone(folder, "a0", slices[0]))
+        np.testing.assert_array_equal(out[2].labels, _alone(folder, "a1", slices[2]))

@@ -342,16 +342,16 @@ class ServingModel:
         return list(groups.values())
 
     @torch.no_grad()  # not inference_mode: a swap writes into the SAM's parameters, which must stay normal tensors
-    def _forward(self, names: list[str], images: torch.Tensor, per_image: list[str]) -> list[torch.Tensor]:
-        """(n, 3, S, S) -> one (K_b+1, S, S) logit tensor per image."""
+    def _forward(self, names: list[str], images: torch.Tensor, per_image: list[str]
+                 ) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """(n, 3, S, S) -> (n, K+1, S, S) logits, or one (K_b+1, S, S) tensor per image where K differs."""
         if len(names) == 1:
             if self.model.active_adapter != names[0]:
                 self.model.set_adapter(names[0])
-            return list(self.model(images)["masks"])
+            return self.model(images)["masks"]
         if self.model.active_adapter not in names:  # the live adapter sets the shared encoder structure
             self.model.set_adapter(names[0])
-        masks = self.model(images, adapter_names=per_image)["masks"]
-        return list(masks)
+        return self.model(images, adapter_names=per_image)["masks"]
 
     def predict(self, items: list[SliceRequest]) -> list[Union[SliceResult, ServeError]]:
         """Predict every slice; a slice whose adapter cannot run, or whose logits are not finite,
@@ -382,21 +382,37 @@ class ServingModel:
                 for i in rows:
                     out[i] = UnprocessableError(f"adapter {items[i].adapter!r}: {err}")
                 continue
-            for i, logit in zip(rows, logits):
-                out[i] = self._result(items[i], logit, info)
+            for i, result in zip(rows, self._results([items[i] for i in rows], logits, info)):
+                out[i] = result
         for i, item in enumerate(items):
             if item.key in errors:
                 out[i] = errors[item.key]
         return out  # type: ignore[return-value]
 
-    def _result(self, item: SliceRequest, logits: torch.Tensor, info: dict[str, Any]
-                ) -> Union[SliceResult, ServeError]:
-        """As :func:`samed_adapter.inference.stages.predict` does for one image."""
+    def _results(self, items: list[SliceRequest], logits: Union[torch.Tensor, list[torch.Tensor]],
+                 info: dict[str, Any]) -> list[Union[SliceResult, ServeError]]:
+        """As :func:`samed_adapter.inference.stages.predict` does for each image; a batch's labels in
+        one pass where its adapters share K (slice by slice, the checks and the argmax cost as much
+        as a small model's forward)."""
+        if isinstance(logits, torch.Tensor):
+            return self._batch_results(items, logits, info)
+        return [self._batch_results([item], logit[None], info)[0] for item, logit in zip(items, logits)]
+
+    @staticmethod
+    def _batch_results(items: list[SliceRequest], logits: torch.Tensor, info: dict[str, Any]
+                       ) -> list[Union[SliceResult, ServeError]]:
+        """(b, K+1, S, S) logits of the b ``items`` -> their results."""
         from ..inference.stages import to_labels
 
-        if not bool(torch.isfinite(logits).all()):
-            return UnprocessableError(
-                f"adapter {item.adapter!r} gives NaN or infinite logits on this image, so no labels are made from "
-                "them: its weights (or the SAM's) overflow, or its pixel_std is near zero")
-        labels, probs = to_labels(logits[None], item.probabilities)
-        return SliceResult(labels[0].numpy(), None if probs is None else probs[0].numpy(), info)
+        low, high = torch.aminmax(logits.flatten(1), dim=1)  # NaN and infinities show in one or the other
+        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
+        labels, probs = to_labels(logits, any(item.probabilities for item in items))
+        out: list[Union[SliceResult, ServeError]] = []
+        for j, item in enumerate(items):
+            if not finite[j]:
+                out.append(UnprocessableError(
+                    f"adapter {item.adapter!r} gives NaN or infinite logits on this image, so no labels are made "
+                    "from them: its weights (or the SAM's) overflow, or its pixel_std is near zero"))
+                continue
+            out.append(SliceResult(labels[j].numpy(), probs[j].numpy() if item.probabilities else None, info))
+        return out
