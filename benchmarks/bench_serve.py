@@ -208,6 +208,44 @@ def hop_lines(name: str, t: dict[str, float], model_ms: float, slices: int) -> l
             f"adds {t['infer'] - model_ms:.1f} ms to the model and the file work (goal <= 20)"]
 
 
+#: the service's processes, by what Ray names them in their command lines
+PROCESSES = {"replica": "ServeReplica:samed-adapter:Segmenter", "front": "ServeReplica:samed-adapter:Frontend",
+             "proxy": "ProxyActor"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the service's processes (of the Ray this process
+    started), this process (the clients), and the whole machine ("busy", all cores); {} without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out = dict.fromkeys([*PROCESSES, "clients"], 0.0)
+    for process in psutil.Process().children(recursive=True):  # the Ray started here: not another server's
+        try:
+            line, times = " ".join(process.cmdline()), process.cpu_times()
+        except psutil.Error:
+            continue
+        for name, marker in PROCESSES.items():
+            if marker in line:
+                out[name] += times.user + times.system
+    mine = os.times()
+    out["clients"] = mine.user + mine.system
+    machine = psutil.cpu_times()
+    out["busy"] = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0) + \
+        getattr(machine, "softirq", 0)
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
+    """CPU ms per request of each process, and of everything else on the machine ("others")."""
+    if not before:
+        return {}
+    out = {k: (after[k] - before[k]) / count * 1e3 for k in before}
+    out["others"] = out.pop("busy") - sum(out.values())
+    return out
+
+
 def load_rows(url: str, path: str, names: list[str], data: bytes, slices: int, clients: int, count: int,
               counts: list[int]) -> list[dict[str, Any]]:
     """One row per number of adapters interleaved: ``count`` requests of ``slices`` slices from
@@ -217,9 +255,10 @@ def load_rows(url: str, path: str, names: list[str], data: bytes, slices: int, c
         use = names[:n]
         warm = max(n, clients)  # every adapter resident, Ray's handles and threads warm
         concurrently(clients, warm, lambda i: post(url, use[i % n], data))
-        before = metrics(url)
+        before, cpu = metrics(url), cpu_seconds()
         wall, latencies = concurrently(clients, count, lambda i: post(url, use[i % n], data))
         rows.append(row(path, n, count, slices, wall, latencies, before, metrics(url)))
+        rows[-1]["cpu_ms_per_request"] = cpu_per_request(cpu, cpu_seconds(), count)
         print(f"    {path}, {n:2d} adapters: {rows[-1]['slices_per_s']:.1f} slices/s", flush=True)
     return rows
 
@@ -459,6 +498,12 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], cold: dict[str,
                  else "n/a | n/a | n/a")
         print(f"| {r['path']} | {r['adapters']} | {r['slices_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
               f"{extra} |")
+
+    for r in rows:  # where the cores went: each process's CPU per request, against what the cores gave
+        if r.get("cpu_ms_per_request"):
+            capacity = (os.cpu_count() or 1) * r["wall_s"] / r["requests"] * 1e3
+            print(f"CPU per request, {r['path']}, {r['adapters']} adapters (ms of one core, of {capacity:.0f} the "
+                  "cores gave per request): " + ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_ms_per_request"].items()))
 
     def rate(path: str, n: int) -> Optional[float]:
         return next((r["slices_per_s"] for r in rows if r["path"] == path and r["adapters"] == n), None)
