@@ -216,3 +216,10 @@ def test_non_finite_logits_fail_only_their_own_slice_of_a_batch(folder):
         assert isinstance(out[1], UnprocessableError) and "NaN or infinite logits" in str(out[1]), out[1]
         np.testing.assert_array_equal(out[0].labels, _alone(folder, "a0", slices[0]))
         np.testing.assert_array_equal(out[2].labels, _alone(folder, "a1", slices[2]))
+
+
+def test_cpu_replicas_leave_a_core_to_the_front():
+    from samed_adapter.serve.segmenter import cpu_threads
+
+    assert [cpu_threads(2, 1), cpu_threads(16, 1), cpu_threads(16, 4), cpu_threads(1, 1), cpu_threads(2, 3)] == \
+        [1, 15, 3, 1, 1]

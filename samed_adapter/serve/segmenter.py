@@ -6,16 +6,30 @@ batch does not need."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
+import torch
 from ray import serve
 
 from .catalog import AdapterCatalog
 from .errors import ServeError
 from .residents import ServingModel, SliceQueue, SliceResult, VolumeRequest, VolumeResult
 from .settings import ServeSettings
+
+
+def cpu_threads(cpus: int, replicas: int) -> int:
+    """Torch threads for each CPU replica: the cores but one, shared by the replicas.
+
+    Ray gives an actor one thread per CPU it reserved, and the model would use them all; but the
+    front reads, prepares and writes every scan and Ray's HTTP proxy carries it, on these cores
+    too, and OpenMP threads that lose their core to them spin: on 2 cores a replica of 2 threads
+    used 160 ms of CPU per 16-slice request where 1 thread used 72, and served 1.5x fewer slices/s
+    (benchmarks/RESULTS.md, issue 30).
+    """
+    return max(1, (cpus - 1) // replicas)
 
 
 @serve.deployment(name="Segmenter")
@@ -32,12 +46,8 @@ class Segmenter:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica = "local"
-        if self.model.device.type == "cpu":  # Ray gives an actor one thread per CPU it reserved; the model uses the cores
-            import os
-
-            import torch
-
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.replicas))
+        if self.model.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(os.cpu_count() or 1, settings.replicas))
         self.queue = SliceQueue(settings.max_batch_size, settings.batching)
         self.wait_s = settings.batch_wait_ms / 1000
         # One thread runs the model, so the event loop keeps taking requests for the next batch meanwhile.
