@@ -223,3 +223,4 @@ def test_cpu_replicas_leave_a_core_to_the_front():
 
     assert [cpu_threads(2, 1), cpu_threads(16, 1), cpu_threads(16, 4), cpu_threads(1, 1), cpu_threads(2, 3)] == \
         [1, 15, 3, 1, 1]
+    assert [cpu_threads(2, 1, alone=True), cpu_threads(16, 4, alone=True), cpu_threads(1, 1, alone=True)] == [2, 4, 1]

@@ -255,7 +255,8 @@ class Frontend:
         import ray
 
         try:
-            result = await self.segmenter.remote(VolumeRequest(name, slices, probabilities, fingerprint))
+            result = await self.segmenter.remote(VolumeRequest(name, slices, probabilities, fingerprint,
+                                                               alone=self.busy <= 1))
         except ray.exceptions.RayError as err:
             raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
                                   "replaced: retry in a few seconds") from None

@@ -75,6 +75,9 @@ class VolumeRequest:
     images: np.ndarray
     probabilities: bool = False
     fingerprint: Optional[str] = None
+    #: the front had no other request in progress when it sent this one: its file work does not
+    #: compete with the model for the cores meanwhile
+    alone: bool = False
 
     @property
     def key(self) -> tuple[str, Optional[str]]:

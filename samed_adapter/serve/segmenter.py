@@ -20,16 +20,17 @@ from .residents import ServingModel, SliceQueue, SliceResult, VolumeRequest, Vol
 from .settings import ServeSettings
 
 
-def cpu_threads(cpus: int, replicas: int) -> int:
-    """Torch threads for each CPU replica: the cores but one, shared by the replicas.
+def cpu_threads(cpus: int, replicas: int, *, alone: bool = False) -> int:
+    """Torch threads for each CPU replica: the cores shared by the replicas, but one while the
+    front has other requests in progress (``alone``: it has none).
 
     Ray gives an actor one thread per CPU it reserved, and the model would use them all; but the
     front reads, prepares and writes every scan and Ray's HTTP proxy carries it, on these cores
     too, and OpenMP threads that lose their core to them spin: on 2 cores a replica of 2 threads
     used 160 ms of CPU per 16-slice request where 1 thread used 72, and served 1.5x fewer slices/s
-    (benchmarks/RESULTS.md, issue 30).
+    (benchmarks/RESULTS.md, issue 30). A request alone has the cores to itself.
     """
-    return max(1, (cpus - 1) // replicas)
+    return max(1, (cpus if alone else cpus - 1) // replicas)
 
 
 @serve.deployment(name="Segmenter")
@@ -46,8 +47,11 @@ class Segmenter:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica = "local"
+        self._threads: dict[bool, int] = {}  # torch threads on a CPU replica, by "the batch's requests are alone"
         if self.model.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(os.cpu_count() or 1, settings.replicas))
+            self._threads = {alone: cpu_threads(os.cpu_count() or 1, settings.replicas, alone=alone)
+                             for alone in (False, True)}
+            torch.set_num_threads(self._threads[False])
         self.queue = SliceQueue(settings.max_batch_size, settings.batching)
         self.wait_s = settings.batch_wait_ms / 1000
         # One thread runs the model, so the event loop keeps taking requests for the next batch meanwhile.
@@ -83,9 +87,10 @@ class Segmenter:
             if not batch:
                 continue
             idle = False
+            alone = all(ticket.request.alone for ticket, _ in batch) and not self.queue.waiting()
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._thread, self._predict, SliceQueue.items(batch))
+                results = await loop.run_in_executor(self._thread, self._predict, SliceQueue.items(batch), alone)
             except Exception as err:  # noqa: BLE001 - the batch's requests fail, the replica goes on
                 SliceQueue.fail(batch, err)
                 continue
@@ -106,7 +111,9 @@ class Segmenter:
             except asyncio.TimeoutError:
                 return
 
-    def _predict(self, items: list[Any]) -> list[Union[SliceResult, ServeError]]:
+    def _predict(self, items: list[Any], alone: bool = False) -> list[Union[SliceResult, ServeError]]:
+        if self._threads and torch.get_num_threads() != self._threads[alone]:
+            torch.set_num_threads(self._threads[alone])
         results = self.model.predict(items)
         info = next((r.batch for r in results if isinstance(r, SliceResult)), None)
         if info is not None:  # one dict shared by the batch's slices
