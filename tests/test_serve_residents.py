@@ -174,6 +174,12 @@ def test_a_failing_adapter_or_a_gone_caller_leaves_the_other_requests_answered(f
     with pytest.raises(RuntimeError, match="died"):
         broken.result(timeout=0)
     assert queue.take() == [] and queue.waiting() == 0
+    # A request that came alone to its front runs alone; another one waiting in the queue ends that.
+    queue.put(VolumeRequest("a0", images, alone=True), Future())
+    first = queue.take()
+    assert len(first) == 3 and queue.alone(first)
+    queue.put(VolumeRequest("a1", images), Future())
+    assert not queue.alone(first)
 
 
 def test_a_replica_batches_calls_in_flight_together_and_runs_a_full_batch_without_waiting(folder):

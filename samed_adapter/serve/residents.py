@@ -154,6 +154,12 @@ class SliceQueue:
         """Slices not yet taken into a batch."""
         return sum(t.left for t in self._waiting if not t.future.done())
 
+    def alone(self, batch: list[tuple[_Ticket, int]]) -> bool:
+        """Whether every request of ``batch``, and every one still waiting, came while its front had
+        no other request in progress (:attr:`VolumeRequest.alone`)."""
+        return all(t.request.alone for t, _ in batch) and all(t.request.alone for t in self._waiting
+                                                                  if not t.future.done())
+
     def take(self) -> list[tuple[_Ticket, int]]:
         """The next batch: (request, slice index) pairs, at most ``max_batch``; [] when none wait."""
         self._waiting = [t for t in self._waiting if not t.future.done()]

@@ -87,7 +87,7 @@ class Segmenter:
             if not batch:
                 continue
             idle = False
-            alone = all(ticket.request.alone for ticket, _ in batch) and not self.queue.waiting()
+            alone = self.queue.alone(batch)
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._thread, self._predict, SliceQueue.items(batch), alone)
