@@ -108,7 +108,7 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         segmenter = Segmenter.options(
             num_replicas=settings.replicas,
-            # Every slice waits for its batch as an ongoing request: room for several full batches.
+            # Every request in flight is one ongoing call (its slices wait in the replica's own queue).
             max_ongoing_requests=max(64, 4 * settings.max_batch_size),
             ray_actor_options=_replica_resources(ray, settings, local=settings.ray_address is None),
         ).bind(settings)
