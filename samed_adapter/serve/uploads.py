@@ -1,8 +1,5 @@
-"""What a request brings: its upload in a private folder, a zipped DICOM series unpacked with
-care, and its options checked into :class:`~samed_adapter.segment.outputs.OutputOptions`.
-
-Each request gets its own folder (mode 0700, from :func:`tempfile.mkdtemp`), removed when the
-request ends, whatever happened.
+"""What a request brings: its upload in a private folder (:mod:`.folders`), a zipped DICOM series
+unpacked with care, and its options checked into :class:`~samed_adapter.segment.outputs.OutputOptions`.
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ import re
 import shutil
 import stat
 import struct
-import tempfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -40,17 +36,6 @@ _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-class RequestFolder:
-    """A private temporary folder for one request: ``with RequestFolder() as folder: ...``."""
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(prefix="samed-serve-"))
-        return self.path
-
-    def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def bound_body(request: Any, seconds: float) -> None:
