@@ -135,10 +135,9 @@ def run(args: argparse.Namespace) -> int:
     scan = read_image(held_out_path)
     options = OutputOptions(adapter_name=str(adapter_path))
     options.record = provenance(Adapter.load(adapter_path), options, allow_base_mismatch=False)
-    labels, _ = write_outputs(model, scan, out / "labels" / "mni_val.nii.gz", options)
+    labels, (label_path, *_) = write_outputs(model, scan, out / "labels" / "mni_val.nii.gz", options)
     if not np.array_equal(scan.to_voxels(labels), volumes.to_stored("mni_val", predictions["mni_val"])):
         raise RuntimeError("segment and evaluate disagree on the held-out scan; please report this")
-    label_path = out / "labels" / "mni_val.nii.gz"
     print(f"labels: {label_path} (segment on the raw file gives exactly the labels scored above)")
     truth = read_image(root / "labelsTr" / "mni_val.nii.gz").array.astype(np.int64)
     picture = overlay_volume(scan, labels, list(MNI_CLASS_NAMES), out / "quickstart.png", truth=truth, max_slices=4)
