@@ -28,6 +28,8 @@ __all__ = ["LimitError", "Limits", "bounded_session", "parse_duration", "parse_s
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The bounds of :class:`Limits`, as its fields and keyword arguments name them.
+_BOUNDS = ("max_instance_bytes", "max_series_bytes", "max_series", "max_pages", "max_run_time")
 
 
 def parse_size(text: str) -> int:
@@ -77,7 +79,7 @@ class Limits:
     started: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_instance_bytes", "max_series_bytes", "max_series", "max_pages", "max_run_time"):
+        for name in _BOUNDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -85,8 +87,7 @@ class Limits:
     @classmethod
     def take(cls, options: dict[str, Any]) -> "Limits":
         """The ``limits=`` of ``options``, else one made of its ``max_*`` keyword arguments (both popped)."""
-        names = ("max_instance_bytes", "max_series_bytes", "max_series", "max_pages", "max_run_time")
-        given = {name: value for name in names if (value := options.pop(name, None)) is not None}
+        given = {name: value for name in _BOUNDS if (value := options.pop(name, None)) is not None}
         limits = options.pop("limits", None)
         if limits is not None and given:
             raise ValueError(f"give either limits= or {', '.join(given)}, not both")
