@@ -15,8 +15,6 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Optional
 
-import numpy as np
-
 from ..io.paths import image_suffix
 from .errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError, UnprocessableError
 
@@ -257,14 +255,6 @@ def label_name(value: Any, stem: str) -> str:
             not name.lower().endswith((".nii.gz", ".nii")) or name.startswith("."):
         raise BadRequestError(f"name={name!r}: give a plain file name ending in .nii.gz or .nii, e.g. ct.nii.gz")
     return name
-
-
-def stack_results(results: list[Any], probabilities: bool) -> tuple[Any, Optional[Any]]:
-    import torch
-
-    labels = torch.from_numpy(np.stack([r.labels for r in results]))
-    probs = torch.from_numpy(np.stack([r.probs for r in results])) if probabilities else None
-    return labels, probs
 
 
 def zip_outputs(files: list[Path], root: Path, archive: Path, messages: list[str]) -> None:
