@@ -306,7 +306,8 @@ def stored_results(client: "DICOMwebClient", url: str, study_uid: str, adapter: 
         parameters_of, sources = checks[modality]
         with talking(url, f"searching study {study_uid} for stored {modality} series (QIDO-RS)"):
             series = [SeriesInfo.from_json(item) for item in search(client.search_for_series, "0020000E", limits,
-                                                                     url, study_instance_uid=study_uid,
+                                                                     url, limits.max_series,
+                                                                     study_instance_uid=study_uid,
                                                                      search_filters={"Modality": modality})]
             for result in series:
                 for item in checked_json(client.retrieve_series_metadata(study_uid, result.uid), url):
