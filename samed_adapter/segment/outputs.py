@@ -382,20 +382,18 @@ def write_prepared(prepared: "Prepared", labels: np.ndarray, probs: Optional[np.
     with writing_outputs(label_path, planned, options.record) as written:
         if "nifti" in options.output_types:
             written.append(write_labels(labels, volume, next(files)))
+        # The fingerprint and digest (of the record of a segment job) let --dicomweb --continue know
+        # our SEG and RTSTRUCT, made as this run makes them.
+        dicom = dict(adapter_name=options.adapter_name, classes=kept, labels_digest=_digest(options),
+                     adapter_fingerprint=(options.record or {}).get("adapter_fingerprint"))
         if "dicom-seg" in options.output_types:
             from ..io.dicom_seg import write_dicom_seg
 
-            # The fingerprint (in the record of a segment job) lets --dicomweb --continue know our SEG.
-            fingerprint = (options.record or {}).get("adapter_fingerprint")
-            written.append(write_dicom_seg(labels, volume, names, next(files), adapter_name=options.adapter_name,
-                                           classes=kept, adapter_fingerprint=fingerprint,
-                                           labels_digest=_digest(options)))
+            written.append(write_dicom_seg(labels, volume, names, next(files), **dicom))
         if "dicom-rtstruct" in options.output_types:
             from ..io.rtstruct import write_rtstruct
 
-            written.append(write_rtstruct(labels, volume, names, next(files), adapter_name=options.adapter_name,
-                                          classes=kept, adapter_fingerprint=(options.record or {}).get(
-                                              "adapter_fingerprint"), labels_digest=_digest(options)))
+            written.append(write_rtstruct(labels, volume, names, next(files), **dicom))
         if options.statistics:
             stats = label_statistics(labels, volume, names)
             written.append(_write_json({n: stats[n] for n in (names[c - 1] for c in kept)}, next(files)))
