@@ -71,18 +71,17 @@ def readback_labels(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def check_readback(labels: np.ndarray, back: np.ndarray, reader: str) -> None:
-    """Each class >= 99 % back and >= 99 % of what comes back right; no region lost (each 4-connected
-    region of a class on a slice keeps at least half of its pixels)."""
+    """Each class back voxel for voxel (the issue asks >= 99 % and no region lost; the edge-traced outlines
+    give every reader tested here exactly the labels, as the README says)."""
     for c in range(1, len(NAMES) + 1):
         want, got = labels == c, back == c
+        if np.array_equal(want, got):
+            continue
         recall, precision = (want & got).sum() / want.sum(), (want & got).sum() / max(got.sum(), 1)
-        assert recall >= 0.99 and precision >= 0.99, f"{reader}: {NAMES[c - 1]} recall {recall:.3f} precision " \
-                                                     f"{precision:.3f}"
-        for k in range(len(labels)):
-            regions, count = ndimage.label(want[k])
-            for n in range(1, count + 1):
-                kept = got[k][regions == n].mean()
-                assert kept >= 0.5, f"{reader}: a region of {NAMES[c - 1]} on slice {k} lost ({kept:.0%} back)"
+        lost = [k for k in range(len(labels)) for regions, count in [ndimage.label(want[k])]
+                for n in range(1, count + 1) if not got[k][regions == n].any()]
+        pytest.fail(f"{reader}: {NAMES[c - 1]} not back voxel for voxel: recall {recall:.3f}, precision "
+                    f"{precision:.3f}, a region lost on slices {lost}")
 
 
 @pytest.fixture(scope="module")
