@@ -85,10 +85,9 @@ _CONTOUR_DATA = 0x30060050
 
 
 def _rt_utils() -> Any:
-    """rt-utils (and with it OpenCV), or an ImportError that says how to install it."""
+    """rt-utils (its dataset helpers; the contours are ours), or an ImportError that says how to install it."""
     try:
         import rt_utils.ds_helper
-        import rt_utils.image_helper
     except ImportError as exc:
         raise ImportError(
             "writing DICOM-RTSTRUCT needs rt-utils; install it with pip install 'samed-adapter[io]'"
