@@ -31,6 +31,8 @@ _EXPORTS = {
     "axis_codes": "volume.geometry",
     "push_to_hub": "hub",
     "SAMed": "model",
+    "ClickSession": "interactive.session",
+    "ClicksNotTrainedError": "interactive.prompts",
     "CompiledSwapWarning": "patching",
     "inject": "patching",
     "patch": "patching",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .convert import convert_published
     from .volume.geometry import RADIOLOGICAL, SliceGeometry, axis_codes
     from .hub import push_to_hub
+    from .interactive import ClickSession, ClicksNotTrainedError
     from .model import SAMed
     from .patching import CompiledSwapWarning, inject, patch, unpatch
     from .segment.pipeline import segment_files

@@ -17,6 +17,7 @@ from .adapter_file.config import AdapterConfig
 from .volume.geometry import SliceGeometry
 from .inference import stages as inference
 from .inference.stages import check_image, check_unit_range
+from .interactive.session import ClickSession
 from .volume.preprocessing import Intensity
 from .surgery.structure import encoder_lora_layers, require_stock_state
 from .surgery.transfer import extract_adapter
@@ -123,15 +124,18 @@ class SAMed(nn.Module):
         return (images - self.sam.pixel_mean) / self.sam.pixel_std
 
     def decode(self, embeddings: torch.Tensor, extra: Sequence[torch.Tensor] = (),
-               mask_decoder: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               mask_decoder: Optional[nn.Module] = None,
+               prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D, g, g) image embeddings (and `encode`'s extra features) -> low-res logits
         (B, K+1, 4g, 4g), iou (B, K+1).
 
         `mask_decoder` replaces the live one (a mixed batch's decoder of another K or variant).
+        `prompts` = (sparse (B, N, D), dense (B, D, g, g)) gives each image its own prompt set
+        (clicks, see samed_adapter.interactive); None decodes without prompts, as SAMed does.
         """
         host = require_stock_state(self.sam).host
         decoder = host.mask_decoder if mask_decoder is None else mask_decoder
-        return host.decode(host.prompt_encoder, decoder, embeddings, list(extra))
+        return host.decode(host.prompt_encoder, decoder, embeddings, list(extra), prompts)
 
     def outputs(self, low_res: torch.Tensor, iou: torch.Tensor) -> dict[str, torch.Tensor]:
         size = self.config.image_size
@@ -188,6 +192,27 @@ class SAMed(nn.Module):
     def slice_geometry(self, volume: "Volume") -> SliceGeometry:
         """How `volume` is cut into this adapter's slices (its recorded orientation and slice axis)."""
         return volume.geometry(self.config.orientation, self.config.slice_axis)
+
+    def interactive(
+        self,
+        image: Union[np.ndarray, torch.Tensor, "Volume", "nib.spatialimages.SpatialImage", str, os.PathLike],
+        *,
+        batch_size: int = 8,
+        window: Optional[tuple[float, float]] = None,
+        percentiles: Optional[tuple[float, float]] = None,
+        preprocessed: bool = False,
+    ) -> ClickSession:
+        """A click session over `image` (a click-trained adapter only, see `train --clicks`).
+
+        The encoder runs once per slice now and its embeddings are kept; ``session.labels`` are
+        the automatic labels `segment` gives (as an array on the same grid), and
+        ``session.click("liver", (i, j, k), positive=True)`` refines one class on the clicked slice.
+
+        Raises:
+            ClicksNotTrainedError: the adapter was trained without clicks (it says how to make one).
+        """
+        return ClickSession(self, image, batch_size=batch_size, window=window, percentiles=percentiles,
+                            preprocessed=preprocessed)
 
     @torch.inference_mode()
     def segment(

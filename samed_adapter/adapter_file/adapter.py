@@ -10,7 +10,8 @@ Tensor names (float32, float16 or bfloat16):
     prompt_encoder.{name}                whole; no_mask_embed.weight always, others if not stock
     mask_decoder.{name}                  whole: the K-sized tensors (mask_tokens,
                                          output_hypernetworks_mlps.*, the iou head's last layer)
-                                         and the decoder-LoRA variant's ...{q,v}_proj.lora_{A,B}.weight
+                                         and the decoder-LoRA variant's ...{q,v}_proj.lora_{A,B}.weight;
+                                         a click-trained adapter's class_embed.weight (K+1, D)
     delta.mask_decoder.{name}            (trained - stock) for decoder tensors with a stock
                                          counterpart; absent means equal to stock
 """
@@ -277,6 +278,14 @@ def _validate_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig) -
             f"mask_tokens has shape {tuple(tokens.shape)} but the config says {config.num_classes} classes "
             f"({config.num_classes + 1} tokens with background)"
         )
+    class_embed = tensors.get("mask_decoder.class_embed.weight")
+    if (class_embed is not None) != config.clicks:
+        raise AdapterFormatError(
+            f"the config says clicks={config.clicks} but the file {'has' if class_embed is not None else 'has no'} "
+            "mask_decoder.class_embed.weight (the class embedding that click refinement needs)")
+    if class_embed is not None and (class_embed.dim() != 2 or class_embed.shape[0] != config.num_classes + 1):
+        raise AdapterFormatError(f"class_embed has shape {tuple(class_embed.shape)} but the config says "
+                                 f"{config.num_classes} classes ({config.num_classes + 1} rows with background)")
     has_decoder_lora = any(k.startswith("mask_decoder.") and ".lora_" in k for k in tensors)
     if has_decoder_lora != config.decoder_lora:
         raise AdapterFormatError(
@@ -295,6 +304,7 @@ def describe(adapter: Adapter) -> str:
         f"encoder LoRA      rank {cfg.rank}, scale {cfg.lora_scale}, blocks "
         f"{'all' if cfg.lora_blocks is None else cfg.lora_blocks}",
         f"decoder LoRA      {'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}",
+        f"clicks            {'yes: refines a class from clicks' if cfg.clicks else 'no (train with --clicks)'}",
         f"preprocessing     {Intensity.from_config(cfg).describe()}",
         f"orientation       {describe_orientation(cfg)}",
         f"tensors           {len(adapter.tensors)}",

@@ -88,6 +88,11 @@ class AdapterConfig:
         metadata={"help": "SAMed_s variant: LoRA on the decoder transformer's q_proj/v_proj, transformer frozen."},
     )
     decoder_lora_rank: int = field(default=4, metadata={"help": "Rank of the decoder LoRA bypasses."})
+    clicks: bool = field(
+        default=False,
+        metadata={"help": "Trained to refine one class from clicks as well (a (K+1, 256) class embedding in the "
+                          "decoder, `mask_decoder.class_embed.weight`); see samed_adapter.interactive."},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or not (
@@ -109,8 +114,9 @@ class AdapterConfig:
                 f"trained at 1024; larger inputs stretch their position embeddings and cost (S/16)^4 attention), "
                 f"got {self.image_size!r}"
             )
-        if not isinstance(self.decoder_lora, bool):
-            raise TypeError(f"decoder_lora must be true or false, got {self.decoder_lora!r}")
+        for name in ("decoder_lora", "clicks"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.lora_blocks is not None:
             blocks = list(self.lora_blocks)
             if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
@@ -163,7 +169,7 @@ class AdapterConfig:
     # The fields that decide which modules and tensor shapes an adapter has (the rest are values
     # or metadata): adapters with equal keys fit the same patched SAM modules.
     STRUCTURE_FIELDS = ("rank", "lora_blocks", "lora_scale", "image_size", "num_classes", "decoder_lora",
-                        "decoder_lora_rank")
+                        "decoder_lora_rank", "clicks")
 
     def structure_key(self) -> tuple[tuple[str, Any], ...]:
         """((field, value), ...) over STRUCTURE_FIELDS, hashable: equal keys, equal structure."""

@@ -156,8 +156,20 @@ class SamHost:
         return self.model.image_encoder(images), []
 
     def decode(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, embeddings: torch.Tensor,
-               extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, g, g) -> low-res logits (B, K+1, 4g, 4g), iou (B, K+1), without prompts."""
+               extra: list[torch.Tensor], prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, g, g) -> low-res logits (B, K+1, 4g, 4g), iou (B, K+1), without prompts, or with
+        `prompts` = (sparse (B, N, D), dense (B, D, g, g)), one prompt set per image."""
+        if prompts is not None:
+            # Stock predict_masks repeats one image once per prompt set (repeat_interleave by the
+            # token batch), so B images with B prompt sets go through it one pair at a time.
+            sparse, dense = prompts
+            pe = prompt_encoder.get_dense_pe()
+            pairs = [mask_decoder.predict_masks(image_embeddings=embeddings[b : b + 1], image_pe=pe,
+                                                sparse_prompt_embeddings=sparse[b : b + 1].to(embeddings.dtype),
+                                                dense_prompt_embeddings=dense[b : b + 1].to(embeddings.dtype))
+                     for b in range(embeddings.shape[0])]
+            return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         # No prompts: sparse (1, 0, D) and dense no_mask_embed (1, D, g, g), broadcast over the
         # batch inside the decoder exactly as the published SAMed forward does.
         sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)
@@ -230,9 +242,10 @@ class Sam2Host(SamHost):
         return sam2_host.image_features(self.model, images)
 
     def decode(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, embeddings: torch.Tensor,
-               extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               extra: list[torch.Tensor], prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         high_res = sam2_host.project_high_res(mask_decoder, extra)
-        return sam2_host.decode(prompt_encoder, mask_decoder, embeddings, high_res)
+        return sam2_host.decode(prompt_encoder, mask_decoder, embeddings, high_res, prompts)
 
 
 def host_of(model: Any) -> Optional[SamHost]:

@@ -359,13 +359,15 @@ def decode(
     mask_decoder: "MaskDecoder",
     embeddings: torch.Tensor,
     high_res_features: Optional[list[torch.Tensor]] = None,
+    prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All K+1 masks without prompts.
+    """All K+1 masks, without prompts or with one prompt set per image.
 
     Args:
         embeddings: (B, 256, g, g) from `image_features`; g must be the prompt encoder's grid.
         high_res_features: [(B, 32, 4g, 4g), (B, 64, 2g, 2g)], projected by this decoder's convs
             (needed when the decoder uses them, as every stock config does).
+        prompts: (sparse (B, N, 256), dense (B, 256, g, g)) from the prompt encoder; None: no prompt.
 
     Returns:
         low_res_logits (B, K+1, 4g, 4g) and iou (B, K+1), channel k for mask token k. For the stock
@@ -378,10 +380,10 @@ def decode(
     # Without prompts sam2's prompt encoder gives one empty sparse row and `no_mask_embed`
     # (1, 256, g, g); expanding both over the batch (free: views) equals running it with batch B,
     # so the decoder gets one token set per image and no `repeat_image`.
-    sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)
+    sparse, dense = prompt_encoder(points=None, boxes=None, masks=None) if prompts is None else prompts
     batch = embeddings.shape[0]
     sparse = sparse.to(embeddings.dtype).expand(batch, -1, -1)
-    dense = dense.expand(batch, -1, -1, -1)
+    dense = dense.to(embeddings.dtype).expand(batch, -1, -1, -1)
     # predict_masks, not forward: forward slices (channels 1.. or 0) and we want every token.
     masks, iou, _, _ = mask_decoder.predict_masks(
         image_embeddings=embeddings,

@@ -224,8 +224,14 @@ def encoder_lora_layers(sam: nn.Module) -> dict[int, LoraQKV]:
 
 def build_mask_decoder(host: SamHost, stock: nn.Module, config: AdapterConfig,
                        device: Optional[torch.device] = None) -> nn.Module:
-    """A SAMed decoder: stock architecture with K+1 mask tokens, decoder LoRA for the variant."""
-    decoder = host.build_mask_decoder(stock, config.num_classes, device or stock.iou_token.weight.device)
+    """A SAMed decoder: stock architecture with K+1 mask tokens, decoder LoRA for the variant, and
+    for a click-trained adapter a (K+1, D) `class_embed`: the token that says which class a
+    click refines (see samed_adapter.interactive)."""
+    device = device or stock.iou_token.weight.device
+    decoder = host.build_mask_decoder(stock, config.num_classes, device)
+    if config.clicks:
+        with torch.device(device):
+            decoder.class_embed = nn.Embedding(config.num_classes + 1, stock.transformer_dim)
     if config.decoder_lora:
         for attn in decoder_lora_attentions(decoder):
             attn.q_proj = wrap_linear_with_peft(attn.q_proj, config.decoder_lora_rank, config.lora_scale)
@@ -242,18 +248,20 @@ def decoder_lora_attentions(decoder: nn.Module) -> list[nn.Module]:
 
 
 def decoder_key(config: AdapterConfig) -> tuple:
-    """What decides a SAMed decoder's modules: K, and the decoder LoRA's rank and scale if any."""
+    """What decides a SAMed decoder's modules: K, the decoder LoRA's rank and scale if any, and
+    whether it takes clicks."""
     if config.decoder_lora:
-        return (config.num_classes, config.decoder_lora_rank, config.lora_scale)
-    return (config.num_classes, None, None)
+        return (config.num_classes, config.decoder_lora_rank, config.lora_scale, config.clicks)
+    return (config.num_classes, None, None, config.clicks)
 
 
 def built_decoder_key(decoder: nn.Module) -> tuple:
     """decoder_key of the config a built SAMed decoder was made for."""
     q_proj = decoder.transformer.final_attn_token_to_image.q_proj
+    clicks = hasattr(decoder, "class_embed")
     if is_peft_lora(q_proj):
-        return (decoder.num_mask_tokens - 1, q_proj.r["default"], q_proj.scaling["default"])
-    return (decoder.num_mask_tokens - 1, None, None)
+        return (decoder.num_mask_tokens - 1, q_proj.r["default"], q_proj.scaling["default"], clicks)
+    return (decoder.num_mask_tokens - 1, None, None, clicks)
 
 
 def decoder_structure_matches(decoder: nn.Module, config: AdapterConfig) -> bool:
@@ -279,9 +287,9 @@ def keep_decoder(stock: StockState, decoder: nn.Module) -> None:
 
 def is_class_sized(name: str, decoder: nn.Module) -> bool:
     """Decoder tensors whose shape depends on K: tokens, hypernetworks, the iou head's last layer
-    (the same groups in SAM's and SAM 2's decoders)."""
+    (the same groups in SAM's and SAM 2's decoders), and a click-trained adapter's class embedding."""
     last_iou = f"iou_prediction_head.layers.{decoder.iou_prediction_head.num_layers - 1}."
-    return name.startswith(("mask_tokens.", "output_hypernetworks_mlps.", last_iou))
+    return name.startswith(("mask_tokens.", "output_hypernetworks_mlps.", last_iou, "class_embed."))
 
 
 def stock_decoder_key(live_key: str) -> str:

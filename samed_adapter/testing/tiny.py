@@ -22,6 +22,7 @@ SIZE = 128
 
 CONFIGS = {
     "k3": AdapterConfig(num_classes=3, image_size=SIZE, intensity_window=None),
+    "clicks": AdapterConfig(num_classes=3, image_size=SIZE, intensity_window=None, clicks=True),
     "k5_rank2_blocks": AdapterConfig(num_classes=5, rank=2, lora_blocks=[1], image_size=SIZE),
     "decoder_lora": AdapterConfig(num_classes=3, image_size=SIZE, decoder_lora=True, decoder_lora_rank=2),
     "size_96": AdapterConfig(num_classes=2, image_size=96, lora_scale=0.5),

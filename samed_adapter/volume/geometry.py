@@ -240,6 +240,21 @@ class SliceGeometry:
             inverse[int(t)] = (stored, flip)
         return ornts.apply_orientation(target, inverse)
 
+    def point_to_slices(self, point: Sequence[int]) -> tuple[int, int, int]:
+        """A stored voxel index ``(i, j, k)`` -> its ``(d, row, col)`` in :meth:`to_slices`'s layout.
+
+        Raises:
+            IndexError: the point is not a voxel of this volume.
+        """
+        ijk = tuple(int(v) for v in point)
+        if len(ijk) != 3 or not all(0 <= v < n for v, n in zip(ijk, self.shape)):
+            raise IndexError(f"voxel {tuple(point)} is outside the volume of shape {self.shape}")
+        target = [0, 0, 0]
+        for stored, (t, flip) in enumerate(self.transform):
+            target[int(t)] = ijk[stored] if flip > 0 else self.shape[stored] - 1 - ijk[stored]
+        d, row, col = (target[t] for t in self._order)
+        return d, row, col
+
     def slice(self, dataobj: Any, k: int) -> np.ndarray:
         """Slice ``k`` of :meth:`to_slices`, reading only that plane of ``dataobj``.
 

@@ -1,0 +1,297 @@
+"""A click session over one volume: automatic labels first, then any class refined from clicks.
+
+The encoder runs once per slice when the session starts; its embeddings are kept, so a click
+runs only the prompt encoder and the decoder on the clicked slice (`benchmarks/bench_clicks.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..inference import stages as inference
+from .prompts import SliceClick, click_coords, decode_clicks, mask_prompt, require_clicks
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import nibabel as nib
+
+    from ..io.volume import Volume
+    from ..model import SAMed
+
+__all__ = ["ClickSession", "SessionChangedError"]
+
+
+class SessionChangedError(RuntimeError):
+    """The model's adapter changed after the session computed its embeddings."""
+
+
+@dataclass
+class _Step:
+    """What one refinement changed, for undo: the slices' labels and click lists before it."""
+
+    slices: dict[int, np.ndarray]
+    clicks: dict[tuple[int, int], tuple[SliceClick, ...]]
+
+
+class ClickSession:
+    """Automatic labels of one image, refined class by class from clicks.
+
+    Coordinates and labels use the grid of the input as the user holds it, as `SAMed.segment`
+    returns it: a file or nibabel image's voxel grid (i, j, k), a Volume's ``array`` layout, a
+    bare (D, H, W) array's own layout ((row, col) for a 2-D slice).
+
+    Attributes:
+        slice_labels: (D, H, W) the current labels in the model's slice layout (read-only view).
+        automatic: (D, H, W) the automatic labels in the same layout.
+    """
+
+    def __init__(self, model: "SAMed", image: Union[np.ndarray, torch.Tensor, "Volume",
+                                                     "nib.spatialimages.SpatialImage", str, os.PathLike],
+                 *, batch_size: int = 8, window: Optional[tuple[float, float]] = None,
+                 percentiles: Optional[tuple[float, float]] = None, preprocessed: bool = False) -> None:
+        require_clicks(model.config, repr(model.active_adapter) if model.active_adapter else "this adapter")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self._config = model.config  # patch() makes a new one: a hot swap shows as a new object
+        self._prepared, self._layout = _prepare(model, image, window, percentiles, preprocessed)
+        self._embeddings: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self.automatic = self._encode_all(batch_size)
+        self._labels = self.automatic.copy()
+        self._clicks: dict[tuple[int, int], tuple[SliceClick, ...]] = {}
+        self._history: list[_Step] = []
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def num_classes(self) -> int:
+        return self._config.num_classes
+
+    @property
+    def slice_labels(self) -> np.ndarray:
+        view = self._labels.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The current labels on the input's grid (a copy)."""
+        return self.from_slices(self._labels)
+
+    def from_slices(self, slices: np.ndarray) -> np.ndarray:
+        """(D, H, W) in slice layout -> the input's grid (see the class docstring)."""
+        prepared = self._prepared
+        if prepared.geometry is None or prepared.volume is None:
+            return slices[0].copy() if self._layout == "slice2d" else slices.copy()
+        stored = prepared.geometry.from_slices(slices)
+        return np.ascontiguousarray(stored if self._layout == "voxels" else prepared.volume.from_voxels(stored))
+
+    def to_slices(self, data: np.ndarray) -> np.ndarray:
+        """An array on the input's grid (ground truth, say) -> (D, H, W) slice layout."""
+        prepared = self._prepared
+        data = np.asarray(data)
+        if prepared.geometry is None or prepared.volume is None:
+            return data[None] if self._layout == "slice2d" else data
+        stored = data if self._layout == "voxels" else prepared.volume.to_voxels(data)
+        return np.ascontiguousarray(prepared.geometry.to_slices(stored))
+
+    def locate(self, point: Sequence[int]) -> tuple[int, int, int]:
+        """A voxel index on the input's grid -> (d, row, col) in slice layout.
+
+        Raises:
+            IndexError: the point is not a voxel of the input.
+        """
+        point = tuple(int(v) for v in point)
+        prepared = self._prepared
+        shape = self._labels.shape
+        if prepared.geometry is None or prepared.volume is None:
+            d, row, col = (0, *point) if self._layout == "slice2d" else point if len(point) == 3 else (-1, -1, -1)
+            if len(point) != (2 if self._layout == "slice2d" else 3) or not all(
+                    0 <= v < n for v, n in zip((d, row, col), shape)):
+                raise IndexError(f"point {point} is outside the image of shape {self.labels.shape}")
+            return d, row, col
+        if self._layout == "voxels":
+            return prepared.geometry.point_to_slices(point)
+        if len(point) != prepared.volume.array.ndim:
+            raise IndexError(f"point {point} needs {prepared.volume.array.ndim} indices into the image "
+                             f"of shape {prepared.volume.array.shape}")
+        return prepared.geometry.point_to_slices(tuple(reversed(point)) if len(point) == 3 else (point[1], point[0], 0))
+
+    # ------------------------------------------------------------------ clicks
+
+    def class_id(self, label: Union[int, str]) -> int:
+        """A class name (the adapter's class_names) or id 1..K -> the id."""
+        names = self._config.class_names or []
+        if isinstance(label, str):
+            if label not in names:
+                raise KeyError(f"no class {label!r}: this adapter's classes are {names}")
+            return names.index(label) + 1
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= int(label) <= self.num_classes:
+            raise KeyError(f"class {label!r} is not one of 1..{self.num_classes} ({names})")
+        return int(label)
+
+    def click(self, label: Union[int, str], point: Sequence[int], positive: bool = True) -> np.ndarray:
+        """Refine class `label` on the slice holding voxel `point` from every click on that slice and
+        class so far plus this one; returns the new labels on the input's grid."""
+        d, row, col = self.locate(point)
+        self.refine([SliceClick(self.class_id(label), d, row, col, bool(positive))])
+        return self.labels
+
+    @torch.inference_mode()
+    def refine(self, clicks: Sequence[SliceClick], batch_size: int = 16) -> None:
+        """Add `clicks` (slice layout) and refine each (slice, class) they touch, in one decoder
+        batch per `batch_size` pairs; applied in order, one undo step for all of them."""
+        self._check_model()
+        for click in clicks:
+            self._check_click(click)
+        step = _Step({}, {})
+        for click in clicks:
+            key = (click.slice, click.label)
+            step.clicks.setdefault(key, self._clicks.get(key, ()))
+            self._clicks[key] = self._clicks.get(key, ()) + (click,)
+        pairs = list(dict.fromkeys((c.slice, c.label) for c in clicks))
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            masks = self._decode(chunk)
+            for (d, label), mask in zip(chunk, masks):
+                step.slices.setdefault(d, self._labels[d].copy())
+                self._apply(d, label, mask)
+        self._history.append(step)
+
+    def undo(self) -> np.ndarray:
+        """Take back the last click (or `refine` call, or `reset`); returns the labels."""
+        if not self._history:
+            raise IndexError("nothing to undo: no click since the session started")
+        step = self._history.pop()
+        for d, before in step.slices.items():
+            self._labels[d] = before
+        for key, clicks in step.clicks.items():
+            if clicks:
+                self._clicks[key] = clicks
+            else:
+                self._clicks.pop(key, None)
+        return self.labels
+
+    def reset(self, label: Union[int, str, None] = None) -> np.ndarray:
+        """Forget the clicks of one class (every class when None) and give its voxels back as the
+        automatic labels had them; undoable. Returns the labels."""
+        labels = list(range(1, self.num_classes + 1)) if label is None else [self.class_id(label)]
+        step = _Step({}, {})
+        for (d, c), clicks in list(self._clicks.items()):
+            if c in labels:
+                step.clicks[(d, c)] = clicks
+                del self._clicks[(d, c)]
+        for d in range(self._labels.shape[0]):
+            now, auto = self._labels[d], self.automatic[d]
+            new = now.copy()
+            for c in labels:
+                new[now == c] = np.where(auto[now == c] == c, c, auto[now == c])
+                new[(auto == c) & (now == 0)] = c
+            if label is None:
+                new = auto.copy()
+            if not np.array_equal(new, now):
+                step.slices[d] = now.copy()
+                self._labels[d] = new
+        self._history.append(step)
+        return self.labels
+
+    def clicks(self, label: Union[int, str, None] = None) -> list[SliceClick]:
+        """The clicks in force (of one class, or all), oldest first per slice."""
+        wanted = None if label is None else self.class_id(label)
+        return [c for (d, lab), row in sorted(self._clicks.items()) if wanted in (None, lab) for c in row]
+
+    # ------------------------------------------------------------------ the model
+
+    def _check_model(self) -> None:
+        if self.model.config is not self._config:
+            raise SessionChangedError(
+                "the model's adapter changed (a patch or hot swap) after this session computed its embeddings; "
+                "start a new session with model.interactive(image)")
+
+    def _check_click(self, click: SliceClick) -> None:
+        depth, height, width = self._labels.shape
+        if not (0 <= click.slice < depth and 0 <= click.row < height and 0 <= click.col < width):
+            raise IndexError(f"click {click} is outside the slices of shape {self._labels.shape}")
+        self.class_id(click.label)
+
+    def _encode_all(self, batch_size: int) -> np.ndarray:
+        """Run the encoder over every slice once, keep the embeddings, return the automatic labels."""
+        model, prepared = self.model, self._prepared
+        param = next(model.sam.image_encoder.parameters())
+        labels = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, prepared.num_slices, batch_size):
+                    x = prepared.inputs[start : start + batch_size].to(param.device, param.dtype).expand(-1, 3, -1, -1)
+                    embeddings, extra = model.encode(x)
+                    logits = model.outputs(*model.decode(embeddings, extra))["masks"]
+                    inference.check_finite_logits(model, logits)
+                    small, _ = inference.resize_slices(inference.to_labels(logits)[0], None, prepared.size)
+                    labels.append(small)
+                    for b in range(embeddings.shape[0]):
+                        self._embeddings.append((embeddings[b : b + 1], [e[b : b + 1] for e in extra]))
+        finally:
+            model.train(was_training)
+        return np.concatenate(labels)
+
+    def _decode(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """(slice, class) pairs -> each class's refined (H, W) bool mask on its slice."""
+        model = self.model
+        grid = self._config.grid_size
+        size = self._prepared.size
+        embeddings = torch.cat([self._embeddings[d][0] for d, _ in pairs])
+        extra = [torch.cat(parts) for parts in zip(*(self._embeddings[d][1] for d, _ in pairs))]
+        coords, labels = click_coords([self._clicks[p] for p in pairs], size, self._config.image_size)
+        current = torch.from_numpy(np.stack([self._labels[d] == c for d, c in pairs]))
+        classes = torch.tensor([c for _, c in pairs])
+        was_training = model.training
+        model.eval()
+        try:
+            low_res = decode_clicks(model, embeddings, extra, coords, labels, classes, mask_prompt(current, grid))
+        finally:
+            model.train(was_training)
+        full = F.interpolate(low_res[:, None].float(), (self._config.image_size,) * 2, mode="bilinear",
+                             align_corners=False)
+        masks = F.interpolate((full > 0).float(), size, mode="nearest")[:, 0] > 0.5
+        return list(masks.cpu().numpy())
+
+    def _apply(self, d: int, label: int, mask: np.ndarray) -> None:
+        """Class `label` takes `mask` on slice d; voxels it leaves go back to the automatic label
+        (background where that was `label`). The clicked pixels themselves obey their clicks."""
+        now, auto = self._labels[d], self.automatic[d]
+        for click in self._clicks.get((d, label), ()):
+            mask[click.row, click.col] = click.positive
+        leaving = (now == label) & ~mask
+        now[leaving] = np.where(auto[leaving] == label, 0, auto[leaving])
+        now[mask] = label
+
+
+def _prepare(model: "SAMed", image, window, percentiles, preprocessed: bool) -> tuple[inference.Prepared, str]:
+    """The input as the model's slices, and its layout: "voxels" (a file or nibabel image: (i, j, k)),
+    "array" (a Volume's array), "slices" (a bare (D, H, W)) or "slice2d" (a bare (H, W))."""
+    import nibabel as nib
+
+    from ..io.nifti import volume_from_nifti
+    from ..io.volume import Volume
+    from ..io.volumes import read_image
+
+    scaling = dict(window=window, percentiles=percentiles, preprocessed=preprocessed)
+    if isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
+        volume = read_image(image) if isinstance(image, (str, os.PathLike)) else volume_from_nifti(image)
+        return inference.prepare_volume(model.config, volume, **scaling), "voxels"
+    if isinstance(image, Volume):
+        return inference.prepare_volume(model.config, image, **scaling), "array"
+    array = inference.check_image(image)
+    layout = "slice2d" if array.ndim == 2 else "slices"
+    array = array[None] if array.ndim == 2 else array
+    scaled, messages = inference.scale_slices(model.config, array, **scaling)
+    prepared = inference.Prepared(inference.to_model_size(scaled, model.config.image_size), scaled.shape[1:],
+                                  messages=messages)
+    return prepared, layout
