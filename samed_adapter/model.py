@@ -37,6 +37,7 @@ class SAMed(nn.Module):
         super().__init__()
         require_stock_state(sam)
         self.sam = sam
+        self.training = sam.training  # a view: in the mode of the SAM it views (only its own flag)
 
     @property
     def config(self) -> AdapterConfig:

@@ -254,7 +254,7 @@ def test_a_swap_between_a_forward_and_its_backward_is_caught_by_autograd(tmp_pat
 
 
 def test_swaps_across_shapes_reuse_cached_decoders_and_equal_fresh_patches():
-    configs = [CONFIGS["k3"], K8, CONFIGS["decoder_lora"], K1]
+    configs = [CONFIGS["k3"], K8, CONFIGS["decoder_lora"], dataclasses.replace(K1, clicks=True)]
     adapters = [random_adapter(stock_sam(), c, seed=40 + i) for i, c in enumerate(configs)]
     sam = stock_sam()
     model = sa.patch(sam, adapters[0])
@@ -263,7 +263,7 @@ def test_swaps_across_shapes_reuse_cached_decoders_and_equal_fresh_patches():
     for round_ in range(2):
         for adapter in adapters[1:] + adapters[:1]:
             model = sa.patch(sam, adapter)
-            key = adapter.config.num_classes, adapter.config.decoder_lora
+            key = adapter.config.num_classes, adapter.config.decoder_lora, adapter.config.clicks
             if round_ == 0:
                 decoders[key] = sam.mask_decoder
             else:  # the module built for this structure came back from the cache

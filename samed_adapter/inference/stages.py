@@ -13,8 +13,9 @@ resized on the CPU in both, and one slice's logits do not depend on the other sl
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..io.volume import Volume
     from ..model import SAMed
 
-__all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_model_size", "check_unit_range", "predict",
+__all__ = ["NonFiniteLogitsError", "Prepared", "check_finite_logits", "check_image", "check_model_size", "check_unit_range", "eval_mode", "predict",
            "predict_prepared", "prepare_volume", "resize_slices", "restore", "run", "scale_slices", "to_model_size"]
 
 
@@ -252,21 +253,30 @@ def restore(prepared: Prepared, labels: np.ndarray, probs: Optional[np.ndarray] 
     return out, np.stack([volume.from_voxels(back[..., c]) for c in range(back.shape[-1])])
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, and every submodule's own train/eval flag back after (not one flag for
+    all: a SAMed view says training while the user's SAM under it is in eval mode)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def predict_prepared(model: "SAMed", prepared: Prepared, batch_size: int, probabilities: bool = False
                      ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Stages 2 and the resize of 3 for one input, in batches of its own slices: (D, H, W) labels
     and, when asked, (D, C, H, W) float16 probabilities, still in slice layout."""
     labels, probs = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, prepared.num_slices, batch_size):
             chunk = prepared.inputs[start : start + batch_size]
             small, soft = resize_slices(*predict(model, chunk, probabilities), prepared.size)
             labels.append(small)
             probs.append(soft)
-    finally:
-        model.train(was_training)
     return np.concatenate(labels), (np.concatenate(probs) if probabilities else None)
 
 

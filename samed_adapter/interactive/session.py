@@ -7,6 +7,7 @@ runs only the prompt encoder and the decoder on the clicked slice (`benchmarks/b
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -60,6 +61,8 @@ class ClickSession:
         self.model = model
         self._config = model.config  # patch() makes a new one: a hot swap shows as a new object
         self._prepared, self._layout = _prepare(model, image, window, percentiles, preprocessed)
+        for message in self._prepared.messages:  # what segment says about the same input
+            warnings.warn(message, UserWarning, stacklevel=3)
         self._embeddings: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.automatic = self._encode_all(batch_size)
         self._labels = self.automatic.copy()
@@ -224,9 +227,7 @@ class ClickSession:
         model, prepared = self.model, self._prepared
         param = next(model.sam.image_encoder.parameters())
         labels = []
-        was_training = model.training
-        model.eval()
-        try:
+        with inference.eval_mode(model):
             with torch.inference_mode():
                 for start in range(0, prepared.num_slices, batch_size):
                     x = prepared.inputs[start : start + batch_size].to(param.device, param.dtype).expand(-1, 3, -1, -1)
@@ -237,8 +238,6 @@ class ClickSession:
                     labels.append(small)
                     for b in range(embeddings.shape[0]):
                         self._embeddings.append((embeddings[b : b + 1], [e[b : b + 1] for e in extra]))
-        finally:
-            model.train(was_training)
         return np.concatenate(labels)
 
     def _decode(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -251,12 +250,8 @@ class ClickSession:
         coords, labels = click_coords([self._clicks[p] for p in pairs], size, self._config.image_size)
         current = torch.from_numpy(np.stack([self._labels[d] == c for d, c in pairs]))
         classes = torch.tensor([c for _, c in pairs])
-        was_training = model.training
-        model.eval()
-        try:
+        with inference.eval_mode(model):
             low_res = decode_clicks(model, embeddings, extra, coords, labels, classes, mask_prompt(current, grid))
-        finally:
-            model.train(was_training)
         full = F.interpolate(low_res[:, None].float(), (self._config.image_size,) * 2, mode="bilinear",
                              align_corners=False)
         masks = F.interpolate((full > 0).float(), size, mode="nearest")[:, 0] > 0.5
