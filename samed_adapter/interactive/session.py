@@ -125,6 +125,16 @@ class ClickSession:
                              f"of shape {prepared.volume.array.shape}")
         return prepared.geometry.point_to_slices(tuple(reversed(point)) if len(point) == 3 else (point[1], point[0], 0))
 
+    def embedding(self, d: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slice d's kept image embedding (1, D, g, g) and extra features (SAM 2), on the model's device."""
+        return self._embeddings[d]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the session holds: kept embeddings and the two label volumes."""
+        kept = sum(t.nelement() * t.element_size() for e, extra in self._embeddings for t in (e, *extra))
+        return kept + self._labels.nbytes + self.automatic.nbytes
+
     # ------------------------------------------------------------------ clicks
 
     def class_id(self, label: Union[int, str]) -> int:
