@@ -104,8 +104,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.backbone} at {args.image_size}, K = 8, click adapter {model.adapter().nbytes / 2**20:.2f} MiB; "
           f"{name}; median of {args.repeats}")
-    print(f"| {"row":<28} | {'ms':>9} | {'x full model':>12} |")
-    print(f"|{"-" * 30}|{'-' * 11}|{'-' * 14}|")
+    print(f"| {'row':<28} | {'ms':>9} | {'x full model':>12} |")
+    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 14}|")
     for row, seconds in median.items():
         label = row + (" per slice" if row.startswith("start") else "")
         print(f"| {label:<28} | {seconds * 1000:9.1f} | {seconds / base:12.3f} |")
