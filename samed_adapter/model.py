@@ -202,18 +202,20 @@ class SAMed(nn.Module):
         window: Optional[tuple[float, float]] = None,
         percentiles: Optional[tuple[float, float]] = None,
         preprocessed: bool = False,
+        propagate: int = 0,
     ) -> ClickSession:
         """A click session over `image` (a click-trained adapter only, see `train --clicks`).
 
         The encoder runs once per slice now and its embeddings are kept; ``session.labels`` are
         the automatic labels `segment` gives (as an array on the same grid), and
-        ``session.click("liver", (i, j, k), positive=True)`` refines one class on the clicked slice.
+        ``session.click("liver", (i, j, k), positive=True)`` refines one class on the clicked slice
+        (and, with ``propagate=n``, on up to n neighbouring slices each way, see ClickSession).
 
         Raises:
             ClicksNotTrainedError: the adapter was trained without clicks (it says how to make one).
         """
         return ClickSession(self, image, batch_size=batch_size, window=window, percentiles=percentiles,
-                            preprocessed=preprocessed)
+                            preprocessed=preprocessed, propagate=propagate)
 
     @torch.inference_mode()
     def segment(

@@ -201,3 +201,21 @@ def test_sam2_click_adapters_patch_click_and_unpatch_exactly():
     assert batched.slice_labels[0, 3, 3] == 1 and batched.slice_labels[2, 20, 20] == 2
     sa.unpatch(sam2)
     assert_unchanged(sam2, before)
+
+
+def test_propagation_reaches_at_most_n_neighbours_each_way_and_undoes_in_one_step(model):
+    image = _volume((9, 40, 48), seed=8)
+    plain = model.interactive(image)
+    plain.click(2, (4, 20, 20))
+    np.testing.assert_array_equal(np.unique(np.argwhere(plain.labels != plain.automatic)[:, 0]), [4])
+    session = model.interactive(image, propagate=2)
+    auto = session.labels
+    after = session.click(2, (4, 20, 20))
+    np.testing.assert_array_equal(after[4], plain.labels[4])  # the clicked slice as without propagation
+    changed = set(np.argwhere(after != auto)[:, 0])
+    assert 4 in changed and changed <= {2, 3, 4, 5, 6} and changed & {3, 5}  # random weights: it spreads
+    moved = after != auto
+    assert np.all((after[moved] == 2) | (auto[moved] == 2))
+    np.testing.assert_array_equal(session.undo(), auto)
+    with pytest.raises(ValueError, match="propagate must be"):
+        model.interactive(image, propagate=-1)

@@ -46,6 +46,11 @@ class ClickSession:
     returns it: a file or nibabel image's voxel grid (i, j, k), a Volume's ``array`` layout, a
     bare (D, H, W) array's own layout ((row, col) for a 2-D slice).
 
+    ``propagate`` = n carries each refinement to up to n neighbouring slices each way: the
+    refined mask becomes the next slice's mask prompt (no clicks), until the class disappears,
+    stops changing, or reaches a slice with clicks of its own for that class (0: only the
+    clicked slice changes).
+
     Attributes:
         slice_labels: (D, H, W) the current labels in the model's slice layout (read-only view).
         automatic: (D, H, W) the automatic labels in the same layout.
@@ -54,11 +59,15 @@ class ClickSession:
     def __init__(self, model: "SAMed", image: Union[np.ndarray, torch.Tensor, "Volume",
                                                      "nib.spatialimages.SpatialImage", str, os.PathLike],
                  *, batch_size: int = 8, window: Optional[tuple[float, float]] = None,
-                 percentiles: Optional[tuple[float, float]] = None, preprocessed: bool = False) -> None:
+                 percentiles: Optional[tuple[float, float]] = None, preprocessed: bool = False,
+                 propagate: int = 0) -> None:
         require_clicks(model.config, repr(model.active_adapter) if model.active_adapter else "this adapter")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(propagate, bool) or not isinstance(propagate, int) or propagate < 0:
+            raise ValueError(f"propagate must be a number of slices >= 0, got {propagate!r}")
         self.model = model
+        self.propagate = propagate
         self._config = model.config  # patch() makes a new one: a hot swap shows as a new object
         self._prepared, self._layout = _prepare(model, image, window, percentiles, preprocessed)
         for message in self._prepared.messages:  # what segment says about the same input
@@ -174,7 +183,26 @@ class ClickSession:
             for (d, label), mask in zip(chunk, masks):
                 step.slices.setdefault(d, self._labels[d].copy())
                 self._apply(d, label, mask)
+        if self.propagate:
+            for d, label in pairs:
+                self._propagate(d, label, step)
         self._history.append(step)
+
+    def _propagate(self, d: int, label: int, step: _Step) -> None:
+        """Carry slice d's refined mask of `label` to its neighbours, one slice at a time each way,
+        as their mask prompt (no clicks), for at most `propagate` slices, stopping where the class
+        disappears, stops changing, or a slice has clicks of its own for it."""
+        for direction in (-1, 1):
+            previous, n = self._labels[d] == label, d + direction
+            for _ in range(self.propagate):
+                if not (0 <= n < self._labels.shape[0]) or not previous.any() or (n, label) in self._clicks:
+                    break
+                mask = self._decode([(n, label)], prompts=[previous])[0]
+                if np.array_equal(mask, self._labels[n] == label):
+                    break
+                step.slices.setdefault(n, self._labels[n].copy())
+                self._apply(n, label, mask)
+                previous, n = mask, n + direction
 
     def undo(self) -> np.ndarray:
         """Take back the last click (or `refine` call, or `reset`); returns the labels."""
@@ -250,15 +278,19 @@ class ClickSession:
                         self._embeddings.append((embeddings[b : b + 1], [e[b : b + 1] for e in extra]))
         return np.concatenate(labels)
 
-    def _decode(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
-        """(slice, class) pairs -> each class's refined (H, W) bool mask on its slice."""
+    def _decode(self, pairs: list[tuple[int, int]], prompts: Optional[list[np.ndarray]] = None) -> list[np.ndarray]:
+        """(slice, class) pairs -> each class's refined (H, W) bool mask on its slice, from its
+        clicks and its current mask (or, for propagation, no clicks and the given masks)."""
         model = self.model
         grid = self._config.grid_size
         size = self._prepared.size
         embeddings = torch.cat([self._embeddings[d][0] for d, _ in pairs])
         extra = [torch.cat(parts) for parts in zip(*(self._embeddings[d][1] for d, _ in pairs))]
-        coords, labels = click_coords([self._clicks[p] for p in pairs], size, self._config.image_size)
-        current = torch.from_numpy(np.stack([self._labels[d] == c for d, c in pairs]))
+        clicks = [() for _ in pairs] if prompts is not None else [self._clicks[p] for p in pairs]
+        coords, labels = click_coords(clicks, size, self._config.image_size)
+        if prompts is None:
+            prompts = [self._labels[d] == c for d, c in pairs]
+        current = torch.from_numpy(np.stack(prompts))
         classes = torch.tensor([c for _, c in pairs])
         with inference.eval_mode(model):
             low_res = decode_clicks(model, embeddings, extra, coords, labels, classes, mask_prompt(current, grid))
