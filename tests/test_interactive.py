@@ -107,8 +107,12 @@ def test_clicks_on_a_file_use_its_voxel_grid_whatever_the_adapters_orientation(t
     path = store_scan(tmp_path / "scan.nii.gz", nib.Nifti1Image(data, np.diag([2.0, 1.5, 3.0, 1.0])), perm, flips)
     stored = nib.load(path)
     session = model.interactive(path)
-    expected = np.asarray(model.segment(path).dataobj)
+    segmented = model.segment(path)
+    expected = np.asarray(segmented.dataobj)
     np.testing.assert_array_equal(session.labels, expected)
+    image = session.label_image()
+    np.testing.assert_array_equal(np.asarray(image.dataobj), expected)
+    np.testing.assert_array_equal(image.affine, segmented.affine)
     assert session.labels.shape == stored.shape
     point = (3, 7, 5)
     d, row, col = session.locate(point)
@@ -120,6 +124,7 @@ def test_clicks_on_a_file_use_its_voxel_grid_whatever_the_adapters_orientation(t
     assert after[point] == target
     changed = session.to_slices(after != expected)
     assert set(np.argwhere(changed)[:, 0]) == {d}  # one model slice, wherever it lies in the file
+    np.testing.assert_array_equal(np.asarray(session.label_image().dataobj), after)
 
 
 def test_clicks_on_a_volume_use_its_array_layout(model):

@@ -95,6 +95,17 @@ class ClickSession:
         """The current labels on the input's grid (a copy)."""
         return self.from_slices(self._labels)
 
+    def label_image(self) -> "nib.Nifti1Image":
+        """The current labels as the NIfTI image `segment` returns for the same file (its grid and
+        header; save it with ``nib.save``). Only for a file or nibabel image input."""
+        from ..io.nifti import label_nifti
+
+        prepared = self._prepared
+        if self._layout != "voxels" or prepared.volume is None or prepared.geometry is None:
+            raise TypeError("label_image() needs a session over a file or nibabel image; this one holds an "
+                            "array or Volume: use session.labels (and io.write_labels for a Volume)")
+        return label_nifti(prepared.volume.from_voxels(prepared.geometry.from_slices(self._labels)), prepared.volume)
+
     def from_slices(self, slices: np.ndarray) -> np.ndarray:
         """(D, H, W) in slice layout -> the input's grid (see the class docstring)."""
         prepared = self._prepared
