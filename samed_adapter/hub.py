@@ -179,7 +179,10 @@ def model_card(
         "import samed_adapter", "",
         f"sam = {build}",
         f'model = samed_adapter.patch(sam, "{repo_id}")  # downloads once, then uses the cache',
-        'labels = model.segment("scan.nii.gz")  # a label image on the scan\'s own voxel grid', "```", "",
+        'labels = model.segment("scan.nii.gz")  # a label image on the scan\'s own voxel grid',
+        *(['session = model.interactive("scan.nii.gz")  # then refine one class from clicks:',
+           f'labels = session.click("{names[1]}", (i, j, k), positive=True)'] if cfg.clicks else []),
+        "```", "",
         "From the command line:", "", "```bash",
         f"samed-adapter segment --sam {ckpt} --adapter {repo_id} scan.nii.gz -o labels/", "```", "",
         "## Classes", "", "| label | class |", "|---:|---|",
@@ -187,7 +190,8 @@ def model_card(
         "## Configuration", "",
         f"Input size {cfg.image_size}; intensity preprocessing: {window}; orientation: "
         f"{describe_orientation(cfg)}; decoder LoRA "
-        f"{'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}.", "",
+        f"{'rank ' + str(cfg.decoder_lora_rank) if cfg.decoder_lora else 'no'}; clicks: "
+        f"{'yes, any class can be refined from clicks after the automatic labels' if cfg.clicks else 'no'}.", "",
         "```json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True), "```",
     ]
     if evaluation_text:

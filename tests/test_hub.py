@@ -257,6 +257,15 @@ def test_model_card_for_vit_b_names_the_stock_weights():
     assert 'sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")' in card.text
 
 
+def test_model_card_of_a_click_adapter_shows_the_session_and_a_plain_one_does_not():
+    from samed_adapter.testing.tiny import CONFIGS
+
+    clicks = hub.model_card(random_adapter(stock_sam(), CONFIGS["clicks"], seed=1), "org/name").text
+    assert 'session.click("class_1", (i, j, k), positive=True)' in clicks and "clicks: yes" in clicks
+    plain = hub.model_card(random_adapter(stock_sam(), CONFIG, seed=1), "org/name").text
+    assert "interactive" not in plain and "clicks: no" in plain
+
+
 # --------------------------------------------------------------------------- revisions, no network, the cache
 
 
