@@ -2,7 +2,8 @@
 prompts it, training and the service share; imports inference/ and what lies below it."""
 
 from .prompts import ClicksNotTrainedError, SliceClick, click_coords, decode_clicks, mask_prompt, require_clicks
+from .protocol import next_click, round_clicks
 from .session import ClickSession, SessionChangedError
 
 __all__ = ["ClickSession", "ClicksNotTrainedError", "SessionChangedError", "SliceClick", "click_coords",
-           "decode_clicks", "mask_prompt", "require_clicks"]
+           "decode_clicks", "mask_prompt", "next_click", "require_clicks", "round_clicks"]
