@@ -312,13 +312,26 @@ class ClickSession:
 
     def _apply(self, d: int, label: int, mask: np.ndarray) -> None:
         """Class `label` takes `mask` on slice d; voxels it leaves go back to the automatic label
-        (background where that was `label`). The clicked pixels themselves obey their clicks."""
+        (background where that was `label`). The clicked pixels themselves obey their clicks,
+        the other classes' clicks on the slice too (a refinement neither takes another class's
+        positive click nor gives a pixel back to a class clicked negative there), except where
+        `label` has its own click at the same pixel: the class being refined wins there."""
         now, auto = self._labels[d], self.automatic[d]
-        for click in self._clicks.get((d, label), ()):
+        own = self._clicks.get((d, label), ())
+        for click in own:
             mask[click.row, click.col] = click.positive
+        taken = {(c.row, c.col) for c in own}
+        others = [c for other in range(1, self.num_classes + 1) if other != label
+                  for c in self._clicks.get((d, other), ()) if (c.row, c.col) not in taken]
+        for click in others:
+            if click.positive:
+                mask[click.row, click.col] = False
         leaving = (now == label) & ~mask
         now[leaving] = np.where(auto[leaving] == label, 0, auto[leaving])
         now[mask] = label
+        for click in others:
+            if not click.positive and now[click.row, click.col] == click.label:
+                now[click.row, click.col] = 0
 
 
 def _prepare(model: "SAMed", image, window, percentiles, preprocessed: bool) -> tuple[inference.Prepared, str]:
