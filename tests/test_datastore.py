@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 
 from samed_adapter.adapter_file.config import AdapterConfig
-from samed_adapter.datastore import (DatastoreChangedError, DatastoreFormatError, EmptyDatastoreError, FolderDatastore,
-                                     ImageExistsError, ImageNotFoundError, LabelClassError, LabelGridError,
-                                     UnsafeIdError, UnsupportedFileError, changed_since, check_unchanged, first,
-                                     least_sure, random_image, record, uncertainty)
+from samed_adapter.datastore import (DatastoreBusyError, DatastoreChangedError, DatastoreFormatError,
+                                     EmptyDatastoreError, FolderDatastore, ImageExistsError, ImageNotFoundError,
+                                     LabelClassError, LabelGridError, UnsafeIdError, UnsupportedFileError,
+                                     changed_since, check_unchanged, first, least_sure, random_image, record,
+                                     uncertainty)
+from samed_adapter.datastore.folder import folder_lock
 from samed_adapter.io.errors import ImageReadError
 
 SLABS = {"case_a": (30, 36), "case_b": (36, 42), "case_c": (42, 48), "case_d": (48, 54)}
@@ -340,10 +342,10 @@ def test_two_writers_at_once_lose_nothing(tmp_path, sources):
         ds = FolderDatastore(root, read_only=True)
         barrier.wait()
         try:
-            for _ in range(3):
-                for case in cases:
-                    ds.save_label(case, sources / f"{case}_label.nii.gz", tag, {"writer": tag})
-                    ds.update_image_info(case, {f"seen_by_{tag}": True})
+            for case in cases:
+                ds.save_label(case, sources / f"{case}_label.nii.gz", tag, {"writer": tag})
+            for n in range(40):  # small edits of the JSON: many chances to interleave
+                ds.update_image_info("case_a", {f"{tag}_{n}": n})
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -356,8 +358,25 @@ def test_two_writers_at_once_lose_nothing(tmp_path, sources):
     assert not errors
     ds = FolderDatastore(root)
     assert ds.status() == {"total": 4, "completed": 2, "label_tags": {"original": 1, "final": 2, "reviewed": 2}}
-    assert ds.get_image_info("case_c")["seen_by_reviewed"] and ds.get_image_info("case_b")["seen_by_final"]
+    info = ds.get_image_info("case_a")
+    assert [k for k in [f"{t}_{n}" for t in ("final", "reviewed") for n in range(40)] if info.get(k) is None] == []
     assert sorted(p.name for p in (root / ".staging").iterdir()) == []
+
+
+def test_writers_share_monai_labels_lock(tmp_path, sources):
+    """The lock is MONAI Label's: filelock's FileLock on FOLDER/.lock holds our writers off, and ours holds it off."""
+    filelock = pytest.importorskip("filelock")
+    root = tmp_path / "ds"
+    filled(root, sources, finals=())
+    ds = FolderDatastore(root, read_only=True, lock_timeout=0.2)
+    with filelock.FileLock(str(root / ".lock")):
+        refused(root, DatastoreBusyError, r"another writer .* held \.lock for 0\.2 s; try again when it is done",
+                lambda: ds.save_label("case_a", sources / "case_a_label.nii.gz", "final"))
+    with folder_lock(root / ".lock", timeout=1.0):
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(str(root / ".lock"), timeout=0.1).acquire()
+    ds.save_label("case_a", sources / "case_a_label.nii.gz", "final")
+    assert ds.get_labeled_images() == ["case_a"]
 
 
 # ---- MONAI Label's own datastore on the same folders ----

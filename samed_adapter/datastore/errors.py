@@ -7,9 +7,9 @@ Each is raised before anything is written: a refused request leaves the folder a
 
 from __future__ import annotations
 
-__all__ = ["DatastoreBusyError", "DatastoreChangedError", "DatastoreError", "DatastoreFormatError", "EmptyDatastoreError",
-           "ImageExistsError", "ImageNotFoundError", "LabelClassError", "LabelGridError", "LabelNotFoundError",
-           "UnsafeIdError", "UnsupportedFileError"]
+__all__ = ["DatastoreBusyError", "DatastoreChangedError", "DatastoreError", "DatastoreFormatError",
+           "EmptyDatastoreError", "ImageExistsError", "ImageNotFoundError", "LabelClassError", "LabelGridError",
+           "LabelNotFoundError", "UnsafeIdError", "UnsupportedFileError"]
 
 
 class DatastoreError(ValueError):

@@ -28,8 +28,6 @@ import copy
 import json
 import logging
 import os
-import secrets
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,28 +39,20 @@ from ..io.files import atomic_path
 from ..io.limits import DEFAULT_MAX_VOXELS
 from ..io.volumes import read_image
 from .checks import EXTENSIONS, check_id, check_label, check_round_trip, file_checksum, split_name
-from .errors import (DatastoreBusyError, DatastoreError, DatastoreFormatError, EmptyDatastoreError, ImageExistsError,
-                     ImageNotFoundError, LabelNotFoundError)
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no flock
-    fcntl = None  # type: ignore[assignment]
+from .errors import (DatastoreError, DatastoreFormatError, EmptyDatastoreError, ImageExistsError, ImageNotFoundError,
+                     LabelNotFoundError)
+from .folder import (LOCK_NAME, STAGING_NAME, file_identity, folder_lock, json_info, link_new, remove_stale_staging,
+                     stage_copy)
 
 if TYPE_CHECKING:
     from ..adapter_file.config import AdapterConfig
 
-__all__ = ["FINAL", "JSON_NAME", "ORIGINAL", "FolderDatastore", "Item", "folder_lock"]
+__all__ = ["FINAL", "JSON_NAME", "ORIGINAL", "FolderDatastore", "Item"]
 
 logger = logging.getLogger(__name__)
 
 JSON_NAME = "datastore_v2.json"
-LOCK_NAME = ".lock"
-#: Where files are copied and checked before they go into place; a folder MONAI Label never lists.
-STAGING_NAME = ".staging"
 FINAL, ORIGINAL = "final", "original"
-#: A staged file this old was left by a killed writer (a live one finishes in seconds).
-_STALE_STAGING_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -72,37 +62,6 @@ class Item:
     image_id: str
     image: Path
     label: Path
-
-
-@contextmanager
-def folder_lock(path: Path, *, timeout: float, poll: float = 0.01) -> Iterator[None]:
-    """Hold the flock on ``path`` as filelock's ``FileLock`` (MONAI Label's) takes it.
-
-    The file stays when released: a FileLock waiter may have it open, and would lock a removed
-    inode if it went (``io.files.held_lock`` removes its file, so it cannot share MONAI Label's).
-
-    Raises:
-        DatastoreBusyError: another holder kept it for ``timeout`` seconds.
-    """
-    if fcntl is None:  # pragma: no cover - Windows: unlocked, as io.files.held_lock
-        yield
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        deadline, wait = time.monotonic() + timeout, poll
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise DatastoreBusyError(f"{path.parent}: another writer (a MONAI Label server or a samed-adapter "
-                                             f"job) held {path.name} for {timeout:g} s; try again when it is done") from None
-                time.sleep(wait)
-                wait = min(2 * wait, 0.25)
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
 
 
 def _new_model() -> dict[str, Any]:
@@ -141,7 +100,7 @@ class FolderDatastore:
             folder.mkdir(parents=True, exist_ok=True)
         if not read_only:
             (self.root / STAGING_NAME).mkdir(exist_ok=True)  # here, so that no refused request makes it
-            self._remove_stale_staging()
+            remove_stale_staging(self.root)
             self.refresh()
 
     # ---- the JSON, read and written under the lock ----
@@ -389,28 +348,6 @@ class FolderDatastore:
                 found.append((image_id, ext))
         return found
 
-    def _stage(self, src: Path, name: str) -> Path:
-        """A private copy of ``src`` in the staging folder, on the datastore's disk (for link/replace)."""
-        staging = self.root / STAGING_NAME
-        staging.mkdir(exist_ok=True)
-        tmp = staging / f".{secrets.token_hex(6)}.{name}"
-        try:
-            shutil.copyfile(src, tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
-
-    def _remove_stale_staging(self) -> None:
-        staging = self.root / STAGING_NAME
-        if staging.is_dir():
-            for p in staging.iterdir():
-                try:
-                    if time.time() - p.stat().st_mtime > _STALE_STAGING_S:
-                        p.unlink()
-                except OSError:
-                    pass
-
     def _read(self, staged: Path, src: Path) -> Any:
         """The Volume of a staged file; a read error names the caller's file, not the copy."""
         try:
@@ -431,16 +368,16 @@ class FolderDatastore:
         file_id, ext = split_name(src.name, self.extensions)
         image_id = check_id(image_id or file_id)
         check_round_trip(image_id, ext, self.extensions)
-        info = _info(image_info)
+        info = json_info(image_info)
         self._refuse_taken(self._load(), image_id)
-        staged = self._stage(_existing(src), image_id + ext)
+        staged = stage_copy(self.root, _existing(src), image_id + ext)
         try:
             self._read(staged, src)
             info.update(ts=int(time.time()), checksum=file_checksum(staged), name=image_id + ext)
             with self._editing() as model:
                 self._refuse_taken(model, image_id)
                 dest = self._images(model) / (image_id + ext)
-                _link(staged, dest)
+                link_new(staged, dest)
                 model["objects"][image_id] = {"image": {"ext": ext, "info": info}, "labels": {}}
         except FileExistsError:
             raise ImageExistsError(self._taken_message(image_id)) from None
@@ -473,10 +410,10 @@ class FolderDatastore:
         check_id(label_tag, "label tag")
         src = Path(label_filename)
         _, ext = split_name(src.name, self.extensions)
-        info = _info(label_info)
+        info = json_info(label_info)
         image = self.image_path(image_id)
-        before = _identity(image)
-        staged = self._stage(_existing(src), image_id + ext)
+        before = file_identity(image)
+        staged = stage_copy(self.root, _existing(src), image_id + ext)
         try:
             check_label(self._read(staged, src), read_image(image, max_voxels=self.max_voxels), config, name=src)
             info.update(ts=int(time.time()), checksum=file_checksum(staged), name=image_id + ext)
@@ -490,7 +427,7 @@ class FolderDatastore:
     def _replace_label(self, model: dict[str, Any], image_id: str, tag: str, staged: Path, ext: str,
                        checked: tuple[int, int, int]) -> None:
         """Move a checked label into place (under the lock); drop the old one if its extension differs."""
-        if image_id not in model["objects"] or _identity(self._image_file(model, image_id)) != checked:
+        if image_id not in model["objects"] or file_identity(self._image_file(model, image_id)) != checked:
             raise ImageNotFoundError(f"{self.root}: image {image_id!r} was removed or replaced while its label "
                                      "was checked; save the label again")
         dest = self._labels(model) / tag / (image_id + ext)
@@ -521,7 +458,7 @@ class FolderDatastore:
 
     def update_image_info(self, image_id: str, info: Mapping[str, Any]) -> None:
         """Merge ``info`` into the image's (MONAI Label's server records strategy picks so)."""
-        info = _info(info)
+        info = json_info(info)
         with self._editing() as model:
             if image_id not in model["objects"]:
                 raise ImageNotFoundError(f"{self.root}: no image {image_id!r}; list_images() gives the ids it holds")
@@ -541,38 +478,7 @@ def _plain(name: str, what: str) -> bool:
     return True
 
 
-def _info(info: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """A JSON-safe copy of caller info, or a DatastoreError naming what cannot be stored."""
-    info = dict(info or {})
-    try:
-        return json.loads(json.dumps(info, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise DatastoreError(f"info {info!r} cannot be stored as JSON ({exc}); pass strings, numbers, lists "
-                             "and maps only") from exc
-
-
-def _link(staged: Path, dest: Path) -> None:
-    """Put ``staged`` at ``dest`` unless something is there: a hard link fails rather than overwrite."""
-    try:
-        os.link(staged, dest)
-    except FileExistsError:
-        raise
-    except OSError:  # a file system without hard links (some network shares): checked under the lock
-        if dest.exists():
-            raise FileExistsError(dest) from None
-        os.replace(staged, dest)
-
-
 def _existing(src: Path) -> Path:
     if not src.is_file():
         raise ImageNotFoundError(f"{src}: no such file; give the path of a NIfTI file to copy in")
     return src
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    """What tells a replaced file from the one that was checked (inode, mtime, size)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
