@@ -12,14 +12,16 @@ from ..version import __version__
 from .arguments import pair_argument, window_argument
 from .common import SubParsers, escaped, example_parser, parse_device, segment_sam, warn
 
-EVALUATION_TABLES = ("evaluation.md", "evaluation.csv", "summary.json")
+EVALUATION_TABLES = ("evaluation.md", "evaluation.csv", "summary.json", "clicks.csv")
 EVALUATION_RECORD = ".samed-adapter-evaluation.json"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV)."""
+    """`evaluate`: per-class, per-case Dice and HD95 tables (Markdown and CSV); with --clicks N,
+    Dice after each of N rounds of simulated clicks and NoC@85/90 as well (clicks.csv)."""
     from ..adapter_file.adapter import Adapter
     from ..evaluation.evaluate import evaluate
+    from ..interactive.prompts import require_clicks
     from ..patching import patch
     from ..training.data import SYNAPSE_LABEL_MAP, NiftiVolumes, SynapseVolumes
 
@@ -32,12 +34,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # summary.json has nnU-Net's shape and name: an nnU-Net validation folder holds one. Tables
     # with our record beside them are ours to replace; any other is kept unless --overwrite.
     record = out / EVALUATION_RECORD
-    theirs = [name for name in EVALUATION_TABLES if (out / name).exists()] if not record.exists() else []
+    ours = record.exists()
+    theirs = [name for name in EVALUATION_TABLES if (out / name).exists()] if not ours else []
     if theirs and not args.overwrite:
         raise FileExistsError(f"{printable(out / theirs[0])} exists and samed-adapter did not write it; it is kept: "
                               "choose another -o, or pass --overwrite to replace it")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.clicks < 0:
+        raise ValueError(f"--clicks must be a number of rounds >= 0, got {args.clicks}")
+    if args.clicks and args.protocol != "default":
+        raise ValueError("--clicks scores under --protocol default (a click session's labels are segment's, not the "
+                         "published 224 round trip); drop --protocol samed")
     if args.window is not None and args.percentiles is not None:
         raise ValueError("--window and --percentiles exclude each other; give one")
     if args.format == "synapse" and (args.window is not None or args.percentiles is not None):
@@ -45,6 +53,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          "already preprocessed (in [0, 1])")
     device = parse_device(args.device)
     adapter = Adapter.load(args.adapter)
+    if args.clicks:
+        require_clicks(adapter.config, printable(args.adapter))
     if args.window is not None or args.percentiles is not None:
         from ..volume.preprocessing import Intensity
 
@@ -69,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                window=window, percentiles=percentiles,
                                label_map=SYNAPSE_LABEL_MAP if args.label_map == "synapse" else None,
                                orientation=config.orientation, slice_axis=config.slice_axis)
-    summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True)
+    summary, _ = evaluate(model, volumes, protocol=args.protocol, batch_size=args.batch_size, progress=True,
+                          clicks=args.clicks)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"adapter_fingerprint": adapter.fingerprint, "version": __version__}) + "\n")
     with atomic_path(out / "evaluation.md") as tmp:  # never half a table where a whole one was
@@ -77,8 +88,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with atomic_path(out / "evaluation.csv") as tmp:
         summary.to_csv(tmp)
     summary.to_json(out / "summary.json")  # atomic itself
+    tables = [out / "evaluation.md", out / "evaluation.csv", out / "summary.json"]
+    if summary.clicks is not None:
+        with atomic_path(out / "clicks.csv") as tmp:
+            summary.clicks.to_csv(tmp)
+        tables.append(out / "clicks.csv")
+    elif ours and (out / "clicks.csv").exists():  # a --clicks run's of ours, which these tables no longer match
+        (out / "clicks.csv").unlink()
     print(escaped(summary.to_markdown()))  # class names from the adapter, shown escaped (the files keep them)
-    print(f"tables: {out / 'evaluation.md'}, {out / 'evaluation.csv'}, {out / 'summary.json'} (nnU-Net's shape)")
+    print(f"tables: {', '.join(str(t) for t in tables)} (summary.json in nnU-Net's shape)")
     return 0
 
 
@@ -110,6 +128,9 @@ def add_evaluate_parser(sub: SubParsers) -> None:
                    help="apply the adapter even if it was made for other stock SAM weights")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clicks", type=int, default=0, metavar="N",
+                   help="also run N rounds of simulated clicks per case (a click-trained adapter, see train --clicks): "
+                        "Dice after each round and NoC@85/90 in evaluation.md, clicks.csv and summary.json")
     p.add_argument("-o", "--output", default=".", help="folder for evaluation.md, evaluation.csv and summary.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace tables in -o that samed-adapter did not write (e.g. nnU-Net's summary.json)")

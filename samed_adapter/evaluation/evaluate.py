@@ -7,16 +7,22 @@
 - "default": no round trip; HD95 in millimetres from the volume's voxel spacing (the affine's
   voxel sizes, as statistics take them, never a pixdim that disagrees); cases whose truth lacks a
   class are reported apart instead of being scored 1 or 0.
+
+With ``clicks=N`` (default protocol, a click-trained adapter) each case also runs N rounds of
+simulated clicks from its automatic labels (:mod:`.clicks`), kept as ``summary.clicks``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 from scipy.ndimage import zoom
 
+from ..interactive.prompts import require_clicks
+from .clicks import CaseClicks, ClickSummary, click_case
 from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, confusion_counts, score_case
 from .summary import Summary, summarize
 from ..model import SAMed
@@ -56,6 +62,7 @@ def evaluate(
     protocol: str = "default",
     batch_size: int = 8,
     progress: bool = False,
+    clicks: int = 0,
 ) -> tuple[Summary, dict[str, np.ndarray]]:
     """Score `model` on labelled volumes.
 
@@ -65,6 +72,13 @@ def evaluate(
             default protocol, "spacing" (3,) voxel sizes in (D, H, W) order (NiftiVolumes gives
             the affine's, :func:`samed_adapter.volume.geometry.voxel_sizes`).
         protocol: "samed" (published) or "default" (see the module docstring).
+        clicks: N > 0 also runs N rounds of simulated clicks per case, from a click session's
+            automatic labels (the labels scored here, which equal `segment`'s), into
+            ``summary.clicks`` (:class:`.clicks.ClickSummary`). Default protocol only.
+
+    Raises:
+        ClicksNotTrainedError: clicks > 0 and the adapter was trained without clicks (before
+            any case is read).
 
     Returns:
         The Summary (per-class means, per-case table) and the predicted labels per case. The
@@ -74,8 +88,16 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if isinstance(clicks, bool) or not isinstance(clicks, int) or clicks < 0:
+        raise ValueError(f"clicks must be a number of rounds >= 0, got {clicks!r}")
+    if clicks and protocol != "default":
+        raise ValueError("clicks are scored under the default protocol (a click session's labels are segment's, "
+                         "not the published 224 round trip); drop protocol='samed'")
     config = model.config
+    if clicks:
+        require_clicks(config, repr(model.active_adapter) if model.active_adapter else "this adapter")
     cases: dict[str, list[ClassScore]] = {}
+    clicked: dict[str, CaseClicks] = {}
     counts: dict[str, list[ConfusionCounts]] = {}
     predictions: dict[str, np.ndarray] = {}
     items = volumes
@@ -93,12 +115,19 @@ def evaluate(
             pred = predict_volume_samed(model, image)
             spacing: Optional[tuple[float, ...]] = None
         else:
-            pred = model.segment(image, batch_size=batch_size, preprocessed=True).astype(np.int64)
             spacing = tuple(float(s) for s in item["spacing"]) if item.get("spacing") is not None else None
+            if clicks:  # the session's automatic labels are segment's: one encoder pass for both
+                session = model.interactive(image, batch_size=batch_size, preprocessed=True)
+                pred = session.labels.astype(np.int64)
+                clicked[case] = click_case(session, truth, clicks)
+            else:
+                pred = model.segment(image, batch_size=batch_size, preprocessed=True).astype(np.int64)
         cases[case] = score_case(pred, truth, config.num_classes, protocol=protocol, spacing=spacing)
         counts[case] = confusion_counts(pred, truth, config.num_classes)
         predictions[case] = pred
     if not cases:
         raise ValueError("no volumes to evaluate")
     summary = summarize(cases, list(config.class_names or []), counts=counts, protocol=protocol)
+    if clicks:
+        summary = dataclasses.replace(summary, clicks=ClickSummary(summary.class_names, clicks, clicked))
     return summary, predictions

@@ -14,12 +14,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, TextIO, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
 from ..io.files import atomic_path
 from .metrics import PROTOCOLS, ClassScore, ConfusionCounts
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .clicks import ClickSummary
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -41,6 +44,8 @@ class Summary:
         counts: case id -> K voxel counts (:func:`confusion_counts`), as :func:`evaluate` records
             them; None when not recorded. Needed by :meth:`to_nnunet_dict` / :meth:`to_json`.
         protocol: the protocol the scores follow ("samed" or "default"); None when unknown.
+        clicks: Dice after each round of simulated clicks and NoC (``evaluate(clicks=N)``); it
+            adds its tables to :meth:`to_markdown` and its "clicks" entry to :meth:`to_json`.
     """
 
     class_names: list[str]
@@ -53,6 +58,7 @@ class Summary:
     empty_prediction_counts: list[int]
     counts: Optional[dict[str, list[ConfusionCounts]]] = None
     protocol: Optional[str] = None
+    clicks: Optional["ClickSummary"] = None
 
     def to_nnunet_dict(
         self,
@@ -92,7 +98,8 @@ class Summary:
             for name, s in zip(self.class_names, scores):
                 notes = [n for n, f in (("empty truth", s.empty_truth), ("empty prediction", s.empty_prediction)) if f]
                 lines.append(f"| {case} | {name} | {_pct(s.dice)} | {_num(s.hd95)} | {', '.join(notes)} |")
-        return "\n".join(lines) + "\n\n" + self.means_markdown()
+        text = "\n".join(lines) + "\n\n" + self.means_markdown()
+        return text if self.clicks is None else text + "\n" + self.clicks.to_markdown()
 
     def means_markdown(self) -> str:
         """The per-class means table alone (the last part of :meth:`to_markdown`; the model card's)."""
@@ -116,11 +123,7 @@ class Summary:
         class means and the flags' counts, and a last ``mean,all`` row with the overall means.
         Unscored values are empty cells.
         """
-        if hasattr(path_or_buffer, "write"):
-            self._write_csv(path_or_buffer)  # type: ignore[arg-type]
-        else:
-            with open(path_or_buffer, "w", newline="", encoding="utf-8") as f:
-                self._write_csv(f)
+        write_csv(path_or_buffer, self._write_csv)
 
     def _write_csv(self, f: TextIO) -> None:
         w = csv.writer(f, lineterminator="\n")
@@ -133,6 +136,15 @@ class Summary:
                         self.empty_truth_counts[i], self.empty_prediction_counts[i]])
         w.writerow(["mean", "all", _raw(self.mean_dice), _raw(self.mean_hd95),
                     sum(self.empty_truth_counts), sum(self.empty_prediction_counts)])
+
+
+def write_csv(path_or_buffer: Union[str, os.PathLike, TextIO], write: Callable[[TextIO], None]) -> None:
+    """Call ``write(f)`` on an open text buffer, or on `path_or_buffer` opened for CSV (UTF-8)."""
+    if hasattr(path_or_buffer, "write"):
+        write(path_or_buffer)  # type: ignore[arg-type]
+    else:
+        with open(path_or_buffer, "w", newline="", encoding="utf-8") as f:
+            write(f)
 
 
 def _pct(v: Optional[float]) -> str:
@@ -253,7 +265,8 @@ def nnunet_summary(
          "mean": {"1": {"name", <each metric>: mean over cases}, ...},
          "foreground_mean": {<each metric>: mean over classes of the per-class means},
          "class_names": {"1": name, ...},
-         "protocol": "samed" | "default" | None}
+         "protocol": "samed" | "default" | None,
+         "clicks": ClickSummary.to_dict()}  # only where the summary holds clicks
 
     Dice = 2TP/(2TP+FP+FN) and IoU = TP/(TP+FP+FN) come from the voxel counts, as nnU-Net
     computes them, so they are None (nnU-Net: NaN) when prediction and truth are both empty and
@@ -324,10 +337,13 @@ def nnunet_summary(
             entry[m] = _json_number(_mean([_json_number(c["metrics"][key][m]) for c in per_case]))
         mean[key] = entry
     foreground_mean = {m: _json_number(_mean([mean[key][m] for key in keys])) for m in _NNUNET_METRICS}
-    return {
+    data = {
         "metric_per_case": per_case,
         "mean": mean,
         "foreground_mean": foreground_mean,
         "class_names": dict(zip(keys, names)),
         "protocol": protocol,
     }
+    if summary.clicks is not None:
+        data["clicks"] = summary.clicks.to_dict()
+    return data
