@@ -185,6 +185,26 @@ def test_images_dropped_in_the_folder_are_listed(tmp_path, sources):
     assert ds.list_images() == reopened.list_images()  # the first object re-reads the changed JSON
 
 
+def test_entries_of_other_kinds_are_kept_as_they_are(tmp_path, sources):
+    """A MONAI Label app set up for other files (an .nrrd label) or a hand-edited id that is a path:
+    not listed, never used to build a path, and written back unchanged when we write the JSON."""
+    root = tmp_path / "ds"
+    filled(root, sources, finals=())
+    stored = json.loads((root / "datastore_v2.json").read_text())
+    nrrd = {"ext": ".seg.nrrd", "info": {"ts": 1, "name": "case_b.seg.nrrd"}}
+    evil = {"image": {"ext": ".nii.gz", "info": {}}, "labels": {"final": {"ext": ".nii.gz", "info": {}}}}
+    stored["objects"]["case_b"]["labels"]["ohif"] = nrrd
+    stored["objects"]["../evil"] = evil
+    (root / "datastore_v2.json").write_text(json.dumps(stored, indent=2))
+    ds = FolderDatastore(root)
+    assert ds.list_images() == list(SLABS) and ds.get_labels_by_image_id("case_b") == {}
+    assert ds.get_image_uri("../evil") == "" and ds.get_label_uri("case_b", "ohif") == ""
+    ds.save_label("case_b", sources / "case_b_label.nii.gz", "final")
+    again = json.loads((root / "datastore_v2.json").read_text())
+    assert again["objects"]["case_b"]["labels"]["ohif"] == nrrd and again["objects"]["../evil"] == evil
+    assert ds.status()["label_tags"] == {"original": 1, "final": 1}
+
+
 # ---- bad input: refused with one line, nothing on disk changed ----
 
 

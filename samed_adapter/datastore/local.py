@@ -92,7 +92,8 @@ class FolderDatastore:
         self.lock_timeout = float(lock_timeout)
         self.max_voxels = int(max_voxels)
         self._json = self.root / JSON_NAME
-        self._cache: tuple[Optional[tuple[int, int, int]], dict[str, Any]] = (None, _new_model())
+        # (the JSON's stat, the model read from it, entries left unread): re-read when the stat changes
+        self._cache: tuple[Optional[tuple[int, int, int]], dict[str, Any], dict[str, Any]] = (None, _new_model(), {})
         self.root.mkdir(parents=True, exist_ok=True)
         model = self._load()
         for folder in (self._images(model), self._labels(model), self._labels(model) / FINAL,
@@ -119,7 +120,7 @@ class FolderDatastore:
 
     def _load(self) -> dict[str, Any]:
         """The JSON as it is on disk now (re-read only when the file changed)."""
-        stamp, model = self._cache
+        stamp, model, _ = self._cache
         if stamp is not None and stamp == self._stat():
             return model
         with self._locked():
@@ -127,10 +128,10 @@ class FolderDatastore:
 
     def _read_locked(self) -> dict[str, Any]:
         stamp = self._stat()
+        if stamp is not None and stamp == self._cache[0]:
+            return self._cache[1]
         if stamp is None:
-            model = _new_model()
-        elif stamp == self._cache[0]:
-            model = self._cache[1]
+            model, hidden = _new_model(), {}
         else:
             try:
                 raw = json.loads(self._json.read_text(encoding="utf-8"))
@@ -138,12 +139,16 @@ class FolderDatastore:
                 raise DatastoreFormatError(
                     f"{self._json}: damaged ({type(exc).__name__}: {exc}); restore it from a backup, or move it "
                     "aside to rebuild it from the files (their label info is then lost)") from exc
-            model = self._validate(raw)
-        self._cache = (stamp, model)
+            model, hidden = self._validate(raw)
+        self._cache = (stamp, model, hidden)
         return model
 
-    def _validate(self, raw: Any) -> dict[str, Any]:
-        """The parts of a JSON we can trust: ids that are file names, folders inside the root."""
+    def _validate(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(what we can use, what we keep unread): ids that are file names and files we keep, folders inside.
+
+        Entries of other kinds (a MONAI Label app configured for ``.nrrd``, an id that is a path)
+        are not listed or touched, and written back as they were: nothing another tool stored is lost.
+        """
         if not isinstance(raw, dict) or not isinstance(raw.get("objects", {}), dict):
             raise DatastoreFormatError(f"{self._json}: not a MONAI Label datastore file (no 'objects' map); "
                                        "move it aside to rebuild it from the files")
@@ -153,23 +158,29 @@ class FolderDatastore:
             if inside != self.root and self.root not in inside.parents:
                 raise DatastoreFormatError(f"{self._json}: {key} {model[key]!r} points outside {self.root}; "
                                            "set it to a folder inside the datastore")
-        objects = {}
+        objects: dict[str, Any] = {}
+        hidden: dict[str, Any] = {}
         for image_id, entry in model["objects"].items():
             try:
-                objects[check_id(image_id)] = self._valid_entry(entry)
+                objects[check_id(image_id)] = self._part(entry["image"])
             except (DatastoreError, KeyError, TypeError, AttributeError) as exc:
-                logger.warning("%s: entry %r ignored (%s)", self._json, image_id, exc)
+                logger.warning("%s: entry %r left as it is (%s)", self._json, image_id, exc)
+                hidden[image_id] = {"entry": entry}
+                continue
+            objects[image_id] = {"image": objects[image_id], "labels": {}}
+            for tag, label in dict(entry.get("labels") or {}).items():
+                try:
+                    objects[image_id]["labels"][check_id(tag, "label tag")] = self._part(label)
+                except (DatastoreError, KeyError, TypeError, AttributeError):
+                    hidden.setdefault(image_id, {"labels": {}})["labels"][tag] = label
         model["objects"] = objects
-        return model
+        return model, hidden
 
-    def _valid_entry(self, entry: Any) -> dict[str, Any]:
-        def part(value: Any) -> dict[str, Any]:
-            if value["ext"] not in self.extensions or not isinstance(value.get("info", {}), dict):
-                raise TypeError(f"extension {value['ext']!r} or info not kept here")
-            return {"ext": value["ext"], "info": dict(value.get("info", {}))}
-
-        labels = {check_id(tag, "label tag"): part(v) for tag, v in dict(entry.get("labels", {})).items()}
-        return {"image": part(entry["image"]), "labels": labels}
+    def _part(self, value: Any) -> dict[str, Any]:
+        """An image's or label's {"ext", "info"}, if it is a file kind the datastore keeps."""
+        if value["ext"] not in self.extensions or not isinstance(value.get("info", {}), dict):
+            raise TypeError(f"extension {value['ext']!r} or info not kept here")
+        return {"ext": value["ext"], "info": dict(value.get("info", {}))}
 
     @contextmanager
     def _editing(self) -> Iterator[dict[str, Any]]:
@@ -180,9 +191,18 @@ class FolderDatastore:
             self._write_locked(model)
 
     def _write_locked(self, model: dict[str, Any]) -> None:
+        """Replace the JSON with ``model`` plus the entries it left unread (those whose image is still there)."""
+        stored, kept = copy.deepcopy(model), {}
+        for image_id, unread in self._cache[2].items():
+            if "entry" in unread and image_id not in stored["objects"]:
+                stored["objects"][image_id], kept[image_id] = unread["entry"], unread
+            elif "labels" in unread and image_id in stored["objects"]:
+                labels = stored["objects"][image_id]["labels"]
+                kept[image_id] = {"labels": {t: v for t, v in unread["labels"].items() if t not in labels}}
+                labels.update(kept[image_id]["labels"])
         with atomic_path(self._json) as tmp:
-            tmp.write_text(json.dumps(model, indent=2, default=str), encoding="utf-8")
-        self._cache = (self._stat(), model)
+            tmp.write_text(json.dumps(stored, indent=2, default=str), encoding="utf-8")
+        self._cache = (self._stat(), model, kept)
 
     # ---- paths ----
 
@@ -329,7 +349,8 @@ class FolderDatastore:
         for image_id, ext in self._files(self._images(model)):
             objects.setdefault(image_id, {"image": {"ext": ext, "info": _found(image_id + ext)}, "labels": {}})
         labels_dir = self._labels(model)
-        for tag in sorted(p.name for p in labels_dir.iterdir() if p.is_dir() and _plain(p.name, "label tag")):
+        tags = sorted(p.name for p in labels_dir.iterdir() if p.is_dir()) if labels_dir.is_dir() else []
+        for tag in filter(lambda t: _plain(t, "label tag"), tags):
             for image_id, ext in self._files(labels_dir / tag):
                 if image_id in objects:
                     objects[image_id]["labels"].setdefault(tag, {"ext": ext, "info": _found(image_id + ext)})
@@ -337,8 +358,8 @@ class FolderDatastore:
 
     def _files(self, folder: Path) -> list[tuple[str, str]]:
         """(id, extension) of the files in ``folder`` that the datastore keeps, sorted by name."""
-        found = []
-        for p in sorted(folder.iterdir()):
+        found: list[tuple[str, str]] = []
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
             try:
                 image_id, ext = split_name(p.name, self.extensions)
                 check_round_trip(check_id(image_id), ext, self.extensions)
