@@ -26,7 +26,7 @@ import numpy as np
 
 from ..interactive.protocol import round_clicks
 from .metrics import confusion_counts
-from .summary import _mean, _num, _pct, _raw, write_csv
+from .summary import csv_cell, mean_of, number_cell, percent_cell, write_csv
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..interactive.session import ClickSession
@@ -111,11 +111,11 @@ class ClickSummary:
 
     def class_dice(self, r: int) -> list[Optional[float]]:
         """K Dice after r rounds, each the mean over the cases that score the class."""
-        return [_mean([c.dice[r][k] for c in self.cases.values()]) for k in range(len(self.class_names))]
+        return [mean_of([c.dice[r][k] for c in self.cases.values()]) for k in range(len(self.class_names))]
 
     def mean_dice(self, r: int) -> Optional[float]:
         """The mean of :meth:`class_dice` over the classes that have one."""
-        return _mean(self.class_dice(r))
+        return mean_of(self.class_dice(r))
 
     def nocs(self, k: int, threshold: float) -> list[int]:
         """NoC@threshold of class index k (0-based) on every case that scores it."""
@@ -124,11 +124,11 @@ class ClickSummary:
 
     def class_noc(self, threshold: float) -> list[Optional[float]]:
         """Per class, the mean NoC@threshold over the cases that score it."""
-        return [_mean(self.nocs(k, threshold)) for k in range(len(self.class_names))]
+        return [mean_of(self.nocs(k, threshold)) for k in range(len(self.class_names))]
 
     def mean_noc(self, threshold: float) -> Optional[float]:
         """The mean NoC@threshold over every scored (case, class)."""
-        return _mean([v for k in range(len(self.class_names)) for v in self.nocs(k, threshold)])
+        return mean_of([v for k in range(len(self.class_names)) for v in self.nocs(k, threshold)])
 
     def not_reached(self, k: int, threshold: float) -> int:
         """Cases where class index k never reaches `threshold` within N rounds (scored N)."""
@@ -148,15 +148,15 @@ class ClickSummary:
             for k, name in enumerate(self.class_names):
                 dice = [row[k] for row in result.dice]
                 nocs = [noc(dice, t) for t in THRESHOLDS]
-                lines.append(f"| {case} | {name} | " + " | ".join(map(_pct, dice)) + " | "
+                lines.append(f"| {case} | {name} | " + " | ".join(map(percent_cell, dice)) + " | "
                              + " | ".join("n/a" if v is None else str(v) for v in nocs) + " |")
         lines += ["", head.format("class"), rule]
         for k, name in enumerate(self.class_names):
             dice = [self.class_dice(r)[k] for r in rounds]
-            lines.append(f"| {name} | " + " | ".join(map(_pct, dice)) + " | "
-                         + " | ".join(_num(self.class_noc(t)[k]) for t in THRESHOLDS) + " |")
-        lines.append("| **mean** | " + " | ".join(_pct(self.mean_dice(r)) for r in rounds) + " | "
-                     + " | ".join(_num(self.mean_noc(t)) for t in THRESHOLDS) + " |")
+            lines.append(f"| {name} | " + " | ".join(map(percent_cell, dice)) + " | "
+                         + " | ".join(number_cell(self.class_noc(t)[k]) for t in THRESHOLDS) + " |")
+        lines.append("| **mean** | " + " | ".join(percent_cell(self.mean_dice(r)) for r in rounds) + " | "
+                     + " | ".join(number_cell(self.mean_noc(t)) for t in THRESHOLDS) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self, path_or_buffer: Union[str, os.PathLike, TextIO]) -> None:
@@ -171,14 +171,14 @@ class ClickSummary:
         for case, result in self.cases.items():
             for k, name in enumerate(self.class_names):
                 for r, row in enumerate(result.dice):
-                    w.writerow([case, name, r, _raw(row[k]), result.clicks[r - 1][k] if r else 0])
+                    w.writerow([case, name, r, csv_cell(row[k]), result.clicks[r - 1][k] if r else 0])
         for k, name in enumerate(self.class_names):
             for r in range(self.rounds + 1):
                 total = sum(c.clicks[r - 1][k] for c in self.cases.values()) if r else 0
-                w.writerow(["mean", name, r, _raw(self.class_dice(r)[k]), total])
+                w.writerow(["mean", name, r, csv_cell(self.class_dice(r)[k]), total])
         for r in range(self.rounds + 1):
             total = sum(sum(c.clicks[r - 1]) for c in self.cases.values()) if r else 0
-            w.writerow(["mean", "all", r, _raw(self.mean_dice(r)), total])
+            w.writerow(["mean", "all", r, csv_cell(self.mean_dice(r)), total])
 
     def to_dict(self) -> dict[str, Any]:
         """The "clicks" entry of summary.json (class keys "1".."K" as nnU-Net's; null: unscored)::

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .clicks import ClickSummary
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The mean of the values that are not None; None when none is."""
     kept = [v for v in values if v is not None]
     return math.fsum(kept) / len(kept) if kept else None
 
@@ -97,7 +98,7 @@ class Summary:
         for case, scores in self.cases.items():
             for name, s in zip(self.class_names, scores):
                 notes = [n for n, f in (("empty truth", s.empty_truth), ("empty prediction", s.empty_prediction)) if f]
-                lines.append(f"| {case} | {name} | {_pct(s.dice)} | {_num(s.hd95)} | {', '.join(notes)} |")
+                lines.append(f"| {case} | {name} | {percent_cell(s.dice)} | {number_cell(s.hd95)} | {', '.join(notes)} |")
         text = "\n".join(lines) + "\n\n" + self.means_markdown()
         return text if self.clicks is None else text + "\n" + self.clicks.to_markdown()
 
@@ -107,11 +108,11 @@ class Summary:
                  "|---|---:|---:|---:|---:|"]
         for i, name in enumerate(self.class_names):
             lines.append(
-                f"| {name} | {_pct(self.class_dice[i])} | {_num(self.class_hd95[i])} "
+                f"| {name} | {percent_cell(self.class_dice[i])} | {number_cell(self.class_hd95[i])} "
                 f"| {self.empty_truth_counts[i]} | {self.empty_prediction_counts[i]} |"
             )
         lines.append(
-            f"| **mean** | {_pct(self.mean_dice)} | {_num(self.mean_hd95)} "
+            f"| **mean** | {percent_cell(self.mean_dice)} | {number_cell(self.mean_hd95)} "
             f"| {sum(self.empty_truth_counts)} | {sum(self.empty_prediction_counts)} |"
         )
         return "\n".join(lines) + "\n"
@@ -130,11 +131,11 @@ class Summary:
         w.writerow(["case", "class", "dice", "hd95", "empty_truth", "empty_prediction"])
         for case, scores in self.cases.items():
             for name, s in zip(self.class_names, scores):
-                w.writerow([case, name, _raw(s.dice), _raw(s.hd95), int(s.empty_truth), int(s.empty_prediction)])
+                w.writerow([case, name, csv_cell(s.dice), csv_cell(s.hd95), int(s.empty_truth), int(s.empty_prediction)])
         for i, name in enumerate(self.class_names):
-            w.writerow(["mean", name, _raw(self.class_dice[i]), _raw(self.class_hd95[i]),
+            w.writerow(["mean", name, csv_cell(self.class_dice[i]), csv_cell(self.class_hd95[i]),
                         self.empty_truth_counts[i], self.empty_prediction_counts[i]])
-        w.writerow(["mean", "all", _raw(self.mean_dice), _raw(self.mean_hd95),
+        w.writerow(["mean", "all", csv_cell(self.mean_dice), csv_cell(self.mean_hd95),
                     sum(self.empty_truth_counts), sum(self.empty_prediction_counts)])
 
 
@@ -147,15 +148,18 @@ def write_csv(path_or_buffer: Union[str, os.PathLike, TextIO], write: Callable[[
             write(f)
 
 
-def _pct(v: Optional[float]) -> str:
+def percent_cell(v: Optional[float]) -> str:
+    """A fraction as a Markdown cell in percent, 2 decimals ("n/a": unscored)."""
     return "n/a" if v is None else f"{100.0 * v:.2f}"
 
 
-def _num(v: Optional[float]) -> str:
+def number_cell(v: Optional[float]) -> str:
+    """A number as a Markdown cell, 2 decimals ("n/a": unscored)."""
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def _raw(v: Optional[float]) -> str:
+def csv_cell(v: Optional[float]) -> str:
+    """A number as a CSV cell at full precision (empty: unscored)."""
     return "" if v is None else repr(float(v))
 
 
@@ -194,15 +198,15 @@ def summarize(
         raise ValueError(f"protocol must be one of {PROTOCOLS} or None, got {protocol!r}")
     kept_counts = None if counts is None else _check_counts(counts, [str(k) for k in cases], len(names))
     per_class = list(zip(*cases.values()))  # class index -> scores of every case
-    class_dice = [_mean([s.dice for s in col]) for col in per_class]
-    class_hd95 = [_mean([s.hd95 for s in col]) for col in per_class]
+    class_dice = [mean_of([s.dice for s in col]) for col in per_class]
+    class_hd95 = [mean_of([s.hd95 for s in col]) for col in per_class]
     return Summary(
         class_names=names,
         cases={str(k): list(v) for k, v in cases.items()},
         class_dice=class_dice,
         class_hd95=class_hd95,
-        mean_dice=_mean(class_dice),
-        mean_hd95=_mean(class_hd95),
+        mean_dice=mean_of(class_dice),
+        mean_hd95=mean_of(class_hd95),
         empty_truth_counts=[sum(s.empty_truth for s in col) for col in per_class],
         empty_prediction_counts=[sum(s.empty_prediction and not s.empty_truth for s in col) for col in per_class],
         counts=kept_counts,
@@ -334,9 +338,9 @@ def nnunet_summary(
     for key, name in zip(keys, names):
         entry: dict[str, Any] = {"name": name}
         for m in _NNUNET_METRICS:
-            entry[m] = _json_number(_mean([_json_number(c["metrics"][key][m]) for c in per_case]))
+            entry[m] = _json_number(mean_of([_json_number(c["metrics"][key][m]) for c in per_case]))
         mean[key] = entry
-    foreground_mean = {m: _json_number(_mean([mean[key][m] for key in keys])) for m in _NNUNET_METRICS}
+    foreground_mean = {m: _json_number(mean_of([mean[key][m] for key in keys])) for m in _NNUNET_METRICS}
     data = {
         "metric_per_case": per_case,
         "mean": mean,
