@@ -98,7 +98,8 @@ class Summary:
         for case, scores in self.cases.items():
             for name, s in zip(self.class_names, scores):
                 notes = [n for n, f in (("empty truth", s.empty_truth), ("empty prediction", s.empty_prediction)) if f]
-                lines.append(f"| {case} | {name} | {percent_cell(s.dice)} | {number_cell(s.hd95)} | {', '.join(notes)} |")
+                lines.append(f"| {case} | {name} | {percent_cell(s.dice)} | {number_cell(s.hd95)} "
+                             f"| {', '.join(notes)} |")
         text = "\n".join(lines) + "\n\n" + self.means_markdown()
         return text if self.clicks is None else text + "\n" + self.clicks.to_markdown()
 
@@ -131,7 +132,8 @@ class Summary:
         w.writerow(["case", "class", "dice", "hd95", "empty_truth", "empty_prediction"])
         for case, scores in self.cases.items():
             for name, s in zip(self.class_names, scores):
-                w.writerow([case, name, csv_cell(s.dice), csv_cell(s.hd95), int(s.empty_truth), int(s.empty_prediction)])
+                w.writerow([case, name, csv_cell(s.dice), csv_cell(s.hd95), int(s.empty_truth),
+                            int(s.empty_prediction)])
         for i, name in enumerate(self.class_names):
             w.writerow(["mean", name, csv_cell(self.class_dice[i]), csv_cell(self.class_hd95[i]),
                         self.empty_truth_counts[i], self.empty_prediction_counts[i]])
