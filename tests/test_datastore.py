@@ -24,9 +24,9 @@ import pytest
 from samed_adapter.adapter_file.config import AdapterConfig
 from samed_adapter.datastore import (DatastoreBusyError, DatastoreChangedError, DatastoreFormatError,
                                      EmptyDatastoreError, FolderDatastore, ImageExistsError, ImageNotFoundError,
-                                     LabelClassError, LabelGridError, UnsafeIdError, UnsupportedFileError,
-                                     changed_since, check_unchanged, first, least_sure, random_image, record,
-                                     uncertainty)
+                                     LabelClassError, LabelGridError, LabelNotFoundError, UnsafeIdError,
+                                     UnsupportedFileError, changed_since, check_unchanged, first, least_sure,
+                                     random_image, record, uncertainty)
 from samed_adapter.datastore.folder import folder_lock
 from samed_adapter.io.errors import ImageReadError
 
@@ -314,11 +314,45 @@ def test_other_bad_files_are_refused(tmp_path, sources):
             lambda: ds.save_label("case_a", tmp_path / "broken.nii.gz", "final"))
     refused(root, ImageNotFoundError, r"no image 'case_z'",
             lambda: ds.save_label("case_z", sources / "case_a_label.nii.gz", "final"))
+    refused(root, ImageNotFoundError, r"no image 'case_z'; list_images\(\) gives", lambda: ds.image_path("case_z"))
+    refused(root, LabelNotFoundError, r"'case_a' has no 'final' label; its labels: \['original'\]",
+            lambda: ds.label_path("case_a", "final"))
     nib.save(nib.load(sources / "case_a.nii.gz"), tmp_path / "a.nii.nii")
     refused(root, UnsafeIdError, r"read back by MONAI Label as 'a'", lambda: ds.add_image(None, tmp_path / "a.nii.nii"))
     (root / "datastore_v2.json").write_text('{"objects": ')
     with pytest.raises(DatastoreFormatError, match=r"datastore_v2.json: damaged .* move it aside"):
         FolderDatastore(root)
+
+
+def test_a_full_disk_at_the_json_leaves_every_file_as_it_was(tmp_path, sources, mni, monkeypatch):
+    """The JSON cannot be written (ENOSPC): the label or image already moved into place is put back."""
+    import errno
+    from contextlib import contextmanager
+
+    import samed_adapter.datastore.local as local
+
+    root = tmp_path / "ds"
+    ds = filled(root, sources)
+    _, labels, affine = mni
+    other = slab(labels, affine, SLABS["case_a"])
+    nib.save(nib.Nifti1Image(np.zeros(other.shape, np.uint8), other.affine), tmp_path / "case_a_empty.nii")
+
+    @contextmanager
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        yield  # never reached
+
+    monkeypatch.setattr(local, "atomic_path", full_disk)
+    calls = {"a final label saved again": lambda: ds.save_label("case_a", sources / "case_a_label.nii.gz", "final"),
+             "under the other extension": lambda: ds.save_label("case_a", tmp_path / "case_a_empty.nii", "final"),
+             "a new label": lambda: ds.save_label("case_c", sources / "case_c_label.nii.gz", "final"),
+             "a new image": lambda: ds.add_image("case_e", sources / "case_a.nii.gz"),
+             "a removed label": lambda: ds.remove_label("case_a", "original"),
+             "a removed image": lambda: ds.remove_image("case_b")}
+    for call in calls.values():
+        refused(root, OSError, "No space left on device", call)
+    monkeypatch.undo()
+    assert ds.status() == {"total": 4, "completed": 2, "label_tags": {"original": 1, "final": 2}}
 
 
 # ---- what a training job saw, and what changed since ----

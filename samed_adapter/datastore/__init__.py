@@ -1,6 +1,7 @@
 """Where a service keeps images and corrected labels, and what training jobs read: a folder in MONAI Label's own format, its checks and active learning strategies; may import the stages below it (io, adapter_file, ..., dicomweb), never serve/ or cli/.
 
 - :mod:`.local`: :class:`FolderDatastore`, MONAI Label's ``LocalDatastore`` layout with atomic, locked writes;
+- :mod:`.index`: the datastore's JSON, entries of other kinds kept as they are;
 - :mod:`.folder`: MONAI Label's lock, staged copies, moves that never overwrite;
 - :mod:`.checks`: safe ids, a label against its image's grid and the adapter's classes, checksums;
 - :mod:`.changes`: what a training job saw, and which items changed since;

@@ -23,8 +23,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "STAGING_NAME", "file_identity", "folder_lock", "json_info", "link_new",
-           "remove_stale_staging", "stage_copy"]
+__all__ = ["LOCK_NAME", "STAGING_NAME", "file_identity", "folder_lock", "json_info", "keep_aside",
+           "link_new", "remove_stale_staging", "stage_copy"]
 
 #: The lock file MONAI Label's LocalDatastore takes (filelock's FileLock) around the JSON.
 LOCK_NAME = ".lock"
@@ -78,6 +78,19 @@ def stage_copy(root: Path, src: Path, name: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def keep_aside(root: Path, path: Path) -> Path:
+    """A second name for ``path``'s current bytes in the staging folder (a hard link, else a copy).
+
+    What a replacement is rolled back to when the JSON that names it cannot be written.
+    """
+    aside = root / STAGING_NAME / f".{secrets.token_hex(6)}.previous.{path.name}"
+    try:
+        os.link(path, aside)
+    except OSError:
+        shutil.copy2(path, aside)
+    return aside
 
 
 def remove_stale_staging(root: Path) -> None:

@@ -26,33 +26,41 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from ..io.errors import ImageReadError
 from ..io.files import atomic_path
 from ..io.limits import DEFAULT_MAX_VOXELS
 from ..io.volumes import read_image
 from .checks import EXTENSIONS, check_id, check_label, check_round_trip, file_checksum, split_name
-from .errors import (DatastoreError, DatastoreFormatError, EmptyDatastoreError, ImageExistsError, ImageNotFoundError,
+from .errors import (DatastoreError, EmptyDatastoreError, ImageExistsError, ImageNotFoundError,
                      LabelNotFoundError)
-from .folder import (LOCK_NAME, STAGING_NAME, file_identity, folder_lock, json_info, link_new, remove_stale_staging,
-                     stage_copy)
+from .folder import (LOCK_NAME, STAGING_NAME, file_identity, folder_lock, json_info, keep_aside, link_new,
+                     remove_stale_staging, stage_copy)
+from .index import merged_index, new_index, read_index
 
 if TYPE_CHECKING:
     from ..adapter_file.config import AdapterConfig
 
 __all__ = ["FINAL", "JSON_NAME", "ORIGINAL", "FolderDatastore", "Item"]
 
-logger = logging.getLogger(__name__)
-
 JSON_NAME = "datastore_v2.json"
 FINAL, ORIGINAL = "final", "original"
+
+
+@dataclass
+class _Edit:
+    """One change of the JSON (``model``) and of the files it names (see ``FolderDatastore._editing``)."""
+
+    model: dict[str, Any]
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,6 @@ class Item:
     image_id: str
     image: Path
     label: Path
-
-
-def _new_model() -> dict[str, Any]:
-    """The JSON of an empty datastore, keys in MONAI Label's order."""
-    return {"name": "new-dataset", "description": "New Dataset", "images_dir": ".", "labels_dir": "labels",
-            "objects": {}}
 
 
 class FolderDatastore:
@@ -93,7 +95,7 @@ class FolderDatastore:
         self.max_voxels = int(max_voxels)
         self._json = self.root / JSON_NAME
         # (the JSON's stat, the model read from it, entries left unread): re-read when the stat changes
-        self._cache: tuple[Optional[tuple[int, int, int]], dict[str, Any], dict[str, Any]] = (None, _new_model(), {})
+        self._cache: tuple[Optional[tuple[int, int, int]], dict[str, Any], dict[str, Any]] = (None, new_index(), {})
         self.root.mkdir(parents=True, exist_ok=True)
         model = self._load()
         for folder in (self._images(model), self._labels(model), self._labels(model) / FINAL,
@@ -130,79 +132,35 @@ class FolderDatastore:
         stamp = self._stat()
         if stamp is not None and stamp == self._cache[0]:
             return self._cache[1]
-        if stamp is None:
-            model, hidden = _new_model(), {}
-        else:
-            try:
-                raw = json.loads(self._json.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DatastoreFormatError(
-                    f"{self._json}: damaged ({type(exc).__name__}: {exc}); restore it from a backup, or move it "
-                    "aside to rebuild it from the files (their label info is then lost)") from exc
-            model, hidden = self._validate(raw)
+        model, hidden = read_index(self._json, self.root, self.extensions) if stamp else (new_index(), {})
         self._cache = (stamp, model, hidden)
         return model
 
-    def _validate(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(what we can use, what we keep unread): ids that are file names and files we keep, folders inside.
-
-        Entries of other kinds (a MONAI Label app configured for ``.nrrd``, an id that is a path)
-        are not listed or touched, and written back as they were: nothing another tool stored is lost.
-        """
-        if not isinstance(raw, dict) or not isinstance(raw.get("objects", {}), dict):
-            raise DatastoreFormatError(f"{self._json}: not a MONAI Label datastore file (no 'objects' map); "
-                                       "move it aside to rebuild it from the files")
-        model = {**_new_model(), **raw}
-        for key in ("images_dir", "labels_dir"):
-            inside = (self.root / str(model[key])).resolve()
-            if inside != self.root and self.root not in inside.parents:
-                raise DatastoreFormatError(f"{self._json}: {key} {model[key]!r} points outside {self.root}; "
-                                           "set it to a folder inside the datastore")
-        objects: dict[str, Any] = {}
-        hidden: dict[str, Any] = {}
-        for image_id, entry in model["objects"].items():
-            try:
-                objects[check_id(image_id)] = self._part(entry["image"])
-            except (DatastoreError, KeyError, TypeError, AttributeError) as exc:
-                logger.warning("%s: entry %r left as it is (%s)", self._json, image_id, exc)
-                hidden[image_id] = {"entry": entry}
-                continue
-            objects[image_id] = {"image": objects[image_id], "labels": {}}
-            for tag, label in dict(entry.get("labels") or {}).items():
-                try:
-                    objects[image_id]["labels"][check_id(tag, "label tag")] = self._part(label)
-                except (DatastoreError, KeyError, TypeError, AttributeError):
-                    hidden.setdefault(image_id, {"labels": {}})["labels"][tag] = label
-        model["objects"] = objects
-        return model, hidden
-
-    def _part(self, value: Any) -> dict[str, Any]:
-        """An image's or label's {"ext", "info"}, if it is a file kind the datastore keeps."""
-        if value["ext"] not in self.extensions or not isinstance(value.get("info", {}), dict):
-            raise TypeError(f"extension {value['ext']!r} or info not kept here")
-        return {"ext": value["ext"], "info": dict(value.get("info", {}))}
-
     @contextmanager
-    def _editing(self) -> Iterator[dict[str, Any]]:
-        """The JSON re-read under the lock for the block to change; written back when it succeeds."""
+    def _editing(self) -> Iterator["_Edit"]:
+        """The JSON re-read under the lock for the block to change, and written back when it succeeds.
+
+        When the block or the write fails (a full disk), the block's ``undo`` steps put its files
+        back, still under the lock; its ``after`` steps (deletions) run only once the JSON is written.
+        """
         with self._locked():
-            model = copy.deepcopy(self._read_locked())
-            yield model
-            self._write_locked(model)
+            edit = _Edit(copy.deepcopy(self._read_locked()))
+            try:
+                yield edit
+                self._write_locked(edit.model)
+            except BaseException:
+                for step in reversed(edit.undo):
+                    step()
+                raise
+            for step in edit.after:
+                step()
 
     def _write_locked(self, model: dict[str, Any]) -> None:
         """Replace the JSON with ``model`` plus the entries it left unread (those whose image is still there)."""
-        stored, kept = copy.deepcopy(model), {}
-        for image_id, unread in self._cache[2].items():
-            if "entry" in unread and image_id not in stored["objects"]:
-                stored["objects"][image_id], kept[image_id] = unread["entry"], unread
-            elif "labels" in unread and image_id in stored["objects"]:
-                labels = stored["objects"][image_id]["labels"]
-                kept[image_id] = {"labels": {t: v for t, v in unread["labels"].items() if t not in labels}}
-                labels.update(kept[image_id]["labels"])
+        stored, unread = merged_index(model, self._cache[2])
         with atomic_path(self._json) as tmp:
             tmp.write_text(json.dumps(stored, indent=2, default=str), encoding="utf-8")
-        self._cache = (self._stat(), model, kept)
+        self._cache = (self._stat(), model, unread)
 
     # ---- paths ----
 
@@ -395,11 +353,12 @@ class FolderDatastore:
         try:
             self._read(staged, src)
             info.update(ts=int(time.time()), checksum=file_checksum(staged), name=image_id + ext)
-            with self._editing() as model:
-                self._refuse_taken(model, image_id)
-                dest = self._images(model) / (image_id + ext)
+            with self._editing() as edit:
+                self._refuse_taken(edit.model, image_id)
+                dest = self._images(edit.model) / (image_id + ext)
                 link_new(staged, dest)
-                model["objects"][image_id] = {"image": {"ext": ext, "info": info}, "labels": {}}
+                edit.undo.append(lambda: dest.unlink(missing_ok=True))
+                edit.model["objects"][image_id] = {"image": {"ext": ext, "info": info}, "labels": {}}
         except FileExistsError:
             raise ImageExistsError(self._taken_message(image_id)) from None
         finally:
@@ -438,52 +397,59 @@ class FolderDatastore:
         try:
             check_label(self._read(staged, src), read_image(image, max_voxels=self.max_voxels), config, name=src)
             info.update(ts=int(time.time()), checksum=file_checksum(staged), name=image_id + ext)
-            with self._editing() as model:
-                self._replace_label(model, image_id, label_tag, staged, ext, before)
-                model["objects"][image_id]["labels"][label_tag] = {"ext": ext, "info": info}
+            with self._editing() as edit:
+                self._replace_label(edit, image_id, label_tag, staged, ext, before)
+                edit.model["objects"][image_id]["labels"][label_tag] = {"ext": ext, "info": info}
         finally:
             staged.unlink(missing_ok=True)
         return image_id
 
-    def _replace_label(self, model: dict[str, Any], image_id: str, tag: str, staged: Path, ext: str,
+    def _replace_label(self, edit: _Edit, image_id: str, tag: str, staged: Path, ext: str,
                        checked: tuple[int, int, int]) -> None:
-        """Move a checked label into place (under the lock); drop the old one if its extension differs."""
+        """Move a checked label into place (under the lock), the previous one kept aside until the JSON is written."""
+        model = edit.model
         if image_id not in model["objects"] or file_identity(self._image_file(model, image_id)) != checked:
             raise ImageNotFoundError(f"{self.root}: image {image_id!r} was removed or replaced while its label "
                                      "was checked; save the label again")
         dest = self._labels(model) / tag / (image_id + ext)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        old = model["objects"][image_id]["labels"].get(tag)
+        if dest.exists():
+            aside = keep_aside(self.root, dest)
+            edit.undo.append(lambda: os.replace(aside, dest))
+            edit.after.append(lambda: aside.unlink(missing_ok=True))
+        else:
+            edit.undo.append(lambda: dest.unlink(missing_ok=True))
         os.replace(staged, dest)
-        if old and old["ext"] != ext:
-            (dest.parent / (image_id + old["ext"])).unlink(missing_ok=True)
+        old = model["objects"][image_id]["labels"].get(tag)
+        if old and old["ext"] != ext:  # the previous version under the other extension
+            edit.after.append(lambda: (dest.parent / (image_id + old["ext"])).unlink(missing_ok=True))
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        """Delete one label (MONAI Label's ``remove_label``)."""
-        with self._editing() as model:
-            entry = model["objects"].get(label_id)
+        """Delete one label (MONAI Label's ``remove_label``); the file goes once the JSON no longer names it."""
+        with self._editing() as edit:
+            entry = edit.model["objects"].get(label_id)
             if not entry or label_tag not in entry["labels"]:
                 raise LabelNotFoundError(f"{self.root}: image {label_id!r} has no {label_tag!r} label to remove")
-            self._label_file(model, label_id, label_tag).unlink(missing_ok=True)
+            edit.after.append(partial(self._label_file(edit.model, label_id, label_tag).unlink, missing_ok=True))
             del entry["labels"][label_tag]
 
     def remove_image(self, image_id: str) -> None:
         """Delete an image and all its labels (MONAI Label's ``remove_image``)."""
-        with self._editing() as model:
+        with self._editing() as edit:
+            model = edit.model
             if image_id not in model["objects"]:
                 raise ImageNotFoundError(f"{self.root}: no image {image_id!r} to remove")
-            for tag in model["objects"][image_id]["labels"]:
-                self._label_file(model, image_id, tag).unlink(missing_ok=True)
-            self._image_file(model, image_id).unlink(missing_ok=True)
+            files = [self._label_file(model, image_id, tag) for tag in model["objects"][image_id]["labels"]]
+            edit.after.extend(partial(p.unlink, missing_ok=True) for p in files + [self._image_file(model, image_id)])
             del model["objects"][image_id]
 
     def update_image_info(self, image_id: str, info: Mapping[str, Any]) -> None:
         """Merge ``info`` into the image's (MONAI Label's server records strategy picks so)."""
         info = json_info(info)
-        with self._editing() as model:
-            if image_id not in model["objects"]:
+        with self._editing() as edit:
+            if image_id not in edit.model["objects"]:
                 raise ImageNotFoundError(f"{self.root}: no image {image_id!r}; list_images() gives the ids it holds")
-            model["objects"][image_id]["image"]["info"].update(info)
+            edit.model["objects"][image_id]["image"]["info"].update(info)
 
 
 def _found(name: str) -> dict[str, Any]:
