@@ -46,6 +46,13 @@ def next_click(predicted: np.ndarray, truth: np.ndarray) -> Optional[tuple[int, 
     predicted, truth = np.asarray(predicted, dtype=bool), np.asarray(truth, dtype=bool)
     if predicted.shape != truth.shape or predicted.ndim != 2:
         raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} must be (H, W) masks of one shape")
+    differ = predicted != truth
+    rows, cols = np.flatnonzero(differ.any(axis=1)), np.flatnonzero(differ.any(axis=0))
+    if not len(rows):
+        return None
+    # Only the box around the errors is searched: same regions, same C order, less work.
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    predicted, truth = predicted[box], truth[box]
     best: Optional[tuple[int, bool, np.ndarray]] = None  # (pixel count, positive, region mask)
     for positive, errors in ((True, truth & ~predicted), (False, predicted & ~truth)):
         region = _largest_region(errors)
@@ -53,10 +60,9 @@ def next_click(predicted: np.ndarray, truth: np.ndarray) -> Optional[tuple[int, 
         # first of equal regions, so ties fall as the module docstring says.
         if region is not None and (best is None or region[0] > best[0]):
             best = (region[0], positive, region[1])
-    if best is None:
-        return None
+    assert best is not None  # the masks differ inside the box
     row, col = _deepest_point(best[2])
-    return row, col, best[1]
+    return int(rows[0]) + row, int(cols[0]) + col, best[1]
 
 
 def _largest_region(errors: np.ndarray) -> Optional[tuple[int, np.ndarray]]:
