@@ -145,6 +145,10 @@ def test_add_list_and_save_labels(tmp_path, sources):
     assert info["checksum"] == "SHA256:" + __import__("hashlib").sha256(
         (sources / "case_a_label.nii.gz").read_bytes()).hexdigest()
     assert ds.get_image_info("case_d")["path"] == str(root / "case_d.nii.gz")
+    ds.update_label_info("case_a", "final", {"reviewed": True})
+    assert ds.get_label_info("case_a", "final") == {**info, "reviewed": True}
+    with pytest.raises(LabelNotFoundError, match=r"'case_c' has no 'final' label; its labels: \[\]"):
+        ds.update_label_info("case_c", "final", {})
     assert ds.datalist() == [{"image": str(root / f"{c}.nii.gz"), "label": str(root / "labels/final" / f"{c}.nii.gz")}
                              for c in ("case_a", "case_b")]
     assert [i.image_id for i in ds.training_items()] == ["case_a", "case_b"]

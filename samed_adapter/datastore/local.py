@@ -114,11 +114,9 @@ class FolderDatastore:
             yield
 
     def _stat(self) -> Optional[tuple[int, int, int]]:
-        try:
-            st = os.stat(self._json)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        """What tells a rewritten JSON from the one read (a MONAI Label writer rewrites it in place)."""
+        stamp = file_identity(self._json)
+        return stamp if stamp != (0, 0, 0) else None
 
     def _load(self) -> dict[str, Any]:
         """The JSON as it is on disk now (re-read only when the file changed)."""
@@ -450,6 +448,16 @@ class FolderDatastore:
             if image_id not in edit.model["objects"]:
                 raise ImageNotFoundError(f"{self.root}: no image {image_id!r}; list_images() gives the ids it holds")
             edit.model["objects"][image_id]["image"]["info"].update(info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Mapping[str, Any]) -> None:
+        """Merge ``info`` into the label's (MONAI Label's ``update_label_info``)."""
+        info = json_info(info)
+        with self._editing() as edit:
+            entry = edit.model["objects"].get(label_id)
+            if not entry or label_tag not in entry["labels"]:
+                raise LabelNotFoundError(f"{self.root}: image {label_id!r} has no {label_tag!r} label; its labels: "
+                                         f"{sorted(entry['labels']) if entry else 'none (no such image)'}")
+            entry["labels"][label_tag]["info"].update(info)
 
 
 def _found(name: str) -> dict[str, Any]:
