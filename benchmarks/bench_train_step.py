@@ -7,6 +7,10 @@ attention with the relative-position bias as its mask, the vectorised loss, bf16
 GPU. Same SAM weights, batch and input size, in one run, steps taken in turn. Prints images
 per second, the peak memory a step allocates (CUDA) and the ratios.
 
+A third row is this project's step with simulated clicks (`train --clicks`: 3 rounds of one
+click per image on the same embeddings, samed_adapter.training.clicks), and the last line what
+the clicks cost against the same step without them.
+
     python benchmarks/bench_train_step.py                      # CPU: ViT-B at 256, batch 2
     python benchmarks/bench_train_step.py --device cuda --image-size 512 --batch 12
 """
@@ -24,6 +28,7 @@ import samed_adapter as sa
 from samed_adapter.surgery.attention import disable_sdpa
 from samed_adapter.surgery.lora import LoraQKV
 from samed_adapter.training import segmentation_loss
+from samed_adapter.training.clicks import ClickTraining, mean_click_loss
 
 
 class PublishedLoRAqkv(nn.Module):
@@ -58,10 +63,10 @@ def published_loss(logits: torch.Tensor, target: torch.Tensor, num_classes: int)
     return 0.2 * ce + 0.8 * dice / num_classes
 
 
-def build(backbone: str, image_size: int, device: torch.device, published: bool):
+def build(backbone: str, image_size: int, device: torch.device, published: bool, clicks: bool = False):
     torch.manual_seed(0)
     sam = sa.build_sam(backbone, seed=0)
-    model = sa.inject(sam, sa.AdapterConfig(num_classes=8, image_size=image_size))
+    model = sa.inject(sam, sa.AdapterConfig(num_classes=8, image_size=image_size, clicks=clicks))
     if published:
         # inject switched on this project's attention path; the published code runs stock SAM's.
         disable_sdpa(sam.image_encoder)
@@ -72,15 +77,24 @@ def build(backbone: str, image_size: int, device: torch.device, published: bool)
     return model, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
 
 
-def step_fn(model, optimizer, images, target, published: bool, autocast_dtype):
+def step_fn(model, optimizer, images, target, published: bool, autocast_dtype, clicks: bool = False):
+    # Every step draws the same clicks (slice keys (0, b)): the rounds' cost, not their luck, is timed.
+    trainer = ClickTraining(model, rounds=3, seed=0) if clicks else None
+    keys = torch.stack([torch.zeros(len(images), dtype=torch.long), torch.arange(len(images))], 1)
+
     def step():
         with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            logits = model(images)["low_res_logits"]
+            if trainer is not None:
+                logits, click_sum, count = trainer(images, target, keys)
+            else:
+                logits = model(images)["low_res_logits"]
         if published:
             loss = published_loss(logits.float(), target, 9)
         else:
             loss = segmentation_loss(logits.float(), target).total
+        if trainer is not None:
+            loss = loss + mean_click_loss(click_sum, count)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,13 +144,15 @@ def main() -> None:
     images = torch.rand(batch, 3, size, size, device=device)
     target = torch.randint(0, 9, (batch, size // 4, size // 4), device=device)
 
-    configs = (("published formulation (fp32)", True, None),
-               (f"samed-adapter fastest ({'bf16' if fast_dtype else 'fp32'})", False, fast_dtype))
+    fast = f"samed-adapter fastest ({'bf16' if fast_dtype else 'fp32'})"
+    configs = (("published formulation (fp32)", True, None, False), (fast, False, fast_dtype, False),
+               (f"{fast} + clicks (3 rounds)", False, fast_dtype, True))
     steps = []
-    for _, published, dtype in configs:
-        model, optimizer = build(args.backbone, size, device, published)
-        steps.append(step_fn(model, optimizer, images, target, published, dtype))
-    rows = [(name, batch / seconds, peak) for (name, _, _), (seconds, peak) in zip(configs, measure(steps, device, args.repeats))]
+    for _, published, dtype, clicks in configs:
+        model, optimizer = build(args.backbone, size, device, published, clicks)
+        steps.append(step_fn(model, optimizer, images, target, published, dtype, clicks))
+    rows = [(name, batch / seconds, peak)
+            for (name, *_), (seconds, peak) in zip(configs, measure(steps, device, args.repeats))]
     base_ips, base_mem = rows[0][1], rows[0][2]
     print(f"{args.backbone} at {size}, batch {batch}, {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -147,6 +163,9 @@ def main() -> None:
         mem = "n/a" if peak != peak else f"{peak:.0f}"
         ratio = "n/a" if peak != peak else f"{peak / base_mem:.2f}"
         print(f"| {name} | {ips:.2f} | {mem} | {ips / base_ips:.2f}x | {ratio} |")
+    (_, plain_ips, plain_mem), (_, click_ips, click_mem) = rows[1], rows[2]
+    memory = "" if plain_mem != plain_mem else f", {click_mem / plain_mem:.2f}x the step memory"
+    print(f"clicks: a step takes {plain_ips / click_ips:.2f}x the time of the same step without them{memory}")
 
 
 if __name__ == "__main__":

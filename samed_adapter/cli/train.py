@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# Whether a new run trains clicks when neither --clicks nor --no-clicks is given.
+DEFAULT_CLICKS = False
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
@@ -62,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=int, default=512)
     model.add_argument("--rank", type=int, default=4)
     model.add_argument("--decoder-lora", action="store_true", help="the SAMed_s variant (LoRA in the decoder)")
+    model.add_argument("--clicks", action=argparse.BooleanOptionalAction, default=None,
+                       help="also teach the adapter to refine one class from clicks (simulated clicks in every step, "
+                            "see --click-rounds, --click-weight; a (K+1, 256) class embedding in the file); default "
+                            f"{'on' if DEFAULT_CLICKS else 'off'} for a new run, a resumed run keeps its own")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
 
     run = parser.add_argument_group("training (defaults: the published ViT-B recipe)")
@@ -348,6 +355,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device"
     elif names is None and num_classes == 8 and (args.format == "synapse" or args.label_map == "synapse"):
         names = list(sa.SYNAPSE_CLASS_NAMES)
     window, percentiles = _preprocessing(args)
+    clicks = run_clicks(args)
     # Checked before any data is read or written, so a bad flag changes nothing.
     sa.AdapterConfig(num_classes=num_classes, class_names=names, intensity_window=window,
                      intensity_percentiles=percentiles, slice_axis=args.slice_axis)
@@ -356,7 +364,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device"
     adapter_config = sa.AdapterConfig(
         num_classes=num_classes, rank=args.rank, image_size=args.image_size, class_names=names,
         intensity_window=window, intensity_percentiles=percentiles, orientation=orientation,
-        slice_axis=args.slice_axis, decoder_lora=args.decoder_lora,
+        slice_axis=args.slice_axis, decoder_lora=args.decoder_lora, clicks=clicks,
     )
     torch.manual_seed(config.seed)  # the K-sized decoder parts start the same in every process and run
     model = sa.inject(sam, adapter_config)
@@ -364,6 +372,30 @@ def _train(args: argparse.Namespace, config: TrainConfig, device: "torch.device"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"adapter: {path}")
     return 0
+
+
+def run_clicks(args: argparse.Namespace) -> bool:
+    """Whether this run trains clicks: --clicks / --no-clicks, else, resuming, what the run in
+    OUTPUT was trained with (its last checkpoint's adapter), else DEFAULT_CLICKS.
+
+    Raises:
+        ValueError: resuming with the opposite of the run's setting (its tensors would not fit).
+    """
+    from ..training.folder import LAST, STATE
+
+    out = Path(args.output)
+    saved = None
+    if args.resume and (out / STATE).exists() and (out / LAST).exists():
+        from ..adapter_file.adapter import Adapter
+
+        saved = Adapter.load(out / LAST).config.clicks
+    if args.clicks is None:
+        return DEFAULT_CLICKS if saved is None else saved
+    if saved is not None and args.clicks != saved:
+        raise ValueError(f"the run in {out} was trained {'with' if saved else 'without'} clicks; resume it with "
+                         f"{'--clicks' if saved else '--no-clicks'} (or leave the flag out), or start a new run "
+                         "with --overwrite")
+    return args.clicks
 
 
 def add_train_parser(sub: SubParsers) -> None:

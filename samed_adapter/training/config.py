@@ -54,11 +54,16 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
     tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard."})
+    # Used only for a click-trained adapter (AdapterConfig.clicks; `train --clicks`).
+    click_rounds: int = field(default=3, metadata={"help": "Simulated clicks per image and step, one per round "
+                                                           "(click-trained adapters)."})
+    click_weight: float = field(default=1.0, metadata={"help": "Weight of the click loss added to the automatic "
+                                                               "loss (click-trained adapters)."})
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("batch_size", "max_epochs"):
+        for name in ("batch_size", "max_epochs", "click_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("save_every", "save_every_iters", "val_every"):
@@ -66,4 +71,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
         if self.stop_epoch is not None and not 1 <= self.stop_epoch <= self.max_epochs:
             raise ValueError(f"stop_epoch must be in 1..max_epochs ({self.max_epochs}), got {self.stop_epoch}")
+        if not 0.0 < self.click_weight < float("inf"):
+            raise ValueError(f"click_weight must be a finite number above 0, got {self.click_weight}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -29,6 +29,7 @@ from .augment import augment
 from .config import RECIPES, TrainConfig
 from .errors import NonFiniteLossError, TrainingError, TrainingInterrupted
 from .folder import BEST, FINAL, LAST, LOG, STATE, check_run_folder, clear_run, epoch_adapter
+from .clicks import ClickTraining, mean_click_loss
 from .losses import all_reduce_sum, segmentation_loss
 from .schedule import lr_at, set_lr
 from .state import TrainingState, load_state, save_state
@@ -49,7 +50,8 @@ class _Slices(Dataset):
         item = self.dataset[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         out = augment(item["image"], item["label"], self.image_size, rng, train=self.train)
-        return {"image": out["image"], "low_res_label": out["low_res_label"]}
+        # The key seeds the slice's simulated clicks (training.clicks) as it seeds its augmentation.
+        return {"image": out["image"], "low_res_label": out["low_res_label"], "key": np.array([epoch, index])}
 
 
 class _GlobalBatches(Sampler):
@@ -85,15 +87,18 @@ def _distributed() -> tuple[int, int]:
 
 
 def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
-    """Trainable tensors that reach the loss without prompts.
+    """Trainable tensors that reach the loss.
 
     Without prompts only `no_mask_embed` of the prompt encoder is used, and the iou head's output
     is not in the loss: their gradients would be None, so AdamW (as in the published code)
     never changes them. Freezing them says so explicitly and keeps DDP free of unused parameters.
+    A click-trained adapter's clicks also reach the point embeddings (positive, negative, padding)
+    and the mask-prompt path; never the box corners.
     """
     host = require_stock_state(model.sam).host
+    used = _CLICK_PROMPT_TENSORS if model.config.clicks else ("no_mask_embed.weight",)
     # SAM 2's decoder also has an object-score head that the masks do not use.
-    unused = {id(p) for name, p in host.prompt_encoder.named_parameters() if name != "no_mask_embed.weight"}
+    unused = {id(p) for name, p in host.prompt_encoder.named_parameters() if not name.startswith(used)}
     unused |= {id(p) for name, p in host.mask_decoder.named_parameters()
                if name.startswith(("iou_prediction_head.", "pred_obj_score_head."))}
     named = []
@@ -103,6 +108,13 @@ def _trainable(model: SAMed) -> list[tuple[str, torch.nn.Parameter]]:
         elif param.requires_grad:
             named.append((name, param))
     return named
+
+
+# The prompt encoder's tensors that simulated clicks reach (the same names in SAM and SAM 2):
+# point_embeddings.0/1 negative/positive, not_a_point_embed the padding point, the mask prompt's
+# convolutions, and no_mask_embed for the automatic output.
+_CLICK_PROMPT_TENSORS = ("point_embeddings.0.", "point_embeddings.1.", "not_a_point_embed.", "mask_downscaling.",
+                         "no_mask_embed.")
 
 
 @contextlib.contextmanager
@@ -200,6 +212,8 @@ class _Run:
     stop_iters: int
     # Steps done at the checkpoint now in the folder (None: none yet), named by a diverging run.
     checkpointed: Optional[int] = None
+    # A click-trained adapter: `net` is a ClickTraining, and each step adds the click loss.
+    clicks: bool = False
 
 
 def _train(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, rank: int, world: int,
@@ -289,9 +303,13 @@ def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, worl
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    net: torch.nn.Module = model
+    # A click-trained adapter's step runs its click rounds inside the forward DDP wraps.
+    net: torch.nn.Module = ClickTraining(model, config.click_rounds, config.seed) if model.config.clicks else model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A step's clicks may all be positive (the negative point embedding unused) or find no
+        # class to refine on one process's share: DDP must look for unused tensors then.
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=model.config.clicks)
     if config.compile:
         net = torch.compile(net)
     return _Run(
@@ -302,6 +320,7 @@ def _set_up(model: SAMed, dataset: Dataset, config: TrainConfig, out: Path, worl
         max_iters=config.max_epochs * per_epoch,
         stop_iters=(config.stop_epoch or config.max_epochs) * per_epoch,
         checkpointed=checkpointed,
+        clicks=model.config.clicks,
     )
 
 
@@ -333,9 +352,15 @@ def _forward_backward(run: _Run, config: TrainConfig, batch: dict[str, torch.Ten
     images = batch["image"].to(device, non_blocking=True)
     target = batch["low_res_label"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logits = run.net(images)["low_res_logits"]
+        if run.clicks:
+            logits, click_sum, click_count = run.net(images, target, batch["key"])
+        else:
+            logits = run.net(images)["low_res_logits"]
     loss = segmentation_loss(logits.float(), target, ce_weight=config.ce_weight,
                              dice_weight=config.dice_weight, reduce_fn=run.reduce_fn)
+    if run.clicks:
+        loss.click = mean_click_loss(click_sum, click_count, run.reduce_fn)
+        loss.total = loss.total + config.click_weight * loss.click
     if not torch.isfinite(loss.total):
         kept = None
         if run.checkpointed is not None:
@@ -433,6 +458,8 @@ class _Log:
         if not self.active:
             return
         values = {"loss": loss.total.item(), "ce": loss.ce.item(), "dice": loss.dice.item()}
+        if loss.click is not None:
+            values["click"] = loss.click.item()
         self.record({"iter": it, "lr": lr, **values})
         if self.bar is not None:
             self.bar.update(1)

@@ -45,6 +45,8 @@ class LossOutput:
     ``dice_per_class``: (K+1,) Dice loss per class, background first.
     ``grad_scale``: the factor to multiply ``total`` by before ``backward`` so that, after DDP's
     averaging, parameters get the one-process full-batch gradient; 1.0 (see the module docstring).
+    ``click``: a click-trained adapter's click-refinement loss (training.clicks), which the
+    training loop adds to ``total`` with its weight; None otherwise.
     """
 
     total: Tensor
@@ -52,6 +54,7 @@ class LossOutput:
     dice: Tensor
     dice_per_class: Tensor
     grad_scale: float = 1.0
+    click: Optional[Tensor] = None
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -1,0 +1,210 @@
+"""Training with simulated clicks (`train --clicks`): the click sampler on hand-made masks, the
+automatic loss untouched by the click rounds, the click loss learnt, and a trained adapter that
+takes clicks; the command line's flag, kept by a resumed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import samed_adapter as sa
+from samed_adapter.cli.train import run_clicks
+from samed_adapter.testing import random_adapter
+from samed_adapter.testing.tiny import CONFIGS, SIZE, stock_sam
+from samed_adapter.training.clicks import ClickTraining, choose_class, sample_click
+from samed_adapter.training.config import TrainConfig
+from samed_adapter.training.loop import train
+from samed_adapter.training.losses import segmentation_loss
+from samed_adapter.training.schedule import lr_at
+
+PLAIN, CLICKS = CONFIGS["k3"], CONFIGS["clicks"]
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Slices of three bright shapes (classes 1..3) on a dark noisy background, moving a little."""
+
+    def __init__(self, count: int = 8, size: int = 64) -> None:
+        rng = np.random.default_rng(0)
+        self.items = []
+        for i in range(count):
+            label = np.zeros((size, size), np.int64)
+            label[8:28, 6 + i : 36] = 1
+            label[34:56, 16 : 48 - i] = 2
+            label[4 + i // 2 : 16, 44:60] = 3
+            image = 0.15 + 0.25 * label + 0.1 * rng.random((size, size))
+            self.items.append({"image": image.astype(np.float32), "label": label})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def fresh(config: sa.AdapterConfig) -> sa.SAMed:
+    torch.manual_seed(0)
+    return sa.inject(stock_sam(), config)
+
+
+def run_config(out: Path, **overrides) -> TrainConfig:
+    values = dict(output_dir=str(out), batch_size=4, max_epochs=4, stop_epoch=4, warmup_iters=2, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def steps(out: Path) -> list[dict]:
+    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "iter" in e]
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+
+def test_a_click_lies_in_the_error_region_and_is_positive_iff_the_class_is_missing_there():
+    truth = np.zeros((12, 16), bool)
+    truth[2:8, 3:10] = True
+    mask = np.zeros_like(truth)
+    mask[4:10, 6:14] = True  # overlaps the truth: FN on its left and top, FP on its right and bottom
+    fn, fp = truth & ~mask, mask & ~truth
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(400):
+        row, col, positive = sample_click(mask, truth, rng)
+        assert fn[row, col] or fp[row, col], (row, col)
+        assert positive == bool(fn[row, col])
+        seen.add((row, col))
+    # Uniform over FN and FP: nearly every error pixel is drawn, none of the correct ones.
+    assert len(seen) > 0.9 * (fn | fp).sum()
+
+
+def test_without_error_a_click_is_positive_inside_the_truth_or_negative_where_there_is_none():
+    truth = np.zeros((10, 10), bool)
+    truth[3:5, 6:9] = True
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        row, col, positive = sample_click(truth.copy(), truth, rng)
+        assert truth[row, col] and positive
+    empty = np.zeros_like(truth)
+    assert not any(sample_click(empty, empty, rng)[2] for _ in range(20))
+
+
+def test_the_refined_class_is_one_present_in_the_truth_or_the_prediction():
+    truth = np.zeros((6, 6), np.int64)
+    truth[1:3, 1:3] = 1
+    prediction = np.zeros_like(truth)
+    prediction[4:, 4:] = 3  # predicted, absent from the truth: its clicks are negative
+    rng = np.random.default_rng(0)
+    picked = {choose_class(prediction, truth, rng) for _ in range(100)}
+    assert picked == {1, 3}
+    assert choose_class(np.zeros_like(truth), np.zeros_like(truth), rng) == 0
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def test_without_clicks_the_loss_is_the_automatic_loss_of_todays_loop(tmp_path):
+    """One batch of all slices, no augmentation: the loop's logged losses must be those of a
+    plain step (the model's forward, SAMed's loss, AdamW at the schedule's lr) on that batch."""
+    data = Shapes(count=4)
+    config = run_config(tmp_path, batch_size=4, max_epochs=3, stop_epoch=3, augment=False)
+    train(fresh(PLAIN), data, config)
+    logged = steps(tmp_path)
+
+    from samed_adapter.training.augment import augment
+
+    model = fresh(PLAIN)
+    model.train()
+    params = [p for p in model.sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.base_lr, betas=config.betas, weight_decay=config.weight_decay)
+    for epoch in range(3):
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(data))
+        items = [augment(data[i]["image"], data[i]["label"], SIZE, np.random.default_rng(0), train=False) for i in order]
+        images = torch.from_numpy(np.stack([x["image"] for x in items]))
+        target = torch.from_numpy(np.stack([x["low_res_label"] for x in items]))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(max(epoch - 1, 0), base_lr=config.base_lr, warmup_iters=config.warmup_iters,
+                                max_iters=3, power=config.power)
+        loss = segmentation_loss(model(images)["low_res_logits"], target)
+        assert [logged[epoch][k] for k in ("loss", "ce", "dice")] == [loss.total.item(), loss.ce.item(), loss.dice.item()]
+        assert "click" not in logged[epoch]
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimizer.step()
+
+
+def test_click_rounds_leave_the_automatic_forward_as_it_is(tmp_path):
+    """The first step of a click run sees the same weights as a plain run: its automatic parts must
+    be equal to the last bit, and its loss the automatic loss plus the weighted click loss."""
+    data = Shapes()
+    train(fresh(PLAIN), data, run_config(tmp_path / "plain", stop_epoch=1))
+    train(fresh(CLICKS), data, run_config(tmp_path / "clicks", stop_epoch=1, click_weight=0.5))
+    plain, clicks = steps(tmp_path / "plain")[0], steps(tmp_path / "clicks")[0]
+    assert (clicks["ce"], clicks["dice"]) == (plain["ce"], plain["dice"])
+    assert clicks["click"] > 0
+    assert clicks["loss"] == pytest.approx(plain["loss"] + 0.5 * clicks["click"], rel=1e-6)
+
+
+def test_click_training_learns_to_refine_and_writes_an_adapter_that_takes_clicks(tmp_path):
+    data = Shapes()
+    path = train(fresh(CLICKS), data, run_config(tmp_path, max_epochs=8, stop_epoch=8, warmup_iters=4))
+    log = steps(tmp_path)
+    first, last = np.mean([e["click"] for e in log[:5]]), np.mean([e["click"] for e in log[-5:]])
+    assert last < 0.9 * first, (first, last)
+
+    adapter = sa.Adapter.load(path)
+    assert adapter.config.clicks
+    embed = adapter.tensors["mask_decoder.class_embed.weight"]
+    assert embed.shape == (CLICKS.num_classes + 1, stock_sam().mask_decoder.transformer_dim)
+    # The clicks trained the prompt encoder's point embeddings too, not the box corners.
+    assert "prompt_encoder.point_embeddings.1.weight" in adapter.tensors
+    assert "prompt_encoder.point_embeddings.2.weight" not in adapter.tensors
+
+    session = sa.patch(stock_sam(), path).interactive(np.stack([data[i]["image"] for i in range(3)]))
+    auto = session.labels
+    # A positive click for class 2 in the middle of class 1's shape.
+    assert auto[1, 18, 20] != 2
+    after = session.click(2, (1, 18, 20), positive=True)
+    assert after[1, 18, 20] == 2
+    changed = np.argwhere(after != auto)
+    assert set(changed[:, 0]) == {1}
+
+
+def test_click_loss_of_a_batch_is_the_sum_of_its_slices_losses():
+    """Each slice draws its clicks from its own generator, so a batch split between processes
+    (DDP) refines the same classes with the same clicks as the whole batch."""
+    model = fresh(CLICKS)
+    trainer = ClickTraining(model, rounds=2, seed=3)
+    data = Shapes(count=4)
+    from samed_adapter.training.augment import augment
+
+    items = [augment(data[i]["image"], data[i]["label"], SIZE, np.random.default_rng(0), train=False) for i in range(4)]
+    images = torch.from_numpy(np.stack([x["image"] for x in items]))
+    target = torch.from_numpy(np.stack([x["low_res_label"] for x in items]))
+    keys = torch.tensor([[0, i] for i in range(4)])
+    with torch.no_grad():
+        _, whole, count = trainer(images, target, keys)
+        halves = [trainer(images[s], target[s], keys[s]) for s in (slice(0, 2), slice(2, 4))]
+    assert count == 4 == sum(h[2] for h in halves)
+    assert whole.item() == pytest.approx(sum(h[1].item() for h in halves), rel=1e-5)
+
+
+def test_a_click_run_resumes_with_clicks_and_refuses_the_opposite_flag(tmp_path):
+    from argparse import Namespace
+
+    out = tmp_path / "run"
+    out.mkdir()
+    random_adapter(stock_sam(), CLICKS, seed=1).save(out / "adapter_last.safetensors")
+    (out / "train_state.pt").write_bytes(b"")  # only its presence matters here
+    args = dict(output=str(out), resume=True)
+    assert run_clicks(Namespace(clicks=None, **args)) is True
+    assert run_clicks(Namespace(clicks=True, **args)) is True
+    with pytest.raises(ValueError, match="trained with clicks; resume it with --clicks"):
+        run_clicks(Namespace(clicks=False, **args))
+    # A plain run resumes plain, whatever the default for new runs.
+    random_adapter(stock_sam(), PLAIN, seed=1).save(out / "adapter_last.safetensors")
+    assert run_clicks(Namespace(clicks=None, **args)) is False
+    with pytest.raises(ValueError, match="without clicks; resume it with --no-clicks"):
+        run_clicks(Namespace(clicks=True, **args))
+    # A new run: the flag, else the default.
+    assert run_clicks(Namespace(clicks=False, output=str(tmp_path / "new"), resume=False)) is False
