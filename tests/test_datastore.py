@@ -209,6 +209,22 @@ def test_entries_of_other_kinds_are_kept_as_they_are(tmp_path, sources):
     assert ds.status()["label_tags"] == {"original": 1, "final": 1}
 
 
+def test_two_dimensional_images_and_labels(tmp_path, mni):
+    """A 2-D NIfTI (one slice): its grid is checked on its two axes."""
+    image, labels, affine = mni
+    nib.save(nib.Nifti1Image(image[:, :, 40], affine), tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(labels[:, :, 40], affine), tmp_path / "flat_label.nii.gz")
+    moved = affine.copy()
+    moved[1, 3] += 2.0
+    nib.save(nib.Nifti1Image(labels[:, :, 40], moved), tmp_path / "moved.nii.gz")
+    ds = FolderDatastore(tmp_path / "ds")
+    ds.add_image(None, tmp_path / "flat.nii.gz")
+    refused(tmp_path / "ds", LabelGridError, r"up to 2 mm away",
+            lambda: ds.save_label("flat", tmp_path / "moved.nii.gz", "final"))
+    ds.save_label("flat", tmp_path / "flat_label.nii.gz", "final", config=AdapterConfig(num_classes=2))
+    assert ds.get_labeled_images() == ["flat"]
+
+
 # ---- bad input: refused with one line, nothing on disk changed ----
 
 
@@ -504,6 +520,11 @@ def test_first_and_random_choose_as_monai_labels_strategies(tmp_path, sources, m
         assert picks[-1] == expected
     assert "case_c" not in picks and {"case_b", "case_d"} <= set(picks)
     assert random_image(ours, rng=random.Random(0), now=now)["weight"] in (now, now - now // 2)
+    for case in ("case_b", "case_c", "case_d"):  # all given this very second: MONAI Label's draw fails
+        ours.update_image_info(case, {"strategy": {"random": {"ts": now}}})
+    with pytest.raises(ValueError, match="weights"):
+        Random()({"strategy": "random"}, LocalDatastore(str(root), auto_reload=False))
+    assert random_image(ours, rng=random.Random(0), now=now)["id"] in ("case_b", "case_c", "case_d")
     for case in ("case_b", "case_c", "case_d"):
         ours.save_label(case, sources / f"{case}_label.nii.gz", "final")
     assert first(ours) is None and random_image(ours) is None
@@ -535,6 +556,9 @@ def test_uncertainty_of_probabilities():
     h = -(0.4 * np.log(0.4) + 2 * 0.3 * np.log(0.3)) / np.log(3)
     assert uncertainty(unsure) == pytest.approx(h)  # the sure background does not dilute it
     assert uncertainty(unsure, "max_prob") == pytest.approx(0.6 * 3 / 2)
+    assert uncertainty(unsure.astype(np.float32)) == pytest.approx(h, rel=1e-5)
+    tie = np.array([[0.5, 1.0], [0.5, 0.0]])  # voxel 0: a tie goes to the background, as argmax gives it
+    assert uncertainty(tie) == pytest.approx(0.5)  # nothing labeled: the mean over both voxels
     for bad, match in ((np.ones((1, 4)), "not \\(K\\+1, ...\\)"), (np.full((2, 4), 0.7), "do not sum to 1"),
                        (np.full((2, 4), np.nan), "NaN")):
         with pytest.raises(ValueError, match=match):

@@ -58,7 +58,10 @@ def random_image(datastore: "FolderDatastore", label_tag: Optional[str] = None, 
         return None
     now = int(time.time()) if now is None else int(now)
     weights = [now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0) for i in images]
-    choice = (rng or random).choices(range(len(images)), weights=weights)[0]
+    # MONAI Label's draw fails when every image was given this very second (or, with a clock set
+    # back, has a negative weight): those draw evenly instead.
+    usable = [max(w, 0) for w in weights] if sum(max(w, 0) for w in weights) > 0 else [1] * len(images)
+    choice = (rng or random).choices(range(len(images)), weights=usable)[0]
     return {"id": images[choice], "weight": weights[choice]}
 
 
@@ -105,20 +108,26 @@ def uncertainty(probabilities: np.ndarray, method: str = "entropy") -> float:
     Raises:
         ValueError: not (K+1, ...) with K >= 1, not finite, negative, or not summing to 1.
     """
-    p = np.asarray(probabilities, dtype=np.float64)
+    p = np.asarray(probabilities)
+    if not np.issubdtype(p.dtype, np.floating):
+        p = p.astype(np.float32)
     _check_probabilities(p)
     classes = p.shape[0]
+    # One class at a time and a voxel-sized array at most: a CT's (K+1, D, H, W) may be gigabytes.
     if method == "entropy":
         from scipy.special import entr  # -p log p, 0 at p = 0
 
-        per_voxel = entr(p).sum(axis=0) / math.log(classes)
+        per_voxel = entr(p[0])
+        for k in range(1, classes):
+            per_voxel += entr(p[k])
+        per_voxel /= math.log(classes)
     elif method == "max_prob":
-        per_voxel = (1.0 - p.max(axis=0)) * classes / (classes - 1)
+        per_voxel = (1.0 - p.max(axis=0)) * (classes / (classes - 1))
     else:
         raise ValueError(f"unknown uncertainty method {method!r}; use 'entropy' or 'max_prob'")
-    foreground = p.argmax(axis=0) > 0
+    foreground = p[1:].max(axis=0) > p[0]  # argmax > 0 (argmax gives ties to the background)
     region = per_voxel[foreground] if foreground.any() else per_voxel
-    return float(np.clip(region.mean(), 0.0, 1.0))
+    return float(np.clip(region.mean(dtype=np.float64), 0.0, 1.0))
 
 
 def _check_probabilities(p: np.ndarray) -> None:

@@ -91,9 +91,9 @@ def check_round_trip(image_id: str, ext: str, extensions: Sequence[str] = EXTENS
 
 
 def _corners(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """(8, 3) world positions (mm) of a 3-D grid's corner voxels; NIfTI voxel order (i, j, k)."""
+    """(2**n, 3) world positions (mm) of an n-D grid's corner voxels (n = 2, 3); NIfTI voxel order (i, j, k)."""
     ijk = np.array(list(itertools.product(*[(0, max(n - 1, 0)) for n in shape])), dtype=np.float64)
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
+    return ijk @ affine[:3, :ijk.shape[1]].T + affine[:3, 3]
 
 
 def check_label_grid(label: "Volume", image: "Volume", name: object = "the label") -> None:
