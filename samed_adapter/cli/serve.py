@@ -14,6 +14,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..segment.pipeline import SamSource
     from ..serve.catalog import parse_pairs
     from ..serve.server import DeployError, start
+    from ..serve.sessions import memory_bytes
     from ..serve.settings import ServeSettings
     from .common import fail as _fail, warn as _warn
 
@@ -36,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batching=args.batching, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
         body_timeout_s=args.body_timeout,
         max_voxels=args.max_voxels, allow_base_mismatch=args.allow_base_mismatch, ray_address=args.ray_address,
-        local_files_only=args.local_files_only,
+        local_files_only=args.local_files_only, max_sessions=args.max_sessions,
+        session_memory=memory_bytes(args.session_memory),
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -120,4 +122,11 @@ def add_serve_parser(sub: Any) -> None:
     run.add_argument("--batching", choices=["mixed", "per-adapter"], default="mixed",
                      help="mixed (default: adapters share a forward pass) or per-adapter (one forward per adapter, "
                           "as Ray Serve's model multiplexing; the benchmark's baseline)")
+    clicks = p.add_argument_group("click sessions (3D Slicer's point tools; MONAI Label's /session/)")
+    clicks.add_argument("--max-sessions", type=int, default=16, metavar="N",
+                        help="sessions kept: uploaded images at the front, and each replica's kept embeddings; the "
+                             "least recently used goes first, and a client then uploads again (default 16)")
+    clicks.add_argument("--session-memory", default="4G", metavar="BYTES",
+                        help="most bytes of image embeddings each replica keeps for sessions, on its device (K, M, G "
+                             "suffixes; default 4G); the least recently used session goes first")
     p.set_defaults(func=cmd_serve)

@@ -23,6 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from ..adapter_file.config import AdapterConfig
+from ..interactive.prompts import ClicksNotTrainedError, require_clicks
 from ..io.errors import ImageReadError, ImageTooLargeError
 from .catalog import AdapterCatalog, UnknownAdapterError
 from .errors import (
@@ -38,6 +39,17 @@ from .folders import RequestFolder, open_answer, stream
 from .metrics import Metrics
 from .monai_label import answer_name, app_info, multipart
 from .residents import VolumeRequest, VolumeResult
+from .sessions import (
+    ClickRequest,
+    ClickResult,
+    SessionGoneError,
+    SessionImage,
+    SessionImages,
+    SessionMissing,
+    gzip_nifti,
+    parse_clicks,
+    session_suffix,
+)
 from .settings import ServeSettings
 from .uploads import (
     UPLOAD,
@@ -67,7 +79,8 @@ def _error(err: ServeError) -> JSONResponse:
 async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
     """Unknown routes and methods answer as every error here does: ``{"error", "status"}``."""
     return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, POST "
-                             "/v1/segment, GET /info/, POST /infer/{adapter}, GET /healthz, GET /metrics)",
+                             "/v1/segment, GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, GET "
+                             "/healthz, GET /metrics)",
                              err.status_code))
 
 
@@ -96,6 +109,7 @@ class Frontend:
         self.metrics = Metrics()
         self.busy = 0
         self._folders: set[RequestFolder] = set()  # the requests' private folders not yet closed
+        self.sessions = SessionImages(settings.max_sessions)  # MONAI Label's /session/ images
 
     def _folder(self) -> RequestFolder:
         """A private folder for one request's upload and outputs (mode 0700), under --tmp-dir if set."""
@@ -120,6 +134,8 @@ class Frontend:
         # server stopped leaves no scan behind.
         for folder in list(getattr(self, "_folders", ())):
             self._remove(folder)
+        if hasattr(self, "sessions"):
+            self.sessions.close()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -353,41 +369,138 @@ class Frontend:
 
     @app.post("/infer/{model}")
     async def infer(self, model: str, request: Request) -> Response:
+        """MONAI Label's inference: the image uploaded (``file``) or named by ``session_id``; a
+        click-trained adapter's clicks in ``params`` (:func:`~.sessions.parse_clicks`) refine its
+        automatic labels. The answer is the label map in every case."""
         async def work() -> Response:
-            if request.query_params.get("session_id"):
-                raise BadRequestError("sessions are not kept here; upload the image with the request")
             output = request.query_params.get("output") or "all"
             if output not in ("all", "image", "json", "dicom_seg"):
                 raise BadRequestError(f"output={output!r}: use image, json, all or dicom_seg")
+            session_id = request.query_params.get("session_id")
+            session = self.sessions.get(session_id) if session_id else None  # 404 / 410 before the body is read
             self._check_length(request)
             folder = self._folder()
             try:
                 async with request.form(max_files=2, max_fields=16) as form:
                     params = params_json(form.get("params"))
-                    if form.get("file") is None:
-                        raise BadRequestError("no image uploaded: this server keeps no datastore, so send the image "
-                                              "with the request (MONAILabelClient.infer(model, id, {}, file=PATH))")
-                    source, stem, dicom = await self._save_upload(form, "file", folder)
+                    if session is not None:
+                        source, stem, dicom = session.image, upload_stem(session.name), session.name.endswith(".zip")
+                    elif form.get("file") is None:
+                        raise BadRequestError("no image: this server keeps no datastore, so send the image with the "
+                                              "request (MONAILabelClient.infer(model, id, {}, file=PATH)) or name a "
+                                              "session (PUT /session/, then ?session_id=ID)")
+                    else:
+                        source, stem, dicom = await self._save_upload(form, "file", folder)
                 if output == "dicom_seg" and not dicom:
                     raise BadRequestError("output=dicom_seg needs a DICOM series upload (a .zip)")
                 times: dict[str, float] = {}
                 start = time.perf_counter()
                 kind = "dicom-seg" if output == "dicom_seg" else "nifti"
                 entry = await self._describe(model, pin=True)  # this version answers, or none (409)
-                files, _ = await self._segment(entry, source, f"{stem}.nii.gz", {"output_types": kind}, folder, times)
+                if session is not None:
+                    session.pin(model, entry["fingerprint"])
+                clicks = parse_clicks(params, entry["class_names"])
+                trained = bool(entry["config"].get("clicks"))
+                extra: dict[str, Any] = {}
+                if clicks and not trained:
+                    try:
+                        require_clicks(AdapterConfig.from_dict(entry["config"]), f"adapter {model!r}")
+                    except ClicksNotTrainedError as err:
+                        raise UnprocessableError(str(err)) from None
+                if trained and (clicks or session is not None) and output != "dicom_seg":
+                    label = folder.path / f"{stem}.nii.gz"
+                    result = await self._click_labels(entry, source, session, clicks, label, times)
+                    extra = {"clicks": {"count": len(clicks), "encoded": result.built, "replica": result.replica}}
+                else:
+                    if clicks:
+                        raise BadRequestError("clicks answer a label image: use output=all, image or json")
+                    files, _ = await self._segment(entry, source, f"{stem}.nii.gz", {"output_types": kind}, folder,
+                                                   times)
+                    label = files[0]
                 version = {FINGERPRINT_HEADER: entry["fingerprint"]}
-                result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
-                          "latencies": {**{k: round(v, 3) for k, v in times.items()},
-                                        "total": round(time.perf_counter() - start, 3)},
-                          "params": params, "adapter": {"name": model, "fingerprint": entry["fingerprint"]}}
+                result_json = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
+                               "latencies": {**{k: round(v, 3) for k, v in times.items()},
+                                             "total": round(time.perf_counter() - start, 3)},
+                               "params": params, "adapter": {"name": model, "fingerprint": entry["fingerprint"]},
+                               **extra}
                 if output == "json":
-                    return JSONResponse(result, headers=version)
-                label = files[0]
+                    return JSONResponse(result_json, headers=version)
                 if output in ("image", "dicom_seg"):
                     media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
                     return self._send(folder, label, media, answer_name(label.name), version)
-                body, content_type = multipart(result, answer_name(label.name), label.read_bytes())
+                body, content_type = multipart(result_json, answer_name(label.name), label.read_bytes())
                 return Response(body, media_type=content_type, headers=version)
             finally:
                 self._remove(folder)
         return await self._answer("/infer", request, work, guarded=True)
+
+    async def _click_labels(self, entry: dict[str, Any], source: Path, session: Optional[SessionImage],
+                            clicks: list[Any], out: Path, times: dict[str, float]) -> ClickResult:
+        """The labels of ``source`` by the pinned version ``entry`` after ``clicks``, as a .nii.gz
+        at ``out``, from a replica's click session (the session's own replica when it has one)."""
+        suffix = session_suffix(source)
+        request = ClickRequest(entry["name"], entry["fingerprint"], clicks, session.id if session else None,
+                               suffix=suffix)
+        if session is None:
+            request.image = await asyncio.to_thread(source.read_bytes)
+        result = await self._call_clicks(request)
+        if isinstance(result, SessionMissing):  # routed to a replica without it, or evicted there: build it there
+            try:
+                request.image = await asyncio.to_thread(source.read_bytes)
+            except FileNotFoundError:
+                raise SessionGoneError(f"session {request.session_id} was evicted while this request was being "
+                                       "answered; upload the image again (PUT /session/)") from None
+            result = await self._call_clicks(request)
+        assert isinstance(result, ClickResult)
+        await asyncio.to_thread(gzip_nifti, result.nifti, out)
+        times.update({f"replica_{k}": v for k, v in result.times.items()})
+        return result
+
+    async def _call_clicks(self, request: ClickRequest) -> Any:
+        import ray
+
+        options: dict[str, Any] = {"method_name": "clicks"}
+        if request.session_id:  # Ray Serve's router prefers the replica that reported holding it
+            options["multiplexed_model_id"] = request.session_id
+        handle = self.segmenter.options(**options)
+        try:
+            result = await handle.remote(request)
+        except ray.exceptions.RayError as err:
+            raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
+                                  "replaced: retry in a few seconds") from None
+        if isinstance(result, ServeError):
+            raise result
+        return result
+
+    # ------------------------------------------------------------------ MONAI Label's sessions
+
+    @app.api_route("/session/", methods=["PUT", "POST"])
+    async def create_session(self, request: Request) -> Response:
+        """Upload an image once (MONAI Label's client: ``create_session(path)``, a ``files`` field);
+        its id then names it in ``/infer/{model}?session_id=ID``."""
+        async def work() -> Response:
+            self._check_length(request)
+            folder = RequestFolder(self.settings.tmp_dir)  # the session store owns it once added
+            try:
+                async with request.form(max_files=1, max_fields=16) as form:
+                    upload = form.get("files")
+                    name = getattr(upload, "filename", None) or ""
+                    source, _, _ = await self._save_upload(form, "files", folder)
+            except BaseException:
+                folder.close()
+                raise
+            session = self.sessions.add(folder, source, Path(name.replace("\\", "/")).name)
+            return JSONResponse({"session_id": session.id, "session_info": session.info()})
+        return await self._answer("/session/", request, work, guarded=True)
+
+    @app.get("/session/{session_id}")
+    async def get_session(self, session_id: str, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(self.sessions.get(session_id).info())
+        return await self._answer("/session/", request, work)
+
+    @app.delete("/session/{session_id}")
+    async def remove_session(self, session_id: str, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(self.sessions.remove(session_id).info())
+        return await self._answer("/session/", request, work)

@@ -17,12 +17,23 @@ from ..version import __version__
 
 
 def model_info(entry: dict[str, Any]) -> dict[str, Any]:
-    """One adapter as a MONAI Label segmentation model (``labels``: name -> label value)."""
+    """One adapter as a MONAI Label model (``labels``: name -> label value).
+
+    A plain adapter is a "segmentation" model. A click-trained one (``config.clicks``) is a
+    "deepedit" model with its labels and "background": 0, the type 3D Slicer's module
+    (``plugins/slicer/MONAILabel/MONAILabel.py``) offers its point tools for, per segment
+    ("landmarks"), sending every label's points at once and reading back the whole label map as
+    a segmentation model's; the background segment's points are its negative clicks. Dimension
+    3: Slicer sends the points of every slice and takes the whole volume back.
+    """
+    labels = {name: i for i, name in enumerate(entry["class_names"], start=1)}
+    clicks = bool(entry.get("config", {}).get("clicks"))
+    kind = "click-trained, automatic then refined from points" if clicks else "automatic"
     return {
-        "type": "segmentation",
-        "labels": {name: i for i, name in enumerate(entry["class_names"], start=1)},
+        "type": "deepedit" if clicks else "segmentation",
+        "labels": {**labels, "background": 0} if clicks else labels,
         "dimension": 3,
-        "description": f"SAMed adapter {entry['name']} ({entry['backbone']}, {entry['num_classes']} classes)",
+        "description": f"SAMed adapter {entry['name']} ({entry['backbone']}, {entry['num_classes']} classes, {kind})",
         "config": {},
     }
 

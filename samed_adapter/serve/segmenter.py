@@ -17,7 +17,12 @@ from ray import serve
 from .catalog import AdapterCatalog
 from .errors import ServeError
 from .residents import ServingModel, SliceQueue, SliceResult, VolumeRequest, VolumeResult
+from .sessions import ClickRequest, ClickResult, KeptSessions, SessionMissing, answer_clicks
 from .settings import ServeSettings
+
+#: session ids a replica reports to Ray Serve's router; what it keeps is bounded by --max-sessions
+#: and --session-memory (:class:`~.sessions.KeptSessions`), this only names where they were made
+ROUTED_SESSIONS = 4096
 
 
 def cpu_threads(cpus: int, replicas: int, *, alone: bool = False) -> int:
@@ -58,6 +63,8 @@ class Segmenter:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="samed-model")
         self._arrived: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
+        self.sessions = KeptSessions(settings.max_sessions, settings.session_memory)
+        self.tmp_dir = settings.tmp_dir
 
     async def __call__(self, request: VolumeRequest) -> Union[VolumeResult, ServeError]:
         loop = asyncio.get_running_loop()
@@ -68,6 +75,27 @@ class Segmenter:
         self.queue.put(request, future)
         self._arrived.set()  # type: ignore[union-attr]
         return await future  # cancelled when the caller goes away: its slices left in the queue are dropped
+
+    async def clicks(self, request: ClickRequest) -> Union[ClickResult, SessionMissing, ServeError]:
+        """A click request (``handle.options(method_name="clicks")``), on the model thread between
+        batches. A session's requests come with its id as Ray Serve's multiplexed model id: the
+        replica reports it, and the router sends the session's next requests here."""
+        if request.session_id:
+            await self._route(request.session_id)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._clicks, request)
+
+    @serve.multiplexed(max_num_models_per_replica=ROUTED_SESSIONS)
+    async def _route(self, session_id: str) -> str:
+        """Record ``session_id`` as held here, for the router (its click sessions are in ``self.sessions``)."""
+        return session_id
+
+    def _clicks(self, request: ClickRequest) -> Union[ClickResult, SessionMissing, ServeError]:
+        if self._threads and torch.get_num_threads() != self._threads[False]:
+            torch.set_num_threads(self._threads[False])
+        try:
+            return answer_clicks(self.model, self.sessions, request, replica=self.replica, tmp_dir=self.tmp_dir)
+        except ServeError as err:
+            return err
 
     async def _batches(self) -> None:
         """Run batches while slices wait: at once when a full batch waits or the model has just run

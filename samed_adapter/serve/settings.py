@@ -33,6 +33,9 @@ class ServeSettings:
         body_timeout_s: seconds a request's body may take to arrive; later it is answered 408 and
             its slot freed (a client that declares a body and stalls would hold it until it closes).
         ray_address: an existing Ray cluster (None: a local Ray started by the server).
+        max_sessions, session_memory: click sessions (MONAI Label's ``/session/``): images kept by
+            the front, and click sessions per replica; ``session_memory`` bounds the bytes of a
+            replica's kept embeddings (on its device). The least recently used go first.
     """
 
     sam: SamSource
@@ -58,6 +61,8 @@ class ServeSettings:
     local_files_only: bool = False
     #: where each request's private folder is made (an absolute path; None: the system's temporary folder)
     tmp_dir: Optional[str] = None
+    max_sessions: int = 16
+    session_memory: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         # Replicas run in Ray's worker processes, whose working folder is not the command's.
@@ -72,7 +77,8 @@ class ServeSettings:
                              f"--token T or set {TOKEN_VARIABLE}, and clients send 'Authorization: Bearer <token>'")
         checks = {"--port": (self.port, 1, 65535), "--replicas": (self.replicas, 1, None),
                   "--max-resident": (self.max_resident, 1, None), "--max-batch-size": (self.max_batch_size, 1, None),
-                  "--max-queue": (self.max_queue, 1, None)}
+                  "--max-queue": (self.max_queue, 1, None), "--max-sessions": (self.max_sessions, 1, None),
+                  "--session-memory": (self.session_memory, 1, None)}
         for flag, (value, low, high) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
                 span = f"{low}..{high}" if high is not None else f"at least {low}"
