@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
+from ..inference.stages import eval_mode
 from ..interactive.prompts import require_clicks
 from .clicks import CaseClicks, ClickSummary, click_case
 from .metrics import PROTOCOLS, ClassScore, ConfusionCounts, confusion_counts, score_case
@@ -35,9 +36,7 @@ def predict_volume_samed(model: SAMed, volume: np.ndarray, *, round_trip: int = 
     size = model.config.image_size
     labels = np.zeros(volume.shape, dtype=np.int64)
     param = next(model.sam.image_encoder.parameters())
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             for k, image in enumerate(volume):
                 h, w = image.shape
@@ -50,8 +49,6 @@ def predict_volume_samed(model: SAMed, volume: np.ndarray, *, round_trip: int = 
                 masks = model(x)["masks"]
                 pred = torch.argmax(torch.softmax(masks, dim=1), dim=1)[0].cpu().numpy()
                 labels[k] = zoom(pred, (h / size, w / size), order=0) if (h, w) != (size, size) else pred
-    finally:
-        model.train(was_training)
     return labels
 
 

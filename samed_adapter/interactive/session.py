@@ -164,7 +164,8 @@ class ClickSession:
             if label not in names:
                 raise KeyError(f"no class {label!r}: this adapter's classes are {names}")
             return names.index(label) + 1
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= int(label) <= self.num_classes:
+        if (isinstance(label, bool) or not isinstance(label, (int, np.integer))
+                or not 1 <= int(label) <= self.num_classes):
             raise KeyError(f"class {label!r} is not one of 1..{self.num_classes} ({names})")
         return int(label)
 
