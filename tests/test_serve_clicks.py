@@ -32,12 +32,6 @@ CLICK_CONFIG = dataclasses.replace(CONFIGS["clicks"], class_names=NAMES)
 PLAIN_CONFIG = dataclasses.replace(CONFIGS["k3"], class_names=["lung", "heart", "bone"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A click-trained adapter, a plain one and one to replace, on stock_sam(); a crop of nilearn's
@@ -59,8 +53,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])],
-                             port=_free_port(), token=TOKEN, replicas=2, max_sessions=3, batch_wait_ms=5,
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])], port=port,
+                             token=TOKEN, replicas=2, max_sessions=3, batch_wait_ms=5,
                              tmp_dir=str(tmp_path_factory.mktemp("clicks-tmp")))
     with start(settings) as running:
         yield running
