@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -57,19 +58,37 @@ def server(files, tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])], port=port,
-                             token=TOKEN, replicas=2, max_sessions=3, batch_wait_ms=5,
+                             token=TOKEN, replicas=2, max_sessions=6, batch_wait_ms=5,
                              tmp_dir=str(tmp_path_factory.mktemp("clicks-tmp")))
-    with start(settings) as running:
+    # Ray Serve sends a session's requests to the replica holding it, unless that replica does not
+    # answer the router's queue-length probe within 0.1 s: then any replica (which builds the session
+    # again, one encoder pass). On this test's shared cores that happens; the test asserts the routing.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2")  # read by the Ray this starts
+        running = start(settings)
+    with running:
         yield running
+
+
+class _SlicerClient:
+    """MONAI Label's client as 3D Slicer's module uses it: a new one, logged in, for every call
+    (one kept across calls, with a token, sends create_session() with the Content-Type that its
+    last infer() left in its headers, whose multipart boundary is not the body's)."""
+
+    def __init__(self, url: str, tmpdir: str) -> None:
+        self.url, self.tmpdir = url, tmpdir
+
+    def __getattr__(self, name: str):
+        from monailabel.client import MONAILabelClient
+
+        client = MONAILabelClient(self.url, tmpdir=self.tmpdir)
+        client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+        return getattr(client, name)
 
 
 @pytest.fixture()
 def client(server, tmp_path):
-    from monailabel.client import MONAILabelClient
-
-    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
-    return client
+    return _SlicerClient(server.url, str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -147,20 +166,42 @@ def test_deepedit_landmarks_as_slicer_sends_them(client, files, local):
     np.testing.assert_array_equal(_labels(path), expected)
 
 
+def _both_replicas_running(timeout_s: float = 120.0) -> None:
+    from ray import serve
+
+    from samed_adapter.serve.server import APP_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while serve.status().applications[APP_NAME].deployments["Segmenter"].replica_states.get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline, "the second model replica did not start"
+        time.sleep(0.5)
+
+
 def test_a_session_keeps_the_embeddings_in_its_replica_and_answers_as_the_upload(client, files, local):
-    created = client.create_session(str(files["mni"]))
-    session_id = created["session_id"]
-    assert created["session_info"]["name"] == session_id and created["session_info"]["path"] == ""
-    assert client.get_session(session_id)["name"] == session_id
+    _both_replicas_running()
     sent = {"label": "liver", "foreground": _points(local, 1, 2, inside=False), "background": []}
     by_upload, _ = client.infer("clicky", "mni", sent, file=str(files["mni"]))
-    answers = [client.infer("clicky", "", sent, session_id=session_id) for _ in range(3)]
-    for path, _ in answers:
+    # Sessions until both replicas hold some: Ray Serve routes a new multiplexed id to the replica
+    # holding fewest, once the replicas' reports reached the router (a moment: hence the pause).
+    built: dict[str, dict] = {}
+    while len({b["replica"] for b in built.values()}) < 2:
+        assert len(built) < 6, f"every session went to one replica: {built}"
+        created = client.create_session(str(files["mni"]))
+        sid = created["session_id"]
+        assert created["session_info"]["name"] == sid and created["session_info"]["path"] == ""
+        assert client.get_session(sid)["name"] == sid
+        path, params = client.infer("clicky", "", sent, session_id=sid)
         np.testing.assert_array_equal(_labels(path), _labels(by_upload))
-    clicks = [params["clicks"] for _, params in answers]
-    # The first builds the session (the encoder runs once); the next ones find it on its replica.
-    assert clicks[0]["encoded"] and not clicks[1]["encoded"] and not clicks[2]["encoded"]
-    assert clicks[0]["replica"] == clicks[1]["replica"] == clicks[2]["replica"]
+        assert params["clicks"]["encoded"]  # built now: the encoder ran once
+        built[sid] = params["clicks"]
+        time.sleep(1.0)
+    for _ in range(3):  # each session's next clicks reach the replica that holds it: no encoder
+        for sid, first in built.items():
+            path, params = client.infer("clicky", "", sent, session_id=sid)
+            np.testing.assert_array_equal(_labels(path), _labels(by_upload))
+            assert not params["clicks"]["resent"] and not params["clicks"]["encoded"]
+            assert params["clicks"]["replica"] == first["replica"]
+    session_id = next(iter(built))
     # A plain adapter segments the session's image as it segments the upload.
     plain_session, _ = client.infer("plain", "", {}, session_id=session_id)
     plain_upload, _ = client.infer("plain", "mni", {}, file=str(files["mni"]))
@@ -202,7 +243,7 @@ def test_clicks_on_a_plain_adapter_say_it_was_trained_without_them(client, files
 
 
 def test_the_oldest_session_goes_first(client, files):
-    ids = [client.create_session(str(files["mni"]))["session_id"] for _ in range(4)]  # --max-sessions 3
+    ids = [client.create_session(str(files["mni"]))["session_id"] for _ in range(7)]  # --max-sessions 6
     for kept in ids[1:]:
         assert client.get_session(kept)["name"] == kept
     with pytest.raises(Exception) as evicted:
@@ -211,9 +252,6 @@ def test_the_oldest_session_goes_first(client, files):
 
 
 def test_a_replaced_adapter_ends_its_sessions_with_409(client, files):
-    # Both made first: MONAI Label's client, with a token, keeps infer()'s multipart Content-Type in
-    # its headers, which its next create_session() then sends with another boundary (Slicer makes a
-    # client per call).
     session_id, fresh = (client.create_session(str(files["mni"]))["session_id"] for _ in range(2))
     client.infer("replaced", "", {}, session_id=session_id)
     target = files["adapters"] / "replaced.safetensors"

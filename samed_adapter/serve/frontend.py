@@ -409,8 +409,9 @@ class Frontend:
                         raise UnprocessableError(str(err)) from None
                 if trained and (clicks or session is not None) and output != "dicom_seg":
                     label = folder.path / f"{stem}.nii.gz"
-                    result = await self._click_labels(entry, source, session, clicks, label, times)
-                    extra = {"clicks": {"count": len(clicks), "encoded": result.built, "replica": result.replica}}
+                    result, resent = await self._click_labels(entry, source, session, clicks, label, times)
+                    extra = {"clicks": {"count": len(clicks), "encoded": result.built, "replica": result.replica,
+                                        "resent": resent}}
                 else:
                     if clicks:
                         raise BadRequestError("clicks answer a label image: use output=all, image or json")
@@ -435,16 +436,19 @@ class Frontend:
         return await self._answer("/infer", request, work, guarded=True)
 
     async def _click_labels(self, entry: dict[str, Any], source: Path, session: Optional[SessionImage],
-                            clicks: list[Any], out: Path, times: dict[str, float]) -> ClickResult:
+                            clicks: list[Any], out: Path, times: dict[str, float]) -> tuple[ClickResult, bool]:
         """The labels of ``source`` by the pinned version ``entry`` after ``clicks``, as a .nii.gz
-        at ``out``, from a replica's click session (the session's own replica when it has one)."""
+        at ``out``, from a replica's click session (the session's own replica when it has one);
+        and whether the session's request had to be sent again with the image (it reached a
+        replica without the session)."""
         suffix = session_suffix(source)
         request = ClickRequest(entry["name"], entry["fingerprint"], clicks, session.id if session else None,
                                suffix=suffix)
         if session is None:
             request.image = await asyncio.to_thread(source.read_bytes)
         result = await self._call_clicks(request)
-        if isinstance(result, SessionMissing):  # routed to a replica without it, or evicted there: build it there
+        resent = isinstance(result, SessionMissing)
+        if resent:  # routed to a replica without it, or evicted there: build it there
             try:
                 request.image = await asyncio.to_thread(source.read_bytes)
             except FileNotFoundError:
@@ -454,7 +458,7 @@ class Frontend:
         assert isinstance(result, ClickResult)
         await asyncio.to_thread(gzip_nifti, result.nifti, out)
         times.update({f"replica_{k}": v for k, v in result.times.items()})
-        return result
+        return result, resent
 
     async def _call_clicks(self, request: ClickRequest) -> Any:
         import ray
