@@ -444,7 +444,7 @@ class Frontend:
         suffix = session_suffix(source)
         request = ClickRequest(entry["name"], entry["fingerprint"], clicks, session.id if session else None,
                                suffix=suffix)
-        if session is None:
+        if session is None or entry["name"] not in session.answered:  # no replica holds it yet
             request.image = await asyncio.to_thread(source.read_bytes)
         result = await self._call_clicks(request)
         resent = isinstance(result, SessionMissing)
@@ -456,6 +456,8 @@ class Frontend:
                                        "answered; upload the image again (PUT /session/)") from None
             result = await self._call_clicks(request)
         assert isinstance(result, ClickResult)
+        if session is not None:
+            session.answered.add(entry["name"])
         await asyncio.to_thread(gzip_nifti, result.nifti, out)
         times.update({f"replica_{k}": v for k, v in result.times.items()})
         return result, resent

@@ -79,10 +79,12 @@ class Segmenter:
     async def clicks(self, request: ClickRequest) -> Union[ClickResult, SessionMissing, ServeError]:
         """A click request (``handle.options(method_name="clicks")``), on the model thread between
         batches. A session's requests come with its id as Ray Serve's multiplexed model id: the
-        replica reports it, and the router sends the session's next requests here."""
-        if request.session_id:
+        replica that holds or builds it reports it, and the router sends its next requests here
+        (one without it does not: the router would then split the session's requests between them)."""
+        result = await asyncio.get_running_loop().run_in_executor(self._thread, self._clicks, request)
+        if request.session_id and isinstance(result, ClickResult):
             await self._route(request.session_id)
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._clicks, request)
+        return result
 
     @serve.multiplexed(max_num_models_per_replica=ROUTED_SESSIONS)
     async def _route(self, session_id: str) -> str:

@@ -70,6 +70,8 @@ class SessionImage:
     created: float = field(default_factory=time.time)
     used: float = field(default_factory=time.time)
     pins: dict[str, str] = field(default_factory=dict)
+    #: the adapters a replica has answered this session for (a first request sends the image along)
+    answered: set[str] = field(default_factory=set)
 
     def info(self) -> dict[str, Any]:
         """MONAI Label's ``SessionInfo`` JSON (``utils/sessions.py``); no server paths in it."""
