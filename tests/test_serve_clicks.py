@@ -60,13 +60,7 @@ def server(files, tmp_path_factory):
     settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])], port=port,
                              token=TOKEN, replicas=2, max_sessions=6, batch_wait_ms=5,
                              tmp_dir=str(tmp_path_factory.mktemp("clicks-tmp")))
-    # Ray Serve sends a session's requests to the replica holding it, unless that replica does not
-    # answer the router's queue-length probe within 0.1 s: then any replica (which builds the session
-    # again, one encoder pass). On this test's shared cores that happens; the test asserts the routing.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2")  # read by the Ray this starts
-        running = start(settings)
-    with running:
+    with start(settings) as running:
         yield running
 
 
