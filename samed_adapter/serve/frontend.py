@@ -39,17 +39,7 @@ from .folders import RequestFolder, open_answer, stream
 from .metrics import Metrics
 from .monai_label import answer_name, app_info, multipart
 from .residents import VolumeRequest, VolumeResult
-from .sessions import (
-    ClickRequest,
-    ClickResult,
-    SessionGoneError,
-    SessionImage,
-    SessionImages,
-    SessionMissing,
-    gzip_nifti,
-    parse_clicks,
-    session_suffix,
-)
+from .sessions import ClickRequest, SessionImages, click_labels, parse_clicks
 from .settings import ServeSettings
 from .uploads import (
     UPLOAD,
@@ -409,7 +399,8 @@ class Frontend:
                         raise UnprocessableError(str(err)) from None
                 if trained and (clicks or session is not None) and output != "dicom_seg":
                     label = folder.path / f"{stem}.nii.gz"
-                    result, resent = await self._click_labels(entry, source, session, clicks, label, times)
+                    result, resent = await click_labels(self._call_clicks, entry, source, session, clicks, label,
+                                                        times)
                     extra = {"clicks": {"count": len(clicks), "encoded": result.built, "replica": result.replica,
                                         "resent": resent}}
                 else:
@@ -434,33 +425,6 @@ class Frontend:
             finally:
                 self._remove(folder)
         return await self._answer("/infer", request, work, guarded=True)
-
-    async def _click_labels(self, entry: dict[str, Any], source: Path, session: Optional[SessionImage],
-                            clicks: list[Any], out: Path, times: dict[str, float]) -> tuple[ClickResult, bool]:
-        """The labels of ``source`` by the pinned version ``entry`` after ``clicks``, as a .nii.gz
-        at ``out``, from a replica's click session (the session's own replica when it has one);
-        and whether the session's request had to be sent again with the image (it reached a
-        replica without the session)."""
-        suffix = session_suffix(source)
-        request = ClickRequest(entry["name"], entry["fingerprint"], clicks, session.id if session else None,
-                               suffix=suffix)
-        if session is None or entry["name"] not in session.answered:  # no replica holds it yet
-            request.image = await asyncio.to_thread(source.read_bytes)
-        result = await self._call_clicks(request)
-        resent = isinstance(result, SessionMissing)
-        if resent:  # routed to a replica without it, or evicted there: build it there
-            try:
-                request.image = await asyncio.to_thread(source.read_bytes)
-            except FileNotFoundError:
-                raise SessionGoneError(f"session {request.session_id} was evicted while this request was being "
-                                       "answered; upload the image again (PUT /session/)") from None
-            result = await self._call_clicks(request)
-        assert isinstance(result, ClickResult)
-        if session is not None:
-            session.answered.add(entry["name"])
-        await asyncio.to_thread(gzip_nifti, result.nifti, out)
-        times.update({f"replica_{k}": v for k, v in result.times.items()})
-        return result, resent
 
     async def _call_clicks(self, request: ClickRequest) -> Any:
         import ray

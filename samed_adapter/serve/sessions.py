@@ -18,6 +18,7 @@ the image, so that replica builds it (one encoder pass) and keeps it from then o
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Union
 
 from .errors import BadRequestError, NotFoundError, ServeError, UnprocessableError
 from .folders import RequestFolder
@@ -314,6 +315,34 @@ def answer_clicks(serving: "ServingModel", kept: KeptSessions, request: ClickReq
         except SessionChangedError as err:  # not expected: the slot was set above
             return ServeError(f"internal error: {err}")
     return ClickResult(nifti, built, replica, {"encode": encoded - start, "clicks": time.perf_counter() - encoded})
+
+
+async def click_labels(call: Callable[[ClickRequest], Awaitable[Any]], entry: dict[str, Any], source: Path,
+                       session: Optional[SessionImage], clicks: list[Click], out: Path,
+                       times: dict[str, float]) -> tuple[ClickResult, bool]:
+    """The front's side: the labels of ``source`` by the pinned version ``entry`` after ``clicks``,
+    as a .nii.gz at ``out``, from a replica's click session through ``call`` (the session's own
+    replica when it has one); and whether the request had to be sent again with the image (it
+    reached a replica without the session). ``call`` raises what a replica answers as an error."""
+    request = ClickRequest(entry["name"], entry["fingerprint"], clicks, session.id if session else None,
+                           suffix=session_suffix(source))
+    if session is None or entry["name"] not in session.answered:  # no replica holds it yet
+        request.image = await asyncio.to_thread(source.read_bytes)
+    result = await call(request)
+    resent = isinstance(result, SessionMissing)
+    if resent:  # routed to a replica without it, or evicted there: it builds it
+        try:
+            request.image = await asyncio.to_thread(source.read_bytes)
+        except FileNotFoundError:
+            raise SessionGoneError(f"session {request.session_id} was evicted while this request was being "
+                                   "answered; upload the image again (PUT /session/)") from None
+        result = await call(request)
+    assert isinstance(result, ClickResult)
+    if session is not None:
+        session.answered.add(entry["name"])
+    await asyncio.to_thread(gzip_nifti, result.nifti, out)
+    times.update({f"replica_{k}": v for k, v in result.times.items()})
+    return result, resent
 
 
 def _build(model: Any, image: bytes, suffix: str, tmp_dir: Optional[str]) -> "ClickSession":
