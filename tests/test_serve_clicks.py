@@ -291,3 +291,13 @@ def test_parse_clicks_reads_both_shapes_and_names_what_is_wrong():
     assert memory_bytes("4G") == 4 * 2**30 and memory_bytes("512MiB") == 512 * 2**20 and memory_bytes("100") == 100
     with pytest.raises(ValueError):
         memory_bytes("lots")
+
+
+@pytest.mark.parametrize("flag, value, says", [("--session-memory", "lots", "give bytes, or a number with K, M or G"),
+                                               ("--max-sessions", "0", "--max-sessions must be an integer at least 1")])
+def test_session_flags_are_checked_before_anything_starts(capsys, files, flag, value, says):
+    from samed_adapter.testing.cli import run
+
+    code, _, err = run(capsys, "serve", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--adapters",
+                       files["adapters"], flag, value)
+    assert code == 2 and says in err and f"{flag} " in err
