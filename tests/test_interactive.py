@@ -172,6 +172,13 @@ def test_a_hot_swap_ends_a_session_and_the_swaps_stay_exact(adapter, tmp_path):
         np.testing.assert_array_equal(model(x)["masks"].numpy(), sa.patch(stock_sam(), adapter)(x)["masks"].numpy())
     assert same_tensors(model.adapter(), adapter)
     assert model.interactive(_volume()).click(1, (0, 0, 0))[0, 0, 0] == 1
+    session.resume()  # the model holds the session's adapter again (a replica's swap back)
+    assert session.click(1, (0, 0, 0))[0, 0, 0] == 1
+    sa.patch(sam, plain)
+    with pytest.raises(SessionChangedError, match="not the one this session was made with"):
+        session.resume()
+    model = sa.patch(sam, adapter)
+
     sa.unpatch(sam)
     assert_unchanged(sam, snapshot(stock_sam()))
 

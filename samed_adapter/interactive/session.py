@@ -260,6 +260,19 @@ class ClickSession:
 
     # ------------------------------------------------------------------ the model
 
+    def resume(self) -> None:
+        """Go on after the model was swapped away and back to the adapter this session was made
+        with (a service's replica does, between requests). The caller vouches that it is the very
+        same version; a config that differs in any value is refused.
+
+        Raises:
+            SessionChangedError: the model's adapter config is not this session's.
+        """
+        if self.model.config != self._config:
+            raise SessionChangedError("the model's adapter is not the one this session was made with; start a "
+                                      "new session with model.interactive(image)")
+        self._config = self.model.config
+
     def _check_model(self) -> None:
         if self.model.config is not self._config:
             raise SessionChangedError(

@@ -303,7 +303,7 @@ def answer_clicks(serving: "ServingModel", kept: KeptSessions, request: ClickReq
         else:
             # A hot swap gives the model a new config object, which a session takes for another
             # adapter; the slot is this very version (name@fingerprint), so its embeddings hold.
-            session._config = model.config
+            session.resume()
         encoded = time.perf_counter()
         try:
             clicks = _slice_clicks(session, request.clicks)
