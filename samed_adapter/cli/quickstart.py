@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clicks", type=int, default=5, metavar="N",
+                        help="train the adapter to take clicks too and score N rounds of simulated clicks per class "
+                             "and slice on the held-out case (default 5; 0: automatic labels only)")
 
 
 def random_sam_note(backbone: str, seed: int) -> str:
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     config = sa.AdapterConfig(num_classes=2, image_size=image_size, class_names=list(MNI_CLASS_NAMES),
                               intensity_window=None, intensity_percentiles=MNI_PERCENTILES,
-                              orientation=orientation, slice_axis=2)
+                              orientation=orientation, slice_axis=2, clicks=args.clicks > 0)
     model = sa.inject(sam, config)
     data = dict(window=None, percentiles=MNI_PERCENTILES, orientation=orientation, slice_axis=2)
     slices = NiftiSlices(root, ["mni_train"], **data)
@@ -121,13 +124,15 @@ def run(args: argparse.Namespace) -> int:
     sam = fresh_sam()  # a new SAM, as a user would load it, and the adapter hot-patched onto it
     model = sa.patch(sam, adapter_path)
     volumes = NiftiVolumes(root, ["mni_val"], **data)
-    summary, predictions = evaluate(model, volumes)
+    summary, predictions = evaluate(model, volumes, clicks=args.clicks)
     held_out = volumes[0]
     print(f"held-out slices: {held_out['image'].shape[0]} axial slices of the upper brain")
     for name, dice in zip(MNI_CLASS_NAMES, summary.class_dice):
         print(f"  Dice {name:13s} {100 * (dice or 0):6.2f} %")
     trivial = best_constant_dice(held_out["image"], held_out["label"], 2)
     print(f"  mean Dice     {100 * (summary.mean_dice or 0):6.2f} %   (best trivial predictor: {100 * trivial:.2f} %)")
+    if args.clicks:
+        print_clicks(summary.clicks, list(MNI_CLASS_NAMES))
 
     # What `samed-adapter segment` does with the raw file: the same labels, on the file's own grid,
     # with the record beside them that says samed-adapter made them (so `segment -o` that folder
@@ -150,7 +155,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "add_quickstart_parser", "build_parser", "main", "random_sam_note", "run"]
+def print_clicks(clicks, names: list[str]) -> None:
+    """Dice after 1, 3 and 5 rounds of simulated clicks (fewer when N is smaller), per class and on average."""
+    rounds = [r for r in (0, 1, 3, 5, clicks.rounds) if r <= clicks.rounds]
+    rounds = list(dict.fromkeys(rounds))
+    head = "".join(f"{'automatic' if r == 0 else f'{r} click' + ('s' if r > 1 else ''):>11}" for r in rounds)
+    print(f"simulated clicks on the held-out case (each round: one click per class and slice where labels and "
+          f"truth differ; `samed-adapter evaluate --clicks N`):\n  {'Dice %':18s}{head}")
+    for k, name in enumerate(names):
+        row = "".join(f"{100 * (clicks.class_dice(r)[k] or 0):11.2f}" for r in rounds)
+        print(f"  {name:18s}{row}")
+    print(f"  {'mean':18s}" + "".join(f"{100 * (clicks.mean_dice(r) or 0):11.2f}" for r in rounds))
+    nocs = ", ".join(f"NoC@{t}: {clicks.mean_noc(t / 100):.1f}" for t in (85, 90) if clicks.mean_noc(t / 100) is not None)
+    print(f"  mean clicks per class and slice to reach 85 % / 90 % Dice (at most {clicks.rounds}): {nocs}")
+
+
+__all__ = ["add_arguments", "add_quickstart_parser", "build_parser", "main", "print_clicks", "random_sam_note", "run"]
 
 
 def add_quickstart_parser(sub: SubParsers) -> None:
