@@ -189,6 +189,31 @@ def test_click_loss_of_a_batch_is_the_sum_of_its_slices_losses():
     assert whole.item() == pytest.approx(sum(h[1].item() for h in halves), rel=1e-5)
 
 
+def test_the_click_loss_reaches_the_class_embedding_the_prompt_path_and_the_lora_through_the_embeddings():
+    model = fresh(CLICKS)
+    model.train()
+    data = Shapes(count=2)
+    from samed_adapter.training.augment import augment
+    from samed_adapter.training.clicks import mean_click_loss
+
+    items = [augment(data[i]["image"], data[i]["label"], SIZE, None, train=False) for i in range(2)]
+    images = torch.from_numpy(np.stack([x["image"] for x in items]))
+    target = torch.from_numpy(np.stack([x["low_res_label"] for x in items]))
+    _, loss_sum, count = ClickTraining(model, rounds=2, seed=0)(images, target, torch.tensor([[0, 0], [0, 1]]))
+    mean_click_loss(loss_sum, count).backward()  # the click loss alone
+    grads = {name: p.grad for name, p in model.sam.named_parameters() if p.grad is not None}
+    assert grads["mask_decoder.class_embed.weight"][1:].abs().sum() > 0
+    assert grads["mask_decoder.class_embed.weight"][0].abs().sum() == 0  # background is never refined
+    for name in ("prompt_encoder.not_a_point_embed.weight", "prompt_encoder.mask_downscaling.6.weight"):
+        assert grads[name].abs().sum() > 0, name
+    # Negative or positive clicks, as the errors fall: one of the two point embeddings learns.
+    points = [grads.get(f"prompt_encoder.point_embeddings.{i}.weight") for i in (0, 1)]
+    assert sum(g.abs().sum() for g in points if g is not None) > 0
+    # LoRA B starts at 0, so only B's gradient is non-zero at the first step.
+    lora_b = [g for name, g in grads.items() if "image_encoder" in name and "lora_B" in name]
+    assert lora_b and all(g.abs().sum() > 0 for g in lora_b)
+
+
 def test_a_click_run_resumes_with_clicks_and_refuses_the_opposite_flag(tmp_path):
     from argparse import Namespace
 

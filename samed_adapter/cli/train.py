@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# Whether a new run trains clicks when neither --clicks nor --no-clicks is given.
+# Whether a new run trains clicks when neither --clicks nor --no-clicks is given. Off: a step
+# costs only 1.05x (512) to 1.12x (256) with ViT-B (bench_train_step, 2 CPU cores), but on the
+# quick start the automatic Dice fell by 0.2, 9.4 and 0.7 points (seeds 0, 1, 2) with clicks.
 DEFAULT_CLICKS = False
 
 

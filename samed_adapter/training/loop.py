@@ -147,6 +147,11 @@ def train(
 ) -> Path:
     """Train the adapter on `model` (made by `inject` or `patch`) in place.
 
+    A click-trained adapter (`AdapterConfig(clicks=True)`) also learns to refine a class from
+    clicks: each step adds `config.click_weight` x the loss of `config.click_rounds` simulated
+    click rounds per image on the step's own embeddings (see `training.clicks`); the automatic
+    output and its loss are computed exactly as without clicks.
+
     `output_dir` receives `adapter.safetensors` (the final adapter), `adapter_last.safetensors`
     and `train_state.pt` (the checkpoint, rewritten after every epoch and every
     `save_every_iters` steps), `best.safetensors` (with validation), `adapter_epochNNN.safetensors`
