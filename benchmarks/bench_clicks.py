@@ -7,18 +7,27 @@ A click-trained adapter (random values, K = 8) on ViT-B-shaped random weights at
                  of one class, the refined mask resized and merged (embeddings kept),
   click, decoder the decoder call alone inside it (`decode_clicks` on the kept embedding),
   start          `model.interactive(image)` on a 16-slice volume (the encoder once per slice),
-                 per slice.
+                 per slice,
+and with --service, through `samed-adapter serve` (local Ray Serve, one replica) with MONAI
+Label's own client, as 3D Slicer's module calls it:
+  service click  `/infer/{model}?session_id=...` with one foreground click on a 1-slice session
+                 whose embedding the replica keeps (end to end: HTTP, Ray, refine, NIfTI answer).
 Rows are timed in turn (round-robin) in one run; ratios to the full-model row. The goal of
 issue 31 is a click at most 5 % of the full run.
 
-    python benchmarks/bench_clicks.py [--backbone vit_b] [--image-size 512] [--repeats 5] [--device cpu]
+    python benchmarks/bench_clicks.py [--backbone vit_b] [--image-size 512] [--repeats 5] [--device cpu] [--service]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,7 +51,7 @@ def build(args) -> tuple[sa.SAMed, torch.device]:
     return model, device
 
 
-def rows(model: sa.SAMed, device: torch.device, args) -> dict[str, callable]:
+def rows(model: sa.SAMed, device: torch.device, args) -> dict[str, Callable[[], None]]:
     size = args.image_size
     rng = np.random.default_rng(0)
     slice_ = rng.random((1, size, size)).astype(np.float32)
@@ -77,16 +86,64 @@ def rows(model: sa.SAMed, device: torch.device, args) -> dict[str, callable]:
     return {"full model": full, "click": click, "click, decoder": decoder, "start (16 slices)": start}
 
 
+def service_row(args, adapter: sa.Adapter, folder: Path) -> tuple[Callable[[], None], Any]:
+    """A click through a local service holding one session; returns the call and the running server."""
+    import nibabel as nib
+    from monailabel.client import MONAILabelClient
+
+    from samed_adapter.segment.pipeline import SamSource
+    from samed_adapter.serve import ServeSettings, start
+
+    (folder / "adapters").mkdir()
+    (folder / "tmp").mkdir()
+    adapter.save(folder / "adapters" / "clicks.safetensors")
+    size = args.image_size
+    image = np.random.default_rng(0).random((size, size, 1)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), folder / "slice.nii.gz")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ServeSettings(sam=SamSource(backbone=args.backbone, seed=0), adapters=[str(folder / "adapters")],
+                             port=port, replicas=1, device=args.device, tmp_dir=str(folder / "tmp"))
+    server = start(settings)
+    running = server.__enter__()
+    url = f"http://127.0.0.1:{port}"
+    sid = MONAILabelClient(url, tmpdir=str(folder)).create_session(str(folder / "slice.nii.gz"))["session_id"]
+    state = {"n": 0}
+
+    def click() -> None:
+        state["n"] += 1
+        point = [size // 2 + state["n"] % 7, size // 3, 0]
+        MONAILabelClient(url, tmpdir=str(folder)).infer(
+            "clicks", "", {"label": "class_5", "foreground": [point], "background": []}, session_id=sid)
+
+    return click, (server, running)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="vit_b")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--service", action="store_true", help="also time a click through a local `serve`")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, device = build(args)
     table = rows(model, device, args)
+    folder = Path(tempfile.mkdtemp(prefix="bench-clicks-"))
+    server = None
+    if args.service:
+        table["service click"], server = service_row(args, model.adapter(), folder)
+    try:
+        report(table, model, device, args)
+    finally:
+        if server is not None:
+            server[0].__exit__(None, None, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(table: dict[str, Callable[[], None]], model: sa.SAMed, device: torch.device, args) -> None:
     times: dict[str, list[float]] = {name: [] for name in table}
     for repeat in range(-1, args.repeats):
         for name, run in table.items():
