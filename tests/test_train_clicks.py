@@ -233,3 +233,35 @@ def test_a_click_run_resumes_with_clicks_and_refuses_the_opposite_flag(tmp_path)
         run_clicks(Namespace(clicks=True, **args))
     # A new run: the flag, else the default.
     assert run_clicks(Namespace(clicks=False, output=str(tmp_path / "new"), resume=False)) is False
+
+
+def test_cli_clicks_under_two_process_ddp_equal_one_process_with_the_whole_batch(tmp_path):
+    """The click loss is summed over processes before its mean, like the Dice sums, and each slice
+    draws its own clicks: 2 gloo processes end with the adapter of 1 process with the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    from samed_adapter.cli.demo import build_mni_task
+
+    mni = build_mni_task(tmp_path / "mni")
+    data = tmp_path / "data"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / folder).mkdir(parents=True)
+        os.symlink(mni / folder / "mni_train.nii.gz", data / folder / "mni_train.nii.gz")
+    common = [str(Path(__file__).resolve().parents[1] / "examples" / "train.py"), "--format", "nifti", "--data",
+              str(data), "--window", "none", "--num-classes", "2", "--sam-backbone", "tiny", "--random-sam-seed", "0",
+              "--image-size", str(SIZE), "--batch-size", "8", "--max-epochs", "2", "--stop-epoch", "1",
+              "--warmup-iters", "2", "--no-progress", "--clicks"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    *common, "-o", str(tmp_path / "ddp")], check=True, capture_output=True, timeout=300, env=env)
+    subprocess.run([sys.executable, *common, "-o", str(tmp_path / "single")], check=True, capture_output=True,
+                   timeout=300, env=env)
+    ddp, single = (sa.Adapter.load(tmp_path / name / "adapter.safetensors") for name in ("ddp", "single"))
+    assert ddp.config.clicks and single.config.clicks
+    assert ddp.tensors.keys() == single.tensors.keys()
+    for key in ddp.tensors:
+        torch.testing.assert_close(ddp.tensors[key], single.tensors[key], rtol=0, atol=1e-5, msg=key)
+    clicks = [[e["click"] for e in steps(tmp_path / name)] for name in ("ddp", "single")]
+    assert len(clicks[0]) == 4 and clicks[0] == pytest.approx(clicks[1], rel=1e-5)
