@@ -4,6 +4,7 @@
         --sam sam_vit_b_01ec64.pth -o runs/liver
     torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs (DistributedDataParallel)
     python examples/train.py ... -o runs/liver --resume   # continue after a crash or Ctrl-C
+    python examples/train.py ... --clicks -o runs/liver   # also learn to refine a class from clicks
     python examples/train.py --help                     # every flag, with the published defaults
 """
 
