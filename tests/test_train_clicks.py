@@ -147,10 +147,11 @@ def test_click_rounds_leave_the_automatic_forward_as_it_is(tmp_path):
 
 def test_click_training_learns_to_refine_and_writes_an_adapter_that_takes_clicks(tmp_path):
     data = Shapes()
-    path = train(fresh(CLICKS), data, run_config(tmp_path, max_epochs=8, stop_epoch=8, warmup_iters=4))
+    config = run_config(tmp_path, max_epochs=30, stop_epoch=30, warmup_iters=4, base_lr=0.01)
+    path = train(fresh(CLICKS), data, config)
     log = steps(tmp_path)
     first, last = np.mean([e["click"] for e in log[:5]]), np.mean([e["click"] for e in log[-5:]])
-    assert last < 0.9 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
 
     adapter = sa.Adapter.load(path)
     assert adapter.config.clicks
@@ -162,12 +163,14 @@ def test_click_training_learns_to_refine_and_writes_an_adapter_that_takes_clicks
 
     session = sa.patch(stock_sam(), path).interactive(np.stack([data[i]["image"] for i in range(3)]))
     auto = session.labels
-    # A positive click for class 2 in the middle of class 1's shape.
+    assert np.mean(auto[1] == data[1]["label"]) > 0.8  # the automatic labels were learnt too
+    # A positive click for class 2 in class 1's shape: the decoder's refinement moves a region
+    # (the session itself only gives the clicked voxel its class).
     assert auto[1, 18, 20] != 2
     after = session.click(2, (1, 18, 20), positive=True)
     assert after[1, 18, 20] == 2
     changed = np.argwhere(after != auto)
-    assert set(changed[:, 0]) == {1}
+    assert set(changed[:, 0]) == {1} and len(changed) > 20
 
 
 def test_click_loss_of_a_batch_is_the_sum_of_its_slices_losses():
