@@ -217,6 +217,34 @@ def test_the_click_loss_reaches_the_class_embedding_the_prompt_path_and_the_lora
     assert lora_b and all(g.abs().sum() > 0 for g in lora_b)
 
 
+class Crashing(torch.utils.data.Dataset):
+    """`Shapes` that raise KeyboardInterrupt (a simulated crash) after `after` items."""
+
+    def __init__(self, after: int) -> None:
+        self.shapes, self.after, self.served = Shapes(), after, 0
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> dict:
+        self.served += 1
+        if self.served > self.after:
+            raise KeyboardInterrupt("simulated crash")
+        return self.shapes[index]
+
+
+def test_a_click_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
+    whole = train(fresh(CLICKS), Shapes(), run_config(tmp_path / "whole"))
+    config = run_config(tmp_path / "crashed", save_every_iters=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(CLICKS), Crashing(after=4 * 5 + 2), config)
+    resumed = train(fresh(CLICKS), Shapes(), config, resume=True)
+    a, b = sa.Adapter.load(whole), sa.Adapter.load(resumed)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert [e["click"] for e in steps(tmp_path / "crashed")] == [e["click"] for e in steps(tmp_path / "whole")]
+
+
 def test_a_click_run_resumes_with_clicks_and_refuses_the_opposite_flag(tmp_path):
     from argparse import Namespace
 
