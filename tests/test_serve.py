@@ -346,6 +346,13 @@ def test_serve_refuses_an_open_host_without_a_token(capsys, files, monkeypatch):
     assert code == 2 and "--server URL" in err
 
 
+def test_a_tmp_dir_that_is_no_folder_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"tmp_dir .*missing is not a folder: create it first"):
+        ServeSettings(sam=SamSource(backbone="tiny", seed=0), tmp_dir=str(tmp_path / "missing"))
+    assert not (tmp_path / "missing").exists()
+    assert ServeSettings(sam=SamSource(backbone="tiny", seed=0), tmp_dir=str(tmp_path)).tmp_dir == str(tmp_path)
+
+
 def test_a_replica_that_dies_is_replaced_and_no_answer_is_wrong(files, server):
     """Ray Serve starts a new replica; meanwhile a client gets 503 (retry) or the right labels."""
     import ray

@@ -70,6 +70,12 @@ class ServeSettings:
         self.adapter_files = {n: os.path.abspath(p) for n, p in self.adapter_files.items()}
         if self.sam.checkpoint is not None:
             self.sam = dataclasses.replace(self.sam, checkpoint=os.path.abspath(self.sam.checkpoint))
+        if self.tmp_dir is not None:
+            # Checked now: a missing folder would fail each request with a 500 instead.
+            self.tmp_dir = os.path.abspath(self.tmp_dir)
+            if not os.path.isdir(self.tmp_dir):
+                raise ValueError(f"tmp_dir {self.tmp_dir} is not a folder: create it first, or leave tmp_dir out "
+                                 "to use the system's temporary folder")
         if self.token is None:
             self.token = os.environ.get(TOKEN_VARIABLE) or None
         if not _is_loopback(self.host) and not self.token:
