@@ -125,6 +125,11 @@ def test_clicks_on_a_file_use_its_voxel_grid_whatever_the_adapters_orientation(t
     changed = session.to_slices(after != expected)
     assert set(np.argwhere(changed)[:, 0]) == {d}  # one model slice, wherever it lies in the file
     np.testing.assert_array_equal(np.asarray(session.label_image().dataobj), after)
+    kept_image, kept_labels = session.label_image(), session.labels
+    session.undo()  # what was handed out before stays as it was
+    np.testing.assert_array_equal(np.asarray(kept_image.dataobj), after)
+    np.testing.assert_array_equal(kept_labels, after)
+    np.testing.assert_array_equal(session.labels, expected)
 
 
 def test_clicks_on_a_volume_use_its_array_layout(model):

@@ -104,7 +104,8 @@ class ClickSession:
         if self._layout != "voxels" or prepared.volume is None or prepared.geometry is None:
             raise TypeError("label_image() needs a session over a file or nibabel image; this one holds an "
                             "array or Volume: use session.labels (and io.write_labels for a Volume)")
-        return label_nifti(prepared.volume.from_voxels(prepared.geometry.from_slices(self._labels)), prepared.volume)
+        labels = np.array(prepared.volume.from_voxels(prepared.geometry.from_slices(self._labels)))  # not a view
+        return label_nifti(labels, prepared.volume)
 
     def from_slices(self, slices: np.ndarray) -> np.ndarray:
         """(D, H, W) in slice layout -> the input's grid (see the class docstring)."""
@@ -112,7 +113,8 @@ class ClickSession:
         if prepared.geometry is None or prepared.volume is None:
             return slices[0].copy() if self._layout == "slice2d" else slices.copy()
         stored = prepared.geometry.from_slices(slices)
-        return np.ascontiguousarray(stored if self._layout == "voxels" else prepared.volume.from_voxels(stored))
+        # A copy always: the geometry's views share the session's labels, which the next click changes.
+        return np.array(stored if self._layout == "voxels" else prepared.volume.from_voxels(stored), order="C")
 
     def to_slices(self, data: np.ndarray) -> np.ndarray:
         """An array on the input's grid (ground truth, say) -> (D, H, W) slice layout."""
