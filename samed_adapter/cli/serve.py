@@ -38,7 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         max_voxels=args.max_voxels, allow_base_mismatch=args.allow_base_mismatch, ray_address=args.ray_address,
         local_files_only=args.local_files_only, max_sessions=args.max_sessions,
-        session_memory=memory_bytes(args.session_memory),
+        session_memory=memory_bytes(args.session_memory), datastore=args.datastore,
+        datastore_dicomweb=args.datastore_dicomweb, datastore_cache=args.datastore_cache, versions=args.versions,
+        admin_token=args.admin_token,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -102,6 +104,9 @@ def add_serve_parser(sub: Any) -> None:
     net.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     net.add_argument("--token", metavar="T", help="bearer token every request needs (default: the SAMED_SERVE_TOKEN "
                                                   "environment variable); 3D Slicer logs in with it as password")
+    net.add_argument("--admin-token", metavar="T",
+                     help="bearer token that training, serving another adapter version and deleting datastore images "
+                          "need (default: the SAMED_SERVE_ADMIN_TOKEN environment variable, else --token)")
     net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB", help="largest upload (default 1024)")
     net.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
                      help="an upload's body must arrive within this; a slower one gets 408 and frees its slot "
@@ -129,4 +134,17 @@ def add_serve_parser(sub: Any) -> None:
     clicks.add_argument("--session-memory", default="4G", metavar="BYTES",
                         help="most bytes of image embeddings each replica keeps for sessions, on its device (K, M, G "
                              "suffixes; default 4G); the least recently used session goes first")
+    store = p.add_argument_group("datastore and training (MONAI Label's /datastore/, /activelearning/, /train/)")
+    where = store.add_mutually_exclusive_group()
+    where.add_argument("--datastore", metavar="FOLDER",
+                       help="images and labels in a folder, as MONAI Label's local datastore keeps them (made if "
+                            "missing)")
+    where.add_argument("--datastore-dicomweb", metavar="URL",
+                       help="images and labels in a PACS over DICOMweb, as MONAI Label's DICOMweb datastore")
+    store.add_argument("--datastore-cache", metavar="FOLDER",
+                       help="with --datastore-dicomweb: local copies of its series and labels (default: "
+                            "dicomweb-cache beside --versions)")
+    store.add_argument("--versions", metavar="FOLDER",
+                       help="where trained adapter versions are kept, NAME@1, NAME@2, ... (default: FOLDER/versions "
+                            "of --datastore; needed with --datastore-dicomweb)")
     p.set_defaults(func=cmd_serve)

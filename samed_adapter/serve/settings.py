@@ -13,6 +13,8 @@ from .residents import BATCHING
 
 #: the environment variable a token may come from, so that it stays out of `ps` and shell history.
 TOKEN_VARIABLE = "SAMED_SERVE_TOKEN"
+#: the same for the admin token (training, serving another version, deleting datastore images)
+ADMIN_TOKEN_VARIABLE = "SAMED_SERVE_ADMIN_TOKEN"
 
 
 @dataclass
@@ -36,6 +38,14 @@ class ServeSettings:
         max_sessions, session_memory: click sessions (MONAI Label's ``/session/``): images kept by
             the front, and click sessions per replica; ``session_memory`` bounds the bytes of a
             replica's kept embeddings (on its device). The least recently used go first.
+        datastore: a folder of images and labels in MONAI Label's local datastore format
+            (``/datastore/*``, infer by image id, ``/activelearning/*``, ``/train/*``).
+        datastore_dicomweb: a PACS's DICOMweb URL as the datastore instead (MONAI Label's DICOMweb
+            datastore), with local copies of its series and labels in ``datastore_cache``.
+        datastore_cache: that folder (None: ``dicomweb-cache`` beside the ``versions`` folder).
+        versions: where trained adapter versions are kept (``NAME@N``); None: ``<datastore>/versions``.
+        admin_token: the bearer token that starting or stopping training, serving another version
+            and deleting datastore images need (None: ``token``).
     """
 
     sam: SamSource
@@ -63,6 +73,11 @@ class ServeSettings:
     tmp_dir: Optional[str] = None
     max_sessions: int = 16
     session_memory: int = 4 * 2**30
+    datastore: Optional[str] = None
+    datastore_dicomweb: Optional[str] = None
+    datastore_cache: Optional[str] = None
+    versions: Optional[str] = None
+    admin_token: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Replicas run in Ray's worker processes, whose working folder is not the command's.
@@ -76,8 +91,25 @@ class ServeSettings:
             if not os.path.isdir(self.tmp_dir):
                 raise ValueError(f"tmp_dir {self.tmp_dir} is not a folder: create it first, or leave tmp_dir out "
                                  "to use the system's temporary folder")
+        if self.datastore is not None and self.datastore_dicomweb is not None:
+            raise ValueError("give --datastore FOLDER or --datastore-dicomweb URL, not both")
+        if self.datastore is not None:
+            self.datastore = os.path.abspath(self.datastore)
+        if self.datastore_dicomweb is not None and self.versions is None:
+            raise ValueError("--datastore-dicomweb keeps no folder of its own: give --versions FOLDER for the adapter "
+                             "versions that training makes")
+        if self.versions is None and self.datastore is not None:
+            self.versions = os.path.join(self.datastore, "versions")
+        if self.versions is not None:
+            self.versions = os.path.abspath(self.versions)
+        if self.datastore_cache is None and self.datastore_dicomweb is not None:
+            self.datastore_cache = os.path.join(os.path.dirname(self.versions.rstrip(os.sep)) or ".", "dicomweb-cache")
+        if self.datastore_cache is not None:
+            self.datastore_cache = os.path.abspath(self.datastore_cache)
         if self.token is None:
             self.token = os.environ.get(TOKEN_VARIABLE) or None
+        if self.admin_token is None:
+            self.admin_token = os.environ.get(ADMIN_TOKEN_VARIABLE) or None
         if not _is_loopback(self.host) and not self.token:
             raise ValueError(f"--host {self.host} lets other machines call this server, so it needs a token: pass "
                              f"--token T or set {TOKEN_VARIABLE}, and clients send 'Authorization: Bearer <token>'")
