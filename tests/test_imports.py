@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # LAYOUT.md's order, lowest first; `version` (the version string) sits below everything.
 STAGES = ["version", "volume", "io", "adapter_file", "hosts", "kernels", "surgery", "inference", "interactive", "core",
-          "segment", "evaluation", "training", "hub", "dicomweb", "datastore", "serve", "cli"]
+          "segment", "evaluation", "training", "hub", "dicomweb", "datastore", "learning", "serve",
+          "cli"]
 CORE = {"model", "resident", "patching", "convert"}
 # The one run-time back-reference LAYOUT.md allows: SAMed's methods calling the patch operations
 # that build it, patching's and resident adapters' (imported inside the methods, since both import

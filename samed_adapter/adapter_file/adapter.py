@@ -2,7 +2,9 @@
 
 File format (version 2): one safetensors file whose header metadata holds
     format = "samed-adapter", format_version = "2", config = AdapterConfig as JSON,
-    base_fingerprint = "sha256:..." of the stock SAM tensors it applies to.
+    base_fingerprint = "sha256:..." of the stock SAM tensors it applies to,
+    lineage = JSON (optional): where a trained version came from (parent version, datastore items,
+    held-out ids, the datastore); not part of the fingerprint.
 Tensor names (float32, float16 or bfloat16):
     image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_A.weight   (r, C)   LoRA, peft naming
     image_encoder.blocks.{i}.attn.qkv.{q,v}.lora_B.weight   (C, r)
@@ -22,9 +24,9 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -68,13 +70,15 @@ class Adapter:
 
     Constructing one validates names, dtypes, shapes against the config and finiteness.
     `finite_checked=True` is for readers that have already checked every value (`load` does,
-    in one pass over the file); the rest is checked all the same.
+    in one pass over the file); the rest is checked all the same. `lineage` (a JSON-able dict or
+    None) says where a trained version came from; it travels in the file but not in the fingerprint.
     """
 
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     base_fingerprint: str
     finite_checked: InitVar[bool] = False
+    lineage: Optional[dict[str, Any]] = field(default=None, compare=False)
 
     def __post_init__(self, finite_checked: bool = False) -> None:
         if not isinstance(self.config, AdapterConfig):
@@ -82,6 +86,8 @@ class Adapter:
         if not isinstance(self.base_fingerprint, str) or not self.base_fingerprint.startswith("sha256:"):
             raise AdapterFormatError(f"base_fingerprint must be 'sha256:<hex>', got {self.base_fingerprint!r}")
         _validate_tensors(self.tensors, self.config)
+        if self.lineage is not None:
+            _lineage_json(self.lineage)
         if not finite_checked:
             bad = first_nonfinite(self.tensors)
             if bad is not None:
@@ -122,18 +128,21 @@ class Adapter:
     def to(self, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None) -> "Adapter":
         """A copy with tensors cast and/or moved."""
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        return Adapter(self.config, tensors, self.base_fingerprint)
+        return Adapter(self.config, tensors, self.base_fingerprint, lineage=self.lineage)
 
     def metadata(self) -> dict[str, str]:
         from ..version import __version__
 
-        return {
+        meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
             "config": self.config.to_json(),
             "base_fingerprint": self.base_fingerprint,
             "created_by": f"samed-adapter {__version__}",
         }
+        if self.lineage is not None:
+            meta["lineage"] = _lineage_json(self.lineage)
+        return meta
 
     def save(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
         """Write the adapter as one `.safetensors` file, atomically.
@@ -204,6 +213,7 @@ class Adapter:
             )
         file = _read_tensor_file(path)
         config, fingerprint = _parse_metadata(file.metadata, path)
+        lineage = _parse_lineage(file.metadata.get("lineage"), path)
         try:
             if file.other_dtypes:
                 name, code = next(iter(file.other_dtypes.items()))
@@ -214,7 +224,7 @@ class Adapter:
             tensors = file.tensors
             if str(device) != "cpu":
                 tensors = {name: t.to(device) for name, t in tensors.items()}
-            return cls(config, tensors, fingerprint, finite_checked=True)
+            return cls(config, tensors, fingerprint, finite_checked=True, lineage=lineage)
         except AdapterFormatError as err:
             raise AdapterFormatError(f"{path}: {err}") from None
 
@@ -246,6 +256,28 @@ def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[AdapterConfig
     except (TypeError, ValueError) as err:
         raise AdapterFormatError(f"{path} has an invalid adapter config: {err}") from None
     return config, metadata.get("base_fingerprint", "")
+
+
+def _lineage_json(lineage: Any) -> str:
+    """``lineage`` as the file's metadata text (AdapterFormatError when it is no JSON object)."""
+    if not isinstance(lineage, dict):
+        raise AdapterFormatError(f"lineage must be a dict, got {type(lineage).__name__}")
+    try:
+        return json.dumps(lineage, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"lineage must hold JSON only (numbers, strings, lists, dicts): {err}") from None
+
+
+def _parse_lineage(text: Optional[str], path: Path) -> Optional[dict[str, Any]]:
+    if text is None:  # files written before lineage existed, and adapters not made from a datastore
+        return None
+    try:
+        lineage = json.loads(text)
+    except ValueError as err:
+        raise AdapterFormatError(f"{path} has a damaged lineage record: {err}") from None
+    if not isinstance(lineage, dict):
+        raise AdapterFormatError(f"{path} has a lineage record that is no JSON object")
+    return lineage
 
 
 def _validate_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
