@@ -245,3 +245,22 @@ def test_an_empty_datastore_and_a_gone_pacs_say_so(tmp_path):
     with pytest.raises(DicomWebError, match="could not be reached"):
         empty.refresh()
         empty.list_images()
+
+
+def test_serve_opens_it_from_the_url_with_the_password_from_the_environment(pacs, tmp_path, monkeypatch):
+    """`serve --datastore-dicomweb http://USER@host/dicom-web`: the password comes from SAMED_DICOMWEB_PASSWORD."""
+    from samed_adapter.datastore.opening import open_datastore
+
+    server, study, other = pacs
+    url = server.dicomweb.replace("http://", f"http://{server.user}@")
+    monkeypatch.setenv("SAMED_DICOMWEB_PASSWORD", server.password)
+    store = open_datastore(dicomweb=url, cache=tmp_path / "cache")
+    assert isinstance(store, DicomWebDatastore) and store.name() == server.dicomweb
+    assert sorted(store.list_images()) == sorted(study["ct"] + other["ct"])
+    with pytest.raises(DatastoreError, match="--datastore-cache"):
+        open_datastore(dicomweb=url)
+    with pytest.raises(DicomWebError, match="password in the URL"):
+        open_datastore(dicomweb=url.replace("@", f":{server.password}@"), cache=tmp_path / "cache")
+    monkeypatch.setenv("SAMED_DICOMWEB_PASSWORD", "wrong")
+    with pytest.raises(DicomWebError, match="refused the credentials"):
+        open_datastore(dicomweb=url, cache=tmp_path / "other").list_images()
