@@ -1,6 +1,8 @@
 """Where a service keeps images and corrected labels, and what training jobs read: a folder in MONAI Label's own format, its checks and active learning strategies; may import the stages below it (io, adapter_file, ..., dicomweb), never serve/ or cli/.
 
 - :mod:`.local`: :class:`FolderDatastore`, MONAI Label's ``LocalDatastore`` layout with atomic, locked writes;
+- :mod:`.dicomweb`: :class:`~.dicomweb.DicomWebDatastore`, MONAI Label's ``DICOMWebDatastore``: a PACS's series,
+  final labels as DICOM SEG series, a FolderDatastore as its cache; :mod:`.pacs`: what it asks the PACS, checked;
 - :mod:`.index`: the datastore's JSON, entries of other kinds kept as they are;
 - :mod:`.folder`: MONAI Label's lock, staged copies, moves that never overwrite;
 - :mod:`.checks`: safe ids, a label against its image's grid and the adapter's classes, checksums;

@@ -109,6 +109,7 @@ class DicomWebDatastore:
         self.max_voxels = int(max_voxels)
         self.root = Path(cache).resolve() / hashlib.sha256(shown_url(self.url).encode()).hexdigest()[:16]
         self.local = FolderDatastore(self.root, lock_timeout=lock_timeout, max_voxels=max_voxels)
+        self.extensions = self.local.extensions  # the label files save_label takes
         for folder in (self.root / "dicom", self.root / "seg"):
             folder.mkdir(exist_ok=True)
         self._lock = threading.RLock()
