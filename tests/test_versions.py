@@ -282,3 +282,103 @@ def test_lineage_travels_in_the_file_but_not_in_the_fingerprint(tmp_path, adapte
     assert marked.to(torch.float16).lineage == lineage
     with pytest.raises(AdapterFormatError, match="JSON"):
         Adapter(plain.config, plain.tensors, plain.base_fingerprint, lineage={"x": {1, 2}})
+
+
+# ---------------------------------------------------------------- the catalog and the replicas
+
+
+@pytest.fixture
+def served(tmp_path, adapters):
+    """A catalog of one adapter folder ("liver", "kidney") with versions of "liver": 1 (adopted), 2 serving."""
+    from samed_adapter.serve.catalog import AdapterCatalog
+
+    (tmp_path / "adapters").mkdir()
+    adapters[0].save(tmp_path / "adapters" / "liver.safetensors")
+    adapters[2].save(tmp_path / "adapters" / "kidney.safetensors")
+    store = VersionStore(tmp_path / "versions")
+    store.adopt("liver", tmp_path / "adapters" / "liver.safetensors")
+    _add(store, adapters[1])
+    return AdapterCatalog([tmp_path / "adapters"], versions=store)
+
+
+def test_the_catalog_serves_the_serving_version_and_names_each_one(served, adapters, tmp_path):
+    from samed_adapter.serve.catalog import AdapterCatalog, UnknownAdapterError
+
+    store = served.versions
+    assert served.names() == ["kidney", "liver"]  # versions are listed per adapter, not as names
+    assert served.path("liver") == store.get("liver", 2).path
+    assert served.path("liver@1") == store.get("liver", 1).path
+    assert served.path("kidney") == tmp_path / "adapters" / "kidney.safetensors"
+    assert (served.pin("liver")["version"], served.pin("liver")["fingerprint"]) == (2, adapters[1].fingerprint)
+    assert (served.describe("liver@1")["version"], served.describe("liver@1")["fingerprint"]) == \
+        (1, adapters[0].fingerprint)
+    assert served.describe("kidney")["version"] is None
+    store.set_serving("liver", 1)  # a rollback shows on the next lookup, the describe cache included
+    assert (served.describe("liver")["version"], served.describe("liver")["fingerprint"]) == \
+        (1, adapters[0].fingerprint)
+    for ref, said in (("liver@7", "no version 7 (versions: 1, 2)"), ("kidney@1", "versions: none yet"),
+                      ("liver@x", "NAME@N")):
+        with pytest.raises(UnknownAdapterError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            served.path(ref)
+    unversioned = AdapterCatalog([tmp_path / "adapters"])
+    with pytest.raises(UnknownAdapterError, match="--versions FOLDER"):
+        unversioned.path("liver@1")
+    assert unversioned.path("liver") == tmp_path / "adapters" / "liver.safetensors"
+    assert served.find("liver@1", adapters[1].fingerprint) == store.get("liver", 2).path
+    assert unversioned.find("liver", adapters[0].fingerprint) is None
+
+
+def test_a_version_file_changed_after_it_was_recorded_is_not_pinned(served, adapters):
+    path = served.versions.get("liver", 2).path
+    adapters[2].save(path)
+    with pytest.raises(VersionFileError, match="changed after it was recorded") as err:
+        served.pin("liver")
+    assert "\n" not in str(err.value)
+
+
+def _model(catalog):
+    from samed_adapter.segment.pipeline import SamSource
+    from samed_adapter.serve.residents import ServingModel
+
+    return ServingModel(SamSource(backbone="tiny", seed=0), catalog, max_resident=4)
+
+
+def test_a_request_pinned_before_a_swap_is_answered_by_its_version_after_it(served, adapters, tmp_path):
+    import numpy as np
+
+    from samed_adapter.serve.catalog import AdapterCatalog
+    from samed_adapter.serve.residents import AdapterChangedError, SliceRequest, SliceResult
+
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    alone = {}
+    for number in (1, 2):  # each version alone on a replica of its own
+        own = AdapterCatalog([], {"liver": served.versions.get("liver", number).path})
+        alone[number] = _model(own).predict([SliceRequest("liver", image)])[0].labels
+    assert not np.array_equal(alone[1], alone[2])
+
+    model = _model(served)
+    pinned = served.pin("liver")  # the front pins a request to version 2 ...
+    served.versions.set_serving("liver", 1)  # ... a rollback happens before its slices reach the replica
+    [late] = model.predict([SliceRequest("liver", image, fingerprint=pinned["fingerprint"])])
+    assert isinstance(late, SliceResult), late
+    np.testing.assert_array_equal(late.labels, alone[2])
+    [fresh] = model.predict([SliceRequest("liver", image)])  # an unpinned slice takes the serving version
+    np.testing.assert_array_equal(fresh.labels, alone[1])
+    [named] = model.predict([SliceRequest("liver@2", image)])  # NAME@N: that version, the same resident
+    np.testing.assert_array_equal(named.labels, alone[2])
+    assert sorted(model.resident) == sorted([("liver", adapters[0].fingerprint), ("liver", adapters[1].fingerprint)])
+    [gone] = model.predict([SliceRequest("liver", image, fingerprint=adapters[2].fingerprint)])
+    assert isinstance(gone, AdapterChangedError) and gone.status == 409  # no file holds it: 409 as before
+
+
+def test_a_damaged_versions_json_fails_only_that_adapters_slices(served):
+    import numpy as np
+
+    from samed_adapter.serve.errors import UnprocessableError
+    from samed_adapter.serve.residents import SliceRequest, SliceResult
+
+    (served.versions.root / "liver" / "versions.json").write_text("{not json")
+    image = np.zeros((64, 64), np.float32)
+    liver, kidney = _model(served).predict([SliceRequest("liver", image), SliceRequest("kidney", image)])
+    assert isinstance(liver, UnprocessableError) and "restore it from a backup" in str(liver)
+    assert isinstance(kidney, SliceResult)

@@ -3,6 +3,9 @@
 Clients name adapters; they never pass paths or Hub ids, so a request cannot make the server
 read a file it was not given. A folder is listed again when a name it did not hold is asked
 for, so adapters copied in while the server runs are found on the next request for them.
+
+With a :class:`~samed_adapter.learning.versions.VersionStore`, ``NAME`` is the serving version's
+file once versions of it are recorded (the given file until then), and ``NAME@3`` version 3.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..adapter_file.adapter import Adapter
+from ..learning.errors import UnknownVersionError, VersionError, VersionFileError
+from ..learning.versions import VersionStore, parse_ref
 
 #: what an adapter's name may be: it travels in URLs, file names and MONAI Label model names.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -59,12 +64,15 @@ class AdapterCatalog:
         hub_ids: ``{name: "org/repo[@revision]"}``, resolved through the Hugging Face cache once,
             when first asked for (``cache_dir``, ``local_files_only``, ``token`` as for
             :meth:`Adapter.load`).
+        versions: the adapters' recorded versions (``--versions``); None: each name is its file.
     """
 
     def __init__(self, folders: Sequence[Union[str, os.PathLike]] = (),
                  files: Optional[dict[str, Union[str, os.PathLike]]] = None,
                  hub_ids: Optional[dict[str, str]] = None, *, cache_dir: Union[str, os.PathLike, None] = None,
-                 local_files_only: bool = False, token: Union[str, bool, None] = None) -> None:
+                 local_files_only: bool = False, token: Union[str, bool, None] = None,
+                 versions: Optional[VersionStore] = None) -> None:
+        self.versions = versions
         self.folders = [Path(f) for f in folders]
         for folder in self.folders:
             if not folder.is_dir():
@@ -97,11 +105,44 @@ class AdapterCatalog:
         return sorted({*self._folder_files(), *self.files, *self.hub_ids})
 
     def path(self, name: str) -> Path:
-        """The local file of adapter ``name``.
+        """The local file of adapter ``name``: ``NAME`` or ``NAME@N`` (see the module docstring).
 
         Raises:
-            UnknownAdapterError: no such name (the message lists the served ones).
+            UnknownAdapterError: no such name or version (the message lists the served ones).
         """
+        return self.version(name)[0]
+
+    def version(self, ref: str) -> tuple[Path, Optional[int]]:
+        """``ref``'s file and its version number (None: no version recorded, the given file serves)."""
+        try:
+            name, number = parse_ref(ref) if "@" in ref else (ref, None)
+        except VersionError as err:
+            raise UnknownAdapterError(str(err)) from None
+        if self.versions is not None and NAME.fullmatch(name):
+            try:
+                found = self.versions.get(name, number) if number is not None else self.versions.serving(name)
+            except UnknownVersionError as err:
+                raise UnknownAdapterError(str(err)) from None
+            if found is not None:
+                return found.path, found.version
+        if number is not None:
+            raise UnknownAdapterError(f"adapter {ref!r}: no versions of {name!r} are kept on this server"
+                                      f"{'' if self.versions is not None else ' (serve --versions FOLDER keeps them)'}")
+        return self._file(name), None
+
+    def find(self, ref: str, fingerprint: str) -> Optional[Path]:
+        """The file of the recorded version of ``ref``'s adapter with that fingerprint (None: none).
+
+        A replica asked for a version that no longer serves finds it here, so a request pinned to
+        it before a swap is answered by it after the swap.
+        """
+        if self.versions is None:
+            return None
+        name = parse_ref(ref)[0] if "@" in ref else ref
+        return self.versions.find(name, fingerprint) if NAME.fullmatch(name) else None
+
+    def _file(self, name: str) -> Path:
+        """The file the server was given for ``name`` (UnknownAdapterError)."""
         if name in self.files:
             return self.files[name]
         if name in self.hub_ids:
@@ -131,7 +172,7 @@ class AdapterCatalog:
     def describe(self, name: str) -> dict[str, Any]:
         """``GET /v1/adapters``' entry for ``name``: its config, without the tensors (cached per
         :class:`Stamp`; a request pins its version with :meth:`pin`, which reads the content)."""
-        path = self.path(name)
+        path, _ = self.version(name)
         stamp = Stamp.of(path)
         with self._lock:
             cached = self._described.get(name)
@@ -145,9 +186,13 @@ class AdapterCatalog:
         Its ``fingerprint`` (:attr:`Adapter.fingerprint`, a sha256 over the config and tensors)
         pins a request to this version: the replicas answer it with that version or not at all.
         No stamp proves a file unchanged, so its bytes are hashed each time (about 25 ms for
-        ViT-B's 19 MiB on 2 cores); it is parsed again only when they changed.
+        ViT-B's 19 MiB on 2 cores); it is parsed again only when they changed. Its ``version`` is
+        the recorded version's number (None: no versions recorded).
+
+        Raises:
+            VersionFileError: a recorded version's file no longer holds the adapter recorded (not served).
         """
-        path = self.path(name)
+        path, number = self.version(name)
         stamp = Stamp.of(path)  # before the reads: a change during them makes the cached stamp stale, not wrong
         digest = _sha256(path)
         with self._lock:
@@ -157,11 +202,31 @@ class AdapterCatalog:
         else:
             entry = _entry(name, Adapter.load(path))
             if _sha256(path) != digest:  # changed while parsed: right for this request, not to be cached by digest
-                return entry
+                return self._checked({**entry, "version": number})
+        entry = self._checked({**entry, "version": number})
         with self._lock:
             self._pinned[name] = (digest, entry)
             self._described[name] = (stamp, entry)
         return entry
+
+    def _checked(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """``entry``, if its version's file holds the adapter recorded for it (VersionFileError)."""
+        if entry["version"] is None or self.versions is None:
+            return entry
+        name = parse_ref(entry["name"])[0]
+        recorded = self.versions.get(name, entry["version"])
+        if recorded.fingerprint != entry["fingerprint"]:
+            raise VersionFileError(f"{recorded.ref}: its file {recorded.path.name} was changed after it was recorded "
+                                   f"(it holds {entry['fingerprint'][:19]}..., recorded {recorded.fingerprint[:19]}...); "
+                                   f"it is not served: serve another version (POST /v1/adapters/{name}/serve?version=N)")
+        return entry
+
+def catalog_for(settings: Any) -> AdapterCatalog:
+    """The catalog a server's ``settings`` (:class:`~.settings.ServeSettings`) name, with its versions
+    (``settings.versions``) when it keeps them: the front and every replica build the same one."""
+    versions = VersionStore(settings.versions) if getattr(settings, "versions", None) else None
+    return AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
+                          local_files_only=settings.local_files_only, versions=versions)
 
 
 def _sha256(path: Path) -> str:
@@ -177,6 +242,7 @@ def _entry(name: str, adapter: Adapter) -> dict[str, Any]:
     config = adapter.config
     return {
         "name": name,
+        "version": None,
         "class_names": list(config.class_names or []),
         "num_classes": config.num_classes,
         "backbone": config.backbone,

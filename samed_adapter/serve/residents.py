@@ -13,7 +13,9 @@ request cannot fill takes the next requests' slices, whatever their adapters.
 
 Adapters are resident by (name, fingerprint): a request pinned to a version when it started is
 answered by that version while it stays resident, though the file behind the name was replaced
-meanwhile, and fails with 409 once it is gone; its slices never come from two versions.
+meanwhile; once it is gone it is read again from the recorded version with that fingerprint
+(:meth:`AdapterCatalog.find`: another version serves since the request started), and the request
+fails with 409 only when no file holds it anymore; its slices never come from two versions.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from ..adapter_file.adapter import Adapter, AdapterError
+from ..learning.errors import VersionError
 from ..segment.pipeline import SamSource
 from .catalog import AdapterCatalog, UnknownAdapterError
 from .errors import NotFoundError, OverloadedError, ServeError, UnprocessableError
@@ -263,29 +266,49 @@ class ServingModel:
             raise NotFoundError(f"adapter {name!r}: its file cannot be read ({err.strerror or err})") from None
         except AdapterError as err:
             raise UnprocessableError(f"adapter {name!r} cannot run on this server's SAM: {err}") from None
+        except VersionError as err:  # a recorded version's file was changed, or the versions' JSON is damaged
+            raise UnprocessableError(f"adapter {name!r}: {err}") from None
 
     def _read(self, name: str, fingerprint: str) -> Adapter:
-        """Version ``fingerprint`` of adapter ``name`` from its file; AdapterChangedError if the file holds another."""
+        """Version ``fingerprint`` of adapter ``name``: from the file ``name`` names now, else from the
+        recorded version with that fingerprint (another version serves since the request was
+        pinned); AdapterChangedError when no file holds it anymore."""
         try:
-            path = self.catalog.path(name)
-            adapter = Adapter.load(path)
+            adapter = self._load_file(name, self.catalog.path(name))
         except UnknownAdapterError as err:
+            adapter, removed = None, err
+        except VersionError as err:  # the versions' JSON is damaged: the store's own words say what to do
+            raise UnprocessableError(f"adapter {name!r}: {err}") from None
+        else:
+            if adapter.fingerprint == fingerprint:
+                return adapter
+        kept = self.catalog.find(name, fingerprint)
+        if kept is not None:
+            older = self._load_file(name, kept)
+            if older.fingerprint == fingerprint:
+                return older
+        if adapter is None:
             raise AdapterChangedError(f"adapter {name!r} was removed from the server while this request was being "
-                                      f"answered; send the request again ({err})") from None
+                                      f"answered; send the request again ({removed})") from None
+        raise AdapterChangedError(
+            f"adapter {name!r} was replaced on the server while this request was being answered (it started with "
+            f"{fingerprint[:19]}..., the file now holds {adapter.fingerprint[:19]}...); no answer mixes two "
+            "versions: send the request again")
+
+    @staticmethod
+    def _load_file(name: str, path: Any) -> Adapter:
+        """The adapter in ``path`` (served as ``name``), its failures as the HTTP errors they are."""
+        try:
+            return Adapter.load(path)
         except OSError as err:
             raise NotFoundError(f"adapter {name!r}: its file cannot be read ({err.strerror or err})") from None
         except AdapterError as err:
             raise UnprocessableError(f"adapter {name!r} cannot run on this server's SAM: {err}") from None
-        if adapter.fingerprint != fingerprint:
-            raise AdapterChangedError(
-                f"adapter {name!r} was replaced on the server while this request was being answered (it started with "
-                f"{fingerprint[:19]}..., the file now holds {adapter.fingerprint[:19]}...); no answer mixes two "
-                "versions: send the request again")
-        return adapter
 
     def _load(self, name: str, fingerprint: Optional[str]) -> tuple[str, str]:
         """Make version ``fingerprint`` of ``name`` resident (None: the file's version now); its key."""
         key = (name, fingerprint if fingerprint is not None else self._current(name))
+        key = (name.partition("@")[0], key[1])  # NAME@N and NAME are one resident when they are one version
         if key in self.resident:
             self.resident.move_to_end(key)
             return key

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from ray import serve
 
-from .catalog import AdapterCatalog
+from .catalog import catalog_for
 from .errors import ServeError
 from .residents import ServingModel, SliceQueue, SliceResult, VolumeRequest, VolumeResult
 from .sessions import ClickRequest, ClickResult, KeptSessions, SessionMissing, answer_clicks
@@ -44,8 +44,7 @@ class Segmenter:
     of its first slice that failed."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        catalog = AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
-                                 local_files_only=settings.local_files_only)
+        catalog = catalog_for(settings)
         self.model = ServingModel(settings.sam, catalog, max_resident=settings.max_resident, device=settings.device,
                                   batching=settings.batching, allow_base_mismatch=settings.allow_base_mismatch)
         try:

@@ -11,7 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from .catalog import AdapterCatalog
+from .catalog import catalog_for
 from .settings import ServeSettings
 
 APP_NAME = "samed-adapter"
@@ -83,8 +83,7 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     The catalog is checked here first (folders and files exist), so a typo is one line, not a
     replica that fails to start; each replica then builds its SAM from ``settings.sam``.
     """
-    AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
-                   local_files_only=settings.local_files_only)
+    catalog_for(settings)
     if settings.sam.checkpoint is not None:
         from pathlib import Path
 
