@@ -12,9 +12,15 @@ another patient (pydicom's CT_small, through `samed_adapter.testing.orthanc.writ
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed: pip install 'samed-adapter[dicomweb]'")
 pytest.importorskip("highdicom", reason="highdicom is not installed: pip install 'samed-adapter[io]'")
@@ -31,7 +37,8 @@ from samed_adapter.datastore import (DatastoreError, EmptyDatastoreError, ImageN
                                      LabelGridError, LabelNotFoundError)
 from samed_adapter.datastore import dicomweb as dicomweb_datastore  # noqa: E402
 from samed_adapter.datastore.dicomweb import DicomWebDatastore  # noqa: E402
-from samed_adapter.dicomweb.errors import DicomWebError  # noqa: E402
+from samed_adapter.dicomweb.errors import BadAnswerError, DicomWebError, LimitError  # noqa: E402
+from samed_adapter.dicomweb.limits import Limits  # noqa: E402
 from samed_adapter.dicomweb.session import Credentials, open_client  # noqa: E402
 from samed_adapter.io import read_image  # noqa: E402
 from samed_adapter.io.dicom_seg import read_dicom_seg, write_dicom_seg  # noqa: E402
@@ -264,3 +271,54 @@ def test_serve_opens_it_from_the_url_with_the_password_from_the_environment(pacs
     monkeypatch.setenv("SAMED_DICOMWEB_PASSWORD", "wrong")
     with pytest.raises(DicomWebError, match="refused the credentials"):
         open_datastore(dicomweb=url, cache=tmp_path / "other").list_images()
+
+
+@contextmanager
+def swapping_proxy(server, wanted: str, sent: str) -> Iterator[str]:
+    """A DICOMweb root on 127.0.0.1 that forwards to ``server``, except that WADO-RS of the series
+    path ``wanted`` answers with that of ``sent`` (a PACS that mixes up series). Each answer is
+    Orthanc's (bounded); the proxy stops when the block ends."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path
+            if path.split("?")[0].endswith(wanted):
+                path = path.replace(wanted, sent)
+            answer = requests.get(f"{server.url}{path}", auth=(server.user, server.password), timeout=30,
+                                  headers={"Accept": self.headers.get("Accept", "*/*")})
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_pacs_that_sends_another_series_or_too_much_caches_nothing(pacs, tmp_path):
+    """What the PACS sends is checked: another patient's series for the one asked for, or an
+    instance beyond the limits, is refused in one line, and nothing of it reaches the cache."""
+    server, study, other = pacs
+    mine, theirs = study["ct"][0], other["ct"][0]
+    wanted, sent = f"studies/{study['study']}/series/{mine}", f"studies/{other['study']}/series/{theirs}"
+    with swapping_proxy(server, wanted, sent) as url:
+        store = DicomWebDatastore(url, tmp_path / "swapped", credentials=Credentials(server.user, server.password))
+        assert mine in store.list_images()
+        with pytest.raises(BadAnswerError, match=f"series {mine}: the server sent an instance of study .*; nothing of it was kept: check the PACS$"):
+            store.image_path(mine)
+        assert store.local.list_images() == [] and not any((store.root / "dicom").iterdir())
+    small = DicomWebDatastore(server.dicomweb, tmp_path / "small", credentials=Credentials(server.user, server.password),
+                              limits=Limits(max_series_bytes=40 << 10))  # a slice is 39 KiB
+    with pytest.raises(LimitError, match="sent a series of more than --max-series-size 40K"):
+        small.image_path(mine)
+    assert small.local.list_images() == [] and not any((small.root / "dicom").iterdir())

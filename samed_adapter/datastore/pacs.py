@@ -213,9 +213,8 @@ def fetch_series_files(client: "DICOMwebClient", url: str, limits: Limits, study
     fetched = fetch_series(client, url, study, [info], into, {uid: uid}, instances={uid: listed},
                            patient_id=patient)[0]
     if fetched.error is not None:
-        problem = fetched.error.split(": ", 1)[-1].replace("nothing of this series was segmented or stored",
-                                                           "nothing of it was kept")
-        raise BadAnswerError(shown_url(url), f"series {uid}: {problem}", "check the PACS")
+        problem = fetched.error.split(": ", 1)[-1].split("; nothing of this series")[0]
+        raise BadAnswerError(shown_url(url), f"series {uid}: {problem}", "nothing of it was kept: check the PACS")
     if image and fetched.reason is not None:
         raise ImageReadError(f"series {uid}: {fetched.reason}; it cannot be an image of the datastore (set the "
                              "datastore's modalities to leave such series out)")
