@@ -36,6 +36,7 @@ __all__ = [
     "NiftiVolumes",
     "find_nifti_cases",
     "find_nifti_images",
+    "adapter_data_options",
     "split_cases",
 ]
 
@@ -217,6 +218,14 @@ def split_cases(cases: Sequence[str], val_fraction: float, seed: int) -> tuple[l
     return train, val
 
 
+def adapter_data_options(config: Any) -> dict[str, Any]:
+    """The NIfTI datasets' options that cut and scale a volume as ``segment`` does for an adapter
+    of ``config`` (an :class:`~samed_adapter.adapter_file.config.AdapterConfig`): its intensity
+    window or percentiles, orientation and slice axis; labels are taken as they are (class ids)."""
+    return {"window": config.intensity_window, "percentiles": config.intensity_percentiles,
+            "orientation": config.orientation, "slice_axis": config.slice_axis}
+
+
 class _NiftiDataset(Dataset):
     """Header index, lazy voxel access and intensity/label conversion shared by the NIfTI datasets.
 
@@ -239,6 +248,56 @@ class _NiftiDataset(Dataset):
         max_cached_volumes: int = 2,
         max_voxels: Optional[int] = None,
     ) -> None:
+        self._set_options(window, percentiles, label_map, orientation, slice_axis, transform, max_cached_volumes)
+        self.root = Path(root)
+        images_dir, labels_dir, found = _nifti_files(self.root)
+        if cases is None and not found:
+            raise FileNotFoundError(f"no .nii.gz / .nii images in {images_dir}")
+        cases = sorted(found) if cases is None else [str(c) for c in cases]
+        unknown = [c for c in cases if c not in found]
+        if unknown:
+            raise FileNotFoundError(f"cases {unknown[:5]} have no image in {images_dir} (found {len(found)} cases)")
+        pairs: dict[str, tuple[Path, Path]] = {}
+        for case in dict.fromkeys(cases):
+            label_path = _label_path(labels_dir, case)
+            if label_path is None:
+                raise FileNotFoundError(f"no label for case {case!r}: expected {labels_dir / (case + '.nii.gz')}")
+            pairs[case] = (found[case], label_path)
+        self._index(cases, pairs, max_voxels)
+
+    @classmethod
+    def from_pairs(cls, pairs: Union[Mapping[str, tuple[PathLike, PathLike]], Sequence[tuple[str, PathLike, PathLike]]],
+                   **options: Any):
+        """The dataset of explicit ``(case, image file, label file)`` pairs (e.g. a datastore's items),
+        read and cut exactly as from a folder; ``options`` as for the constructor (not ``root``/``cases``).
+
+        ``dataset.root`` is the first image's folder. Raises ValueError for no pairs or a case named
+        twice, FileNotFoundError for a missing file.
+        """
+        listed = list(pairs.items()) if isinstance(pairs, Mapping) else [(c, (i, lb)) for c, i, lb in pairs]
+        if not listed:
+            raise ValueError("no (case, image, label) pairs given; pass at least one")
+        cases = [str(c) for c, _ in listed]
+        paths = {str(c): (Path(i), Path(lb)) for c, (i, lb) in listed}
+        for case, files in paths.items():
+            for path in files:
+                if not path.is_file():
+                    raise FileNotFoundError(f"case {case!r}: {path} is no file")
+        self = cls.__new__(cls)
+        names = ("window", "percentiles", "label_map", "orientation", "slice_axis", "transform", "max_cached_volumes")
+        unknown = sorted(set(options) - {*names, "max_voxels"})
+        if unknown:
+            raise TypeError(f"unknown options {unknown}; from_pairs takes {', '.join(names)}, max_voxels")
+        defaults = {"window": CT_ABDOMEN_WINDOW, "percentiles": None, "label_map": None, "orientation": None,
+                    "slice_axis": 2, "transform": None, "max_cached_volumes": 2}
+        self._set_options(*(options.get(n, defaults[n]) for n in names))
+        self.root = paths[cases[0]][0].parent
+        self._index(cases, paths, options.get("max_voxels"))
+        return self
+
+    def _set_options(self, window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]],
+                     label_map: Optional[Mapping[int, int]], orientation: Union[str, Sequence[str], None],
+                     slice_axis: int, transform: Optional[Transform], max_cached_volumes: int) -> None:
         if window is not None and percentiles is not None:
             raise ValueError("give either window (CT) or percentiles (MR), not both; set the other to None")
         self.intensity = Intensity(window, percentiles)
@@ -249,24 +308,19 @@ class _NiftiDataset(Dataset):
         if not isinstance(max_cached_volumes, int) or max_cached_volumes < 0:
             raise ValueError(f"max_cached_volumes must be a non-negative int, got {max_cached_volumes!r}")
         self.max_cached_volumes, self.transform = max_cached_volumes, transform
-        self.root = Path(root)
-        images_dir, labels_dir, found = _nifti_files(self.root)
-        if cases is None and not found:
-            raise FileNotFoundError(f"no .nii.gz / .nii images in {images_dir}")
-        self.cases = sorted(found) if cases is None else [str(c) for c in cases]
-        unknown = [c for c in self.cases if c not in found]
-        if unknown:
-            raise FileNotFoundError(f"cases {unknown[:5]} have no image in {images_dir} (found {len(found)} cases)")
+
+    def _index(self, cases: Sequence[str], pairs: Mapping[str, tuple[Path, Path]], max_voxels: Optional[int]) -> None:
+        """Read the headers of every case's (image, label) pair and index its slices."""
+        self.cases = [str(c) for c in cases]
         if len(set(self.cases)) != len(self.cases):
             raise ValueError("cases contains duplicate names; pass each case once")
         # Only headers are read here; voxel data stays on disk until a slice is asked for.
         self.images: dict[str, Any] = {}
         self.labels: dict[str, Any] = {}
         self.geometries: dict[str, SliceGeometry] = {}
+        found = {case: pair[0] for case, pair in pairs.items()}
         for case in self.cases:
-            label_path = _label_path(labels_dir, case)
-            if label_path is None:
-                raise FileNotFoundError(f"no label for case {case!r}: expected {labels_dir / (case + '.nii.gz')}")
+            label_path = pairs[case][1]
             image, label = nib.load(found[case]), nib.load(label_path)
             # The sizes the headers claim, before a voxel is read: a damaged or hostile 416-byte
             # file in a dataset may claim 16 GiB (the same bound as segment's).
