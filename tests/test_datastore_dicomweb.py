@@ -322,3 +322,25 @@ def test_a_pacs_that_sends_another_series_or_too_much_caches_nothing(pacs, tmp_p
     with pytest.raises(LimitError, match="sent a series of more than --max-series-size 40K"):
         small.image_path(mine)
     assert small.local.list_images() == [] and not any((small.root / "dicom").iterdir())
+
+
+def test_a_seg_made_on_other_slices_is_refused_and_the_previous_one_serves(pacs, tmp_path):
+    """A SEG that names the series but was made from another series' slices is not its label (it
+    does not read on its slices); the series' newest SEG that does read is its final label."""
+    server, study, _ = pacs
+    target, elsewhere = study["ct"][1], study["ct"][0]
+    volume = read_image(study["folders"][target])
+    good = np.zeros(volume.array.shape, np.uint8)
+    good[:, 50:70, 50:70] = 1
+    write_dicom_seg(good, volume, ["liver", "spleen"], tmp_path / "good.dcm", adapter_name="viewer")
+    write_dicom_seg(np.ones_like(good), read_image(study["folders"][elsewhere]), ["liver"], tmp_path / "other.dcm",
+                    adapter_name="viewer")
+    ds = pydicom.dcmread(tmp_path / "other.dcm")
+    ds.ReferencedSeriesSequence[0].SeriesInstanceUID = target  # names the target, references other slices
+    ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    server.upload([tmp_path / "good.dcm", tmp_path / "bad.dcm"])
+    fresh = _store(pacs, tmp_path / "cache")
+    np.testing.assert_array_equal(read_image(fresh.label_path(target)).array, good)
+    assert "does not read as a label of series" in fresh.refused[str(ds.SeriesInstanceUID)]
+    assert fresh.get_label_info(target, "final")["SeriesInstanceUID"] == str(pydicom.dcmread(tmp_path / "good.dcm")
+                                                                               .SeriesInstanceUID)

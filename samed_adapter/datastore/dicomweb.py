@@ -142,7 +142,11 @@ class DicomWebDatastore:
             stamp, labels = self._labels_seen
             if time.monotonic() - stamp > self.list_ttl:
                 client, limits = self._client()
-                labels, self.refused = final_labels(client, self.url, limits, images, self._facts, self._unreadable)
+                labels, refused = final_labels(client, self.url, limits, images, self._facts, self._unreadable)
+                for seg in refused.keys() - self.refused.keys():  # said once, not at every listing
+                    logger.warning("%s: SEG series %s is not taken as a final label: %s", self.name(), seg,
+                                   refused[seg])
+                self.refused = refused
                 self._labels_seen = (time.monotonic(), labels)
             return labels
 
@@ -330,7 +334,7 @@ class DicomWebDatastore:
             return self._read_final(image_id, label)
         except (ValueError, KeyError, AttributeError, TypeError) as exc:  # a SEG that does not lie on its series
             why = f"it does not read as a label of series {image_id} ({type(exc).__name__}: {str(exc)[:200]})"
-            logger.warning("%s: SEG series %s is not taken as a final label: %s", shown_url(self.url), label.seg, why)
+            logger.warning("%s: SEG series %s is not taken as a final label: %s", self.name(), label.seg, why)
             with self._lock:
                 self._unreadable[label.seg] = self.refused[label.seg] = why
                 self._labels_seen = (float("-inf"), {})  # an older SEG of the series may be its label

@@ -188,8 +188,6 @@ def final_labels(client: "DICOMwebClient", url: str, limits: Limits, images: dic
         before = labels.get(label.image)
         if before is None or (label.when, label.seg) > (before.when, before.seg):
             labels[label.image] = label
-    for seg, why in refused.items():
-        logger.warning("%s: SEG series %s is not taken as a final label: %s", shown_url(url), seg, why)
     return labels, refused
 
 
