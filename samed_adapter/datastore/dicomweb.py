@@ -159,8 +159,8 @@ class DicomWebDatastore:
     def _series(self, image_id: str) -> PacsSeries:
         series = self._images().get(image_id)
         if series is None:
-            raise ImageNotFoundError(f"{shown_url(self.url)}: no image series {image_id!r} (of modality "
-                                     f"{', '.join(self.modalities) if self.modalities else 'any image'}); "
+            kinds = f" of modality {', '.join(self.modalities)}" if self.modalities else ""
+            raise ImageNotFoundError(f"{shown_url(self.url)}: no image series {image_id!r}{kinds} in the PACS; "
                                      "list_images() gives the SeriesInstanceUIDs it holds")
         return series
 
