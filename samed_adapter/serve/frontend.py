@@ -12,6 +12,7 @@ import hmac
 import logging
 import shutil
 import time
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from ..adapter_file.config import AdapterConfig
+from ..datastore import ORIGINAL, STRATEGIES
 from ..interactive.prompts import ClicksNotTrainedError, require_clicks
 from ..io.errors import ImageReadError, ImageTooLargeError
 from .catalog import AdapterCatalog, UnknownAdapterError
@@ -41,6 +43,7 @@ from .monai_label import answer_name, app_info, multipart
 from .residents import VolumeRequest, VolumeResult
 from .sessions import ClickRequest, SessionImages, click_labels, parse_clicks
 from .settings import ServeSettings
+from .store_routes import NO_DATASTORE, ForbiddenError, NoDatastoreError, StoreRoutes, json_body, read_small
 from .uploads import (
     UPLOAD,
     bound_body,
@@ -100,6 +103,12 @@ class Frontend:
         self.busy = 0
         self._folders: set[RequestFolder] = set()  # the requests' private folders not yet closed
         self.sessions = SessionImages(settings.max_sessions)  # MONAI Label's /session/ images
+        self.store: Optional[StoreRoutes] = None  # MONAI Label's /datastore/ (serve --datastore)
+        if settings.datastore or settings.datastore_dicomweb:
+            from ..datastore.opening import open_datastore
+
+            self.store = StoreRoutes(open_datastore(settings.datastore, settings.datastore_dicomweb,
+                                                    settings.datastore_cache, max_voxels=settings.max_voxels))
 
     def _folder(self) -> RequestFolder:
         """A private folder for one request's upload and outputs (mode 0700), under --tmp-dir if set."""
@@ -138,6 +147,21 @@ class Frontend:
             raise UnauthorizedError("this server needs 'Authorization: Bearer <token>' with its token (segment "
                                     "--server URL --token T, or SAMED_SERVE_TOKEN; 3D Slicer: log in with the token "
                                     "as password)")
+
+    def _authorize_admin(self, request: Request) -> None:
+        """The admin token (``--admin-token``; the plain token where none is set): 403 for the plain one."""
+        admin = self.settings.admin_token or self.settings.token
+        if not admin:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = value.strip().encode() if scheme.lower() == "bearer" else b""
+        if hmac.compare_digest(given, admin.encode()):
+            return
+        if self.settings.token and hmac.compare_digest(given, self.settings.token.encode()):
+            raise ForbiddenError("this needs the admin token (samed-adapter serve --admin-token, or "
+                                 "SAMED_SERVE_ADMIN_TOKEN); the plain token reads and saves, it does not delete, "
+                                 "train or change the serving version")
+        raise UnauthorizedError("this needs 'Authorization: Bearer <admin token>' (samed-adapter serve --admin-token)")
 
     async def _answer(self, route: str, request: Request, work: Any, *, guarded: bool = False,
                       authorize: bool = True) -> Response:
@@ -214,9 +238,11 @@ class Frontend:
         return saved, upload_stem(upload.filename), False
 
     async def _segment(self, entry: dict[str, Any], source: Path, label_name: str, options: dict[str, Any],
-                       folder: RequestFolder, times: dict[str, float]) -> tuple[list[Path], list[str]]:
+                       folder: RequestFolder, times: dict[str, float],
+                       keep: Optional[dict[str, Any]] = None) -> tuple[list[Path], list[str]]:
         """Segment one scan into ``folder``/out with the adapter version ``entry`` pinned (its
-        fingerprint): what `segment` writes for it."""
+        fingerprint): what `segment` writes for it. ``keep`` gets ``"probs"``, the model's
+        (n, K+1, S, S) softmax on its own slices (a datastore image's score, :mod:`.store_routes`)."""
         from ..inference import stages as inference
         from ..segment.outputs import provenance, write_prepared
         from ..segment.job import Job
@@ -243,8 +269,12 @@ class Frontend:
         t1 = time.perf_counter()
         on_replica: dict[str, float] = {}
         result = await self._predict(name, entry["fingerprint"], np.ascontiguousarray(prepared.inputs[:, 0].numpy()),
-                                     opts.save_probabilities, on_replica)
+                                     opts.save_probabilities or keep is not None, on_replica)
         t2 = time.perf_counter()
+        if keep is not None:
+            keep["probs"] = result.probs
+            if not opts.save_probabilities:  # not resized to the scan for nothing
+                result.probs = None
         small, soft = await folder.run(_resized, result, prepared.size)
         try:
             files = await folder.run(write_prepared, prepared, small, soft, job.out, opts, config)
@@ -333,7 +363,8 @@ class Frontend:
     @app.get("/info/")
     async def info(self, request: Request) -> Response:
         async def work() -> Response:
-            return JSONResponse(app_info(await self._entries()))
+            entries = await self._entries()
+            return JSONResponse(app_info(entries, **await self._store_info(entries)))
         return await self._answer("/info/", request, work)
 
     @app.get("/auth/")
@@ -359,9 +390,11 @@ class Frontend:
 
     @app.post("/infer/{model}")
     async def infer(self, model: str, request: Request) -> Response:
-        """MONAI Label's inference: the image uploaded (``file``) or named by ``session_id``; a
-        click-trained adapter's clicks in ``params`` (:func:`~.sessions.parse_clicks`) refine its
-        automatic labels. The answer is the label map in every case."""
+        """MONAI Label's inference: the image uploaded (``file``), named by ``session_id``, or
+        else the datastore's image ``?image=ID`` (its score recorded, its label saved as
+        ``original`` given ``params`` ``save_label``); a click-trained adapter's clicks in ``params``
+        (:func:`~.sessions.parse_clicks`) refine its automatic labels. The answer is the label map
+        in every case."""
         async def work() -> Response:
             output = request.query_params.get("output") or "all"
             if output not in ("all", "image", "json", "dicom_seg"):
@@ -373,12 +406,13 @@ class Frontend:
             try:
                 async with request.form(max_files=2, max_fields=16) as form:
                     params = params_json(form.get("params"))
+                    stored: Optional[str] = None  # the datastore image's id, when inferred by id
                     if session is not None:
                         source, stem, dicom = session.image, upload_stem(session.name), session.name.endswith(".zip")
                     elif form.get("file") is None:
-                        raise BadRequestError("no image: this server keeps no datastore, so send the image with the "
-                                              "request (MONAILabelClient.infer(model, id, {}, file=PATH)) or name a "
-                                              "session (PUT /session/, then ?session_id=ID)")
+                        stored = request.query_params.get("image") or ""
+                        source = await self._stored_image(stored)
+                        stem, dicom = upload_stem(source.name), False
                     else:
                         source, stem, dicom = await self._save_upload(form, "file", folder)
                 if output == "dicom_seg" and not dicom:
@@ -392,6 +426,7 @@ class Frontend:
                 clicks = parse_clicks(params, entry["class_names"])
                 trained = bool(entry["config"].get("clicks"))
                 extra: dict[str, Any] = {}
+                keep: Optional[dict[str, Any]] = {} if stored is not None else None  # the softmax, for its score
                 if clicks and not trained:
                     try:
                         require_clicks(AdapterConfig.from_dict(entry["config"]), f"adapter {model!r}")
@@ -407,7 +442,7 @@ class Frontend:
                     if clicks:
                         raise BadRequestError("clicks answer a label image: use output=all, image or json")
                     files, _ = await self._segment(entry, source, f"{stem}.nii.gz", {"output_types": kind}, folder,
-                                                   times)
+                                                   times, keep)
                     label = files[0]
                 version = {FINGERPRINT_HEADER: entry["fingerprint"]}
                 result_json = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
@@ -415,6 +450,9 @@ class Frontend:
                                              "total": round(time.perf_counter() - start, 3)},
                                "params": params, "adapter": {"name": model, "fingerprint": entry["fingerprint"]},
                                **extra}
+                if stored is not None and self.store is not None:
+                    result_json["datastore"] = await self.store.after_infer(stored, entry, label, dict(result_json),
+                                                                            params, (keep or {}).get("probs"))
                 if output == "json":
                     return JSONResponse(result_json, headers=version)
                 if output in ("image", "dicom_seg"):
@@ -474,3 +512,193 @@ class Frontend:
         async def work() -> Response:
             return JSONResponse(self.sessions.remove(session_id).info())
         return await self._answer("/session/", request, work)
+
+    # ---- MONAI Label's datastore (serve --datastore FOLDER; the work is in store_routes)
+
+    def _store(self) -> StoreRoutes:
+        if self.store is None:
+            raise NoDatastoreError(NO_DATASTORE)
+        return self.store
+
+    async def _stored_image(self, image_id: str) -> Path:
+        """The datastore's image ``image_id``, for inference by id (no file, no session)."""
+        if self.store is None or not image_id:
+            how = "an image of the datastore (?image=ID)" if self.store else "start the server with --datastore " \
+                "FOLDER to infer by image id"
+            raise BadRequestError("no image: send the image with the request (MONAILabelClient.infer(model, id, {}, "
+                                  f"file=PATH)), name a session (PUT /session/, then ?session_id=ID), or {how}")
+        return await self.store.image_path(image_id)
+
+    async def _store_info(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """``/info/``'s datastore and strategies (3D Slicer shows its next-sample and label buttons for them)."""
+        if self.store is None:
+            return {}
+        names = [entry["name"] for entry in entries]
+        return {"datastore": await self.store.status(), "strategies": {
+            name: {"description": text, "config": {"model": names} if name == "least_sure" and names else {}}
+            for name, text in STRATEGIES.items()}}
+
+    async def _label_config(self, params: dict[str, Any]) -> Optional[AdapterConfig]:
+        """What a label is checked against: ``params``' ``model`` (3D Slicer sends its selected one), else
+        the only adapter, else the one with the most classes (``/train/{model}`` checks its own again)."""
+        if params.get("model"):
+            return AdapterConfig.from_dict((await self._describe(str(params["model"])))["config"])
+        entries = await self._entries()
+        widest = max(entries, key=lambda e: e["num_classes"], default=None)
+        return AdapterConfig.from_dict(widest["config"]) if widest else None
+
+    async def _adapter_for(self, params: dict[str, Any]) -> str:
+        if params.get("model"):
+            return str(params["model"])
+        names = await asyncio.to_thread(self.catalog.names)
+        if len(names) != 1:
+            raise BadRequestError(f"least_sure ranks one adapter's labels: send params {{\"model\": NAME}}, NAME one "
+                                  f"of {names}")
+        return names[0]
+
+    async def _score_stored(self, entry: dict[str, Any], image_id: str) -> None:
+        """Infer the datastore's image by id to record its score (and keep its labels as ``original``
+        when it has none); an image the model cannot read is recorded as failed for this version."""
+        store, folder, keep = self._store(), self._folder(), {}
+        try:
+            source = await store.image_path(image_id)
+            files, _ = await self._segment(entry, source, f"{upload_stem(source.name)}.nii.gz",
+                                           {"output_types": "nifti"}, folder, {}, keep)
+            result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
+                      "adapter": {"name": entry["name"], "fingerprint": entry["fingerprint"]}}
+            unsaved = ORIGINAL not in await asyncio.to_thread(store.datastore.get_labels_by_image_id, image_id)
+            await store.after_infer(image_id, entry, files[0], result, {"save_label": unsaved}, keep.get("probs"))
+        except NotFoundError:  # removed meanwhile
+            pass
+        except (BadRequestError, PayloadTooLargeError, UnprocessableError) as err:
+            await store.record_score(image_id, entry, None, str(err))
+        finally:
+            self._remove(folder)
+
+    def _store_file(self, handle: Any, size: int, name: str) -> StreamingResponse:
+        quoted = urllib.parse.quote(name)
+        return StreamingResponse(stream(handle), media_type="application/octet-stream", headers={
+            "Content-Length": str(size), "Content-Disposition": f"attachment; filename=\"{quoted}\"; "
+                                                                f"filename*=UTF-8''{quoted}"})
+
+    async def _store_upload(self, request: Request, route: str, call: Any) -> Response:
+        """A datastore upload (``PUT``): ``await call(form, folder)`` answers; the upload's copy goes with the request."""
+        async def work() -> Response:
+            self._store()
+            self._check_length(request)
+            folder = self._folder()
+            try:
+                async with request.form(max_files=1, max_fields=8) as form:
+                    return JSONResponse(await call(form, folder))
+            finally:
+                self._remove(folder)
+        return await self._answer(route, request, work, guarded=True)
+
+    @app.get("/datastore/")
+    async def datastore(self, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(await self._store().listing(request.query_params.get("output")))
+        return await self._answer("/datastore/", request, work)
+
+    @app.put("/datastore/")
+    @app.put("/datastore/image")
+    async def datastore_add_image(self, request: Request) -> Response:
+        image = request.query_params.get("image")
+        return await self._store_upload(request, "/datastore/image",
+                                        lambda form, folder: self._store().add_image(form, image, folder))
+
+    @app.delete("/datastore/")
+    @app.delete("/datastore/image")
+    async def datastore_remove_image(self, request: Request) -> Response:
+        async def work() -> Response:
+            self._authorize_admin(request)
+            return JSONResponse(await self._store().remove_image(request.query_params.get("id")))
+        return await self._answer("/datastore/image", request, work, authorize=False)
+
+    @app.head("/datastore/image")
+    async def datastore_check_image(self, request: Request) -> Response:
+        async def work() -> Response:
+            query = request.query_params
+            return JSONResponse(await self._store().check_image(query.get("image"), query.get("check_sum")))
+        return await self._answer("/datastore/image", request, work)
+
+    @app.get("/datastore/image")
+    async def datastore_image(self, request: Request) -> Response:
+        async def work() -> Response:
+            store = self._store()
+            path = await store.image_path(request.query_params.get("image"))
+            return self._store_file(*await store.open_file(path), path.name)
+        return await self._answer("/datastore/image", request, work)
+
+    @app.get("/datastore/image/info")
+    async def datastore_image_info(self, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(await self._store().image_info(request.query_params.get("image")))
+        return await self._answer("/datastore/image/info", request, work)
+
+    @app.put("/datastore/image/info")
+    async def datastore_set_image_info(self, request: Request) -> Response:
+        async def work() -> Response:
+            form = await request.form(max_files=0, max_fields=8)
+            return JSONResponse(await self._store().set_image_info(request.query_params.get("image"), form.get("info")))
+        return await self._answer("/datastore/image/info", request, work)
+
+    @app.put("/datastore/label")
+    async def datastore_save_label(self, request: Request) -> Response:
+        image, tag = request.query_params.get("image"), request.query_params.get("tag")
+
+        async def save(form: Any, folder: RequestFolder) -> dict[str, Any]:
+            config = await self._label_config(params_json(form.get("params")))
+            return await self._store().save_label(form, image, tag, config, folder)
+        return await self._store_upload(request, "/datastore/label", save)
+
+    @app.delete("/datastore/label")
+    async def datastore_remove_label(self, request: Request) -> Response:
+        async def work() -> Response:
+            self._authorize_admin(request)
+            query = request.query_params
+            return JSONResponse(await self._store().remove_label(query.get("id"), query.get("tag")))
+        return await self._answer("/datastore/label", request, work, authorize=False)
+
+    @app.head("/datastore/label")
+    async def datastore_check_label(self, request: Request) -> Response:
+        async def work() -> Response:
+            await self._store().label_path(request.query_params.get("image"), request.query_params.get("tag"))
+            return JSONResponse({})
+        return await self._answer("/datastore/label", request, work)
+
+    @app.get("/datastore/label")
+    async def datastore_label(self, request: Request) -> Response:
+        async def work() -> Response:
+            store = self._store()
+            path = await store.label_path(request.query_params.get("label"), request.query_params.get("tag"))
+            return self._store_file(*await store.open_file(path), path.name)
+        return await self._answer("/datastore/label", request, work)
+
+    @app.get("/datastore/label/info")
+    async def datastore_label_info(self, request: Request) -> Response:
+        async def work() -> Response:
+            query = request.query_params
+            return JSONResponse(await self._store().label_info(query.get("label"), query.get("tag")))
+        return await self._answer("/datastore/label/info", request, work)
+
+    @app.put("/datastore/label/info")
+    async def datastore_set_label_info(self, request: Request) -> Response:
+        async def work() -> Response:
+            form, query = await request.form(max_files=0, max_fields=8), request.query_params
+            return JSONResponse(await self._store().set_label_info(query.get("label"), query.get("tag"),
+                                                                   form.get("info")))
+        return await self._answer("/datastore/label/info", request, work)
+
+    @app.post("/activelearning/{strategy}")
+    async def activelearning(self, strategy: str, request: Request) -> Response:
+        """MONAI Label's next sample; ``least_sure`` may first infer a few unscored images (store_routes)."""
+        async def work() -> Response:
+            store = self._store()
+            params = json_body(await read_small(request))
+            if strategy != "least_sure":
+                return JSONResponse(await store.next_sample(strategy, params))
+            entry = await self._describe(await self._adapter_for(params), pin=True)
+            return JSONResponse(await store.next_sample(strategy, params, entry=entry,
+                                                        score=lambda image_id: self._score_stored(entry, image_id)))
+        return await self._answer("/activelearning", request, work, guarded=True)

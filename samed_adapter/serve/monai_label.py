@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from typing import Any, Optional
 
 from ..version import __version__
 
@@ -38,8 +38,13 @@ def model_info(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def app_info(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """``GET /info/``: every adapter as a model; the app's labels are all of theirs, in order."""
+def app_info(entries: list[dict[str, Any]], datastore: Optional[dict[str, Any]] = None,
+             strategies: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``GET /info/``: every adapter as a model; the app's labels are all of theirs, in order.
+
+    ``datastore`` (its ``status()``) and ``strategies`` ({name: {"description", "config"}}) as
+    MONAI Label's app gives them, on a server with a datastore: 3D Slicer fills its strategy list
+    (its *Next Sample* button) and progress bar from them."""
     models = {entry["name"]: model_info(entry) for entry in entries}
     labels: list[str] = []
     for model in models.values():
@@ -51,10 +56,10 @@ def app_info(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": labels,
         "models": models,
         "trainers": {},
-        "strategies": {},
+        "strategies": strategies or {},
         "scoring": {},
         "train_stats": {},
-        "datastore": {"total": 0, "completed": 0, "label_tags": {}, "train": 0},
+        "datastore": datastore or {"total": 0, "completed": 0, "label_tags": {}, "train": 0},
     }
 
 
