@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING} (Debia
 import pydicom  # noqa: E402
 
 from samed_adapter.adapter_file.config import AdapterConfig  # noqa: E402
-from samed_adapter.datastore import (DatastoreError, EmptyDatastoreError, ImageNotFoundError, LabelClassError,  # noqa: E402
-                                     LabelGridError, LabelNotFoundError)
+from samed_adapter.datastore import (DatastoreError, EmptyDatastoreError, ImageNotFoundError,  # noqa: E402
+                                     LabelClassError, LabelGridError, LabelNotFoundError)
 from samed_adapter.datastore import dicomweb as dicomweb_datastore  # noqa: E402
 from samed_adapter.datastore.dicomweb import DicomWebDatastore  # noqa: E402
 from samed_adapter.dicomweb.errors import BadAnswerError, DicomWebError, LimitError  # noqa: E402
@@ -314,10 +314,12 @@ def test_a_pacs_that_sends_another_series_or_too_much_caches_nothing(pacs, tmp_p
     with swapping_proxy(server, wanted, sent) as url:
         store = DicomWebDatastore(url, tmp_path / "swapped", credentials=Credentials(server.user, server.password))
         assert mine in store.list_images()
-        with pytest.raises(BadAnswerError, match=f"series {mine}: the server sent an instance of study .*; nothing of it was kept: check the PACS$"):
+        refusal = f"series {mine}: the server sent an instance of study .*; nothing of it was kept: check the PACS$"
+        with pytest.raises(BadAnswerError, match=refusal):
             store.image_path(mine)
         assert store.local.list_images() == [] and not any((store.root / "dicom").iterdir())
-    small = DicomWebDatastore(server.dicomweb, tmp_path / "small", credentials=Credentials(server.user, server.password),
+    small = DicomWebDatastore(server.dicomweb, tmp_path / "small",
+                              credentials=Credentials(server.user, server.password),
                               limits=Limits(max_series_bytes=40 << 10))  # a slice is 39 KiB
     with pytest.raises(LimitError, match="sent a series of more than --max-series-size 40K"):
         small.image_path(mine)

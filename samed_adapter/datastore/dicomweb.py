@@ -237,7 +237,8 @@ class DicomWebDatastore:
         return self.local.get_label_uri(label_id, label_tag)
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
-        """MONAI Label's DICOM info of the series (plus the cache's info and ``path`` once fetched); ``{}`` if unknown."""
+        """MONAI Label's DICOM info of the series (plus the cache's info and ``path`` once fetched); ``{}``
+        for an unknown id."""
         series = self._images().get(image_id)
         return {**series.info, **self.local.get_image_info(image_id)} if series else {}
 
@@ -443,7 +444,8 @@ class DicomWebDatastore:
 
 
 def _class_names(label: "Volume", config: Optional["AdapterConfig"], info: Mapping[str, Any], src: Path) -> list[str]:
-    """The K class names the SEG's segments carry: the adapter's, else MONAI Label's ``label_info``, else ``class k``."""
+    """The K class names the SEG's segments carry: the adapter's, else MONAI Label's ``label_info``, else
+    ``class k``."""
     if config is not None:
         count, named = int(config.num_classes), list(config.class_names or [])
     else:

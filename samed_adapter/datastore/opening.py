@@ -49,7 +49,7 @@ def open_datastore(folder: Optional[Union[str, os.PathLike]] = None, dicomweb: O
         from .dicomweb import DicomWebDatastore
 
         if cache is None:
-            raise DatastoreError(f"--datastore-dicomweb {shown_url(dicomweb)}: give --datastore-cache FOLDER, where the "
-                                 "series and labels fetched from the PACS are kept")
+            raise DatastoreError(f"--datastore-dicomweb {shown_url(dicomweb)}: give --datastore-cache FOLDER, where "
+                                 "the series and labels fetched from the PACS are kept")
         return DicomWebDatastore(dicomweb, cache, lock_timeout=lock_timeout, **options)
     return FolderDatastore(folder, lock_timeout=lock_timeout, **options)
