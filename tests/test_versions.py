@@ -182,10 +182,11 @@ def test_a_full_disk_while_saving_a_version_changes_nothing_that_serves_or_is_st
     with pytest.raises(OSError) as err:
         _add(store, adapters[2])
     assert err.value.errno == errno.ENOSPC
+    assert _files(store) == files  # every file as it was, no temporary and no version file left
     with pytest.raises(OSError):  # a rollback on the full disk is refused as well
         store.set_serving("liver", 1)
     monkeypatch.undo()
-    assert _files(store) == files  # every file as it was, no temporary and no version file left
+    assert _files(store) == files
     assert VersionStore(store.root).serving("liver") == serving == store.serving("liver")
 
 
