@@ -281,6 +281,12 @@ def test_lineage_travels_in_the_file_but_not_in_the_fingerprint(tmp_path, adapte
     assert Adapter.load(tmp_path / "plain.safetensors").lineage is None  # files without it load as before
     assert Adapter.load(tmp_path / "marked.safetensors").fingerprint == plain.fingerprint
     assert marked.to(torch.float16).lineage == lineage
+    from samed_adapter.adapter_file.adapter import describe
+
+    assert describe(Adapter(plain.config, plain.tensors, plain.base_fingerprint, lineage={
+        **lineage, "adapter": "liver", "version": 2})).splitlines()[-1] == \
+        "lineage           liver@2 from version 1: 2 datastore items, 1 held out (/data/store)"
+    assert "lineage" not in describe(plain)
     with pytest.raises(AdapterFormatError, match="JSON"):
         Adapter(plain.config, plain.tensors, plain.base_fingerprint, lineage={"x": {1, 2}})
 

@@ -346,4 +346,14 @@ def describe(adapter: Adapter) -> str:
         f"base fingerprint  {adapter.base_fingerprint}",
         f"config            {json.dumps(cfg.to_dict(), sort_keys=True)}",
     ]
+    if adapter.lineage is not None:
+        lines.append(f"lineage           {_describe_lineage(adapter.lineage)}")
     return "\n".join(lines)
+
+
+def _describe_lineage(lineage: dict[str, Any]) -> str:
+    """``"liver@3 from version 2: 12 datastore items, 3 held out (/data/store)"``, from what it holds."""
+    name = f"{lineage.get('adapter', '?')}@{lineage['version']}" if "version" in lineage else "a version"
+    items, holdout = lineage.get("items") or [], lineage.get("holdout") or []
+    where = f" ({lineage['datastore']})" if lineage.get("datastore") else ""
+    return f"{name} from version {lineage.get('parent')}: {len(items)} datastore items, {len(holdout)} held out{where}"
