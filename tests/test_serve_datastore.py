@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'samed-adapter[serve]'")
 pytest.importorskip("monailabel", reason="MONAI Label's client is not installed")
 
-from samed_adapter.datastore import DatastoreError, FolderDatastore, uncertainty  # noqa: E402
+from samed_adapter.datastore import DatastoreError, DatastoreFormatError, FolderDatastore, uncertainty  # noqa: E402
 from samed_adapter.datastore.opening import open_datastore  # noqa: E402
 from samed_adapter.segment.pipeline import SamSource  # noqa: E402
 from samed_adapter.serve import ServeSettings, start  # noqa: E402
@@ -115,6 +115,19 @@ def _sha(path: Path) -> str:
 
 def _fingerprint(server, name: str) -> str:
     return next(a["fingerprint"] for a in _http(server, "GET", "/v1/adapters").json()["adapters"] if a["name"] == name)
+
+
+def test_a_damaged_datastore_stops_the_start_in_one_line(tmp_path, files):
+    # first in the file: without the check, start() would deploy a front that fails (a DeployError, later)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "datastore_v2.json").write_text("{damaged")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(files["adapters"])], port=port,
+                             datastore=str(tmp_path / "store"))
+    with pytest.raises(DatastoreFormatError, match="damaged .* restore it from a backup"):
+        start(settings)
 
 
 def test_info_advertises_the_datastore_and_the_three_strategies(client, files):

@@ -84,6 +84,10 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     replica that fails to start; each replica then builds its SAM from ``settings.sam``.
     """
     catalog_for(settings)
+    if settings.datastore or settings.datastore_dicomweb:  # a damaged one is one line here, not a failed replica
+        from ..datastore.opening import open_datastore
+
+        open_datastore(settings.datastore, settings.datastore_dicomweb, settings.datastore_cache)
     if settings.sam.checkpoint is not None:
         from pathlib import Path
 
