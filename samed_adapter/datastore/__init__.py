@@ -3,6 +3,7 @@
 - :mod:`.local`: :class:`FolderDatastore`, MONAI Label's ``LocalDatastore`` layout with atomic, locked writes;
 - :mod:`.dicomweb`: :class:`~.dicomweb.DicomWebDatastore`, MONAI Label's ``DICOMWebDatastore``: a PACS's series,
   final labels as DICOM SEG series, a FolderDatastore as its cache; :mod:`.pacs`: what it asks the PACS, checked;
+- :mod:`.opening`: :func:`~.opening.open_datastore`, the one `serve` and `train` open (a folder or a PACS);
 - :mod:`.index`: the datastore's JSON, entries of other kinds kept as they are;
 - :mod:`.folder`: MONAI Label's lock, staged copies, moves that never overwrite;
 - :mod:`.checks`: safe ids, a label against its image's grid and the adapter's classes, checksums;

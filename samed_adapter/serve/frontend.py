@@ -72,8 +72,9 @@ def _error(err: ServeError) -> JSONResponse:
 async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
     """Unknown routes and methods answer as every error here does: ``{"error", "status"}``."""
     return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, POST "
-                             "/v1/segment, GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, GET "
-                             "/healthz, GET /metrics)",
+                             "/v1/segment, GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, "
+                             "/datastore/ and POST /activelearning/{strategy} (serve --datastore), GET /healthz, GET "
+                             "/metrics)",
                              err.status_code))
 
 
