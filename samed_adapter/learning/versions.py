@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +38,8 @@ FORMAT_VERSION = 1
 #: a writer holds the lock for a copy and a JSON write (well under a second); this is a stuck one
 LOCK_TIMEOUT_S = 30.0
 _LOCK = ".lock"
+#: a JSON replaced this long ago is not replaced again unseen with the same stat (clock ticks are ms)
+SETTLED_NS = 2_000_000_000
 #: what an adapter's name may be (the catalog's rule: it travels in URLs and file names)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _REF = re.compile(r"(?P<name>[^@]*)@(?P<version>[0-9]{1,9})")
@@ -87,7 +90,7 @@ def parse_ref(ref: str) -> tuple[str, Optional[int]]:
 class VersionStore:
     """The versions of every adapter under ``root``: ``root/NAME/versions.json`` and ``root/NAME/NAME@N.safetensors``.
 
-    Reads are cheap: each adapter's JSON is parsed again only when its bytes changed, so a replica
+    Reads are cheap: each adapter's JSON is read again only when its stat changed, so a replica
     may ask on every batch. Thread-safe; several processes may share one root (writers lock).
     """
 
@@ -95,14 +98,17 @@ class VersionStore:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"--versions {self.root}: not a folder; give a folder for the adapter versions")
-        self._cache: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self._cache: dict[str, tuple[tuple[int, ...], bool, bytes, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
 
     def versions(self, name: str) -> list[Version]:
         """Every recorded version of ``name``, oldest first; [] when none is recorded."""
-        return self._versions(name, self._read(name))
+        data = self._read(name)
+        if "built" not in data:  # once per parse: a replica asks on every batch
+            data["built"] = self._versions(name, data)
+        return list(data["built"])
 
     def serving(self, name: str) -> Optional[Version]:
         """The version that serves ``name``; None: no version recorded (the catalog's file serves)."""
@@ -219,25 +225,29 @@ class VersionStore:
         return self._folder(name) / f"{name}@{version}.safetensors"
 
     def _read(self, name: str) -> dict[str, Any]:
-        """``name``'s JSON (an empty record when none), parsed again only when its bytes changed.
+        """``name``'s JSON (an empty record when none), read again only when it may have changed.
 
-        The bytes, not the stat, decide: a JSON replaced twice within one clock tick can reuse the
-        freed inode and keep size and times, and a few hundred bytes cost microseconds to read.
+        An unchanged stat is trusted only for a JSON replaced more than :data:`SETTLED_NS` before it
+        was read: one replaced twice within a clock tick can reuse the freed inode and keep size
+        and times, so a younger one is read again (a few kB: microseconds) and parsed if its bytes differ.
         """
         path = self._folder(name) / VERSIONS_FILE
         try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with self._lock:
+                cached = self._cache.get(name)
+            if cached is not None and cached[0] == stamp and cached[1]:
+                return cached[3]
             raw = path.read_bytes()
         except FileNotFoundError:
             return {"serving": None, "versions": []}
         except OSError as err:
             raise VersionFormatError(f"{path} cannot be read ({err.strerror or err}); check its permissions") from None
+        data = cached[3] if cached is not None and cached[2] == raw else _parse(path, raw, name)
+        settled = time.time_ns() - st.st_ctime_ns > SETTLED_NS
         with self._lock:
-            cached = self._cache.get(name)
-        if cached is not None and cached[0] == raw:
-            return cached[1]
-        data = _parse(path, raw, name)
-        with self._lock:
-            self._cache[name] = (raw, data)
+            self._cache[name] = (stamp, settled, raw, data)
         return data
 
     def _versions(self, name: str, data: dict[str, Any]) -> list[Version]:
