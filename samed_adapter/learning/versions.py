@@ -29,7 +29,7 @@ from ..adapter_file.adapter import Adapter, AdapterError
 from ..io.files import atomic_path, held_lock
 from .errors import UnknownVersionError, VersionError, VersionFileError, VersionFormatError, VersionStoreBusyError
 
-__all__ = ["FORMAT_NAME", "LOCK_TIMEOUT_S", "VERSIONS_FILE", "Version", "VersionStore", "parse_ref"]
+__all__ = ["FORMAT_NAME", "LOCK_TIMEOUT_S", "VERSIONS_FILE", "Version", "VersionStore", "file_changed", "parse_ref"]
 
 PathLike = Union[str, os.PathLike]
 VERSIONS_FILE = "versions.json"
@@ -358,10 +358,15 @@ def _checked(version: Version) -> Adapter:
         raise VersionFileError(f"{version.ref}: its file cannot be read ({err}); it is not served: serve another "
                                f"version (POST /v1/adapters/{version.name}/serve?version=N)") from None
     if adapter.fingerprint != version.fingerprint:
-        raise VersionFileError(f"{version.ref}: its file {version.path.name} was changed after it was recorded "
-                               f"(it holds {adapter.fingerprint[:19]}..., recorded {version.fingerprint[:19]}...); "
-                               f"it is not served: serve another version or put the file back")
+        raise file_changed(version, adapter.fingerprint)
     return adapter
+
+
+def file_changed(version: Version, found: str) -> VersionFileError:
+    """The error for ``version``'s file found holding the adapter ``found`` (a fingerprint) instead."""
+    return VersionFileError(f"{version.ref}: its file {version.path.name} was changed after it was recorded (it "
+                            f"holds {found[:19]}..., recorded {version.fingerprint[:19]}...); it is not served: serve "
+                            f"another version (POST /v1/adapters/{version.name}/serve?version=N) or put the file back")
 
 
 def _parse(path: Path, raw: bytes, name: str) -> dict[str, Any]:

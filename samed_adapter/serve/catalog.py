@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..adapter_file.adapter import Adapter
-from ..learning.errors import UnknownVersionError, VersionError, VersionFileError
-from ..learning.versions import VersionStore, parse_ref
+from ..learning.errors import UnknownVersionError, VersionError
+from ..learning.versions import VersionStore, file_changed, parse_ref
 
 #: what an adapter's name may be: it travels in URLs, file names and MONAI Label model names.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -190,7 +190,8 @@ class AdapterCatalog:
         the recorded version's number (None: no versions recorded).
 
         Raises:
-            VersionFileError: a recorded version's file no longer holds the adapter recorded (not served).
+            samed_adapter.learning.errors.VersionFileError: a recorded version's file no longer holds the
+                adapter recorded (not served).
         """
         path, number = self.version(name)
         stamp = Stamp.of(path)  # before the reads: a change during them makes the cached stamp stale, not wrong
@@ -216,9 +217,7 @@ class AdapterCatalog:
         name = parse_ref(entry["name"])[0]
         recorded = self.versions.get(name, entry["version"])
         if recorded.fingerprint != entry["fingerprint"]:
-            raise VersionFileError(f"{recorded.ref}: its file {recorded.path.name} was changed after it was recorded "
-                                   f"(it holds {entry['fingerprint'][:19]}..., recorded {recorded.fingerprint[:19]}...); "
-                                   f"it is not served: serve another version (POST /v1/adapters/{name}/serve?version=N)")
+            raise file_changed(recorded, entry["fingerprint"])
         return entry
 
 def catalog_for(settings: Any) -> AdapterCatalog:

@@ -27,7 +27,7 @@ from ..adapter_file.config import AdapterConfig
 from ..datastore import ORIGINAL, STRATEGIES
 from ..interactive.prompts import ClicksNotTrainedError, require_clicks
 from ..io.errors import ImageReadError, ImageTooLargeError
-from .catalog import AdapterCatalog, UnknownAdapterError
+from .catalog import UnknownAdapterError, catalog_for
 from .errors import (
     BadRequestError,
     NotFoundError,
@@ -56,6 +56,7 @@ from .uploads import (
     upload_suffix,
     zip_outputs,
 )
+from .version_routes import serve_version, version_list
 
 app = FastAPI(title="samed-adapter", description="SAMed adapters on one SAM: native API and MONAI Label's",
               docs_url=None, redoc_url=None, openapi_url=None)
@@ -71,8 +72,10 @@ def _error(err: ServeError) -> JSONResponse:
 @app.exception_handler(HTTPException)
 async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
     """Unknown routes and methods answer as every error here does: ``{"error", "status"}``."""
-    return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, POST "
-                             "/v1/segment, GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, "
+    return _error(ServeError(f"{request.method} {request.url.path}: {err.detail} (routes: GET /v1/adapters, GET "
+                             "/v1/adapters/{name}/versions, POST /v1/adapters/{name}/serve?version=N, POST "
+                             "/v1/segment, "
+                             "GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, "
                              "/datastore/ and POST /activelearning/{strategy} (serve --datastore), GET /healthz, GET "
                              "/metrics)",
                              err.status_code))
@@ -98,8 +101,7 @@ class Frontend:
     def __init__(self, segmenter: Any, settings: ServeSettings) -> None:
         self.segmenter = segmenter
         self.settings = settings
-        self.catalog = AdapterCatalog(settings.adapters, settings.adapter_files, settings.hub_adapters,
-                                      local_files_only=settings.local_files_only)
+        self.catalog = catalog_for(settings)
         self.metrics = Metrics()
         self.busy = 0
         self._folders: set[RequestFolder] = set()  # the requests' private folders not yet closed
@@ -323,6 +325,21 @@ class Frontend:
             return JSONResponse({"adapters": await self._entries(), "allow_base_mismatch":
                                  self.settings.allow_base_mismatch})
         return await self._answer("/v1/adapters", request, work)
+
+    @app.get("/v1/adapters/{name}/versions")
+    async def adapter_versions(self, name: str, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(await asyncio.to_thread(version_list, self.catalog, name))
+        return await self._answer("/v1/adapters/versions", request, work)
+
+    @app.post("/v1/adapters/{name}/serve")
+    async def serve_adapter_version(self, name: str, request: Request) -> Response:
+        """Rollback or promotion (admin token): the next request is pinned to that version."""
+        async def work() -> Response:
+            self._authorize_admin(request)
+            return JSONResponse(await asyncio.to_thread(serve_version, self.catalog, name,
+                                                        request.query_params.get("version")))
+        return await self._answer("/v1/adapters/serve", request, work, authorize=False)
 
     async def _entries(self) -> list[dict[str, Any]]:
         entries = []
