@@ -243,6 +243,45 @@ def test_next_sample_by_each_strategy(client, server, files):
     assert _status(unknown.value) == 404 and "least_sure" in unknown.value.msg
 
 
+def test_least_sure_scores_at_most_the_number_asked_before_it_picks(client, server, files):
+    client.upload_image(str(files["other"]), "late") if "late" not in client.datastore()["objects"] else None
+    fingerprint = _fingerprint(server, "wide")
+
+    def unscored() -> list[str]:
+        return sorted(k for k, v in client.datastore()["objects"].items()
+                      if "final" not in v["labels"] and fingerprint not in v["image"]["info"].get(SCORES, {}))
+    before = unscored()
+    assert "late" in before
+    client.next_sample("least_sure", {"model": "wide", "score": 0})
+    assert unscored() == before
+    picked = client.next_sample("least_sure", {"model": "wide", "score": 1})
+    assert unscored() == before[1:] and picked["unscored"] == len(before) - 1
+    with pytest.raises(Exception) as many:
+        client.next_sample("least_sure", {"model": "wide", "score": 99})
+    assert _status(many.value) == 400 and "0 to 32" in many.value.msg
+    with pytest.raises(Exception) as which:
+        client.next_sample("least_sure", {})  # two adapters: which one's labels
+    assert _status(which.value) == 400 and "brain" in which.value.msg
+
+
+def test_an_upload_over_the_limit_is_refused_before_its_body(server):
+    import http.client
+    from urllib.parse import urlparse
+
+    before = _snapshot(server)
+    url = urlparse(server.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.putrequest("PUT", "/datastore/image?image=huge")
+    for key, value in {"Authorization": f"Bearer {TOKEN}", "Content-Length": str(2**40),
+                       "Content-Type": "multipart/form-data; boundary=x"}.items():
+        connection.putheader(key, value)
+    connection.endheaders(b"--x\r\n")  # a little of the terabyte it declared
+    answer = connection.getresponse()
+    assert answer.status == 413 and "--max-upload-mb" in json.loads(answer.read())["error"]
+    connection.close()
+    assert _snapshot(server) == before
+
+
 def test_delete_needs_the_admin_token(client, server, files):
     client.upload_image(str(files["case_d"]), "gone") if "gone" not in client.datastore()["objects"] else None
     client.save_label("gone", str(files["case_d_label"]), params={"model": "brain"})
