@@ -57,7 +57,7 @@ def server(setup):
     root = setup["root"]
     settings = ServeSettings(sam=SamSource(backbone="tiny", seed=0), adapters=[str(root / "adapters")],
                              port=_free_port(), token=TOKEN, admin_token=ADMIN, versions=str(root / "versions"),
-                             max_batch_size=8, batch_wait_ms=5, max_resident=4)
+                             max_batch_size=8, batch_wait_ms=5, max_resident=1)
     with start(settings) as running:
         yield running
 
@@ -135,3 +135,22 @@ def test_a_bad_version_is_refused_in_one_line_and_changes_nothing(server, query,
     unknown = requests.post(f"{server.url}/v1/segment", headers=AUTH, data={"adapter": "liver@9"},
                             files={"file": ("scan.nii.gz", b"x")}, timeout=60)
     assert unknown.status_code == 404 and "no version 9" in unknown.json()["error"]
+
+
+def test_requests_during_swaps_all_succeed_each_answered_by_one_version(server, setup):
+    """Rollbacks and promotions while a steady client load runs: no request fails, and each answer's
+    labels are exactly those of the version its header names (never a mix of two)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fingerprints = setup["fingerprints"]
+    expected = {fingerprints[n]: _segment(server, f"liver@{n}")[1] for n in (1, 2)}
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(_segment, server, "liver") for _ in range(12)]
+        for version in (1, 2, 1, 2, 1, 2):
+            swap = requests.post(f"{server.url}/v1/adapters/liver/serve?version={version}", headers=ADMIN_AUTH,
+                                 timeout=60)
+            assert swap.status_code == 200, swap.text
+        results = [a.result(timeout=300) for a in answers]  # _segment asserts 200 on each
+    for served, labels in results:
+        np.testing.assert_array_equal(labels, expected[served])
+    assert requests.get(f"{server.url}/v1/adapters/liver/versions", headers=AUTH, timeout=30).json()["serving"] == 2
