@@ -1,7 +1,8 @@
 """The segmentation service on Ray Serve: many adapters on one SAM, batches that mix them, the
 native HTTP API and MONAI Label's; imports every stage below it (core, segment, io, ...).
 
-- :mod:`.settings` (how a server runs), :mod:`.catalog` (adapter names -> files),
+- :mod:`.settings` (how a server runs), :mod:`.catalog` (adapter names and ``NAME@N`` -> files),
+- :mod:`.version_routes` (listing an adapter's versions, serving another one),
 - :mod:`.residents` (one replica's SAM and its resident adapters; mixed batches, no Ray),
 - :mod:`.segmenter` (the model replicas, ``@serve.batch``), :mod:`.frontend` (the routes),
 - :mod:`.uploads`, :mod:`.monai_label`, :mod:`.metrics`, :mod:`.errors` (what the routes use),

@@ -20,6 +20,7 @@ fails with 409 only when no file holds it anymore; its slices never come from tw
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -296,7 +297,7 @@ class ServingModel:
             "versions: send the request again")
 
     @staticmethod
-    def _load_file(name: str, path: Any) -> Adapter:
+    def _load_file(name: str, path: "os.PathLike[str]") -> Adapter:
         """The adapter in ``path`` (served as ``name``), its failures as the HTTP errors they are."""
         try:
             return Adapter.load(path)
