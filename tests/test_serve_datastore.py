@@ -201,7 +201,7 @@ def test_refusals_change_nothing_on_disk(client, server, files):
         (lambda: client.save_label("no_such_case", str(files["case_a_label"])), 404, "no image"),
         (lambda: client.save_label("a/../../x", str(files["case_a_label"])), 422, "path separator"),
         (lambda: client.upload_image(str(files["case_a"]), "a/../../escape"), 422, "path separator"),
-        (lambda: client.upload_image(str(files["other"]), "case_a"), 409, "exists"),
+        (lambda: client.upload_image(str(files["other"]), "case_a"), 409, "rename the volume"),
         (lambda: client.upload_image(str(files["text"]), "notes"), 422, ".nii.gz"),
         (lambda: client.infer("brain", "no_such_case", {}), 404, "no image"),
         (lambda: client.infer("brain", "case_a", {"save_label": True, "label_tag": "final"}), 422, "final"),
@@ -214,7 +214,9 @@ def test_refusals_change_nothing_on_disk(client, server, files):
             ("GET", "/datastore/?output=all", "wrong", 401), ("DELETE", "/datastore/image?id=case_a", TOKEN, 403),
             ("DELETE", "/datastore/label?id=case_a&tag=final", "wrong", 401),
             ("GET", "/datastore/image?image=no_such_case", TOKEN, 404),
-            ("PUT", "/datastore/image/info?image=case_a", TOKEN, 400)]:
+            ("PUT", "/datastore/image/info?image=case_a", TOKEN, 400),
+            ("PUT", "/datastore/image/info?image=a/../../x", TOKEN, 422),
+            ("GET", "/datastore/label?label=.hidden&tag=final", TOKEN, 422)]:
         answer = _http(server, method, route, token, data={"info": '{"checksum": "forged"}'})
         assert answer.status_code == status and answer.json()["status"] == status
     assert _snapshot(server) == before
@@ -315,3 +317,19 @@ def test_open_datastore_takes_one_kind(tmp_path):
         open_datastore()
     with pytest.raises(DatastoreError, match="exactly one"):
         open_datastore(tmp_path / "b", "http://127.0.0.1:1/dicom-web")
+
+
+def test_without_a_datastore_the_routes_say_to_start_with_one():
+    import asyncio
+    from types import SimpleNamespace
+
+    from samed_adapter.serve.errors import BadRequestError
+    from samed_adapter.serve.frontend import Frontend
+    from samed_adapter.serve.store_routes import NoDatastoreError
+
+    front = Frontend.func_or_class  # the class Ray Serve runs; every datastore route starts with _store()
+    with pytest.raises(NoDatastoreError, match="start it with samed-adapter serve --datastore FOLDER") as none:
+        front._store(SimpleNamespace(store=None))
+    assert none.value.status == 501 and "\n" not in str(none.value)
+    with pytest.raises(BadRequestError, match="start the server with --datastore FOLDER to infer by image id"):
+        asyncio.run(front._stored_image(SimpleNamespace(store=None), "case_a"))

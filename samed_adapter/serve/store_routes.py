@@ -188,7 +188,10 @@ class StoreRoutes:
             stored = self.datastore.get_image_uri(image_id)
             if stored and await self._run(_same_image, Path(stored), saved, self.datastore.max_voxels):
                 return {"image": image_id, "exists": True}
-            raise served(err) from None
+            raise ServeError(f"image {image_id!r} exists in the datastore with other contents and is never replaced: "
+                             "upload it under another id (in 3D Slicer, rename the volume), or delete the stored one "
+                             "first (DELETE /datastore/image?id=ID with the admin token; its labels go too)", 409) \
+                from err
         except (DatastoreError, ImageReadError) as err:
             raise served(err) from None
 
@@ -205,13 +208,14 @@ class StoreRoutes:
         return {"image": image_id, "label": label_id, "tag": tag}
 
     async def set_image_info(self, image_id: Optional[str], value: Any) -> dict[str, Any]:
+        await self.image_path(image_id)
         info = info_form(value)
-        await self._run(self.datastore.update_image_info, check_id(image_id or ""), info)
+        await self._run(self.datastore.update_image_info, image_id, info)
         return await self.image_info(image_id)
 
     async def set_label_info(self, label_id: Optional[str], tag: Optional[str], value: Any) -> dict[str, Any]:
-        info = info_form(value)
         await self.label_path(label_id, tag)
+        info = info_form(value)
         await self._run(self.datastore.update_label_info, label_id, tag, info)
         return await self.label_info(label_id, tag)
 
