@@ -179,7 +179,8 @@ def test_infer_by_id_equals_the_upload_and_keeps_the_original_label(client, serv
 def test_a_submitted_label_is_kept_and_read_back(client, server, files):
     client.upload_image(str(files["case_c"]), "case_c")
     label_info = [{"name": "grey", "idx": 1}, {"name": "white", "idx": 2}]
-    answer = client.save_label("case_c", str(files["case_c_label"]), params={"label_info": label_info, "model": "brain"})
+    answer = client.save_label("case_c", str(files["case_c_label"]),
+                               params={"label_info": label_info, "model": "brain"})
     assert answer == {"image": "case_c", "label": "case_c", "tag": "final"}
     assert Path(client.download_label("case_c", "final")).read_bytes() == files["case_c_label"].read_bytes()
     info = _http(server, "GET", "/datastore/label/info?label=case_c&tag=final").json()

@@ -12,7 +12,6 @@ import hmac
 import logging
 import shutil
 import time
-import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -24,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from ..adapter_file.config import AdapterConfig
-from ..datastore import ORIGINAL, STRATEGIES
+from ..datastore import ORIGINAL
 from ..interactive.prompts import ClicksNotTrainedError, require_clicks
 from ..io.errors import ImageReadError, ImageTooLargeError
 from .catalog import UnknownAdapterError, catalog_for
@@ -43,7 +42,8 @@ from .monai_label import answer_name, app_info, multipart
 from .residents import VolumeRequest, VolumeResult
 from .sessions import ClickRequest, SessionImages, click_labels, parse_clicks
 from .settings import ServeSettings
-from .store_routes import NO_DATASTORE, ForbiddenError, NoDatastoreError, StoreRoutes, json_body, read_small
+from .store_routes import (NO_DATASTORE, ForbiddenError, NoDatastoreError, StoreRoutes, adapter_for, file_answer,
+                           json_body, read_small, strategies_info)
 from .uploads import (
     UPLOAD,
     bound_body,
@@ -551,10 +551,7 @@ class Frontend:
         """``/info/``'s datastore and strategies (3D Slicer shows its next-sample and label buttons for them)."""
         if self.store is None:
             return {}
-        names = [entry["name"] for entry in entries]
-        return {"datastore": await self.store.status(), "strategies": {
-            name: {"description": text, "config": {"model": names} if name == "least_sure" and names else {}}
-            for name, text in STRATEGIES.items()}}
+        return {"datastore": await self.store.status(), "strategies": strategies_info([e["name"] for e in entries])}
 
     async def _label_config(self, params: dict[str, Any]) -> Optional[AdapterConfig]:
         """What a label is checked against: ``params``' ``model`` (3D Slicer sends its selected one), else
@@ -564,15 +561,6 @@ class Frontend:
         entries = await self._entries()
         widest = max(entries, key=lambda e: e["num_classes"], default=None)
         return AdapterConfig.from_dict(widest["config"]) if widest else None
-
-    async def _adapter_for(self, params: dict[str, Any]) -> str:
-        if params.get("model"):
-            return str(params["model"])
-        names = await asyncio.to_thread(self.catalog.names)
-        if len(names) != 1:
-            raise BadRequestError(f"least_sure ranks one adapter's labels: send params {{\"model\": NAME}}, NAME one "
-                                  f"of {names}")
-        return names[0]
 
     async def _score_stored(self, entry: dict[str, Any], image_id: str) -> None:
         """Infer the datastore's image by id to record its score (and keep its labels as ``original``
@@ -593,14 +581,8 @@ class Frontend:
         finally:
             self._remove(folder)
 
-    def _store_file(self, handle: Any, size: int, name: str) -> StreamingResponse:
-        quoted = urllib.parse.quote(name)
-        return StreamingResponse(stream(handle), media_type="application/octet-stream", headers={
-            "Content-Length": str(size), "Content-Disposition": f"attachment; filename=\"{quoted}\"; "
-                                                                f"filename*=UTF-8''{quoted}"})
-
     async def _store_upload(self, request: Request, route: str, call: Any) -> Response:
-        """A datastore upload (``PUT``): ``await call(form, folder)`` answers; the upload's copy goes with the request."""
+        """A datastore upload (``PUT``): ``await call(form, folder)`` answers; the upload's copy goes with it."""
         async def work() -> Response:
             self._store()
             self._check_length(request)
@@ -645,7 +627,7 @@ class Frontend:
         async def work() -> Response:
             store = self._store()
             path = await store.image_path(request.query_params.get("image"))
-            return self._store_file(*await store.open_file(path), path.name)
+            return file_answer(*await store.open_file(path), path.name)
         return await self._answer("/datastore/image", request, work)
 
     @app.get("/datastore/image/info")
@@ -690,7 +672,7 @@ class Frontend:
         async def work() -> Response:
             store = self._store()
             path = await store.label_path(request.query_params.get("label"), request.query_params.get("tag"))
-            return self._store_file(*await store.open_file(path), path.name)
+            return file_answer(*await store.open_file(path), path.name)
         return await self._answer("/datastore/label", request, work)
 
     @app.get("/datastore/label/info")
@@ -716,7 +698,7 @@ class Frontend:
             params = json_body(await read_small(request))
             if strategy != "least_sure":
                 return JSONResponse(await store.next_sample(strategy, params))
-            entry = await self._describe(await self._adapter_for(params), pin=True)
+            entry = await self._describe(adapter_for(params, await asyncio.to_thread(self.catalog.names)), pin=True)
             return JSONResponse(await store.next_sample(strategy, params, entry=entry,
                                                         score=lambda image_id: self._score_stored(entry, image_id)))
         return await self._answer("/activelearning", request, work, guarded=True)

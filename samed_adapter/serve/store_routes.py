@@ -36,8 +36,9 @@ import asyncio
 import json
 import shutil
 import time
+import urllib.parse
 from pathlib import Path, PurePosixPath
-from typing import Any, Awaitable, BinaryIO, Callable, Mapping, Optional
+from typing import Any, Awaitable, BinaryIO, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -50,11 +51,11 @@ from ..io.errors import ImageReadError, ImageTooLargeError
 from ..io.volumes import read_image
 from .errors import (BadRequestError, NotFoundError, OverloadedError, PayloadTooLargeError, ServeError,
                      UnprocessableError)
-from .folders import RequestFolder
+from .folders import RequestFolder, stream
 from .uploads import params_json
 
 __all__ = ["MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "ForbiddenError", "NoDatastoreError",
-           "StoreRoutes", "served"]
+           "StoreRoutes", "adapter_for", "file_answer", "json_body", "read_small", "served", "strategies_info"]
 
 #: what the datastore routes answer on a server started without one
 NO_DATASTORE = ("this server keeps no datastore: start it with samed-adapter serve --datastore FOLDER (images and "
@@ -97,6 +98,33 @@ def served(err: Exception) -> ServeError:
         return UnprocessableError(str(err))
     status = next((code for kind, code in _STATUS if isinstance(err, kind)), 400)
     return OverloadedError(str(err)) if status == 503 else ServeError(str(err), status)
+
+
+def strategies_info(adapters: Sequence[str]) -> dict[str, Any]:
+    """``/info/``'s strategies as MONAI Label lists them ({name: {"description", "config"}}); least_sure's
+    config lists the adapters, which 3D Slicer shows as a drop-down and sends the chosen one of."""
+    return {name: {"description": text, "config": {"model": list(adapters)} if name == "least_sure" and adapters
+                   else {}} for name, text in STRATEGIES.items()}
+
+
+def adapter_for(params: Mapping[str, Any], names: Sequence[str]) -> str:
+    """The adapter whose labels least_sure ranks: ``params``' ``model``, else the only one served."""
+    if params.get("model"):
+        return str(params["model"])
+    if len(names) != 1:
+        raise BadRequestError(f"least_sure ranks one adapter's labels: send params {{\"model\": NAME}}, NAME one of "
+                              f"{list(names)}")
+    return names[0]
+
+
+def file_answer(handle: BinaryIO, size: int, name: str) -> Any:
+    """A stored file as the answer, read from ``handle`` (opened before: a removal meanwhile does not cut it)."""
+    from starlette.responses import StreamingResponse
+
+    quoted = urllib.parse.quote(name)
+    disposition = f"attachment; filename=\"{quoted}\"; filename*=UTF-8''{quoted}"
+    return StreamingResponse(stream(handle), media_type="application/octet-stream",
+                             headers={"Content-Length": str(size), "Content-Disposition": disposition})
 
 
 def info_form(value: Any) -> dict[str, Any]:
