@@ -67,6 +67,7 @@ class JobOptions:
         device: ``cpu`` or ``cuda`` (one GPU per worker on Ray).
         batch_size, base_lr, warmup_iters: the training schedule (``training.config.TrainConfig``).
         engine: ``ray`` (Ray Train's TorchTrainer) or ``local`` (this process, one worker).
+        cpus: CPUs each Ray Train worker reserves (its torch threads).
     """
 
     epochs: int = 10
@@ -79,6 +80,7 @@ class JobOptions:
     base_lr: float = 0.005
     warmup_iters: int = 10
     engine: str = "ray"
+    cpus: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "workers", "batch_size"):
@@ -89,11 +91,11 @@ class JobOptions:
             raise LearningJobError(f"warmup_iters must be a whole number of at least 0, got {self.warmup_iters!r}")
         if not isinstance(self.holdout, (int, float)) or not 0.0 < self.holdout < 1.0:
             raise LearningJobError(f"holdout must be a fraction between 0 and 1 (e.g. 0.2), got {self.holdout!r}")
-        for name in ("threshold", "base_lr"):
+        for name in ("threshold", "base_lr", "cpus"):
             if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
                 raise LearningJobError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if not self.base_lr > 0:
-            raise LearningJobError(f"base_lr must be above 0, got {self.base_lr!r}")
+        if not self.base_lr > 0 or self.cpus < 0:
+            raise LearningJobError(f"base_lr must be above 0 and cpus at least 0, got {self.base_lr!r}, {self.cpus!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise LearningJobError(f"device must be cpu or cuda, got {self.device!r}")
         if self.engine not in ENGINES:
@@ -112,6 +114,18 @@ class JobOptions:
             if key in known:
                 values[key] = value
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :meth:`LearningJob.prepare` found: the version to start from (None: the catalog's file),
+    its adapter, the split, and the checksums of every item as they were read."""
+
+    parent: Optional[Version]
+    adapter: Adapter
+    train: list[Item]
+    holdout: list[Item]
+    seen: dict[str, tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -189,22 +203,43 @@ class LearningJob:
         self.work_root = Path(work_root) if work_root is not None else versions.root / JOBS_FOLDER
         self.state = JobState(name, options.epochs)
         self._stop = threading.Event()
+        self._plan: Optional[_Plan] = None
 
     def stop(self) -> None:
         """Ask the job to stop (it ends at the next slice or epoch; nothing is recorded)."""
         self._stop.set()
+        if self.state.status == "RUNNING":
+            self.state.set(phase="stopping")
 
-    def run(self) -> JobResult:
-        """Run the job to its end; the state says how it went.
+    def prepare(self) -> "_Plan":
+        """The checks a job makes before it trains, made once (a server runs them before it answers the
+        request): the adapter to start from, the split, every label, and the items' checksums.
 
         Raises:
             EmptyDatastoreError, TooFewItemsError, ParentMissingError, LabelClassError,
-            LabelGridError: refused before training (nothing written).
-            DatastoreChangedError: an item changed while it trained (no version recorded).
+            LabelGridError, VersionFileError: refused (nothing written).
+        """
+        if self._plan is None:
+            parent = self.versions.serving(self.name)  # None: the catalog's file, adopted once a version is made
+            adapter = self.versions.load(self.name, parent.version) if parent else self._catalog_adapter()
+            items = self.datastore.training_items()
+            train, holdout = self.split(items)
+            self.check_labels(items, adapter)
+            # What it trains and scores on, hashed before the workers read them.
+            self._plan = _Plan(parent, adapter, train, holdout, record(items))
+        return self._plan
+
+    def run(self) -> JobResult:
+        """Run the job to its end (preparing it first if :meth:`prepare` was not called); the state
+        says how it went.
+
+        Raises:
+            what :meth:`prepare` raises (nothing written);
+            DatastoreChangedError: an item changed while it trained (no version recorded);
             FineTuneError: the training failed on a worker, or Ray Train did.
         """
         try:
-            result = self._run()
+            result = self._run(self.prepare())
         except BaseException as err:
             self.state.set(status="ERROR", phase="ERROR", error=str(err).splitlines()[0] if str(err) else
                            type(err).__name__, finished=time.time())
@@ -213,34 +248,29 @@ class LearningJob:
         self.state.set(status=status, phase=status, finished=time.time(), result=_public(result))
         return result
 
-    def _run(self) -> JobResult:
-        parent = self.versions.serving(self.name)  # None: the catalog's file, adopted only once a version is made
-        adapter = self.versions.load(self.name, parent.version) if parent else self._catalog_adapter()
-        items = self.datastore.training_items()
-        train, holdout = self.split(items)
-        self.check_labels(items, adapter)
-        seen = record(items)  # what it trains and scores on, hashed before it reads them
+    def _run(self, plan: "_Plan") -> JobResult:
         folder = self.work_root / self.name / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         try:
             self.state.set(phase="training")
-            parent_file = parent.path if parent else self.catalog_file
-            run = fine_tune(self._spec(parent_file, train, holdout, folder / "train"), engine=self.options.engine,
-                            num_workers=self.options.workers,
+            parent_file = plan.parent.path if plan.parent else self.catalog_file
+            run = fine_tune(self._spec(parent_file, plan.train, plan.holdout, folder / "train"),
+                            engine=self.options.engine, num_workers=self.options.workers,
                             use_gpu=self.options.device.startswith("cuda") and self.options.engine == "ray",
-                            on_epoch=self.state.epoch, should_stop=self._stop.is_set)
+                            cpus_per_worker=self.options.cpus, on_epoch=self.state.epoch,
+                            should_stop=self._stop.is_set)
             if run.stopped:
                 return JobResult(None, False, {}, stopped=True)
             self.state.set(phase="saving")
-            check_unchanged(self.datastore, seen)  # DatastoreChangedError: nothing is recorded
-            figures = self._figures(run, len(train), len(holdout))
+            check_unchanged(self.datastore, plan.seen)  # DatastoreChangedError: nothing is recorded
+            figures = self._figures(run, len(plan.train), len(plan.holdout))
             current, new = figures["holdout_dice"]["current"], figures["holdout_dice"]["new"]
             serve = current is not None and new is not None and new >= current - self.options.threshold
-            parent = parent or self._adopt(adapter)
+            parent = plan.parent or self._adopt(plan.adapter)
             version = self.versions.add(
                 self.name, Adapter.load(run.adapter), parent=parent.version, figures=figures,
-                items=[{"image": i.image_id, "image_checksum": seen[i.image_id][0],
-                        "label_checksum": seen[i.image_id][1]} for i in train],
-                holdout=[i.image_id for i in holdout], serve=serve, datastore=str(self.datastore.root))
+                items=[{"image": i.image_id, "image_checksum": plan.seen[i.image_id][0],
+                        "label_checksum": plan.seen[i.image_id][1]} for i in plan.train],
+                holdout=[i.image_id for i in plan.holdout], serve=serve, datastore=str(self.datastore.root))
             return JobResult(version, serve, figures)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

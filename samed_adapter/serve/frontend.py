@@ -44,6 +44,7 @@ from .sessions import ClickRequest, SessionImages, click_labels, parse_clicks
 from .settings import ServeSettings
 from .store_routes import (NO_DATASTORE, ForbiddenError, NoDatastoreError, StoreRoutes, adapter_for, file_answer,
                            json_body, read_small, strategies_info)
+from .training_jobs import ACTOR_NAMESPACE, actor_name, trainers
 from .uploads import (
     UPLOAD,
     bound_body,
@@ -76,7 +77,8 @@ async def _route_error(request: Request, err: HTTPException) -> JSONResponse:
                              "/v1/adapters/{name}/versions, POST /v1/adapters/{name}/serve?version=N, POST "
                              "/v1/segment, "
                              "GET /info/, POST /infer/{adapter}, PUT /session/, GET or DELETE /session/{id}, "
-                             "/datastore/ and POST /activelearning/{strategy} (serve --datastore), GET /healthz, GET "
+                             "/datastore/, POST /activelearning/{strategy} and POST, GET or DELETE /train/{adapter} (serve "
+                             "--datastore), GET /healthz, GET "
                              "/metrics)",
                              err.status_code))
 
@@ -146,7 +148,10 @@ class Frontend:
         if not token:
             return
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        given = value.strip().encode() if scheme.lower() == "bearer" else b""
+        admin = self.settings.admin_token
+        # The admin token reads too: 3D Slicer logs in with one token, and training needs the admin's.
+        if not hmac.compare_digest(given, token.encode()) and not (admin and hmac.compare_digest(given, admin.encode())):
             raise UnauthorizedError("this server needs 'Authorization: Bearer <token>' with its token (segment "
                                     "--server URL --token T, or SAMED_SERVE_TOKEN; 3D Slicer: log in with the token "
                                     "as password)")
@@ -382,7 +387,8 @@ class Frontend:
     async def info(self, request: Request) -> Response:
         async def work() -> Response:
             entries = await self._entries()
-            return JSONResponse(app_info(entries, **await self._store_info(entries)))
+            return JSONResponse(app_info(entries, **await self._store_info(entries),
+                                         **await self._train_info(entries)))
         return await self._answer("/info/", request, work)
 
     @app.get("/auth/")
@@ -395,9 +401,11 @@ class Frontend:
         async def work() -> Response:
             form = await request.form(max_files=0, max_fields=8)
             password = str(form.get("password", ""))
-            if not self.settings.token or not hmac.compare_digest(password.encode(), self.settings.token.encode()):
-                raise UnauthorizedError("wrong password: use the server's token (samed-adapter serve --token)")
-            return JSONResponse({"access_token": self.settings.token, "token_type": "bearer"})
+            # The admin token logs in as itself (3D Slicer's Train button needs it), the plain one as the plain one.
+            for token in (self.settings.token, self.settings.admin_token):
+                if token and hmac.compare_digest(password.encode(), token.encode()):
+                    return JSONResponse({"access_token": token, "token_type": "bearer"})
+            raise UnauthorizedError("wrong password: use the server's token (samed-adapter serve --token)")
         return await self._answer("/auth/token", request, work, authorize=False)  # the login that gives the token
 
     @app.get("/auth/token/valid")
@@ -702,3 +710,65 @@ class Frontend:
             return JSONResponse(await store.next_sample(strategy, params, entry=entry,
                                                         score=lambda image_id: self._score_stored(entry, image_id)))
         return await self._answer("/activelearning", request, work, guarded=True)
+
+    # ---- MONAI Label's training (serve --datastore; the jobs run in training_jobs' actor, never here)
+
+    async def _jobs(self, method: str, *args: Any) -> Any:
+        """Call the training jobs' actor; the ServeError it answers with is raised here."""
+        import ray
+
+        self._store()
+        try:
+            actor = ray.get_actor(actor_name(self.settings), namespace=ACTOR_NAMESPACE)
+            result = await getattr(actor, method).remote(*args)
+        except (ValueError, ray.exceptions.RayError) as err:
+            raise OverloadedError(f"the training jobs' actor cannot be reached ({type(err).__name__}); restart the "
+                                  "server to start it again") from None
+        if isinstance(result, ServeError):
+            raise result
+        return result
+
+    async def _train_info(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """``/info/``'s trainers (3D Slicer shows its Train button for them) and their progress."""
+        if self.store is None:
+            return {}
+        return {"trainers": trainers([e["name"] for e in entries], self.settings),
+                "train_stats": await self._jobs("train_stats")}
+
+    @app.post("/train/{model}")
+    async def train_start(self, model: str, request: Request) -> Response:
+        """A new version of ``model`` from the datastore's final labels (admin token); 409 while one runs."""
+        async def work() -> Response:
+            self._authorize_admin(request)
+            return JSONResponse(await self._jobs("start", model, json_body(await read_small(request))))
+        return await self._answer("/train", request, work, authorize=False)
+
+    @app.get("/train/{model}")
+    async def train_status(self, model: str, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(await self._jobs("status", model))
+        return await self._answer("/train", request, work)
+
+    @app.get("/train/")
+    async def train_jobs(self, request: Request) -> Response:
+        """MONAI Label's status: the latest job (``?check_if_running=true``: 404 unless it runs), with
+        every adapter's latest job in ``jobs`` (``?all=true``: that list alone)."""
+        async def work() -> Response:
+            query = request.query_params
+            if query.get("check_if_running") == "true":
+                latest = await self._jobs("status")
+                if latest["status"] != "RUNNING":
+                    raise NotFoundError(f"no training job is running (the last one: {latest['status']})")
+                return JSONResponse(latest)
+            jobs = await self._jobs("list")
+            return JSONResponse(jobs if query.get("all") == "true" else {**(jobs[-1] if jobs else {}), "jobs": jobs})
+        return await self._answer("/train", request, work)
+
+    @app.delete("/train/{model}")
+    @app.delete("/train/")
+    async def train_stop(self, request: Request, model: Optional[str] = None) -> Response:
+        """Stop ``model``'s job (``/train/``: every running one, as MONAI Label's); nothing is recorded."""
+        async def work() -> Response:
+            self._authorize_admin(request)
+            return JSONResponse(await self._jobs("stop", model))
+        return await self._answer("/train", request, work, authorize=False)

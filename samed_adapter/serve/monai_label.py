@@ -39,12 +39,15 @@ def model_info(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def app_info(entries: list[dict[str, Any]], datastore: Optional[dict[str, Any]] = None,
-             strategies: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+             strategies: Optional[dict[str, Any]] = None, trainers: Optional[dict[str, Any]] = None,
+             train_stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """``GET /info/``: every adapter as a model; the app's labels are all of theirs, in order.
 
     ``datastore`` (its ``status()``) and ``strategies`` ({name: {"description", "config"}}) as
     MONAI Label's app gives them, on a server with a datastore: 3D Slicer fills its strategy list
-    (its *Next Sample* button) and progress bar from them."""
+    (its *Next Sample* button) and progress bar from them; ``trainers`` ({name: {"description",
+    "config"}}) show its Train button, and ``train_stats`` ({name: {"epoch", "total_epochs",
+    "best_metric", ...}}) its training progress."""
     models = {entry["name"]: model_info(entry) for entry in entries}
     labels: list[str] = []
     for model in models.values():
@@ -55,10 +58,10 @@ def app_info(entries: list[dict[str, Any]], datastore: Optional[dict[str, Any]] 
         "version": __version__,
         "labels": labels,
         "models": models,
-        "trainers": {},
+        "trainers": trainers or {},
         "strategies": strategies or {},
         "scoring": {},
-        "train_stats": {},
+        "train_stats": train_stats or {},
         "datastore": datastore or {"total": 0, "completed": 0, "label_tags": {}, "train": 0},
     }
 

@@ -33,6 +33,8 @@ class Server:
     url: str
     settings: ServeSettings
     started_ray: bool
+    #: the training jobs' actor (``--datastore``; :mod:`.training_jobs`), None without a datastore
+    jobs: Any = None
 
     def check(self) -> None:
         """Raise :class:`DeployError` if Ray Serve gave up starting a replica: the model replicas
@@ -55,6 +57,8 @@ class Server:
 
         try:
             serve.delete(APP_NAME)
+            if self.jobs is not None:  # its jobs' Ray Train workers go with it; no version is half-written
+                ray.kill(self.jobs)
         finally:
             # A Ray started here stops with Serve's actors in it; serve.shutdown first would have Ray
             # print its controller's shutdown task as failed (killed while it ran).
@@ -107,8 +111,13 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
     # Serve's INFO lines (started, "connecting to existing app", ready, deleting) say what the
     # command says itself in one line; its warnings and errors still show.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    jobs = None
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
+        if settings.datastore or settings.datastore_dicomweb:  # /train/: jobs in their own actor, not a replica
+            from .training_jobs import start_actor
+
+            jobs = start_actor(settings)
         segmenter = Segmenter.options(
             num_replicas=settings.replicas,
             # Every request in flight is one ongoing call (its slices wait in the replica's own queue).
@@ -127,8 +136,10 @@ def start(settings: ServeSettings, *, ready_timeout_s: float = 300.0) -> Server:
         else:
             serve.run(frontend, name=APP_NAME, route_prefix="/", blocking=False)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        server = Server(f"http://{host}:{settings.port}", settings, started_ray)
+        server = Server(f"http://{host}:{settings.port}", settings, started_ray, jobs)
     except BaseException:
+        if jobs is not None:
+            ray.kill(jobs)
         if started_ray:
             ray.shutdown()
         raise
