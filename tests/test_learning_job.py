@@ -234,3 +234,26 @@ def test_options_from_monai_label_params():
     options = JobOptions.from_params({"max_epochs": 3, "holdout": 0.5, "client_id": "slicer", "engine": "local"})
     assert (options.epochs, options.holdout, options.engine) == (3, 0.5, "ray")
     assert json.dumps(JobOptions.from_params({}, epochs=7).epochs) == "7"
+
+
+def test_the_command_line_makes_a_version_and_says_both_figures(tmp_path, sources, parent, capsys):
+    from samed_adapter.cli.main import main
+
+    ds = datastore(tmp_path, sources)
+    flags = ["train", "--datastore", str(ds.root), "--from", "brain", "--adapter", f"brain={parent}",
+             "--sam-backbone", "tiny", "--random-sam-seed", "0", "--engine", "local", "--max-epochs", "1",
+             "--batch-size", "8", "--warmup-iters", "2", "--device", "cpu", "--threshold", "-100"]
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    made = VersionStore(ds.root / "versions").get("brain", 2)
+    dice = made.figures["holdout_dice"]
+    assert f"current (version 1) {dice['current']:.2f} %, new {dice['new']:.2f} %" in out
+    assert "brain@2 is kept but does not serve" in out and not made.serving and made.figures["epochs"] == 1
+    # Refusals: one line, nothing recorded.
+    assert main(["train", "--datastore", str(ds.root), "--from", "brain", "--adapter", f"brain={parent}",
+                 "--data", "x", "--sam-backbone", "tiny", "--random-sam-seed", "0"]) == 2
+    assert main(["train", "--datastore", str(ds.root), "--from", "liver", "--adapter", f"brain={parent}",
+                 "--sam-backbone", "tiny", "--random-sam-seed", "0", "--engine", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "--data do not apply" in err and "--from liver: no adapter named 'liver'" in err
+    assert [v.version for v in VersionStore(ds.root / "versions").versions("brain")] == [1, 2]

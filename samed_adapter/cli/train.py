@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .arguments import orientation_argument, pair_argument
+from .train_datastore import add_datastore_arguments
 from .common import SubParsers, example_parser
 from ..adapter_file.config import CT_ABDOMEN_WINDOW
 from ..training.config import RECIPES, TrainConfig
@@ -34,7 +35,8 @@ DEFAULT_CLICKS = False
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="dataset folder (or where to write the MNI demo task)")
+    # Required unless --datastore (checked in run(): argparse has no "one of these two groups").
+    data.add_argument("--data", help="dataset folder (or where to write the MNI demo task)")
     data.add_argument("--format", choices=["nifti", "synapse", "mni"], default="nifti",
                       help="nifti: imagesTr/labelsTr (nnU-Net/Decathlon); synapse: the preprocessed "
                            "train_npz + lists_Synapse layout; mni: build the bundled MNI152 demo task in --data")
@@ -74,12 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
 
     run = parser.add_argument_group("training (defaults: the published ViT-B recipe)")
-    run.add_argument("-o", "--output", required=True, help="output folder")
+    run.add_argument("-o", "--output", help="output folder")
     run.add_argument("--recipe", choices=sorted(RECIPES), help="published recipe presets; flags given override them")
     run.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its train_state.pt")
     run.add_argument("--overwrite", action="store_true",
                      help="delete the run files in OUTPUT (adapters, train_state.pt, log.jsonl, TensorBoard events; "
                           "nothing else) and start over; without it or --resume a folder holding a run is refused")
+    add_datastore_arguments(parser)
     for name, f in _FIELDS.items():
         if name == "output_dir" or name == "betas":
             continue
@@ -293,6 +296,15 @@ def run(args: argparse.Namespace) -> int:
     raised as ValueError / OSError for the front to print.
     """
     prog = getattr(args, "prog", "samed-adapter train")
+    if getattr(args, "datastore", None) is not None:
+        from .train_datastore import run_datastore
+
+        return run_datastore(args, prog)
+    missing = [flag for flag, value in (("--data", args.data), ("-o/--output", args.output)) if value is None]
+    if missing:
+        print(f"{prog}: error: the following arguments are required: {', '.join(missing)} (or --datastore FOLDER "
+              "--from NAME for a new version from a datastore's labels)", file=sys.stderr)
+        return 2
     try:
         return _run(args)
     except TrainingInterrupted as stop:
@@ -405,7 +417,9 @@ def add_train_parser(sub: SubParsers) -> None:
     p = example_parser(
         sub, "train", "fine-tune an adapter (the published recipe by default)",
         "example: samed-adapter train --data Task03_Liver --num-classes 2 --sam sam_vit_b_01ec64.pth -o runs/liver\n"
-        "         torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs",
+        "         torchrun --nproc_per_node 2 examples/train.py ...   # several GPUs\n"
+        "         samed-adapter train --datastore store/ --from liver --adapter liver=liver.safetensors "
+        "--sam sam_vit_b_01ec64.pth   # a new version",
     )
     add_arguments(p)
     p.set_defaults(func=run)
