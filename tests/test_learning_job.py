@@ -101,7 +101,7 @@ def ray_session():
     """A local Ray for the job's TorchTrainer, shut down after if this test started it."""
     import logging
 
-    ray = pytest.importorskip("ray.train", reason="Ray Train is not installed: pip install 'samed-adapter[ray]'")
+    pytest.importorskip("ray.train", reason="Ray Train is not installed: pip install 'samed-adapter[serve]'")
     import ray
 
     started = not ray.is_initialized()
