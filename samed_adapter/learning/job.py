@@ -68,6 +68,8 @@ class JobOptions:
         batch_size, base_lr, warmup_iters: the training schedule (``training.config.TrainConfig``).
         engine: ``ray`` (Ray Train's TorchTrainer) or ``local`` (this process, one worker).
         cpus: CPUs each Ray Train worker reserves (its torch threads).
+        gpus: with ``device="cuda"``, the GPU each worker reserves (a fraction shares one with the
+            serving replicas; workers no node can hold wait for one).
     """
 
     epochs: int = 10
@@ -81,6 +83,7 @@ class JobOptions:
     warmup_iters: int = 10
     engine: str = "ray"
     cpus: float = 1.0
+    gpus: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "workers", "batch_size"):
@@ -91,11 +94,12 @@ class JobOptions:
             raise LearningJobError(f"warmup_iters must be a whole number of at least 0, got {self.warmup_iters!r}")
         if not isinstance(self.holdout, (int, float)) or not 0.0 < self.holdout < 1.0:
             raise LearningJobError(f"holdout must be a fraction between 0 and 1 (e.g. 0.2), got {self.holdout!r}")
-        for name in ("threshold", "base_lr", "cpus"):
+        for name in ("threshold", "base_lr", "cpus", "gpus"):
             if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
                 raise LearningJobError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if not self.base_lr > 0 or self.cpus < 0:
-            raise LearningJobError(f"base_lr must be above 0 and cpus at least 0, got {self.base_lr!r}, {self.cpus!r}")
+        if not self.base_lr > 0 or self.cpus < 0 or not 0 < self.gpus <= 1:
+            raise LearningJobError(f"base_lr must be above 0, cpus at least 0 and gpus in (0, 1], got "
+                                   f"{self.base_lr!r}, {self.cpus!r}, {self.gpus!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise LearningJobError(f"device must be cpu or cuda, got {self.device!r}")
         if self.engine not in ENGINES:
@@ -256,7 +260,8 @@ class LearningJob:
             run = fine_tune(self._spec(parent_file, plan.train, plan.holdout, folder / "train"),
                             engine=self.options.engine, num_workers=self.options.workers,
                             use_gpu=self.options.device.startswith("cuda") and self.options.engine == "ray",
-                            cpus_per_worker=self.options.cpus, on_epoch=self.state.epoch,
+                            cpus_per_worker=self.options.cpus, gpus_per_worker=self.options.gpus,
+                            on_epoch=self.state.epoch,
                             should_stop=self._stop.is_set)
             if run.stopped:
                 return JobResult(None, False, {}, stopped=True)

@@ -292,14 +292,16 @@ def _rank_world() -> tuple[int, int]:
 
 
 def fine_tune(spec: FineTuneSpec, *, engine: str = "ray", num_workers: int = 1, use_gpu: bool = False,
-              cpus_per_worker: float = 1.0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+              cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> FineTuneResult:
     """Fine-tune ``spec.parent`` on ``spec.train``; returns once the run ended (done or stopped).
 
     Args:
         engine: ``"ray"`` (Ray Train's TorchTrainer, on the Ray this process is connected to;
             started locally if none) or ``"local"`` (this process, ``spec.device``, one worker).
-        num_workers, use_gpu, cpus_per_worker: Ray Train's ScalingConfig (DDP when num_workers > 1).
+        num_workers, use_gpu, cpus_per_worker, gpus_per_worker: Ray Train's ScalingConfig (DDP when
+            num_workers > 1; a GPU fraction shares one with the serving replicas). Workers that no node
+            can hold yet wait for it; a stop asked meanwhile ends them at their first slice.
         on_epoch: called with each epoch's record ``{"epoch", "loss"[, "val_mean_dice"]}`` (a
             record may come again, completed, when its validation Dice is known).
         should_stop: polled; True ends the run at the next slice (one worker) or epoch end.
@@ -318,7 +320,8 @@ def fine_tune(spec: FineTuneSpec, *, engine: str = "ray", num_workers: int = 1, 
         _worker({"spec": spec, "progress": progress})
         epochs, outcome = progress.read()
     else:
-        epochs, outcome = _on_ray(spec, num_workers, use_gpu, cpus_per_worker, on_epoch, should_stop)
+        resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+        epochs, outcome = _on_ray(spec, num_workers, use_gpu, resources, on_epoch, should_stop)
     return _result(spec, epochs, outcome, time.perf_counter() - start)
 
 
@@ -338,7 +341,7 @@ def _result(spec: FineTuneSpec, epochs: list[dict[str, Any]], outcome: Optional[
     return FineTuneResult(path, False, epochs, outcome.get("scores", {}), seconds)
 
 
-def _on_ray(spec: FineTuneSpec, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+def _on_ray(spec: FineTuneSpec, num_workers: int, use_gpu: bool, resources: dict[str, float],
             on_epoch: Optional[Callable[[dict[str, Any]], None]], should_stop: Optional[Callable[[], bool]],
             ) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
     """Run ``_worker`` on a TorchTrainer; poll its progress actor meanwhile."""
@@ -353,8 +356,7 @@ def _on_ray(spec: FineTuneSpec, num_workers: int, use_gpu: bool, cpus_per_worker
     progress = ray.remote(num_cpus=0)(_Progress).remote()
     trainer = TorchTrainer(
         _worker, train_loop_config={"spec": spec, "progress": progress, "ray": True},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # A lost worker or node ends the run (the caller's job fails, nothing is kept); no retries.
         run_config=RunConfig(name=f"fine-tune-{uuid.uuid4().hex[:8]}",
                              storage_path=str(Path(spec.config.output_dir).resolve().parent / "ray"),
