@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "datastore", None) is not None:
         from .train_datastore import run_datastore
 
-        return run_datastore(args, prog)
+        return run_datastore(args, prog, training_device)
     missing = [flag for flag, value in (("--data", args.data), ("-o/--output", args.output)) if value is None]
     if missing:
         print(f"{prog}: error: the following arguments are required: {', '.join(missing)} (or --datastore FOLDER "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["add_datastore_arguments", "run_datastore"]
 
@@ -43,9 +43,12 @@ def add_datastore_arguments(parser: argparse.ArgumentParser) -> None:
                        help="ray: Ray Train's TorchTrainer (default); local: this process, one worker")
 
 
-def run_datastore(args: argparse.Namespace, prog: str) -> int:
+def run_datastore(args: argparse.Namespace, prog: str, device: Callable[[Any], Any]) -> int:
     """Make the version; print both held-out Dice figures and whether it serves. Exit code 0, 2 for a
-    refusal (one line), 130 when stopped by Ctrl-C (nothing recorded)."""
+    refusal (one line), 130 when stopped by Ctrl-C (nothing recorded).
+
+    ``device``: ``--device`` as a torch device that can train here (``train.training_device``).
+    """
     given = [flag for name, flag in _NOT_WITH_DATASTORE.items() if getattr(args, name, None)]
     if given or not args.from_adapter or not (args.adapters or args.adapter):
         why = (f"{', '.join(given)} do not apply" if given else
@@ -55,7 +58,7 @@ def run_datastore(args: argparse.Namespace, prog: str) -> int:
         return 2
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     try:
-        job = _job(args)
+        job = _job(args, device(args.device).type)
         result = job.run()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; no version was recorded", file=sys.stderr)
@@ -73,12 +76,11 @@ def run_datastore(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
-def _job(args: argparse.Namespace) -> Any:
+def _job(args: argparse.Namespace, device: str) -> Any:
     from ..datastore.opening import open_datastore
     from ..learning.job import JobOptions, LearningJob
     from ..learning.versions import VersionStore
     from ..serve.catalog import AdapterCatalog, UnknownAdapterError, parse_pairs
-    from .train import training_device
 
     catalog = AdapterCatalog(args.adapters or [], parse_pairs(args.adapter or [], "--adapter"))
     try:
@@ -88,7 +90,7 @@ def _job(args: argparse.Namespace) -> Any:
     values = {"epochs": args.stop_epoch or args.max_epochs, "batch_size": args.batch_size, "base_lr": args.base_lr,
               "warmup_iters": args.warmup_iters, "seed": args.seed}
     options = JobOptions(holdout=args.holdout, threshold=args.threshold, workers=args.workers, engine=args.engine,
-                         device=training_device(args.device).type,
+                         device=device,
                          **{k: v for k, v in values.items() if v is not None})
     sam = _sam_source(args)
     versions = VersionStore(args.versions or Path(args.datastore) / "versions")
