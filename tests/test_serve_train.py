@@ -157,3 +157,16 @@ def test_delete_stops_a_job_and_records_nothing(server, client):
     assert done["epoch"] < 200 and _versions_json(server) == before
     assert _http(server, "DELETE", "/train/brain", token=ADMIN).status_code == 404  # nothing runs now
     assert json.loads(json.dumps(client.train_stop())) == {}  # MONAI Label's "stop all": none running
+
+
+def test_without_the_jobs_actor_info_still_answers_and_train_says_503(server, client):
+    import ray
+
+    ray.kill(server.jobs, no_restart=True)  # last in the file: the jobs' actor is gone for good
+    deadline = time.monotonic() + 30
+    while (answer := _http(server, "GET", "/train/brain")).status_code != 503:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.2)
+    assert "restart the server" in answer.json()["error"]
+    info = client.info()  # 3D Slicer connects with /info/: it must not fail with the actor
+    assert list(info["trainers"]) == ["brain"] and info["train_stats"] == {}

@@ -732,8 +732,11 @@ class Frontend:
         """``/info/``'s trainers (3D Slicer shows its Train button for them) and their progress."""
         if self.store is None:
             return {}
-        return {"trainers": trainers([e["name"] for e in entries], self.settings),
-                "train_stats": await self._jobs("train_stats")}
+        try:
+            stats = await self._jobs("train_stats")
+        except ServeError:  # the jobs' actor gone: /info/ still answers (Slicer connects with it)
+            stats = {}
+        return {"trainers": trainers([e["name"] for e in entries], self.settings), "train_stats": stats}
 
     @app.post("/train/{model}")
     async def train_start(self, model: str, request: Request) -> Response:
