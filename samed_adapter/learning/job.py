@@ -165,7 +165,7 @@ class JobState:
         if record.get("val_mean_dice") is not None:
             entry["holdout_dice"] = 100.0 * record["val_mean_dice"]
         with self._lock:
-            self.phase = "training"
+            self.phase = "stopping" if self.phase == "stopping" else "training"
             self.progress = [p for p in self.progress if p["epoch"] != entry["epoch"]] + [entry]
             self.progress.sort(key=lambda p: p["epoch"])
 
