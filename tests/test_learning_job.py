@@ -115,7 +115,9 @@ def ray_session():
 def test_a_job_on_ray_records_a_better_version_with_its_figures_and_lineage(tmp_path, sources, parent, ray_session):
     ds = datastore(tmp_path, sources)
     store = VersionStore(tmp_path / "versions")
-    job = LearningJob(ds, store, "brain", SAM, JobOptions(**{**FAST, "engine": "ray"}), catalog_file=parent)
+    # Two workers: DistributedDataParallel on the process group Ray Train sets up (gloo on CPUs).
+    options = JobOptions(**{**FAST, "engine": "ray", "workers": 2, "cpus": 0.5})
+    job = LearningJob(ds, store, "brain", SAM, options, catalog_file=parent)
     result = job.run()
 
     assert [v.version for v in store.versions("brain")] == [1, 2]

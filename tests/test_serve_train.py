@@ -147,7 +147,8 @@ def test_a_job_reports_progress_makes_a_version_and_a_second_gets_409(server, cl
 
 def test_delete_stops_a_job_and_records_nothing(server, client):
     before = _versions_json(server)
-    started = _http(server, "POST", "/train/brain", token=ADMIN, json={"max_epochs": 200})
+    # Two workers (DDP): they stop together at an epoch's end.
+    started = _http(server, "POST", "/train/brain", token=ADMIN, json={"max_epochs": 200, "workers": 2, "cpus": 0.5})
     assert started.status_code == 200, started.text
     _wait(server, lambda s: s["phase"] == "training")
     stopped = _http(server, "DELETE", "/train/brain", token=ADMIN)

@@ -268,7 +268,8 @@ def _train_worker(spec: FineTuneSpec, channel: _Channel, on_ray: bool) -> Option
     config = dataclasses.replace(spec.config, val_every=1, progress=False)
     per_epoch = iterations_per_epoch(len(slices), config.batch_size, world)
     hook = _EpochEnd(volumes, probe, channel, Path(config.output_dir) / LOG, per_epoch, rank, world)
-    data = _StopOnRequest(slices, channel) if world == 1 else slices
+    # Mid-epoch only where the slices are read in this process (a DataLoader worker's interrupt is its own).
+    data = _StopOnRequest(slices, channel) if world == 1 and config.num_workers == 0 else slices
     torch.manual_seed(config.seed)
     try:
         path = train(model, data, config, val_volumes=hook, overwrite=True)
