@@ -149,7 +149,7 @@ class JobState:
     adapter: str
     epochs: int
     status: str = "RUNNING"  # MONAI Label's words: RUNNING, DONE, STOPPED, ERROR
-    phase: str = "checking"  # checking, training, evaluating, saving, then the status's
+    phase: str = "checking"  # checking, training (scoring included), stopping, saving, then the status
     started: float = field(default_factory=time.time)
     finished: Optional[float] = None
     progress: list[dict[str, Any]] = field(default_factory=list)
