@@ -14,7 +14,9 @@ failures in each phase, as ratios to the phase before training:
   training   while the job trains (on one machine its Ray Train workers share the cores with the
              replica; on a cluster they run on other nodes),
   swap-in    from the job's end to `--window` seconds after the first new-version answer,
-  after      the rest, the new version serving.
+  after      the new version serving, for `--after` seconds,
+  rollback   `--window` seconds from `POST /v1/adapters/brain/serve?version=1` (a swap with no job
+             around it, to tell the swap's cost from the job's end on shared cores).
 The goal of issue 32: no failed request, and the swap-in's dip under 10 %.
 
     python benchmarks/bench_learn.py [--clients 2] [--epochs 20] [--before 10] [--after 15] [--window 3]
@@ -137,6 +139,12 @@ def main() -> None:
                 time.sleep(0.05)
             t_swapped = (t_new or t_done) + args.window
             time.sleep(max(0.0, t_swapped + args.after - time.monotonic()))
+            # A swap with no job around it: back to version 1, as an admin's rollback.
+            t_rollback = time.monotonic()
+            rolled = requests.post(f"{server.url}/v1/adapters/brain/serve", params={"version": 1},
+                                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+            rolled.raise_for_status()
+            time.sleep(args.window)
             stop.set()
             for t in threads:
                 t.join(timeout=180)
@@ -150,7 +158,7 @@ def main() -> None:
     print(f"POST /train -> job done: {t_done - t_post:.1f} s; -> first answer by the new version: "
           + (f"{t_new - t_post:.1f} s" if t_new else "none"))
     phases = [("before", t_before, t_post), ("training", t_post, t_done), ("swap-in", t_done, t_swapped),
-              ("after", t_swapped, t_end)]
+              ("after", t_swapped, t_rollback), ("rollback", t_rollback, t_end)]
     base = phase(answers, t_before, t_post)[2]
     print(f"\n{args.clients} clients, POST /v1/segment of a {slabs[-1][1].name} slab; ratios to 'before'")
     print(f"{'phase':<10}{'seconds':>9}{'answers':>9}{'failed':>8}{'per s':>8}{'ratio':>8}")

@@ -42,6 +42,11 @@ _EXPORTS = {
     "segment_files": "segment.pipeline",
     "segment_study": "dicomweb.job",
     "DicomWebError": "dicomweb.errors",
+    "FolderDatastore": "datastore.local",
+    "DicomWebDatastore": "datastore.dicomweb",
+    "VersionStore": "learning.versions",
+    "LearningJob": "learning.job",
+    "JobOptions": "learning.job",
     "label_statistics": "segment.statistics",
     "stock_fingerprint": "surgery.structure",
 }
@@ -76,6 +81,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .segment.pipeline import segment_files
     from .dicomweb.errors import DicomWebError
     from .dicomweb.job import segment_study
+    from .datastore.dicomweb import DicomWebDatastore
+    from .datastore.local import FolderDatastore
+    from .learning.job import JobOptions, LearningJob
+    from .learning.versions import VersionStore
     from .volume.preprocessing import Intensity
     from .segment.outputs import segment_file
     from .segment.statistics import label_statistics
