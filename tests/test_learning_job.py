@@ -9,6 +9,7 @@ process); one runs on Ray Train's TorchTrainer.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -174,7 +175,7 @@ def test_an_item_changed_during_training_records_no_version(tmp_path, sources, p
     assert "case_1" in job.state.to_dict()["error"]
 
 
-def test_a_stopped_job_changes_nothing_and_the_next_starts_clean(tmp_path, sources, parent):
+def test_a_stopped_job_changes_nothing(tmp_path, sources, parent):
     ds = datastore(tmp_path, sources)
     store = VersionStore(tmp_path / "versions")
     store.adopt("brain", parent)
@@ -192,13 +193,52 @@ def test_a_stopped_job_changes_nothing_and_the_next_starts_clean(tmp_path, sourc
     assert state["status"] == "STOPPED" and [p["epoch"] for p in state["progress"]] == [1]
     assert versions_state(store) == before
     assert not any((store.root / ".jobs" / "brain").iterdir())  # its training folder went with it
-    # A job killed half-way leaves its folder; the next one trains in its own and records version 2.
-    stale = store.root / ".jobs" / "brain" / "killed"
-    stale.mkdir()
-    (stale / "train_state.pt").write_bytes(b"half")
+
+
+KILLED_JOB = """
+import sys
+from samed_adapter.datastore import FolderDatastore
+from samed_adapter.learning.job import JobOptions, LearningJob
+from samed_adapter.learning.versions import VersionStore
+from samed_adapter.segment.pipeline import SamSource
+ds, versions, parent = sys.argv[1:]
+job = LearningJob(FolderDatastore(ds), VersionStore(versions), "brain", SamSource(backbone="tiny", seed=0),
+                  JobOptions(epochs=500, batch_size=8, warmup_iters=2, engine="local"), catalog_file=parent)
+job.run()
+"""
+
+
+def test_a_job_killed_half_way_changes_nothing_and_the_next_removes_what_it_left(tmp_path, sources, parent,
+                                                                                  monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from samed_adapter.learning import job as job_module
+
+    ds = datastore(tmp_path, sources)
+    store = VersionStore(tmp_path / "versions")
+    store.adopt("brain", parent)
+    before = versions_state(store)
+    jobs = store.root / ".jobs" / "brain"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(ds.root), str(store.root), str(parent)])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(jobs.glob("*/train/log.jsonl")):  # training, its first steps logged
+            assert child.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (left,) = list(jobs.iterdir())
+    assert versions_state(store) == before  # the serving version and the store untouched
+    running = job_module.claim_folder(jobs / "running-now")  # a live job's folder: its lock held
+    monkeypatch.setattr(job_module, "UNLOCKED_GRACE_S", 0.0)
     again = LearningJob(ds, store, "brain", SAM, JobOptions(**FAST), catalog_file=parent).run()
     assert again.version.version == 2 and again.version.parent == 1
-    assert (stale / "train_state.pt").read_bytes() == b"half"
+    assert not left.exists() and (jobs / "running-now").is_dir()  # the killed job's files went, the live one's stay
+    os.close(running)
 
 
 def test_refused_jobs_say_why_in_one_line_and_write_nothing(tmp_path, sources, parent):

@@ -15,6 +15,7 @@ killed half-way leaves the versions as they were, and every job trains in its ow
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import secrets
@@ -34,11 +35,16 @@ from ..training.ray_job import ENGINES, FineTuneSpec, fine_tune
 from .versions import Version, VersionStore
 
 __all__ = ["JOBS_FOLDER", "JobOptions", "JobResult", "JobState", "LearningJob", "LearningJobError",
-           "ParentMissingError", "TooFewItemsError"]
+           "ParentMissingError", "TooFewItemsError", "claim_folder", "remove_killed"]
 
 PathLike = Union[str, os.PathLike]
 #: the folder under the versions root where jobs train (one fresh folder per job)
 JOBS_FOLDER = ".jobs"
+#: the file in a job's folder that the job holds locked while it runs (free: the job was killed)
+RUNNING = ".running"
+#: a job folder whose lock file is missing or free and this old (seconds) was left by a killed job;
+#: a younger one may belong to a job starting at this moment, between making the file and locking it
+UNLOCKED_GRACE_S = 60.0
 
 
 class LearningJobError(ValueError):
@@ -253,7 +259,10 @@ class LearningJob:
         return result
 
     def _run(self, plan: "_Plan") -> JobResult:
-        folder = self.work_root / self.name / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+        jobs = self.work_root / self.name
+        remove_killed(jobs)
+        folder = jobs / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+        running = claim_folder(folder)
         try:
             self.state.set(phase="training")
             parent_file = plan.parent.path if plan.parent else self.catalog_file
@@ -279,6 +288,7 @@ class LearningJob:
             return JobResult(version, serve, figures)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            os.close(running)
 
     def _catalog_adapter(self) -> Adapter:
         """The catalog's file's adapter (no version recorded yet).
@@ -354,3 +364,44 @@ def _public(result: JobResult) -> dict[str, Any]:
         return {"stopped": result.stopped}
     return {"version": result.version.version, "ref": result.version.ref, "serving": result.serving,
             "fingerprint": result.version.fingerprint, "figures": result.figures}
+
+
+def claim_folder(folder: Path) -> int:
+    """Make a job's ``folder`` and lock its :data:`RUNNING` file; the open descriptor holds the lock
+    until the job ends or its process dies, so a folder whose lock is free was left by a killed job."""
+    folder.mkdir(parents=True)
+    running = os.open(folder / RUNNING, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    return running
+
+
+def remove_killed(jobs: Path) -> list[Path]:
+    """Remove the folders under ``jobs`` that killed jobs left (their lock free: no process holds
+    it), and return them; a running job's folder, held by any process on this machine, stays.
+
+    A killed job never recorded a version (that is its last step, and atomic), so what it left is
+    only its training files.
+    """
+    removed: list[Path] = []
+    if not jobs.is_dir():
+        return removed
+    for folder in sorted(p for p in jobs.iterdir() if p.is_dir()):
+        try:
+            held = os.open(folder / RUNNING, os.O_RDWR)
+        except FileNotFoundError:  # killed between making the folder and its lock file, or making them now
+            if time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a job runs there
+        else:
+            # A lock file made a moment ago may be about to be locked by the job that made it.
+            if time.time() - os.fstat(held).st_mtime > UNLOCKED_GRACE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        finally:
+            os.close(held)
+    return removed
