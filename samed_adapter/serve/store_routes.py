@@ -17,7 +17,9 @@ client, 3D Slicer's module and OHIF's panel call:
 
 Errors: unknown image or label 404, an id taken by other bytes 409, an unsafe id, a file that is
 not NIfTI, a label off its image's grid or with classes the adapter lacks 422, the folder locked
-by another writer 503. A refused request leaves the folder as it was.
+by another writer 503, the PACS of ``--datastore-dicomweb`` failing (gone, refusing the server's
+credentials, answering what no PACS sends or past a bound) 502, naming it. A refused request
+leaves the folder as it was.
 
 ``least_sure`` scores: the mean per-voxel entropy of the adapter's softmax over the voxels it
 labels (:func:`~samed_adapter.datastore.uncertainty`), computed on the model's own slices
@@ -47,6 +49,7 @@ from ..datastore import (FINAL, ORIGINAL, STRATEGIES, DatastoreBusyError, Datast
                          LabelClassError, LabelGridError, LabelNotFoundError, UnsafeIdError, UnsupportedFileError,
                          check_id, file_checksum, first, least_sure, random_image, uncertainty)
 from ..datastore.checks import GRID_TOLERANCE, split_name
+from ..dicomweb.errors import DicomWebError
 from ..io.errors import ImageReadError, ImageTooLargeError
 from ..io.volumes import read_image
 from .errors import (BadRequestError, NotFoundError, OverloadedError, PayloadTooLargeError, ServeError,
@@ -54,8 +57,9 @@ from .errors import (BadRequestError, NotFoundError, OverloadedError, PayloadToo
 from .folders import RequestFolder, stream
 from .uploads import params_json
 
-__all__ = ["MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "ForbiddenError", "NoDatastoreError",
-           "StoreRoutes", "adapter_for", "file_answer", "json_body", "read_small", "served", "strategies_info"]
+__all__ = ["FAULTS", "MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "BadGatewayError", "ForbiddenError",
+           "NoDatastoreError", "StoreRoutes", "adapter_for", "file_answer", "json_body", "read_small", "served",
+           "strategies_info"]
 
 #: what the datastore routes answer on a server started without one
 NO_DATASTORE = ("this server keeps no datastore: start it with samed-adapter serve --datastore FOLDER (images and "
@@ -90,8 +94,21 @@ class ForbiddenError(ServeError):
     status = 403
 
 
+class BadGatewayError(ServeError):
+    """The datastore's PACS failed (gone, refused us, answered what no PACS sends or past a bound) (502)."""
+
+    status = 502
+
+
+#: what a datastore route's work may raise: the datastore's, a reader's, the PACS's (serve --datastore-dicomweb)
+FAULTS = (DatastoreError, ImageReadError, DicomWebError)
+
+
 def served(err: Exception) -> ServeError:
-    """A datastore or reader error as the service answers it (status by kind, the same one line)."""
+    """A datastore, reader or PACS error as the service answers it (status by kind, the same one line)."""
+    if isinstance(err, DicomWebError):  # the PACS's fault, not the server's (500) nor the client's (4xx)
+        return BadGatewayError(f"the datastore's PACS failed: {err}; check that the PACS runs and answers "
+                               "DICOMweb at that URL (serve --datastore-dicomweb), then retry")
     if isinstance(err, ImageTooLargeError):
         return PayloadTooLargeError(str(err))
     if isinstance(err, ImageReadError):
@@ -144,10 +161,10 @@ class StoreRoutes:
         self.datastore = datastore
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn`` on a thread, its datastore or reader errors answered as :func:`served` says."""
+        """``fn`` on a thread, its datastore, reader or PACS errors answered as :func:`served` says."""
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
-        except (DatastoreError, ImageReadError) as err:
+        except FAULTS as err:
             raise served(err) from None
 
     # ---- reading
@@ -220,7 +237,7 @@ class StoreRoutes:
                              "upload it under another id (in 3D Slicer, rename the volume), or delete the stored one "
                              "first (DELETE /datastore/image?id=ID with the admin token; its labels go too)", 409) \
                 from err
-        except (DatastoreError, ImageReadError) as err:
+        except FAULTS as err:
             raise served(err) from None
 
     async def save_label(self, form: Any, image_id: Optional[str], tag: Optional[str], config: Any,
