@@ -299,3 +299,23 @@ def test_the_command_line_makes_a_version_and_says_both_figures(tmp_path, source
     err = capsys.readouterr().err
     assert "--data do not apply" in err and "--from liver: no adapter named 'liver'" in err
     assert [v.version for v in VersionStore(ds.root / "versions").versions("brain")] == [1, 2]
+
+
+def test_the_command_line_on_ray_takes_paths_relative_to_where_it_runs(tmp_path, sources, parent, ray_session,
+                                                                      monkeypatch, capsys):
+    """Ray Train's workers run in another working folder: the relative --adapter and --datastore
+    paths a user types reach them as files (the adapter file was not found there)."""
+    import shutil
+
+    from samed_adapter.cli.main import main
+
+    datastore(tmp_path, sources)
+    shutil.copy(parent, tmp_path / "brain.safetensors")
+    monkeypatch.chdir(tmp_path)
+    flags = ["train", "--datastore", "ds", "--from", "brain", "--adapter", "brain=brain.safetensors",
+             "--versions", "versions", "--sam-backbone", "tiny", "--random-sam-seed", "0", "--engine", "ray",
+             "--max-epochs", "1", "--batch-size", "8", "--warmup-iters", "2", "--device", "cpu"]
+    assert main(flags) == 0, capsys.readouterr().err
+    made = VersionStore(tmp_path / "versions").get("brain", 2)
+    assert made.parent == 1 and made.path.is_file() and "held-out mean Dice" in capsys.readouterr().out
+

@@ -338,10 +338,12 @@ class LearningJob:
 
     def _spec(self, parent: Path, train: Sequence[Item], holdout: Sequence[Item], out: Path) -> FineTuneSpec:
         o = self.options
-        config = TrainConfig(output_dir=str(out), batch_size=o.batch_size, max_epochs=o.epochs, stop_epoch=o.epochs,
+        config = TrainConfig(output_dir=str(Path(out).absolute()), batch_size=o.batch_size, max_epochs=o.epochs, stop_epoch=o.epochs,
                              base_lr=o.base_lr, warmup_iters=o.warmup_iters, seed=o.seed, progress=False)
-        pairs = lambda chosen: tuple((i.image_id, str(i.image), str(i.label)) for i in chosen)  # noqa: E731
-        return FineTuneSpec(str(parent), self.sam, pairs(train), pairs(holdout), config, o.device)
+        # Absolute: Ray Train's workers do not run in this process's working folder.
+        pairs = lambda chosen: tuple((i.image_id, str(Path(i.image).absolute()), str(Path(i.label).absolute()))  # noqa: E731
+                                     for i in chosen)
+        return FineTuneSpec(str(Path(parent).absolute()), self.sam, pairs(train), pairs(holdout), config, o.device)
 
     def _figures(self, run: Any, n_train: int, n_holdout: int) -> dict[str, Any]:
         percent = lambda v: None if v is None else 100.0 * v  # noqa: E731
