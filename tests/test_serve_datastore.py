@@ -332,9 +332,9 @@ def test_without_a_datastore_the_routes_say_to_start_with_one():
     from samed_adapter.serve.frontend import Frontend
     from samed_adapter.serve.store_routes import NoDatastoreError
 
-    front = Frontend.func_or_class  # the class Ray Serve runs; every datastore route starts with _store()
+    front = Frontend.func_or_class  # the class Ray Serve runs; every datastore route starts with require_store()
     with pytest.raises(NoDatastoreError, match="start it with samed-adapter serve --datastore FOLDER") as none:
-        front._store(SimpleNamespace(store=None))
+        front.require_store(SimpleNamespace(store=None))
     assert none.value.status == 501 and "\n" not in str(none.value)
     with pytest.raises(BadRequestError, match="start the server with --datastore FOLDER to infer by image id"):
-        asyncio.run(front._stored_image(SimpleNamespace(store=None), "case_a"))
+        asyncio.run(front.stored_image(SimpleNamespace(store=None), "case_a"))

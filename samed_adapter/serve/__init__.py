@@ -4,7 +4,9 @@ native HTTP API and MONAI Label's; imports every stage below it (core, segment, 
 - :mod:`.settings` (how a server runs), :mod:`.catalog` (adapter names and ``NAME@N`` -> files),
 - :mod:`.version_routes` (listing an adapter's versions, serving another one),
 - :mod:`.residents` (one replica's SAM and its resident adapters; mixed batches, no Ray),
-- :mod:`.segmenter` (the model replicas, ``@serve.batch``), :mod:`.frontend` (the routes),
+- :mod:`.segmenter` (the model replicas, ``@serve.batch``), :mod:`.frontend` (the ingress: native
+  API and plumbing), :mod:`.app` (the FastAPI app, the error answer), the route groups it inherits
+  (:mod:`.monai_routes`, :mod:`.session_routes`, :mod:`.datastore_routes`, :mod:`.train_routes`),
 - :mod:`.uploads`, :mod:`.monai_label`, :mod:`.metrics`, :mod:`.errors` (what the routes use),
 - :mod:`.server` (start / stop), :mod:`.client` (``segment --server``).
 

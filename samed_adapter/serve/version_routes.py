@@ -1,6 +1,6 @@
 """The service's adapter versions: ``GET /v1/adapters/{name}/versions`` and
-``POST /v1/adapters/{name}/serve?version=N`` (a rollback or a promotion), the logic behind the
-front's thin routes.
+``POST /v1/adapters/{name}/serve?version=N`` (a rollback or a promotion): the logic, and the
+routes (:class:`VersionRoutes`, a mixin of the ingress :class:`~.frontend.Frontend`).
 
 A swap only rewrites the versions' JSON: the front pins its next request to the new version, and
 each replica loads its file on the next batch that asks for it, while requests pinned before the
@@ -9,15 +9,20 @@ swap finish on their version (:meth:`~.residents.ServingModel._read` finds it by
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
 from ..learning.errors import (UnknownVersionError, VersionError, VersionFileError, VersionFormatError,
                                VersionStoreBusyError)
 from ..learning.versions import VersionStore
+from .app import app
 from .catalog import AdapterCatalog, UnknownAdapterError
 from .errors import BadRequestError, NotFoundError, OverloadedError, ServeError, UnprocessableError
 
-__all__ = ["serve_version", "version_list"]
+__all__ = ["VersionRoutes", "serve_version", "version_list"]
 
 NO_VERSIONS = ("this server keeps no adapter versions: start it with --versions FOLDER (or --datastore FOLDER, "
                "which keeps them in FOLDER/versions)")
@@ -71,3 +76,22 @@ def _http(err: VersionError) -> ServeError:
     if isinstance(err, (VersionFileError, VersionFormatError)):
         return UnprocessableError(str(err))
     return BadRequestError(str(err))  # a name that cannot be an adapter's
+
+
+class VersionRoutes:
+    """The versions' routes, for the ingress; it has ``catalog``, ``answer`` and ``authorize_admin``."""
+
+    @app.get("/v1/adapters/{name}/versions")
+    async def adapter_versions(self, name: str, request: Request) -> Response:
+        async def work() -> Response:
+            return JSONResponse(await asyncio.to_thread(version_list, self.catalog, name))
+        return await self.answer("/v1/adapters/versions", request, work)
+
+    @app.post("/v1/adapters/{name}/serve")
+    async def serve_adapter_version(self, name: str, request: Request) -> Response:
+        """Rollback or promotion (admin token): the next request is pinned to that version."""
+        async def work() -> Response:
+            self.authorize_admin(request)
+            return JSONResponse(await asyncio.to_thread(serve_version, self.catalog, name,
+                                                        request.query_params.get("version")))
+        return await self.answer("/v1/adapters/serve", request, work, authorize=False)
