@@ -211,11 +211,11 @@ def test_train_makes_a_version_from_the_pacs_final_labels(client, site):
 
 
 class _Hostile(BaseHTTPRequestHandler):
-    """A 'PACS' whose QIDO-RS answers what is not DICOM JSON."""
+    """A 'PACS' whose QIDO-RS answers what is not DICOM JSON (below /locked/: refuses every user)."""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         body = b"<html>maintenance</html>"
-        self.send_response(200)
+        self.send_response(401 if self.path.startswith("/locked/") else 200)
         self.send_header("Content-Type", "application/dicom+json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -250,14 +250,19 @@ def test_pacs_faults_on_the_datastore_routes_are_502_naming_the_pacs(hostile, tm
     gone = f"http://127.0.0.1:{_free_port()}/dicom-web"
     cases = {"garbage": (DicomWebDatastore(hostile, tmp_path / "a"), "not JSON"),
              "too slow": (DicomWebDatastore(hostile, tmp_path / "b", limits=Limits(max_run_time=1e-9)), "max-run-time"),
-             "gone": (DicomWebDatastore(gone, tmp_path / "c"), "could not be reached")}
+             "gone": (DicomWebDatastore(gone, tmp_path / "c"), "could not be reached"),
+             "locked": (DicomWebDatastore(hostile.replace("/dicom-web", "/locked/dicom-web"), tmp_path / "d"),
+                        "refused the credentials")}
     for name, (store, says) in cases.items():
         with pytest.raises(ServeError) as err:
             asyncio.run(StoreRoutes(store).listing("all"))
         message = str(err.value)
         assert err.value.status == 502, (name, message)
         assert store.name() in message and says in message and "\n" not in message, (name, message)
-        assert "check that the PACS" in message, (name, message)
+        check = "SAMED_DICOMWEB_PASSWORD" if name == "locked" else "retry once it answers"
+        assert check in message, (name, message)
+        # the service's fix, never the hints of `segment --dicomweb`'s flags
+        assert "--continue" not in message and "--dicomweb-user" not in message, (name, message)
 
 
 def test_a_pacs_gone_mid_session_is_502_and_info_still_answers(client, site, tmp_path):
@@ -269,6 +274,9 @@ def test_a_pacs_gone_mid_session_is_502_and_info_still_answers(client, site, tmp
                     files={"label": ("label.nii.gz", truths[uid].read_bytes())},
                     data={"params": json.dumps({"model": "ct"})})
     assert refused.status_code == 502, refused.text
-    assert pacs.dicomweb in refused.json()["error"] and "check that the PACS" in refused.json()["error"]
+    assert pacs.dicomweb in refused.json()["error"] and "retry once it answers" in refused.json()["error"]
     listing = _http(server, "GET", "/datastore/?output=all")
     assert listing.status_code == 502 and pacs.dicomweb in listing.json()["error"]
+    info = client.info()  # 3D Slicer and OHIF connect with /info/: it answers, saying what failed
+    assert list(info["trainers"]) == ["ct"] and list(info["strategies"]) == ["first", "random", "least_sure"]
+    assert set(info["datastore"]) == {"error"} and pacs.dicomweb in info["datastore"]["error"]

@@ -17,8 +17,8 @@ from ..datastore import ORIGINAL
 from .app import app
 from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, UnprocessableError
 from .folders import RequestFolder
-from .store_routes import (NO_DATASTORE, NoDatastoreError, StoreRoutes, adapter_for, file_answer, json_body,
-                           read_small, strategies_info)
+from .store_routes import (NO_DATASTORE, BadGatewayError, NoDatastoreError, StoreRoutes, adapter_for, file_answer,
+                           json_body, read_small, strategies_info)
 from .uploads import params_json, upload_stem
 
 __all__ = ["DatastoreRoutes"]
@@ -48,7 +48,11 @@ class DatastoreRoutes:
         """``/info/``'s datastore and strategies (3D Slicer shows its next-sample and label buttons for them)."""
         if self.store is None:
             return {}
-        return {"datastore": await self.store.status(), "strategies": strategies_info([e["name"] for e in entries])}
+        try:
+            stats = await self.store.status()
+        except BadGatewayError as err:  # the PACS gone: /info/ still answers (3D Slicer and OHIF connect with it)
+            stats = {"error": str(err)}
+        return {"datastore": stats, "strategies": strategies_info([e["name"] for e in entries])}
 
     async def _label_config(self, params: dict[str, Any]) -> Optional[AdapterConfig]:
         """What a label is checked against: ``params``' ``model`` (3D Slicer sends its selected one), else

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import urllib.parse
@@ -49,7 +50,7 @@ from ..datastore import (FINAL, ORIGINAL, STRATEGIES, DatastoreBusyError, Datast
                          LabelClassError, LabelGridError, LabelNotFoundError, UnsafeIdError, UnsupportedFileError,
                          check_id, file_checksum, first, least_sure, random_image, uncertainty)
 from ..datastore.checks import GRID_TOLERANCE, split_name
-from ..dicomweb.errors import DicomWebError
+from ..dicomweb.errors import DicomWebAuthError, DicomWebError
 from ..io.errors import ImageReadError, ImageTooLargeError
 from ..io.volumes import read_image
 from .errors import (BadRequestError, NotFoundError, OverloadedError, PayloadTooLargeError, ServeError,
@@ -58,8 +59,8 @@ from .folders import RequestFolder, stream
 from .uploads import params_json
 
 __all__ = ["FAULTS", "MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "BadGatewayError", "ForbiddenError",
-           "NoDatastoreError", "StoreRoutes", "adapter_for", "file_answer", "json_body", "read_small", "served",
-           "strategies_info"]
+           "NoDatastoreError", "StoreRoutes", "adapter_for", "file_answer", "json_body", "pacs_failed", "read_small",
+           "served", "strategies_info"]
 
 #: what the datastore routes answer on a server started without one
 NO_DATASTORE = ("this server keeps no datastore: start it with samed-adapter serve --datastore FOLDER (images and "
@@ -104,11 +105,21 @@ class BadGatewayError(ServeError):
 FAULTS = (DatastoreError, ImageReadError, DicomWebError)
 
 
+def pacs_failed(err: DicomWebError) -> str:
+    """The one line a PACS's failure answers with: what the PACS did (its URL first), and what to check
+    on the service (the DICOMweb errors' own hints name `segment --dicomweb`'s flags, dropped here)."""
+    text = re.sub(r",? (then run again )?with --continue[^;]*", "", str(err))
+    if isinstance(err, DicomWebAuthError):
+        text = text.split("; check --dicomweb-user")[0]
+        return (f"the datastore's PACS failed: {text}; check the user in the --datastore-dicomweb URL "
+                "(http://USER@host/dicom-web) and the password in SAMED_DICOMWEB_PASSWORD")
+    return f"the datastore's PACS failed: {text}; it is serve's --datastore-dicomweb: retry once it answers there"
+
+
 def served(err: Exception) -> ServeError:
     """A datastore, reader or PACS error as the service answers it (status by kind, the same one line)."""
     if isinstance(err, DicomWebError):  # the PACS's fault, not the server's (500) nor the client's (4xx)
-        return BadGatewayError(f"the datastore's PACS failed: {err}; check that the PACS runs and answers "
-                               "DICOMweb at that URL (serve --datastore-dicomweb), then retry")
+        return BadGatewayError(pacs_failed(err))
     if isinstance(err, ImageTooLargeError):
         return PayloadTooLargeError(str(err))
     if isinstance(err, ImageReadError):
