@@ -148,12 +148,38 @@ def test_infer_by_series_uid_answers_labels_on_its_grid(client, site):
     np.testing.assert_allclose(got.affine, local.affine, atol=1e-4)
     assert set(np.unique(got.array)) <= {0, 1, 2} and answer["label_names"] == {"soft tissue": 1, "bone": 2}
     assert answer["datastore"]["image"] == uid and answer["datastore"]["uncertainty"] > 0
-    # OHIF's panel asks output=image with these params: the label file alone, the same labels.
+
+
+def test_ohif_gets_nrrd_on_the_series_patient_space(client, site, tmp_path):
+    """OHIF's panel asks output=image with result_extension .nrrd (uint16, raw) and reads NRRD: each voxel
+    where the DICOM series has it, in patient space (LPS), read here by ITK's NRRD reader."""
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (ITK's NRRD reader) is not installed")
+    server, _, study, _ = site
+    uid = study["ct"][2]
+    label, _ = client.infer("ct", uid, {})
     ohif = _http(server, "POST", f"/infer/ct?image={uid}&output=image",
                  data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint16",
                                              "result_compress": False})}, files={"_": ("", b"")})
     assert ohif.status_code == 200, ohif.text
-    assert ohif.headers["x-adapter-fingerprint"] == answer["adapter"]["fingerprint"]
+    assert ohif.content.startswith(b"NRRD0004\ntype: unsigned short\n") and b"encoding: raw" in ohif.content
+    (tmp_path / "ohif.nrrd").write_bytes(ohif.content)
+    nrrd = sitk.ReadImage(str(tmp_path / "ohif.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nrrd), read_image(label).array)  # (z, y, x)
+    slices = [pydicom.dcmread(f) for f in sorted(Path(study["folders"][uid]).glob("*.dcm"))]
+    positions = sorted(tuple(float(v) for v in ds.ImagePositionPatient) for ds in slices)
+    corners = sorted(nrrd.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(nrrd.GetSize()[2]))
+    np.testing.assert_allclose(corners, positions, atol=1e-3)  # each slice where the series has it
+    row = np.array(nrrd.TransformIndexToPhysicalPoint((1, 0, 0))) - nrrd.TransformIndexToPhysicalPoint((0, 0, 0))
+    orient, spacing = [float(v) for v in slices[0].ImageOrientationPatient], float(slices[0].PixelSpacing[1])
+    np.testing.assert_allclose(row, spacing * np.array(orient[:3]), atol=1e-4)  # x along the DICOM rows
+    gzipped = _http(server, "POST", f"/infer/ct?image={uid}&output=image",
+                    data={"params": json.dumps({"result_extension": ".nrrd", "result_compress": True})},
+                    files={"_": ("", b"")})
+    assert b"type: unsigned char" in gzipped.content and b"encoding: gzip" in gzipped.content
+    bad = _http(server, "POST", f"/infer/ct?image={uid}&output=image",
+                data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "float32"})},
+                files={"_": ("", b"")})
+    assert bad.status_code == 400 and "result_dtype 'float32'" in bad.json()["error"]
 
 
 def test_a_final_label_is_a_seg_in_the_pacs_referencing_the_series(client, site):

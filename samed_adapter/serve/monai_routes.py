@@ -6,6 +6,7 @@ OHIF and MONAI Label's client connect with them).
 
 import hmac
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Request
@@ -13,13 +14,25 @@ from fastapi.responses import JSONResponse, Response
 
 from ..adapter_file.config import AdapterConfig
 from ..interactive.prompts import ClicksNotTrainedError, require_clicks
+from ..io.nrrd import NRRD_EXTENSIONS, nifti_label_as_nrrd
 from .app import FINGERPRINT_HEADER, app
 from .errors import BadRequestError, UnauthorizedError, UnprocessableError
 from .monai_label import answer_name, app_info, multipart
 from .sessions import click_labels, parse_clicks
 from .uploads import params_json, upload_stem
 
-__all__ = ["MonaiLabelRoutes"]
+__all__ = ["MonaiLabelRoutes", "nrrd_answer"]
+
+
+def nrrd_answer(label: Path, params: dict[str, Any]) -> Path:
+    """The NIfTI ``label`` as the NRRD that ``params`` ask for (MONAI Label's ``result_dtype``, default
+    uint8, and ``result_compress``), beside it: what OHIF's panel reads."""
+    out = label.with_name(label.name.split(".")[0] + ".nrrd")
+    try:
+        return nifti_label_as_nrrd(label, out, str(params.get("result_dtype") or "uint8"),
+                                   str(params.get("result_compress", False)).lower() in ("1", "true"))
+    except ValueError as err:
+        raise BadRequestError(f"{err}; or drop result_extension for a NIfTI answer") from None
 
 
 class MonaiLabelRoutes:
@@ -126,6 +139,8 @@ class MonaiLabelRoutes:
                                                                             params, (keep or {}).get("probs"))
                 if output == "json":
                     return JSONResponse(result_json, headers=version)
+                if output != "dicom_seg" and str(params.get("result_extension", "")).lower() in NRRD_EXTENSIONS:
+                    label = await folder.run(nrrd_answer, label, params)  # OHIF's panel reads NRRD
                 if output in ("image", "dicom_seg"):
                     media = "application/dicom" if output == "dicom_seg" else "application/octet-stream"
                     return self.send_file(folder, label, media, answer_name(label.name), version)
