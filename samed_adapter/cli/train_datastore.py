@@ -128,7 +128,12 @@ def _report(result: Any, name: str) -> None:
     shown = lambda v: "none" if v is None else f"{v:.2f} %"  # noqa: E731
     print(f"held-out images ({len(version.holdout)}, never trained on): {', '.join(version.holdout)}")
     print(f"held-out mean Dice: current (version {version.parent}) {shown(dice['current'])}, new {shown(dice['new'])}")
-    serving = f"{version.ref} serves" if result.serving else \
-        f"{version.ref} is kept but does not serve (not better by the threshold {version.figures['threshold']:g})"
+    if result.serving:
+        serving = f"{version.ref} serves"
+    elif dice["current"] is None or dice["new"] is None:
+        serving = f"{version.ref} is kept but does not serve (no held-out Dice to compare)"
+    else:
+        serving = (f"{version.ref} is kept but does not serve (its held-out Dice is below the current one's less "
+                   f"--threshold {version.figures['threshold']:g})")
     print(f"version: {version.path} ({len(version.items)} images trained on, "
           f"{version.figures['seconds']:.0f} s); {serving}")
