@@ -182,6 +182,26 @@ def test_ohif_gets_nrrd_on_the_series_patient_space(client, site, tmp_path):
     assert bad.status_code == 400 and "result_dtype 'float32'" in bad.json()["error"]
 
 
+def test_infer_by_series_uid_as_dicom_seg_over_the_series(client, site, tmp_path):
+    """output=dicom_seg for a PACS's series: a SEG over that series' instances, holding the labels of the
+    NIfTI answer (the series needs no upload: the server made its copy from the PACS)."""
+    from samed_adapter.io.dicom_seg import read_dicom_seg
+
+    server, _, study, _ = site
+    uid = study["ct"][2]
+    label, _ = client.infer("ct", uid, {})
+    answer = _http(server, "POST", f"/infer/ct?image={uid}&output=dicom_seg", data={"params": "{}"},
+                   files={"_": ("", b"")})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/dicom"
+    (tmp_path / "seg.dcm").write_bytes(answer.content)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == study["study"]
+    assert [str(s.SeriesInstanceUID) for s in seg.ReferencedSeriesSequence] == [uid]
+    series = read_image(study["folders"][uid])
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", series), read_image(label).array)
+
+
 def test_a_final_label_is_a_seg_in_the_pacs_referencing_the_series(client, site):
     _, pacs, study, truths = site
     uid = study["ct"][0]
@@ -292,7 +312,7 @@ def test_pacs_faults_on_the_datastore_routes_are_502_naming_the_pacs(hostile, tm
 
 
 def test_a_pacs_gone_mid_session_is_502_and_info_still_answers(client, site, tmp_path):
-    """Last in the file: the module's Orthanc stops for good."""
+    """The last test on the module's server: its Orthanc stops for good."""
     server, pacs, study, truths = site
     uid = study["ct"][1]
     pacs.kill()
@@ -306,3 +326,15 @@ def test_a_pacs_gone_mid_session_is_502_and_info_still_answers(client, site, tmp
     info = client.info()  # 3D Slicer and OHIF connect with /info/: it answers, saying what failed
     assert list(info["trainers"]) == ["ct"] and list(info["strategies"]) == ["first", "random", "least_sure"]
     assert set(info["datastore"]) == {"error"} and pacs.dicomweb in info["datastore"]["error"]
+
+
+def test_dicom_seg_by_id_from_a_folder_datastore_says_what_to_ask(tmp_path):
+    import asyncio
+
+    from samed_adapter.datastore import FolderDatastore
+    from samed_adapter.serve.errors import ServeError
+    from samed_adapter.serve.store_routes import StoreRoutes
+
+    with pytest.raises(ServeError) as err:
+        asyncio.run(StoreRoutes(FolderDatastore(tmp_path / "store")).series_folder("case_a"))
+    assert err.value.status == 400 and "this datastore's images are NIfTI files: ask output=image" in str(err.value)

@@ -195,9 +195,14 @@ class DicomWebDatastore:
         except ImageExistsError:
             pass  # another process cached it first: the same series
 
-    def _dicom_volume(self, image_id: str) -> "Volume":
+    def series_folder(self, image_id: str) -> Path:
+        """The cached DICOM files of image series ``image_id`` (fetched when missing): what a DICOM SEG of
+        the model's labels is made over (``/infer/...?image=UID&output=dicom_seg``)."""
         self._fetched(image_id)
-        return read_image(self.root / "dicom" / image_id, max_voxels=self.max_voxels)
+        return self.root / "dicom" / image_id
+
+    def _dicom_volume(self, image_id: str) -> "Volume":
+        return read_image(self.series_folder(image_id), max_voxels=self.max_voxels)
 
     # ---- reading (MONAI Label's names and answers) ----
 

@@ -97,6 +97,8 @@ class MonaiLabelRoutes:
                         stored = request.query_params.get("image") or ""
                         source = await self.stored_image(stored)
                         stem, dicom = upload_stem(source.name), False
+                        if output == "dicom_seg" and self.store is not None:  # a PACS's series: its SEG
+                            source, dicom = await self.store.series_folder(stored), True
                     else:
                         source, stem, dicom = await self.save_upload(form, "file", folder)
                 if output == "dicom_seg" and not dicom:

@@ -198,6 +198,14 @@ class StoreRoutes:
         return await self._run(lambda: self.datastore.label_path(check_id(image_id or ""),
                                                                  check_id(tag or "", "label tag")))
 
+    async def series_folder(self, image_id: str) -> Path:
+        """The DICOM series of a PACS's image (``--datastore-dicomweb``), for a DICOM SEG answer."""
+        fetch = getattr(self.datastore, "series_folder", None)
+        if fetch is None:
+            raise BadRequestError("output=dicom_seg needs DICOM, and this datastore's images are NIfTI files: ask "
+                                  "output=image (or all, json), or send the series as a .zip")
+        return await self._run(fetch, check_id(image_id))
+
     async def check_image(self, image_id: Optional[str], check_sum: Optional[str]) -> dict[str, Any]:
         """``HEAD /datastore/image``: {} if there (and, given ``check_sum`` ``[SHA256:]hex``, with those bytes)."""
         path = await self.image_path(image_id)
