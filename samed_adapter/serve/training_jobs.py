@@ -19,14 +19,16 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+from ..learning.job import JobOptions, LearningJob, LearningJobError
 from .errors import BadRequestError, NotFoundError, ServeError, UnprocessableError
 
 __all__ = ["ACTOR_NAMESPACE", "ConflictError", "TrainingJobs", "actor_name", "start_actor", "trainers"]
 
 #: the Ray namespace of the actor (the front finds it by name from Serve's own namespace)
 ACTOR_NAMESPACE = "samed-adapter"
-#: what /info/ advertises as each trainer's config (3D Slicer shows it as the train options)
-TRAINER_CONFIG = {"max_epochs": 10, "holdout": 0.2, "seed": 0, "threshold": 0.0, "workers": 1}
+#: what /info/ advertises as each trainer's config (3D Slicer shows it as the train options): the jobs' defaults
+TRAINER_CONFIG = {"max_epochs": JobOptions.epochs, "holdout": JobOptions.holdout, "seed": JobOptions.seed,
+                  "threshold": JobOptions.threshold, "workers": JobOptions.workers}
 
 
 class ConflictError(ServeError):
@@ -93,7 +95,6 @@ class TrainingJobs:
             return err
 
     def _start(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        from ..learning.job import JobOptions, LearningJob, LearningJobError
         from .catalog import UnknownAdapterError
 
         try:
