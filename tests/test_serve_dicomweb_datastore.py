@@ -226,6 +226,11 @@ def test_the_next_sample_is_an_unlabelled_series(client, site):
     assert pick["id"] == unlabelled[0] and pick["SeriesInstanceUID"] == unlabelled[0]
     stamp = client.datastore()["objects"][pick["id"]]["image"]["info"]["strategy"]["first"]
     assert stamp["client_id"] == "ohif-test"  # recorded in the cache's info, as MONAI Label's server does
+    # least_sure scores the unlabelled series by inferring them by uid, then picks the least sure
+    unsure = client.next_sample("least_sure", {"model": "ct"})
+    scores = {u: client.datastore()["objects"][u]["image"]["info"]["least_sure"] for u in unlabelled}
+    uncertainty = {u: next(iter(kept.values()))["uncertainty"] for u, kept in scores.items()}
+    assert unsure["id"] == max(uncertainty, key=uncertainty.get) and unsure["unscored"] == 0
 
 
 def _wait(server, timeout: float = 240.0) -> dict:
