@@ -9,6 +9,7 @@ return ``{"image": (D, H, W) float32, "label": (D, H, W) int64, "case": str}`` (
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -284,15 +285,17 @@ class _NiftiDataset(Dataset):
                 if not path.is_file():
                     raise FileNotFoundError(f"case {case!r}: {path} is no file")
         self = cls.__new__(cls)
-        names = ("window", "percentiles", "label_map", "orientation", "slice_axis", "transform", "max_cached_volumes")
-        unknown = sorted(set(options) - {*names, "max_voxels"})
+        # The constructor's keyword options and their defaults, as it declares them.
+        defaults = {p.name: p.default for p in inspect.signature(_NiftiDataset.__init__).parameters.values()
+                    if p.kind is p.KEYWORD_ONLY}
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise TypeError(f"unknown options {unknown}; from_pairs takes {', '.join(names)}, max_voxels")
-        defaults = {"window": CT_ABDOMEN_WINDOW, "percentiles": None, "label_map": None, "orientation": None,
-                    "slice_axis": 2, "transform": None, "max_cached_volumes": 2}
-        self._set_options(*(options.get(n, defaults[n]) for n in names))
+            raise TypeError(f"unknown options {unknown}; from_pairs takes {', '.join(defaults)}")
+        given = {**defaults, **options}
+        max_voxels = given.pop("max_voxels")
+        self._set_options(**given)
         self.root = paths[cases[0]][0].parent
-        self._index(cases, paths, options.get("max_voxels"))
+        self._index(cases, paths, max_voxels)
         return self
 
     def _set_options(self, window: Optional[tuple[float, float]], percentiles: Optional[tuple[float, float]],
