@@ -19,8 +19,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+from ..dicomweb.errors import DicomWebError
 from ..learning.job import JobOptions, LearningJob, LearningJobError
 from .errors import BadRequestError, NotFoundError, ServeError, UnprocessableError
+from .store_routes import BadGatewayError, pacs_failed
 
 __all__ = ["ACTOR_NAMESPACE", "ConflictError", "TrainingJobs", "actor_name", "start_actor", "trainers"]
 
@@ -117,8 +119,12 @@ class TrainingJobs:
         try:
             job.prepare()
         except (ValueError, OSError) as err:  # the datastore's, the versions' and the job's own refusals
-            job.state.set(status="ERROR", phase="ERROR", error=str(err).splitlines()[0])
-            raise UnprocessableError(str(err).splitlines()[0]) from None
+            line = (str(err).splitlines() or [type(err).__name__])[0]
+            job.state.set(status="ERROR", phase="ERROR", error=line)
+            raise UnprocessableError(line) from None
+        except DicomWebError as err:  # --datastore-dicomweb's PACS failed listing the finals: 502, the slot is free
+            job.state.set(status="ERROR", phase="ERROR", error=pacs_failed(err))
+            raise BadGatewayError(pacs_failed(err)) from None
         threading.Thread(target=self._run, args=(job,), name=f"train-{name}", daemon=True).start()
         return job.state.to_dict()
 

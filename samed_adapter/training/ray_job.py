@@ -390,5 +390,6 @@ def _on_ray(spec: FineTuneSpec, num_workers: int, use_gpu: bool, resources: dict
     finally:
         ray.kill(progress)
     if outcome is None and failure:
-        raise FineTuneError(f"Ray Train failed: {type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}")
+        line = (str(failure[0]).splitlines() or [""])[0]
+        raise FineTuneError(f"Ray Train failed: {type(failure[0]).__name__}: {line}")
     return epochs, outcome
