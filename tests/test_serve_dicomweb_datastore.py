@@ -328,6 +328,11 @@ def test_a_pacs_gone_mid_session_is_502_and_info_still_answers(client, site, tmp
     assert pacs.dicomweb in refused.json()["error"] and "retry once it answers" in refused.json()["error"]
     listing = _http(server, "GET", "/datastore/?output=all")
     assert listing.status_code == 502 and pacs.dicomweb in listing.json()["error"]
+    for _ in range(2):  # a job that could not list the PACS's finals holds no slot: the second is no 409
+        train = _http(server, "POST", "/train/ct", token=ADMIN, json={"max_epochs": 1})
+        assert train.status_code == 502 and pacs.dicomweb in train.json()["error"], train.text
+    state = _http(server, "GET", "/train/ct").json()
+    assert state["status"] == "ERROR" and pacs.dicomweb in state["error"]
     info = client.info()  # 3D Slicer and OHIF connect with /info/: it answers, saying what failed
     assert list(info["trainers"]) == ["ct"] and list(info["strategies"]) == ["first", "random", "least_sure"]
     assert set(info["datastore"]) == {"error"} and pacs.dicomweb in info["datastore"]["error"]
