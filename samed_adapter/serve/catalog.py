@@ -115,7 +115,7 @@ class AdapterCatalog:
     def version(self, ref: str) -> tuple[Path, Optional[int]]:
         """``ref``'s file and its version number (None: no version recorded, the given file serves)."""
         try:
-            name, number = parse_ref(ref) if "@" in ref else (ref, None)
+            name, number = parse_ref(ref)
         except VersionError as err:
             raise UnknownAdapterError(str(err)) from None
         if self.versions is not None and NAME.fullmatch(name):
@@ -138,7 +138,7 @@ class AdapterCatalog:
         """
         if self.versions is None:
             return None
-        name = parse_ref(ref)[0] if "@" in ref else ref
+        name = parse_ref(ref)[0]
         return self.versions.find(name, fingerprint) if NAME.fullmatch(name) else None
 
     def _file(self, name: str) -> Path:
