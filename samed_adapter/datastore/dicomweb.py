@@ -284,11 +284,14 @@ class DicomWebDatastore:
         return [{"image": str(i.image), "label": str(i.label)} for i in self._final_items()]
 
     def training_items(self) -> list[Item]:
-        """The images with a final label in the PACS, fetched into the cache, for a training job.
+        """The images with a final label in the PACS, fetched into the cache, for a training job: the PACS is
+        listed anew (a job trains on what it holds now, never on the routes' listing of up to ``list_ttl`` ago).
 
         Raises:
             EmptyDatastoreError: none has one.
+            DicomWebError: the PACS failed.
         """
+        self.refresh()
         items = self._final_items()
         if not items:
             raise EmptyDatastoreError(f"{shown_url(self.url)}: none of its {len(self._images())} image series has a "
