@@ -1,10 +1,12 @@
 """`samed-adapter serve --datastore-dicomweb URL` end to end (issue 32): a real server (local Ray, Ray
 Serve, one replica on a tiny random SAM) whose datastore is a real Orthanc, called with MONAI Label's
 own client as OHIF's MONAI Label panel and 3D Slicer call it: /info/ lists the datastore, the PACS's
-series are the images (by SeriesInstanceUID), inference by a series' uid answers labels on its grid,
-a final label becomes a DICOM SEG in the PACS that references the series, the next sample is an
-unlabelled series, and /train makes a version from the PACS's final labels. A PACS that fails (gone,
-or answering what no PACS sends) is a 502 naming it, never a 500.
+series are the images (by SeriesInstanceUID), inference by a series' uid answers labels on its grid
+(NIfTI; NRRD in patient space as OHIF's panel asks; a DICOM SEG over the series), a final label
+becomes a DICOM SEG in the PACS that references the series, the next sample is an unlabelled series
+(first, least_sure), and /train makes a version from the PACS's final labels. A PACS that fails
+(gone, refusing, answering what no PACS sends, past a bound) is a 502 naming it, never a 500 (nor a
+503 and a stuck job on /train), and /info/ still answers.
 
 One Orthanc and one server for the module: three CT series of one patient (pydicom's CT_small through
 `samed_adapter.testing.orthanc.write_study`) and a report (no image). A series' label is what a
