@@ -202,6 +202,11 @@ def test_infer_by_series_uid_as_dicom_seg_over_the_series(client, site, tmp_path
     assert [str(s.SeriesInstanceUID) for s in seg.ReferencedSeriesSequence] == [uid]
     series = read_image(study["folders"][uid])
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", series), read_image(label).array)
+    before = client.datastore()["objects"][uid]
+    kept = _http(server, "POST", f"/infer/ct?image={uid}&output=dicom_seg",
+                 data={"params": json.dumps({"save_label": True})}, files={"_": ("", b"")})
+    assert kept.status_code == 400 and "ask output=image, all or json to save them" in kept.json()["error"]
+    assert client.datastore()["objects"][uid]["labels"] == before["labels"]  # no SEG file kept as a label
 
 
 def test_a_final_label_is_a_seg_in_the_pacs_referencing_the_series(client, site):

@@ -317,6 +317,9 @@ class StoreRoutes:
         done: dict[str, Any] = {"image": image_id}
         tag = None
         if _truthy(params.get("save_label")):  # checked before anything is written
+            if not label.name.endswith((".nii.gz", ".nii")):
+                raise BadRequestError("save_label keeps the labels as the datastore's NIfTI label, and this answer "
+                                      "is a DICOM SEG: ask output=image, all or json to save them")
             tag = await self._run(check_id, str(params.get("label_tag") or ORIGINAL), "label tag")
             if tag == FINAL:
                 raise UnprocessableError("an automatic label is saved as 'original' (or another tag), never over a "
