@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import time
@@ -220,7 +221,7 @@ class StoreRoutes:
         """An open handle on a stored file and its size: a removal meanwhile does not cut the answer."""
         def opened() -> tuple[BinaryIO, int]:
             handle = open(path, "rb")
-            return handle, path.stat().st_size
+            return handle, os.fstat(handle.fileno()).st_size  # the opened file: a removal now cannot leak it
         try:
             return await asyncio.to_thread(opened)
         except FileNotFoundError:
