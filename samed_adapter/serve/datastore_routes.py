@@ -73,7 +73,7 @@ class DatastoreRoutes:
                                                {"output_types": "nifti"}, folder, {}, keep)
             result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
                       "adapter": {"name": entry["name"], "fingerprint": entry["fingerprint"]}}
-            unsaved = ORIGINAL not in await asyncio.to_thread(store.datastore.get_labels_by_image_id, image_id)
+            unsaved = ORIGINAL not in await store.label_tags(image_id)  # a PACS gone: 502, not 500
             await store.after_infer(image_id, entry, files[0], result, {"save_label": unsaved}, keep.get("probs"))
         except NotFoundError:  # removed meanwhile
             pass

@@ -207,6 +207,10 @@ class StoreRoutes:
                                   "output=image (or all, json), or send the series as a .zip")
         return await self._run(fetch, check_id(image_id))
 
+    async def label_tags(self, image_id: str) -> dict[str, str]:
+        """{tag: label id} of a stored image's labels."""
+        return await self._run(self.datastore.get_labels_by_image_id, image_id)
+
     async def check_image(self, image_id: Optional[str], check_sum: Optional[str]) -> dict[str, Any]:
         """``HEAD /datastore/image``: {} if there (and, given ``check_sum`` ``[SHA256:]hex``, with those bytes)."""
         path = await self.image_path(image_id)
