@@ -254,7 +254,7 @@ class StoreRoutes:
         try:
             return {"image": await asyncio.to_thread(self.datastore.add_image, image_id, saved, params)}
         except ImageExistsError as err:
-            stored = self.datastore.get_image_uri(image_id)
+            stored = await self._run(self.datastore.get_image_uri, image_id)  # reads the JSON: off the loop
             if stored and await self._run(_same_image, Path(stored), saved, self.datastore.max_voxels):
                 return {"image": image_id, "exists": True}
             raise ServeError(f"image {image_id!r} exists in the datastore with other contents and is never replaced: "
