@@ -197,6 +197,25 @@ def test_a_submitted_label_is_kept_and_read_back(client, server, files):
     assert put.json()["reviewed"] is True
 
 
+def test_ohifs_binary_label_is_read_as_monai_label_reads_it(client, server, files, tmp_path):
+    """OHIF's panel submits a label as its voxel buffer (``label.bin``, one byte per voxel, the first
+    axis fastest): it is kept as the NIfTI label on its image's grid; a buffer of another size is refused."""
+    client.upload_image(str(files["case_d"]), "case_d")
+    truth = np.asarray(nib.load(files["case_d_label"]).dataobj).astype(np.uint8)
+    (tmp_path / "label.bin").write_bytes(truth.tobytes(order="F"))
+    answer = client.save_label("case_d", str(tmp_path / "label.bin"), params={"model": "brain"})
+    assert answer == {"image": "case_d", "label": "case_d", "tag": "final"}
+    kept = nib.load(client.download_label("case_d", "final"))
+    np.testing.assert_array_equal(np.asarray(kept.dataobj), truth)
+    np.testing.assert_allclose(kept.affine, nib.load(files["case_d"]).affine)
+    before = _snapshot(server)
+    (tmp_path / "short.bin").write_bytes(truth.tobytes(order="F")[:-1])
+    with pytest.raises(Exception) as refused:
+        client.save_label("case_d", str(tmp_path / "short.bin"), params={"model": "brain"})
+    assert _status(refused.value) == 422 and "one byte per voxel" in refused.value.msg
+    assert _snapshot(server) == before
+
+
 def test_refusals_change_nothing_on_disk(client, server, files):
     client.upload_image(str(files["case_a"]), "case_a") if "case_a" not in client.datastore()["objects"] else None
     before = _snapshot(server)

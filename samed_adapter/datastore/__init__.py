@@ -6,6 +6,7 @@
 - :mod:`.opening`: :func:`~.opening.open_datastore`, the one `serve` and `train` open (a folder or a PACS);
 - :mod:`.index`: the datastore's JSON, entries of other kinds kept as they are;
 - :mod:`.folder`: MONAI Label's lock, staged copies, moves that never overwrite;
+- :mod:`.binary`: OHIF's ``.bin`` label upload (one byte per voxel) read as MONAI Label reads it;
 - :mod:`.checks`: safe ids, a label against its image's grid and the adapter's classes, checksums;
 - :mod:`.changes`: what a training job saw, and which items changed since;
 - :mod:`.activelearning`: the next image to label (``first``, ``random``, ``least_sure``);

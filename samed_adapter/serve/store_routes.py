@@ -50,6 +50,7 @@ from ..datastore import (FINAL, ORIGINAL, STRATEGIES, DatastoreBusyError, Datast
                          EmptyDatastoreError, FolderDatastore, ImageExistsError, ImageNotFoundError,
                          LabelClassError, LabelGridError, LabelNotFoundError, UnsafeIdError, UnsupportedFileError,
                          check_id, file_checksum, first, least_sure, random_image, uncertainty)
+from ..datastore.binary import BINARY_EXTENSION, binary_label
 from ..datastore.checks import GRID_TOLERANCE, split_name
 from ..dicomweb.errors import DicomWebAuthError, DicomWebError
 from ..io.errors import ImageReadError, ImageTooLargeError
@@ -270,8 +271,13 @@ class StoreRoutes:
         on its image's grid and with ``config``'s classes only (``config`` None: the grid only)."""
         image_id = await self._run(check_id, image_id or "")
         tag = await self._run(check_id, tag or FINAL, "label tag")
-        await self.image_path(image_id)  # 404 before the upload is copied
-        saved, _ = await self._saved(form, "label", folder)
+        image = await self.image_path(image_id)  # 404 before the upload is copied
+        saved, _ = await self._saved(form, "label", folder, binary=True)
+        if saved.suffix == BINARY_EXTENSION:  # OHIF's voxel buffer, as MONAI Label reads it
+            try:
+                saved = await folder.run(binary_label, saved, image, folder.path / "label.nii.gz")
+            except UnsupportedFileError as err:
+                raise served(err) from None
         params = params_json(form.get("params"))
         label_id = await self._run(self.datastore.save_label, image_id, saved, tag, params, config=config)
         return {"image": image_id, "label": label_id, "tag": tag}
@@ -296,15 +302,18 @@ class StoreRoutes:
         await self._run(lambda: self.datastore.remove_label(check_id(label_id or ""), check_id(tag or "", "label tag")))
         return {}
 
-    async def _saved(self, form: Any, field: str, folder: RequestFolder) -> tuple[Path, str]:
-        """The form's file ``field`` copied into ``folder`` as ``upload<ext>``: (path, the id its name gives)."""
+    async def _saved(self, form: Any, field: str, folder: RequestFolder, *,
+                     binary: bool = False) -> tuple[Path, str]:
+        """The form's file ``field`` copied into ``folder`` as ``upload<ext>``: (path, the id its name gives);
+        ``binary``: a ``.bin`` file is taken too (OHIF's labels, see :mod:`samed_adapter.datastore.binary`)."""
         upload = form.get(field)
         if upload is None or isinstance(upload, str):
             raise BadRequestError(f"no file in the form field {field!r}; send the NIfTI file as multipart form data "
                                   f"(curl -F {field}=@case.nii.gz)")
         name = PurePosixPath((upload.filename or "").replace("\\", "/")).name
+        extensions = (*self.datastore.extensions, BINARY_EXTENSION) if binary else self.datastore.extensions
         try:  # MONAI Label takes a file without a name as .nii.gz
-            file_id, ext = split_name(name, self.datastore.extensions) if name else ("", ".nii.gz")
+            file_id, ext = split_name(name, extensions) if name else ("", ".nii.gz")
         except UnsupportedFileError as err:
             raise served(err) from None
         saved = folder.path / f"upload{ext}"
