@@ -66,7 +66,8 @@ __all__ = ["FAULTS", "MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "BadGate
 
 #: what the datastore routes answer on a server started without one
 NO_DATASTORE = ("this server keeps no datastore: start it with samed-adapter serve --datastore FOLDER (images and "
-                "labels in MONAI Label's local datastore format) to upload images, save labels and infer by image id")
+                "labels in MONAI Label's local datastore format) or --datastore-dicomweb URL (a PACS) to upload "
+                "images, save labels and infer by image id")
 #: the image info key of the least_sure scores, by adapter fingerprint
 SCORES = "least_sure"
 #: the adapter versions whose scores an image keeps (the newest)
