@@ -349,7 +349,7 @@ def test_without_a_datastore_the_routes_say_to_start_with_one():
 
     from samed_adapter.serve.errors import BadRequestError
     from samed_adapter.serve.frontend import Frontend
-    from samed_adapter.serve.store_routes import NoDatastoreError
+    from samed_adapter.serve.errors import NoDatastoreError
 
     front = Frontend.func_or_class  # the class Ray Serve runs; every datastore route starts with require_store()
     with pytest.raises(NoDatastoreError, match="start it with samed-adapter serve --datastore FOLDER") as none:

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse, Response
 from ..adapter_file.config import AdapterConfig
 from ..datastore import ORIGINAL
 from .app import app
-from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, UnprocessableError
+from .errors import (BadGatewayError, BadRequestError, NoDatastoreError, NotFoundError, PayloadTooLargeError,
+                     UnprocessableError)
 from .folders import RequestFolder
-from .store_routes import (NO_DATASTORE, BadGatewayError, NoDatastoreError, StoreRoutes, adapter_for, file_answer,
-                           json_body, read_small, strategies_info)
+from .store_routes import NO_DATASTORE, StoreRoutes, adapter_for, file_answer, json_body, read_small, strategies_info
 from .uploads import params_json, upload_stem
 
 __all__ = ["DatastoreRoutes"]

@@ -59,3 +59,21 @@ class OverloadedError(ServeError):
     """More requests waiting than the queue holds, or a replica that died mid-request (503: retry)."""
 
     status = 503
+
+
+class NoDatastoreError(ServeError):
+    """A datastore route on a server started without ``--datastore`` (501)."""
+
+    status = 501
+
+
+class ForbiddenError(ServeError):
+    """The plain token where the admin token is needed (403)."""
+
+    status = 403
+
+
+class BadGatewayError(ServeError):
+    """The datastore's PACS failed (gone, refused us, answered what no PACS sends or past a bound) (502)."""
+
+    status = 502

@@ -33,6 +33,7 @@ from .catalog import UnknownAdapterError, catalog_for
 from .datastore_routes import DatastoreRoutes
 from .errors import (
     BadRequestError,
+    ForbiddenError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
@@ -47,7 +48,7 @@ from .residents import VolumeRequest, VolumeResult
 from .session_routes import SessionRoutes
 from .sessions import ClickRequest, SessionImages
 from .settings import ServeSettings
-from .store_routes import ForbiddenError, StoreRoutes
+from .store_routes import StoreRoutes
 from .train_routes import TrainRoutes
 from .uploads import (
     UPLOAD,

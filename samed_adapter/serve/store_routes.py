@@ -55,14 +55,13 @@ from ..datastore.checks import GRID_TOLERANCE, split_name
 from ..dicomweb.errors import DicomWebAuthError, DicomWebError
 from ..io.errors import ImageReadError, ImageTooLargeError
 from ..io.volumes import read_image
-from .errors import (BadRequestError, NotFoundError, OverloadedError, PayloadTooLargeError, ServeError,
-                     UnprocessableError)
+from .errors import (BadGatewayError, BadRequestError, NotFoundError, OverloadedError, PayloadTooLargeError,
+                     ServeError, UnprocessableError)
 from .folders import RequestFolder, stream
 from .uploads import params_json
 
-__all__ = ["FAULTS", "MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "BadGatewayError", "ForbiddenError",
-           "NoDatastoreError", "StoreRoutes", "adapter_for", "file_answer", "json_body", "pacs_failed", "read_small",
-           "served", "strategies_info"]
+__all__ = ["FAULTS", "MAX_SCORES", "NO_DATASTORE", "SCORE_PER_REQUEST", "StoreRoutes", "adapter_for", "file_answer",
+           "json_body", "pacs_failed", "read_small", "served", "strategies_info"]
 
 #: what the datastore routes answer on a server started without one
 NO_DATASTORE = ("this server keeps no datastore: start it with samed-adapter serve --datastore FOLDER (images and "
@@ -84,24 +83,6 @@ _STATUS: tuple[tuple[type, int], ...] = (
     (ImageExistsError, 409), (EmptyDatastoreError, 409), (ImageNotFoundError, 404), (LabelNotFoundError, 404),
     (UnsafeIdError, 422), (UnsupportedFileError, 422), (LabelGridError, 422), (LabelClassError, 422),
     (DatastoreBusyError, 503), (DatastoreFormatError, 500))
-
-
-class NoDatastoreError(ServeError):
-    """A datastore route on a server started without ``--datastore`` (501)."""
-
-    status = 501
-
-
-class ForbiddenError(ServeError):
-    """The plain token where the admin token is needed (403)."""
-
-    status = 403
-
-
-class BadGatewayError(ServeError):
-    """The datastore's PACS failed (gone, refused us, answered what no PACS sends or past a bound) (502)."""
-
-    status = 502
 
 
 #: what a datastore route's work may raise: the datastore's, a reader's, the PACS's (serve --datastore-dicomweb)

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from ..dicomweb.errors import DicomWebError
 from ..learning.job import JobOptions, LearningJob, LearningJobError
-from .errors import BadRequestError, NotFoundError, ServeError, UnprocessableError
-from .store_routes import BadGatewayError, pacs_failed
+from .errors import BadGatewayError, BadRequestError, NotFoundError, ServeError, UnprocessableError
+from .store_routes import pacs_failed
 
 __all__ = ["ACTOR_NAMESPACE", "ConflictError", "TrainingJobs", "actor_name", "start_actor", "trainers"]
 
