@@ -357,3 +357,15 @@ def test_without_a_datastore_the_routes_say_to_start_with_one():
     assert none.value.status == 501 and "\n" not in str(none.value)
     with pytest.raises(BadRequestError, match="start the server with --datastore FOLDER to infer by image id"):
         asyncio.run(front.stored_image(SimpleNamespace(store=None), "case_a"))
+
+
+@pytest.mark.parametrize("body", [b"[1]", b"\xff\xfe", b"{", b'"text"'])
+def test_a_params_body_that_is_not_a_json_object_is_one_400(body):
+    """/activelearning and /train take MONAI Label's params as a JSON body: anything else is one line."""
+    from samed_adapter.serve.errors import BadRequestError
+    from samed_adapter.serve.store_routes import json_body
+
+    assert json_body(b" \n") == {} and json_body(b'{"client_id": "slicer"}') == {"client_id": "slicer"}
+    with pytest.raises(BadRequestError, match=r"^params must be a JSON object, e\.g\. a body of") as refused:
+        json_body(body)
+    assert refused.value.status == 400

@@ -35,7 +35,6 @@ that cannot be read is recorded as failed for that version and not tried again.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -427,12 +426,4 @@ async def read_small(request: Any, limit: int = MAX_PARAMS_BYTES) -> bytes:
 
 def json_body(raw: bytes) -> dict[str, Any]:
     """``POST /activelearning``'s body: MONAI Label's client sends the params as a JSON object (or nothing)."""
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequestError("the body must be a JSON object of params, e.g. {\"client_id\": \"slicer\"}") from None
-    if not isinstance(body, dict):
-        raise BadRequestError("the body must be a JSON object of params, e.g. {\"client_id\": \"slicer\"}")
-    return body
+    return params_json(raw.strip(), example='a body of {"client_id": "slicer"}')

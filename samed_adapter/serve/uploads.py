@@ -233,16 +233,17 @@ def segment_options(form: Any, *, dicom: bool) -> dict[str, Any]:
     return options
 
 
-def params_json(value: Any) -> dict[str, Any]:
-    """MONAI Label's ``params`` form field: a JSON object (400 otherwise)."""
-    if value is None or value == "":
+def params_json(value: Any, example: str = "params={}") -> dict[str, Any]:
+    """MONAI Label's ``params`` (a form field's text, or a request body's bytes): a JSON object
+    (400 otherwise, naming ``example``); nothing is ``{}``."""
+    if value is None or value == "" or value == b"":
         return {}
     try:
         params = json.loads(value)
-    except (TypeError, ValueError):
-        raise BadRequestError("params must be a JSON object, e.g. params={}") from None
+    except (TypeError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise BadRequestError(f"params must be a JSON object, e.g. {example}") from None
     if not isinstance(params, dict):
-        raise BadRequestError("params must be a JSON object, e.g. params={}")
+        raise BadRequestError(f"params must be a JSON object, e.g. {example}")
     return params
 
 
