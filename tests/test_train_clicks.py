@@ -15,6 +15,7 @@ import samed_adapter as sa
 from samed_adapter.cli.train import run_clicks
 from samed_adapter.testing import random_adapter
 from samed_adapter.testing.tiny import CONFIGS, SIZE, stock_sam
+from samed_adapter.interactive.protocol import next_click
 from samed_adapter.training.clicks import ClickTraining, choose_class, sample_click
 from samed_adapter.training.config import TrainConfig
 from samed_adapter.training.loop import train
@@ -69,14 +70,37 @@ def test_a_click_lies_in_the_error_region_and_is_positive_iff_the_class_is_missi
     mask[4:10, 6:14] = True  # overlaps the truth: FN on its left and top, FP on its right and bottom
     fn, fp = truth & ~mask, mask & ~truth
     rng = np.random.default_rng(0)
-    seen = set()
+    seen, deepest = set(), 0
     for _ in range(400):
-        row, col, positive = sample_click(mask, truth, rng)
+        row, col, positive, region = sample_click(mask, truth, rng)
         assert fn[row, col] or fp[row, col], (row, col)
         assert positive == bool(fn[row, col])
+        # Its region: the connected errors of its kind that hold it (here FN and FP are one piece each).
+        np.testing.assert_array_equal(region, fn if positive else fp)
         seen.add((row, col))
-    # Uniform over FN and FP: nearly every error pixel is drawn, none of the correct ones.
+        deepest += (row, col, positive) == next_click(mask, truth)
+    # Half at the protocol's point, the rest uniform over FN and FP: nearly every error pixel is
+    # drawn, none of the correct ones.
     assert len(seen) > 0.9 * (fn | fp).sum()
+    assert 0.4 < deepest / 400 < 0.6
+
+
+def test_a_clicks_region_is_its_own_connected_piece_of_errors_of_its_kind():
+    truth = np.zeros((10, 20), bool)
+    truth[2:8, 2:6] = True
+    truth[2:8, 12:16] = True  # two pieces of the class, both missing from the mask
+    mask = np.zeros_like(truth)
+    mask[0, 18:20] = True  # and a small extra piece
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        row, col, positive, region = sample_click(mask, truth, rng)
+        expected = np.zeros_like(truth)
+        if positive:  # the missing piece the click is in, not the other one
+            left = 2 if col < 10 else 12
+            expected[2:8, left : left + 4] = True
+        else:
+            expected = mask
+        np.testing.assert_array_equal(region, expected)
 
 
 def test_without_error_a_click_is_positive_inside_the_truth_or_negative_where_there_is_none():
@@ -84,8 +108,8 @@ def test_without_error_a_click_is_positive_inside_the_truth_or_negative_where_th
     truth[3:5, 6:9] = True
     rng = np.random.default_rng(1)
     for _ in range(50):
-        row, col, positive = sample_click(truth.copy(), truth, rng)
-        assert truth[row, col] and positive
+        row, col, positive, region = sample_click(truth.copy(), truth, rng)
+        assert truth[row, col] and positive and not region.any()
     empty = np.zeros_like(truth)
     assert not any(sample_click(empty, empty, rng)[2] for _ in range(20))
 

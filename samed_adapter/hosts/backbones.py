@@ -112,11 +112,13 @@ def get_backbone(name: str) -> Backbone:
 register_backbone(Backbone("vit_b", 768, 12, 12, (2, 5, 8, 11)))
 register_backbone(Backbone("vit_l", 1024, 24, 16, (5, 11, 17, 23)))
 register_backbone(Backbone("vit_h", 1280, 32, 16, (7, 15, 23, 31)))
-# A few-hundred-kB SAM with the stock classes, for tests and demos on a CPU.
+# A few-hundred-kB SAM with the stock classes, for tests and demos on a CPU. It keeps the stock
+# mask_in_chans of 16: with 4, the mask prompt's first LayerNorm2d normalises a single channel to
+# zero, so a click adapter on it never saw the mask (or the clicks painted into it).
 register_backbone(
     Backbone(
         "tiny", 64, 2, 2, (1,), image_size=256, window_size=4,
-        prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2, mask_in_chans=4,
+        prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2,
     )
 )
 

@@ -7,14 +7,22 @@ image embeddings (the encoder runs once per step; the click loss reaches the LoR
 - c is drawn uniformly among the foreground classes present in the slice's truth or in its
   automatic prediction (a class predicted but absent teaches negative clicks); a slice with
   neither has no click rounds.
-- Round 1 starts from the automatic prediction's mask of c (argmax, detached). Each round adds
-  one click drawn uniformly from the error pixels (FN or FP; positive iff FN), or, where there
-  is no error, a positive inside the truth (a negative anywhere when c is absent and predicted
-  nowhere), and asks the decoder for c from all clicks so far and the current mask as SAM's mask
-  prompt; the refined mask (logits > 0, detached) is the next round's mask prompt.
-- Each round's loss is BCE-with-logits + soft Dice of channel c's low-res logits against the
-  low-res truth mask of c; an image's loss is the mean over its rounds, the click loss the mean
-  over images (across processes under DDP, see :func:`mean_click_loss`).
+- The current mask starts as the automatic prediction's mask of c (argmax, detached). Each round
+  adds one click on its errors (:func:`sample_click`): half of them where `evaluate --clicks`
+  puts them (the point deepest inside the largest error region), half uniformly over the error
+  pixels; positive iff the class is missing there. The click's error region (8-connected, of
+  its kind) is then set right in the current mask: that is the round's target.
+- Every round asks the decoder for c from all clicks so far, with the automatic mask as SAM's
+  mask prompt (the clicks painted into it, see `interactive.prompts`), as the session asks it.
+- Each round's loss is BCE-with-logits of channel c's low-res logits against the target, its
+  clicked region weighted REGION_WEIGHT + 1; an image's loss is the mean over its rounds, the
+  click loss the mean over images (across processes under DDP, see :func:`mean_click_loss`).
+
+Why the target is the clicked region set right and not the whole truth: measured on the quick
+start (a random tiny SAM, 140 steps), a decoder taught the whole truth from a click learns to
+re-predict the class (no better than the automatic output) and to ignore the click; taught to
+fix what was clicked, it learns a local correction, which the session adds to the automatic
+logits (benchmarks/RESULTS.md, "Clicks").
 
 Clicks are drawn on the low-res label grid (4g x 4g) and turned into prompts by
 `samed_adapter.interactive.prompts` (`click_coords`, `mask_prompt`, `decode_clicks`), the code
@@ -30,19 +38,29 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from ..interactive.prompts import SliceClick, click_coords, decode_clicks, mask_prompt
+from ..interactive.protocol import next_click
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..model import SAMed
 
-__all__ = ["CLICK_STREAM", "ClickTraining", "choose_class", "click_rounds_loss", "mask_loss", "mean_click_loss",
-           "sample_click"]
+__all__ = ["CLICK_STREAM", "PROTOCOL_SHARE", "REGION_WEIGHT", "ClickTraining", "choose_class", "click_rounds_loss",
+           "mask_loss", "mean_click_loss", "sample_click"]
 
 # A slice's click generator is seeded by (seed, epoch, index, CLICK_STREAM): another stream than
 # its augmentation's (seed, epoch, index).
 CLICK_STREAM = 31
+# The share of training clicks placed as `evaluate --clicks` places them; the rest are uniform
+# over the error pixels, so that clicks off the deepest point are learnt too.
+PROTOCOL_SHARE = 0.5
+# How much more a pixel of the clicked error region weighs in a round's loss than any other: the
+# region is a few dozen of the 4g x 4g pixels, and fixing it is what the round teaches.
+REGION_WEIGHT = 5.0
+
+_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def choose_class(prediction: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> int:
@@ -53,34 +71,40 @@ def choose_class(prediction: np.ndarray, truth: np.ndarray, rng: np.random.Gener
     return int(rng.choice(present)) if present.size else 0
 
 
-def sample_click(mask: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> tuple[int, int, bool]:
+def sample_click(mask: np.ndarray, truth: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[int, int, bool, np.ndarray]:
     """One simulated click for the current `mask` of a class against its `truth` (both (h, w) bool).
 
-    Uniform over the error pixels (FN: truth not in mask, FP: mask not in truth), positive iff FN;
-    without error, a positive uniform inside the truth; with no truth either, a negative anywhere.
+    With probability PROTOCOL_SHARE at the protocol's point (:func:`next_click`), else uniform over
+    the error pixels (FN: truth not in mask, FP: mask not in truth); positive iff FN. Without
+    error, a positive uniform inside the truth; with no truth either, a negative anywhere.
 
     Returns:
-        (row, col, positive).
+        (row, col, positive, region): region (h, w) bool is the click's error region, the
+        8-connected component of its kind (FN or FP) that holds it; empty without error.
     """
     error = mask != truth
-    pool = error if error.any() else truth if truth.any() else np.ones_like(truth)
-    flat = np.flatnonzero(pool)
-    row, col = divmod(int(flat[rng.integers(flat.size)]), truth.shape[1])
-    # FN pixels lie in the truth and FP pixels outside it; so do the fallbacks' pools.
-    return row, col, bool(truth[row, col])
+    if not error.any():
+        pool = truth if truth.any() else np.ones_like(truth)
+        flat = np.flatnonzero(pool)
+        row, col = divmod(int(flat[rng.integers(flat.size)]), truth.shape[1])
+        return row, col, bool(truth[row, col]), np.zeros_like(truth)
+    if rng.random() < PROTOCOL_SHARE:
+        row, col, positive = next_click(mask, truth)
+    else:
+        flat = np.flatnonzero(error)
+        row, col = divmod(int(flat[rng.integers(flat.size)]), truth.shape[1])
+        positive = bool(truth[row, col])  # FN pixels lie in the truth, FP pixels outside it
+    regions, _ = ndimage.label(truth & ~mask if positive else mask & ~truth, structure=_EIGHT)
+    return row, col, positive, regions == regions[row, col]
 
 
-def mask_loss(logits: Tensor, truth: Tensor, eps: float = 1e-5) -> Tensor:
-    """BCE-with-logits + soft Dice per image: (B, h, w) logits, (B, h, w) bool truth -> (B,).
-
-    Dice as SAMed's: 1 - (2 sum(p t) + eps) / (sum(p^2) + sum(t^2) + eps), p = sigmoid(logits).
-    """
+def mask_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Weighted BCE-with-logits per image: (B, h, w) logits, bool target and float weights -> (B,),
+    the mean over pixels of weight x BCE."""
     logits = logits.float()
-    target = truth.to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
-    p = torch.sigmoid(logits)
-    dice = 1.0 - (2.0 * (p * target).sum((1, 2)) + eps) / ((p * p).sum((1, 2)) + (target * target).sum((1, 2)) + eps)
-    return bce + dice
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+    return (weight.to(logits.dtype) * bce).mean((1, 2))
 
 
 def click_rounds_loss(model: "SAMed", embeddings: Tensor, extra: Sequence[Tensor], automatic: Tensor, target: Tensor,
@@ -104,24 +128,27 @@ def click_rounds_loss(model: "SAMed", embeddings: Tensor, extra: Sequence[Tensor
     picks = [(b, c) for b, c in ((b, choose_class(prediction[b], truth[b], rngs[b])) for b in range(len(rngs))) if c]
     if not picks:
         return automatic.sum() * 0.0, 0
-    index = torch.tensor([b for b, _ in picks], device=embeddings.device)
+    device = embeddings.device
+    index = torch.tensor([b for b, _ in picks], device=device)
     classes = torch.tensor([c for _, c in picks])
-    masks = np.stack([prediction[b] == c for b, c in picks])
+    automatic_masks = np.stack([prediction[b] == c for b, c in picks])
+    masks = automatic_masks.copy()  # the automatic masks with each clicked region set right so far
     truths = np.stack([truth[b] == c for b, c in picks])
-    truth_tensor = torch.from_numpy(truths).to(embeddings.device)
     embeddings, extra = embeddings[index], [e[index] for e in extra]
     size, grid, image_size = truths.shape[1:], model.config.grid_size, model.config.image_size
+    prompts = mask_prompt(torch.from_numpy(automatic_masks), grid)
     clicks: list[list[SliceClick]] = [[] for _ in picks]
-    total = torch.zeros(len(picks), device=embeddings.device)
+    total = torch.zeros(len(picks), device=device)
     for _ in range(rounds):
+        regions = np.zeros_like(masks)
         for i, (b, c) in enumerate(picks):
-            row, col, positive = sample_click(masks[i], truths[i], rngs[b])
+            row, col, positive, regions[i] = sample_click(masks[i], truths[i], rngs[b])
+            masks[i][regions[i]] = positive
             clicks[i].append(SliceClick(c, 0, row, col, positive))
         coords, labels = click_coords(clicks, size, image_size)
-        logits = decode_clicks(model, embeddings, extra, coords, labels, classes,
-                               mask_prompt(torch.from_numpy(masks), grid))
-        total = total + mask_loss(logits, truth_tensor)
-        masks = (logits.detach() > 0).cpu().numpy()
+        logits = decode_clicks(model, embeddings, extra, coords, labels, classes, prompts)
+        weight = 1.0 + REGION_WEIGHT * torch.from_numpy(regions).to(device)
+        total = total + mask_loss(logits, torch.from_numpy(masks).to(device), weight)
     return (total / rounds).sum(), len(picks)
 
 
