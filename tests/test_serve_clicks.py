@@ -41,8 +41,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("clicks")
     (root / "adapters").mkdir()
-    random_adapter(stock_sam(), CLICK_CONFIG, seed=1).save(root / "adapters" / "clicky.safetensors")
-    random_adapter(stock_sam(), CLICK_CONFIG, seed=1).save(root / "adapters" / "replaced.safetensors")
+    random_adapter(stock_sam(), CLICK_CONFIG, seed=1, scale=0.5).save(root / "adapters" / "clicky.safetensors")
+    random_adapter(stock_sam(), CLICK_CONFIG, seed=1, scale=0.5).save(root / "adapters" / "replaced.safetensors")
     random_adapter(stock_sam(), CLICK_CONFIG, seed=2).save(root / "other.safetensors")
     random_adapter(stock_sam(), PLAIN_CONFIG, seed=3).save(root / "adapters" / "plain.safetensors")
     mni = load_mni152_template(resolution=2)

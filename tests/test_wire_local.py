@@ -199,7 +199,7 @@ def test_the_readmes_quick_start_then_its_segment_command_give_the_same_labels(c
     quickstart, segment = _readme_commands()
     assert quickstart[:2] == ["python", "examples/quickstart.py"] and segment[:2] == ["samed-adapter", "segment"]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [*quickstart[1:], "--epochs", "6", "--image-size", "64"])
+    monkeypatch.setattr(sys, "argv", [*quickstart[1:], "--epochs", "10", "--image-size", "64"])
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(str(README.parent / quickstart[1]), run_name="__main__")
     stdout = capsys.readouterr().out
