@@ -5,6 +5,8 @@ A click-trained adapter (random values, K = 8) on ViT-B-shaped random weights at
                  session: `model(x)`),
   click          `session.click(...)` on a 1-slice session: the prompt encoder and the decoder
                  of one class, the refined mask resized and merged (embeddings kept),
+  first click    the same for a class not yet clicked on that slice: the decoder also runs once
+                 without clicks, the reference a refinement is measured against (then kept),
   click, decoder the decoder call alone inside it (`decode_clicks` on the kept embedding),
   start          `model.interactive(image)` on a 16-slice volume (the encoder once per slice),
                  per slice,
@@ -78,12 +80,21 @@ def rows(model: sa.SAMed, device: torch.device, args) -> dict[str, Callable[[], 
         with torch.inference_mode():
             decode_clicks(model, embeddings, extra, coords, labels, classes, masks)
 
+    # Every call needs a (slice, class) never clicked: K = 8 classes per 1-slice session.
+    fresh = [(model.interactive(slice_), label) for _ in range(-(-(args.repeats + 1) // 8))
+             for label in range(1, 9)]
+
+    def first_click() -> None:
+        first, label = fresh.pop()
+        first.click(label, (0, size // 2, size // 3), positive=True)
+
     volume = rng.random((16, size, size)).astype(np.float32)
 
     def start() -> None:
         model.interactive(volume)
 
-    return {"full model": full, "click": click, "click, decoder": decoder, "start (16 slices)": start}
+    return {"full model": full, "click": click, "first click": first_click, "click, decoder": decoder,
+            "start (16 slices)": start}
 
 
 def service_row(args, adapter: sa.Adapter, folder: Path) -> tuple[Callable[[], None], Any]:
