@@ -322,16 +322,38 @@ def test_delete_needs_the_admin_token(client, server, files):
     assert _http(server, "DELETE", "/datastore/image?id=gone", ADMIN).status_code == 404
 
 
-def test_the_score_is_the_entropy_of_the_softmax_it_was_given(tmp_path, files):
+def test_the_replicas_score_is_the_entropy_of_the_volumes_softmax_and_is_kept(tmp_path, files):
+    """The replica answers each slice's uncertainty sums, never the softmax; added up over the
+    request's slices they give `uncertainty` of the whole (n, K+1, S, S) softmax."""
     import asyncio
+    from concurrent.futures import Future
+
+    import torch
+
+    from samed_adapter.serve.residents import ServingModel, SliceQueue, SliceRequest, VolumeRequest
+
+    logits = torch.from_numpy(np.random.default_rng(0).normal(0, 2, (6, 3, 8, 8)).astype(np.float32))
+    logits[2, 0] += 20  # one slice sure of its background: it labels nothing there
+    queue, answered = SliceQueue(max_batch=4), Future()
+    queue.put(VolumeRequest("wide", np.zeros((6, 8, 8), np.float32), score=True), answered)
+    while batch := queue.take():  # two batches, 4 and 2 slices, as the replica runs them
+        items = SliceQueue.items(batch)
+        assert all(isinstance(item, SliceRequest) and item.score for item in items)
+        results = ServingModel._batch_results(items, logits[[i for _, i in batch]], {})
+        assert all(r.probs is None and len(r.score_sums) == 4 for r in results)  # no softmax in the answer
+        SliceQueue.deliver(batch, results)
+    volume = answered.result(timeout=0)
+    assert volume.probs is None
+    whole = uncertainty(np.moveaxis(torch.softmax(logits, 1).numpy(), 1, 0))
+    assert 0.0 < whole < 1.0 and volume.score == pytest.approx(whole, rel=1e-6)
 
     store = StoreRoutes(FolderDatastore(tmp_path / "store"))
     store.datastore.add_image("case_a", files["case_a"])
-    probs = np.random.default_rng(0).dirichlet([1, 1, 1], size=(6, 8, 8)).transpose(0, 3, 1, 2)  # (n, K+1, S, S)
     entry = {"name": "wide", "fingerprint": "f" * 64}
-    assert asyncio.run(store.record_score("case_a", entry, probs)) == uncertainty(np.moveaxis(probs, 1, 0))
+    assert asyncio.run(store.record_score("case_a", entry, whole)) == whole
+    assert store.datastore.get_image_info("case_a")[SCORES]["f" * 64]["uncertainty"] == whole
     for i in range(10):  # only the newest versions' scores are kept
-        asyncio.run(store.record_score("case_a", {"name": "wide", "fingerprint": str(i)}, probs))
+        asyncio.run(store.record_score("case_a", {"name": "wide", "fingerprint": str(i)}, whole))
     assert len(store.datastore.get_image_info("case_a")[SCORES]) == 8
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
     from .local import FolderDatastore
 
-__all__ = ["STRATEGIES", "first", "least_sure", "random_image", "uncertainty"]
+__all__ = ["STRATEGIES", "first", "least_sure", "random_image", "uncertainty", "uncertainty_of",
+           "uncertainty_sums"]
 
 #: Strategy name -> description, as MONAI Label's ``/info`` lists them (its own words for its two).
 STRATEGIES: dict[str, str] = {
@@ -108,6 +109,17 @@ def uncertainty(probabilities: np.ndarray, method: str = "entropy") -> float:
     Raises:
         ValueError: not (K+1, ...) with K >= 1, not finite, negative, or not summing to 1.
     """
+    return uncertainty_of(uncertainty_sums(probabilities, method))
+
+
+def uncertainty_sums(probabilities: np.ndarray, method: str = "entropy") -> tuple[float, int, float, int]:
+    """:func:`uncertainty`'s parts, which add up over the slices of an image: (sum over the
+    foreground voxels, their count, sum over all voxels, their count). A model replica sends
+    these four numbers per slice rather than the (K+1, S, S) softmax (serve.residents).
+
+    Raises:
+        ValueError: as :func:`uncertainty`.
+    """
     p = np.asarray(probabilities)
     if not np.issubdtype(p.dtype, np.floating):
         p = p.astype(np.float32)
@@ -126,8 +138,15 @@ def uncertainty(probabilities: np.ndarray, method: str = "entropy") -> float:
     else:
         raise ValueError(f"unknown uncertainty method {method!r}; use 'entropy' or 'max_prob'")
     foreground = p[1:].max(axis=0) > p[0]  # argmax > 0 (argmax gives ties to the background)
-    region = per_voxel[foreground] if foreground.any() else per_voxel
-    return float(np.clip(region.mean(dtype=np.float64), 0.0, 1.0))
+    return (float(per_voxel[foreground].sum(dtype=np.float64)), int(foreground.sum()),
+            float(per_voxel.sum(dtype=np.float64)), int(per_voxel.size))
+
+
+def uncertainty_of(sums: Sequence[float]) -> float:
+    """:func:`uncertainty` from the :func:`uncertainty_sums` of an image's parts, added up."""
+    foreground, count, everything, total = sums
+    mean = foreground / count if count else everything / max(total, 1)
+    return float(np.clip(mean, 0.0, 1.0))
 
 
 def _check_probabilities(p: np.ndarray) -> None:

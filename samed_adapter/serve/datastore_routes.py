@@ -74,7 +74,7 @@ class DatastoreRoutes:
             result = {"label_names": {n: i for i, n in enumerate(entry["class_names"], start=1)},
                       "adapter": {"name": entry["name"], "fingerprint": entry["fingerprint"]}}
             unsaved = ORIGINAL not in await store.label_tags(image_id)  # a PACS gone: 502, not 500
-            await store.after_infer(image_id, entry, files[0], result, {"save_label": unsaved}, keep.get("probs"))
+            await store.after_infer(image_id, entry, files[0], result, {"save_label": unsaved}, keep.get("score"))
         except NotFoundError:  # removed meanwhile
             pass
         except (BadRequestError, PayloadTooLargeError, UnprocessableError) as err:

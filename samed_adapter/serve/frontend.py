@@ -231,8 +231,8 @@ class Frontend(MonaiLabelRoutes, SessionRoutes, DatastoreRoutes, TrainRoutes, Ve
                            folder: RequestFolder, times: dict[str, float],
                            keep: Optional[dict[str, Any]] = None) -> tuple[list[Path], list[str]]:
         """Segment one scan into ``folder``/out with the adapter version ``entry`` pinned (its
-        fingerprint): what `segment` writes for it. ``keep`` gets ``"probs"``, the model's
-        (n, K+1, S, S) softmax on its own slices (a datastore image's score, :mod:`.store_routes`)."""
+        fingerprint): what `segment` writes for it. ``keep`` gets ``"score"``, the volume's
+        uncertainty, computed on the replica (a datastore image's least_sure score, :mod:`.store_routes`)."""
         from ..inference import stages as inference
         from ..segment.outputs import provenance, write_prepared
         from ..segment.job import Job
@@ -259,12 +259,10 @@ class Frontend(MonaiLabelRoutes, SessionRoutes, DatastoreRoutes, TrainRoutes, Ve
         t1 = time.perf_counter()
         on_replica: dict[str, float] = {}
         result = await self._predict(name, entry["fingerprint"], np.ascontiguousarray(prepared.inputs[:, 0].numpy()),
-                                     opts.save_probabilities or keep is not None, on_replica)
+                                     opts.save_probabilities, on_replica, score=keep is not None)
         t2 = time.perf_counter()
         if keep is not None:
-            keep["probs"] = result.probs
-            if not opts.save_probabilities:  # not resized to the scan for nothing
-                result.probs = None
+            keep["score"] = result.score
         small, soft = await folder.run(_resized, result, prepared.size)
         try:
             files = await folder.run(write_prepared, prepared, small, soft, job.out, opts, config)
@@ -275,14 +273,15 @@ class Frontend(MonaiLabelRoutes, SessionRoutes, DatastoreRoutes, TrainRoutes, Ve
         return files, [m.replace(str(source), UPLOAD) for m in prepared.messages]
 
     async def _predict(self, name: str, fingerprint: str, slices: np.ndarray, probabilities: bool,
-                       times: dict[str, float]) -> VolumeResult:
+                       times: dict[str, float], score: bool = False) -> VolumeResult:
         """(n, S, S) slices through version ``fingerprint`` of adapter ``name`` in one call to a
-        replica (it answers with that version or 409); ``times`` gets where its time went there."""
+        replica (it answers with that version or 409); ``times`` gets where its time went there;
+        ``score`` asks the replica for the volume's uncertainty (VolumeRequest.score)."""
         import ray
 
         try:
             result = await self.segmenter.remote(VolumeRequest(name, slices, probabilities, fingerprint,
-                                                               alone=self.busy <= 1))
+                                                               alone=self.busy <= 1, score=score))
         except ray.exceptions.RayError as err:
             raise OverloadedError(f"a model replica stopped while answering ({type(err).__name__}); it is being "
                                   "replaced: retry in a few seconds") from None

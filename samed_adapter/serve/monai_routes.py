@@ -138,7 +138,7 @@ class MonaiLabelRoutes:
                                **extra}
                 if stored is not None and self.store is not None:
                     result_json["datastore"] = await self.store.after_infer(stored, entry, label, dict(result_json),
-                                                                            params, (keep or {}).get("probs"))
+                                                                            params, (keep or {}).get("score"))
                 if output == "json":
                     return JSONResponse(result_json, headers=version)
                 if output != "dicom_seg" and str(params.get("result_extension", "")).lower() in NRRD_EXTENSIONS:

@@ -52,12 +52,14 @@ class SliceRequest:
 
     ``fingerprint`` is the adapter version its request was pinned to when it started
     (:meth:`AdapterCatalog.pin`); None takes the version the catalog sees in the file now.
+    ``score`` asks for the slice's :func:`~samed_adapter.datastore.activelearning.uncertainty_sums`.
     """
 
     adapter: str
     image: np.ndarray
     probabilities: bool = False
     fingerprint: Optional[str] = None
+    score: bool = False
 
     @property
     def key(self) -> tuple[str, Optional[str]]:
@@ -82,6 +84,10 @@ class VolumeRequest:
     #: the front had no other request in progress when it sent this one: its file work does not
     #: compete with the model for the cores meanwhile
     alone: bool = False
+    #: answer the volume's uncertainty score (a datastore image's least_sure score), computed here:
+    #: the softmax it comes from is (n, K+1, S, S) float32, 420 MB for 100 ViT-B slices at 512 with
+    #: K = 3, which would otherwise cross the object store for one number
+    score: bool = False
 
     @property
     def key(self) -> tuple[str, Optional[str]]:
@@ -93,12 +99,13 @@ class VolumeResult:
     """A request's answer: (n, S, S) labels, the (n, K+1, S, S) float32 softmax when asked, the
     batches its slices ran in (for the metrics: each batch once), and where its time went on the
     replica in seconds ("queued": arrival to its first batch, "model": its batches' forward
-    passes, "replica": arrival to answer)."""
+    passes, "replica": arrival to answer); ``score``: the volume's uncertainty when asked."""
 
     labels: np.ndarray
     probs: Optional[np.ndarray]
     batches: list[dict[str, Any]]
     times: dict[str, float] = field(default_factory=dict)
+    score: Optional[float] = None
 
 
 class _Ticket:
@@ -121,10 +128,15 @@ class _Ticket:
     def answer(self) -> VolumeResult:
         labels = np.stack([r.labels for r in self.results])  # type: ignore[union-attr]
         probs = np.stack([r.probs for r in self.results]) if self.request.probabilities else None  # type: ignore
+        score = None
+        if self.request.score:
+            from ..datastore.activelearning import uncertainty_of
+
+            score = uncertainty_of(np.sum([r.score_sums for r in self.results], axis=0))  # type: ignore[union-attr]
         now = time.perf_counter()
         return VolumeResult(labels, probs, list(self.batches.values()),
                             {"queued": (self.first or now) - self.arrived, "model": self.model_s,
-                             "replica": now - self.arrived})
+                             "replica": now - self.arrived}, score)
 
 
 class SliceQueue:
@@ -187,8 +199,8 @@ class SliceQueue:
     @staticmethod
     def items(batch: list[tuple[_Ticket, int]]) -> list[SliceRequest]:
         """The batch's slices for :meth:`ServingModel.predict` (views of the requests' arrays, not copies)."""
-        return [SliceRequest(t.request.adapter, t.request.images[i], t.request.probabilities, t.request.fingerprint)
-                for t, i in batch]
+        return [SliceRequest(t.request.adapter, t.request.images[i], t.request.probabilities, t.request.fingerprint,
+                             t.request.score) for t, i in batch]
 
     @staticmethod
     def deliver(batch: list[tuple[_Ticket, int]], results: list[Union[SliceResult, ServeError]],
@@ -219,11 +231,13 @@ class SliceQueue:
 @dataclass
 class SliceResult:
     """(S, S) labels (uint8, int32 for 255 classes or more), the (K+1, S, S) float32 softmax
-    when asked, and what the batch it ran in was (for the metrics)."""
+    when asked, what the batch it ran in was (for the metrics), and the slice's
+    ``uncertainty_sums`` when asked."""
 
     labels: np.ndarray
     probs: Optional[np.ndarray]
     batch: dict[str, Any] = field(default_factory=dict)
+    score_sums: Optional[tuple[float, int, float, int]] = None
 
 
 class ServingModel:
@@ -435,11 +449,12 @@ class ServingModel:
     def _batch_results(items: list[SliceRequest], logits: torch.Tensor, info: dict[str, Any]
                        ) -> list[Union[SliceResult, ServeError]]:
         """(b, K+1, S, S) logits of the b ``items`` -> their results."""
+        from ..datastore.activelearning import uncertainty_sums
         from ..inference.stages import to_labels
 
         low, high = torch.aminmax(logits.flatten(1), dim=1)  # NaN and infinities show in one or the other
         finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
-        labels, probs = to_labels(logits, any(item.probabilities for item in items))
+        labels, probs = to_labels(logits, any(item.probabilities or item.score for item in items))
         out: list[Union[SliceResult, ServeError]] = []
         for j, item in enumerate(items):
             if not finite[j]:
@@ -447,5 +462,6 @@ class ServingModel:
                     f"adapter {item.adapter!r} gives NaN or infinite logits on this image, so no labels are made "
                     "from them: its weights (or the SAM's) overflow, or its pixel_std is near zero"))
                 continue
-            out.append(SliceResult(labels[j].numpy(), probs[j].numpy() if item.probabilities else None, info))
+            sums = uncertainty_sums(probs[j].numpy()) if item.score else None
+            out.append(SliceResult(labels[j].numpy(), probs[j].numpy() if item.probabilities else None, info, sums))
         return out

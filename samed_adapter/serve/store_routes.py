@@ -24,7 +24,8 @@ leaves the folder as it was.
 ``least_sure`` scores: the mean per-voxel entropy of the adapter's softmax over the voxels it
 labels (:func:`~samed_adapter.datastore.uncertainty`), computed on the model's own slices
 ((n, K+1, S, S), before they are resized to the scan) whenever the server infers a datastore image
-by id, and kept in that image's info under ``"least_sure"``, keyed by the adapter version's
+by id; the model replica computes it (four sums per slice, added up), so the softmax never leaves
+it, and the score is kept in that image's info under ``"least_sure"``, keyed by the adapter version's
 fingerprint (the newest :data:`MAX_SCORES` versions). A new version's scores start empty: each
 ``least_sure`` request first scores at most :data:`SCORE_PER_REQUEST` unlabeled images that this
 version has not scored (sorted by id; ``params {"score": N}``, 0 to :data:`MAX_SCORE_PER_REQUEST`),
@@ -48,7 +49,7 @@ import numpy as np
 from ..datastore import (FINAL, ORIGINAL, STRATEGIES, DatastoreBusyError, DatastoreError, DatastoreFormatError,
                          EmptyDatastoreError, FolderDatastore, ImageExistsError, ImageNotFoundError,
                          LabelClassError, LabelGridError, LabelNotFoundError, UnsafeIdError, UnsupportedFileError,
-                         check_id, file_checksum, first, least_sure, random_image, uncertainty)
+                         check_id, file_checksum, first, least_sure, random_image)
 from ..datastore.binary import BINARY_EXTENSION, binary_label
 from ..datastore.checks import GRID_TOLERANCE, split_name
 from ..dicomweb.errors import DicomWebAuthError, DicomWebError
@@ -305,9 +306,10 @@ class StoreRoutes:
     # ---- after inference by id
 
     async def after_infer(self, image_id: str, entry: Mapping[str, Any], label: Path, result: dict[str, Any],
-                          params: Mapping[str, Any], probs: Optional[np.ndarray]) -> dict[str, Any]:
-        """Record the adapter version's score of ``image_id`` from its ``(n, K+1, S, S)`` softmax,
-        and save its automatic ``label`` when ``params`` ask (``save_label``, tag ``label_tag``,
+                          params: Mapping[str, Any], score: Optional[float]) -> dict[str, Any]:
+        """Record the adapter version's uncertainty ``score`` of ``image_id`` (computed on the model
+        replica from its softmax, :func:`~samed_adapter.datastore.uncertainty`), and save its
+        automatic ``label`` when ``params`` ask (``save_label``, tag ``label_tag``,
         default original, as MONAI Label); what was done, for the answer's JSON."""
         done: dict[str, Any] = {"image": image_id}
         tag = None
@@ -319,18 +321,17 @@ class StoreRoutes:
             if tag == FINAL:
                 raise UnprocessableError("an automatic label is saved as 'original' (or another tag), never over a "
                                          "person's 'final' label; drop label_tag or name another tag")
-        if probs is not None:
-            done["uncertainty"] = await self.record_score(image_id, entry, probs)
+        if score is not None:
+            done["uncertainty"] = await self.record_score(image_id, entry, score)
         if tag is not None:
             info = {"model": entry["name"], "fingerprint": entry["fingerprint"], "params": result}
             await self._run(self.datastore.save_label, image_id, label, tag, info)
             done["label_tag"] = tag
         return done
 
-    async def record_score(self, image_id: str, entry: Mapping[str, Any], probs: Optional[np.ndarray],
+    async def record_score(self, image_id: str, entry: Mapping[str, Any], score: Optional[float],
                            error: Optional[str] = None) -> Optional[float]:
-        """Keep the version's uncertainty of ``image_id`` (or the ``error`` that kept it from one)."""
-        score = None if probs is None else await asyncio.to_thread(uncertainty, np.moveaxis(probs, 1, 0))
+        """Keep the version's uncertainty ``score`` of ``image_id`` (or the ``error`` that kept it from one)."""
         record: dict[str, Any] = {"adapter": entry["name"], "ts": int(time.time())}
         record.update({"uncertainty": score} if score is not None else {"error": error or "no probabilities"})
 
