@@ -97,6 +97,18 @@ def test_set_serving_rolls_back_and_forward(store, adapters):
     assert store.set_serving("liver", 2).version == 2 and store.serving("liver").fingerprint == adapters[1].fingerprint
 
 
+def test_a_rollback_while_a_job_trained_wins_over_the_jobs_version(store, adapters):
+    """A job compares its version with the one serving when it started (its parent); if an admin
+    rolled back meanwhile, the new version is kept with its figures but does not serve."""
+    _add(store, adapters[1])  # version 2 serves; a job starts from it
+    store.set_serving("liver", 1)  # the admin rolls back while it trains
+    third = _add(store, adapters[2], parent=2)  # it passed its comparison with version 2
+    assert not third.serving and store.serving("liver").version == 1
+    assert store.set_serving("liver", 3).serving  # an admin can still promote it
+    fourth = _add(store, adapters[1], parent=3)
+    assert fourth.serving and store.serving("liver").version == 4
+
+
 def test_parse_ref():
     assert parse_ref("liver") == ("liver", None)
     assert parse_ref("liver@12") == ("liver", 12)

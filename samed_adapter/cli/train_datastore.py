@@ -132,6 +132,10 @@ def _report(result: Any, name: str) -> None:
         serving = f"{version.ref} serves"
     elif dice["current"] is None or dice["new"] is None:
         serving = f"{version.ref} is kept but does not serve (no held-out Dice to compare)"
+    elif dice["new"] >= dice["current"] - version.figures["threshold"]:
+        serving = (f"{version.ref} is kept but does not serve: version {version.parent}, which it beat, stopped "
+                   "serving while it trained (a rollback, or another job's version); serve it with "
+                   f"POST /v1/adapters/{name}/serve?version={version.version} on the server")
     else:
         serving = (f"{version.ref} is kept but does not serve (its held-out Dice is below the current one's less "
                    f"--threshold {version.figures['threshold']:g})")

@@ -6,7 +6,8 @@ ones are never trained on), checks every label against its image and the adapter
 fine-tunes on Ray Train (:func:`samed_adapter.training.ray_job.fine_tune`), scores the current
 and the new version on the held-out images with the labels `segment` gives, checks that no item
 changed meanwhile, and records the new version (:meth:`VersionStore.add`) with its figures and
-lineage, serving only if its held-out mean Dice is at least the current one's less ``threshold``.
+lineage, serving only if its held-out mean Dice is at least the current one's less ``threshold``
+and the version it was compared with still serves (an admin's rollback meanwhile wins).
 
 Nothing is written as a version until that last step, which is atomic: a job stopped, failed or
 killed half-way leaves the versions as they were, and every job trains in its own fresh folder
@@ -285,7 +286,7 @@ class LearningJob:
                 items=[{"image": i.image_id, "image_checksum": plan.seen[i.image_id][0],
                         "label_checksum": plan.seen[i.image_id][1]} for i in plan.train],
                 holdout=[i.image_id for i in plan.holdout], serve=serve, datastore=str(self.datastore.root))
-            return JobResult(version, serve, figures)
+            return JobResult(version, version.serving, figures)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             os.close(running)

@@ -171,8 +171,10 @@ class VersionStore:
         """Record ``adapter`` as the next version of ``name`` (made from version ``parent``).
 
         The file records its lineage (parent, items, holdout, ``datastore``) in its metadata; it is
-        written and flushed before the JSON names it. ``serve``: it serves from now on (else it is
-        kept with its figures and the serving version goes on serving).
+        written and flushed before the JSON names it. ``serve``: it serves from now on, if version
+        ``parent`` still serves (else it is kept with its figures and the serving version goes on
+        serving). A job compared the new version with its parent; an admin's rollback or another
+        job's version that came to serve meanwhile is not what it was compared with, and wins.
 
         Raises:
             UnknownVersionError: ``parent`` is not recorded (adopt the catalog's file first).
@@ -195,7 +197,7 @@ class VersionStore:
                 labelled.save(tmp)
                 _check_copy(tmp, adapter.fingerprint, None)
 
-            serving = number if serve else data["serving"]
+            serving = number if serve and data["serving"] == parent else data["serving"]
             self._place(name, number, save, {**data, "serving": serving, "versions": [*data["versions"], record]})
             return self._pick(name, self._versions(name, self._read(name)), number)
 
