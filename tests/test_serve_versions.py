@@ -124,6 +124,28 @@ def test_a_rollback_over_http_serves_the_version_named_and_name_at_n_names_one(s
         assert forward.status_code == 200 and forward.json()["serving"]["version"] == 2
 
 
+def test_segment_on_the_server_takes_name_at_n(server, setup, capsys, tmp_path):
+    """`samed-adapter segment --server URL --adapter liver@1` is answered by version 1 (not the
+    serving 2), and the record beside the labels names version 1's fingerprint."""
+    import json
+
+    from samed_adapter.segment.outputs import record_path
+    from samed_adapter.testing.cli import run
+
+    scan = Path(server.settings.adapters[0]).parent / "scan.nii.gz"
+    code, out, err = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "liver@1",
+                         str(scan), "-o", str(tmp_path / "v1"))
+    assert code == 0, err
+    labels = np.asarray(nib.load(tmp_path / "v1" / "scan.nii.gz").dataobj)
+    np.testing.assert_array_equal(labels, _segment(server, "liver@1")[1])
+    assert not np.array_equal(labels, _segment(server, "liver")[1])
+    record = json.loads(record_path(tmp_path / "v1" / "scan.nii.gz").read_text())
+    assert (record["adapter"], record["adapter_fingerprint"]) == ("liver@1", setup["fingerprints"][1])
+    code, out, err = run(capsys, "segment", "--server", server.url, "--token", TOKEN, "--adapter", "liver@7",
+                         str(scan), "-o", str(tmp_path / "v7"))
+    assert code != 0 and "has no version 7; it has 1, 2" in err and not (tmp_path / "v7").exists()
+
+
 @pytest.mark.parametrize("query, status, said", [("version=9", 404, "no version 9 (versions: 1, 2)"),
                                                  ("version=two", 400, "?version=N"), ("", 400, "?version=N")])
 def test_a_bad_version_is_refused_in_one_line_and_changes_nothing(server, query, status, said):

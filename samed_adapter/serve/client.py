@@ -102,14 +102,31 @@ class ServerClient:
         return body["adapters"]
 
     def adapter(self, name: str) -> RemoteAdapter:
-        """The adapter ``name`` as the server serves it (ServerError listing the served ones otherwise)."""
+        """The adapter ``name`` as the server serves it, or its version N for ``NAME@N`` (as
+        ``GET /v1/adapters/NAME/versions`` lists it); ServerError listing what it serves otherwise."""
+        from urllib.parse import quote
+
+        from ..learning.versions import VersionError, parse_ref
+
+        try:
+            base, number = parse_ref(name)
+        except VersionError as err:
+            raise ServerError(str(err), 400) from None
         entries = {entry["name"]: entry for entry in self.adapters()}
-        if name not in entries:
-            raise ServerError(f"the server at {self.url} serves no adapter named {name!r}; it serves: "
+        if base not in entries:
+            raise ServerError(f"the server at {self.url} serves no adapter named {base!r}; it serves: "
                               f"{', '.join(entries) or '(none)'}", 404)
-        entry = entries[name]
+        entry = entries[base]
         config = AdapterConfig.from_dict(_config(entry))
-        return RemoteAdapter(name, config, entry["fingerprint"], entry["base_fingerprint"])
+        fingerprint = entry["fingerprint"]
+        if number is not None:
+            listed = self._request("GET", f"/v1/adapters/{quote(base, safe='')}/versions").json()["versions"]
+            found = next((v for v in listed if v.get("version") == number), None)
+            if found is None:
+                raise ServerError(f"adapter {base!r} on the server at {self.url} has no version {number}; it has "
+                                  f"{', '.join(str(v.get('version')) for v in listed) or 'none'}", 404)
+            fingerprint = found["fingerprint"]
+        return RemoteAdapter(name, config, fingerprint, entry["base_fingerprint"])
 
     @property
     def allow_base_mismatch(self) -> bool:
