@@ -23,7 +23,7 @@ import numpy as np
 
 from ..dicomweb.errors import BadAnswerError, shown_url, talking
 from ..dicomweb.limits import Limits
-from ..dicomweb.query import SeriesInfo, checked_json, search, series_instances
+from ..dicomweb.query import SeriesInfo, checked_json, first_value, search, series_instances
 from ..io.dicom_folders import NOT_IMAGES
 from ..io.errors import ImageReadError
 
@@ -50,9 +50,9 @@ def is_uid(text: str) -> bool:
 
 
 def _value(item: dict[str, Any], tag: str) -> str:
-    values = item.get(tag, {}).get("Value") or [""]
-    value = values[0]
-    return str(value.get("Alphabetic", "") if isinstance(value, dict) else value)
+    """:func:`first_value` as text, "" where the tag or its value is missing."""
+    value = first_value(item, tag, "")
+    return "" if isinstance(value, dict) else str(value)  # a person name without an alphabetic form
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from ..adapter_file.adapter import Adapter
 
-__all__ = ["SeriesInfo", "StoredResults", "StudyInfo", "check_study_date", "checked_json", "find_studies", "search",
-           "series_instances", "study_patient", "study_series", "stored_results"]
+__all__ = ["SeriesInfo", "StoredResults", "StudyInfo", "check_study_date", "checked_json", "find_studies",
+           "first_value", "search", "series_instances", "study_patient", "study_series", "stored_results"]
 
 #: Results asked for per QIDO-RS request (servers cap their answers; the rest comes by offset).
 PAGE = 200
@@ -49,7 +49,7 @@ def search(find: Any, key: str, limits: Limits, url: str, most: Optional[int] = 
     found: dict[str, dict[str, Any]] = {}
     for _ in range(limits.max_pages):
         page = checked_json(find(limit=PAGE, offset=len(found), **kwargs), url)
-        fresh = {str(_value(item, key, "")): item for item in page}
+        fresh = {str(first_value(item, key, "")): item for item in page}
         before = len(found)
         found.update(fresh)
         if most is not None and len(found) > most:
@@ -77,7 +77,7 @@ def checked_json(items: Any, url: str) -> list[dict[str, Any]]:
     return items
 
 
-def _value(item: dict[str, Any], tag: str, default: Any = None) -> Any:
+def first_value(item: dict[str, Any], tag: str, default: Any = None) -> Any:
     """The first value of ``tag`` (``"0020000D"``) in a DICOM JSON item; a person name as text."""
     values = item.get(tag, {}).get("Value") or []
     if not values:
@@ -98,8 +98,8 @@ class StudyInfo:
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> "StudyInfo":
-        return cls(str(_value(item, "0020000D", "")), str(_value(item, "00100020", "")),
-                   str(_value(item, "00080020", "")), str(_value(item, "00081030", "")),
+        return cls(str(first_value(item, "0020000D", "")), str(first_value(item, "00100020", "")),
+                   str(first_value(item, "00080020", "")), str(first_value(item, "00081030", "")),
                    tuple(str(m) for m in item.get("00080061", {}).get("Value", [])))
 
 
@@ -117,12 +117,12 @@ class SeriesInfo:
     def from_json(cls, item: dict[str, Any]) -> "SeriesInfo":
         def integer(tag: str) -> Optional[int]:
             try:
-                return int(_value(item, tag))
+                return int(first_value(item, tag))
             except (TypeError, ValueError):
                 return None
 
-        return cls(str(_value(item, "0020000E", "")), str(_value(item, "00080060", "")), integer("00200011"),
-                   str(_value(item, "0008103E", "") or ""), integer("00201209"))
+        return cls(str(first_value(item, "0020000E", "")), str(first_value(item, "00080060", "")), integer("00200011"),
+                   str(first_value(item, "0008103E", "") or ""), integer("00201209"))
 
     @property
     def label(self) -> str:
@@ -188,8 +188,8 @@ def study_patient(client: "DICOMwebClient", url: str, study_uid: str, limits: Li
     with talking(url, f"searching for study {study_uid} (QIDO-RS)"):
         found = search(client.search_for_studies, "0020000D", limits, url,
                        search_filters={"StudyInstanceUID": study_uid})
-    return next((str(_value(item, "00100020", "")) for item in found
-                 if str(_value(item, "0020000D", "")) == study_uid), "")
+    return next((str(first_value(item, "00100020", "")) for item in found
+                 if str(first_value(item, "0020000D", "")) == study_uid), "")
 
 
 def series_instances(client: "DICOMwebClient", url: str, study_uid: str, series: SeriesInfo, limits: Limits
@@ -198,7 +198,7 @@ def series_instances(client: "DICOMwebClient", url: str, study_uid: str, series:
     with talking(url, f"searching for the instances of series {series.label} (QIDO-RS)"):
         found = search(client.search_for_instances, "00080018", limits, url, study_instance_uid=study_uid,
                        series_instance_uid=series.uid)
-    return frozenset(str(_value(item, "00080018", "")) for item in found) - {""}
+    return frozenset(str(first_value(item, "00080018", "")) for item in found) - {""}
 
 
 def _parameters(text: str) -> dict[str, str]:
