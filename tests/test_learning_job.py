@@ -319,3 +319,26 @@ def test_the_command_line_on_ray_takes_paths_relative_to_where_it_runs(tmp_path,
     made = VersionStore(tmp_path / "versions").get("brain", 2)
     assert made.parent == 1 and made.path.is_file() and "held-out mean Dice" in capsys.readouterr().out
 
+
+
+def test_the_progress_reads_each_log_line_once_and_hands_on_only_changed_epochs(tmp_path):
+    """Rank 0 reports epochs from log.jsonl after every epoch: a line is parsed once (the read goes
+    on from where it stopped; a line still being written waits), and an epoch is handed on again
+    only when it changed (its validation Dice comes after its loss)."""
+    import json
+
+    from samed_adapter.training.ray_job import _LogRecords
+
+    log = tmp_path / "log.jsonl"
+    records = _LogRecords(log, per_epoch=2, validated=True)
+    assert records.changed(upto=1) == [{"epoch": 1}]  # no log yet
+    with open(log, "w") as f:
+        f.write("\n".join(json.dumps({"iter": i, "loss": float(i)}) for i in (1, 2)) + "\n")
+        f.write('{"iter": 3, "lo')  # half a line
+    assert records.changed(upto=1) == [{"epoch": 1, "loss": 1.5}]
+    assert records.changed(upto=1) == []  # nothing new
+    with open(log, "a") as f:
+        f.write('ss": 5.0}\n' + json.dumps({"epoch": 1, "val_mean_dice": 0.5}) + "\n"
+                + json.dumps({"iter": 4, "loss": 7.0}) + "\n")
+    assert records.changed(upto=2) == [{"epoch": 1, "loss": 1.5, "val_mean_dice": 0.5}, {"epoch": 2, "loss": 6.0}]
+    assert records.offset == log.stat().st_size

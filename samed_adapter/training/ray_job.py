@@ -157,17 +157,17 @@ class _EpochEnd:
     scores and that is never reported), since the loop's validation needs a volume.
     """
 
-    def __init__(self, volumes: Any, probe: Any, channel: _Channel, log: Path, per_epoch: int,
+    def __init__(self, volumes: Any, probe: Any, channel: _Channel, records: "_LogRecords",
                  rank: int, world: int) -> None:
-        self.volumes, self.probe, self.channel, self.log = volumes, probe, channel, log
-        self.per_epoch, self.rank, self.world, self.epoch = per_epoch, rank, world, 0
+        self.volumes, self.probe, self.channel, self.records = volumes, probe, channel, records
+        self.rank, self.world, self.epoch = rank, world, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.epoch += 1
         if self._stop_agreed():
             raise KeyboardInterrupt  # the loop saves its state and raises TrainingInterrupted
         if self.rank == 0:
-            for record in _log_records(self.log, self.per_epoch, upto=self.epoch, validated=self.volumes is not None):
+            for record in self.records.changed(upto=self.epoch):
                 self.channel("epoch", record)
         if self.volumes is not None:
             yield from (self.volumes[i] for i in range(len(self.volumes)))
@@ -188,29 +188,50 @@ class _EpochEnd:
         return stop
 
 
-def _log_records(log: Path, per_epoch: int, *, upto: int, validated: bool) -> list[dict[str, Any]]:
-    """``[{"epoch", "loss"[, "val_mean_dice"]}]`` of epochs 1..upto from the run's log.jsonl (rank 0's)."""
-    losses: dict[int, list[float]] = {}
-    dice: dict[int, Any] = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
+class _LogRecords:
+    """``{"epoch", "loss"[, "val_mean_dice"]}`` per epoch from the run's log.jsonl (rank 0's), read on
+    from where the last read stopped: each line is parsed once, and only records that changed are
+    handed on (an epoch's validation Dice is logged after its loss)."""
+
+    def __init__(self, log: Path, per_epoch: int, validated: bool) -> None:
+        self.log, self.per_epoch, self.validated = log, per_epoch, validated
+        self.offset = 0
+        self.losses: dict[int, list[float]] = {}
+        self.dice: dict[int, Any] = {}
+        self.sent: dict[int, dict[str, Any]] = {}
+
+    def changed(self, *, upto: int) -> list[dict[str, Any]]:
+        """The records of epochs 1..upto that are new or differ from the ones handed on before."""
+        self._read()
+        out = []
+        for epoch in range(1, upto + 1):
+            record: dict[str, Any] = {"epoch": epoch}
+            if epoch in self.losses:
+                record["loss"] = sum(self.losses[epoch]) / len(self.losses[epoch])
+            if self.validated and epoch in self.dice:
+                record["val_mean_dice"] = self.dice[epoch]
+            if self.sent.get(epoch) != record:
+                self.sent[epoch] = record
+                out.append(record)
+        return out
+
+    def _read(self) -> None:
+        if not self.log.exists():
+            return
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if "iter" in entry and "loss" in entry:
-                losses.setdefault((entry["iter"] - 1) // per_epoch + 1, []).append(float(entry["loss"]))
+                self.losses.setdefault((entry["iter"] - 1) // self.per_epoch + 1, []).append(float(entry["loss"]))
             elif "val_mean_dice" in entry:
-                dice[int(entry["epoch"])] = entry["val_mean_dice"]
-    records = []
-    for epoch in range(1, upto + 1):
-        record: dict[str, Any] = {"epoch": epoch}
-        if epoch in losses:
-            record["loss"] = sum(losses[epoch]) / len(losses[epoch])
-        if validated and epoch in dice:
-            record["val_mean_dice"] = dice[epoch]
-        records.append(record)
-    return records
+                self.dice[int(entry["epoch"])] = entry["val_mean_dice"]
 
 
 def _scores(model: Any, volumes: Any) -> dict[str, Any]:
@@ -267,7 +288,8 @@ def _train_worker(spec: FineTuneSpec, channel: _Channel, on_ray: bool) -> Option
     # Every epoch ends in the hook (the loop's validation); no progress bar in a worker's log.
     config = dataclasses.replace(spec.config, val_every=1, progress=False)
     per_epoch = iterations_per_epoch(len(slices), config.batch_size, world)
-    hook = _EpochEnd(volumes, probe, channel, Path(config.output_dir) / LOG, per_epoch, rank, world)
+    records = _LogRecords(Path(config.output_dir) / LOG, per_epoch, validated=volumes is not None)
+    hook = _EpochEnd(volumes, probe, channel, records, rank, world)
     # Mid-epoch only where the slices are read in this process (a DataLoader worker's interrupt is its own).
     data = _StopOnRequest(slices, channel) if world == 1 and config.num_workers == 0 else slices
     torch.manual_seed(config.seed)
@@ -277,7 +299,7 @@ def _train_worker(spec: FineTuneSpec, channel: _Channel, on_ray: bool) -> Option
         return {"stopped": True} if rank == 0 else None
     if rank != 0:
         return None
-    for record in _log_records(Path(config.output_dir) / LOG, per_epoch, upto=hook.epoch, validated=volumes is not None):
+    for record in records.changed(upto=hook.epoch):
         channel("epoch", record)
     if volumes is not None:
         scores["new"] = _scores(model, volumes)
