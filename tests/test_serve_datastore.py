@@ -357,6 +357,25 @@ def test_the_replicas_score_is_the_entropy_of_the_volumes_softmax_and_is_kept(tm
     assert len(store.datastore.get_image_info("case_a")[SCORES]) == 8
 
 
+def test_scores_of_several_versions_written_at_once_are_all_kept(tmp_path, files):
+    """Each score is merged into the image's info under the datastore's lock, read and written there:
+    versions scoring one image at the same moment (requests on two servers) lose none."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path / "store"
+    StoreRoutes(FolderDatastore(folder)).datastore.add_image("case_a", files["case_a"])
+    stores = [StoreRoutes(FolderDatastore(folder)) for _ in range(6)]  # as six processes would: one object each
+
+    def score(i: int) -> None:
+        asyncio.run(stores[i].record_score("case_a", {"name": "wide", "fingerprint": f"v{i}"}, i / 10))
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(score, range(6)))
+    kept = FolderDatastore(folder).get_image_info("case_a")[SCORES]
+    assert {fp: r["uncertainty"] for fp, r in kept.items()} == {f"v{i}": i / 10 for i in range(6)}
+
+
 def test_open_datastore_takes_one_kind(tmp_path):
     assert open_datastore(tmp_path / "a").status() == {"total": 0, "completed": 0, "label_tags": {}}
     with pytest.raises(DatastoreError, match="exactly one"):

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -443,6 +443,11 @@ class DicomWebDatastore:
         """Merge ``info`` into the cached image's info (the image is fetched first)."""
         self._fetched(image_id)
         self.local.update_image_info(image_id, info)
+
+    def change_image_info(self, image_id: str, change: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+        """:meth:`FolderDatastore.change_image_info` on the cached image (fetched first)."""
+        self._fetched(image_id)
+        self.local.change_image_info(image_id, change)
 
     def update_label_info(self, label_id: str, label_tag: str, info: Mapping[str, Any]) -> None:
         """Merge ``info`` into the cached label's info (a final label is fetched first)."""

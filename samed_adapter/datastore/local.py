@@ -449,6 +449,16 @@ class FolderDatastore:
                 raise ImageNotFoundError(f"{self.root}: no image {image_id!r}; list_images() gives the ids it holds")
             edit.model["objects"][image_id]["image"]["info"].update(info)
 
+    def change_image_info(self, image_id: str, change: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+        """Merge ``change(info)`` into the image's info, ``info`` read under the same lock as the write:
+        two writers that each add to one key (the least_sure scores of two adapter versions) both
+        keep theirs, where a read then an :meth:`update_image_info` could lose one."""
+        with self._editing() as edit:
+            if image_id not in edit.model["objects"]:
+                raise ImageNotFoundError(f"{self.root}: no image {image_id!r}; list_images() gives the ids it holds")
+            info = edit.model["objects"][image_id]["image"]["info"]
+            info.update(json_info(change(copy.deepcopy(info))))
+
     def update_label_info(self, label_id: str, label_tag: str, info: Mapping[str, Any]) -> None:
         """Merge ``info`` into the label's (MONAI Label's ``update_label_info``)."""
         info = json_info(info)

@@ -335,12 +335,12 @@ class StoreRoutes:
         record: dict[str, Any] = {"adapter": entry["name"], "ts": int(time.time())}
         record.update({"uncertainty": score} if score is not None else {"error": error or "no probabilities"})
 
-        def update() -> None:
-            kept = dict(self.datastore.get_image_info(image_id).get(SCORES) or {})
+        def change(info: dict[str, Any]) -> dict[str, Any]:
+            kept = dict(info.get(SCORES) or {})
             kept[entry["fingerprint"]] = record
             newest = sorted(kept, key=lambda fp: kept[fp].get("ts", 0) if isinstance(kept[fp], dict) else 0)
-            self.datastore.update_image_info(image_id, {SCORES: {fp: kept[fp] for fp in newest[-MAX_SCORES:]}})
-        await self._run(update)
+            return {SCORES: {fp: kept[fp] for fp in newest[-MAX_SCORES:]}}
+        await self._run(self.datastore.change_image_info, image_id, change)
         return score
 
     def scores(self, fingerprint: str) -> tuple[dict[str, float], set[str]]:
