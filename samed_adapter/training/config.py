@@ -57,7 +57,9 @@ class TrainConfig:
     # Used only for a click-trained adapter (AdapterConfig.clicks; `train --clicks`).
     click_rounds: int = field(default=3, metadata={"help": "Simulated clicks per image and step, one per round "
                                                            "(click-trained adapters)."})
-    click_weight: float = field(default=1.0, metadata={"help": "Weight of the click loss added to the automatic "
+    # 0.5, measured on the quick start: against 1.0 it keeps 1.9 (tiny SAM, seed 0) and 4.4 (SAM 2
+    # Hiera-T) more points of automatic Dice, and clicks raise the Dice as much or more.
+    click_weight: float = field(default=0.5, metadata={"help": "Weight of the click loss added to the automatic "
                                                                "loss (click-trained adapters)."})
 
     def __post_init__(self) -> None:
