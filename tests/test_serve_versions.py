@@ -176,3 +176,45 @@ def test_requests_during_swaps_all_succeed_each_answered_by_one_version(server, 
     for served, labels in results:
         np.testing.assert_array_equal(labels, expected[served])
     assert requests.get(f"{server.url}/v1/adapters/liver/versions", headers=AUTH, timeout=30).json()["serving"] == 2
+
+
+@pytest.mark.parametrize("adapters, versions, said", [
+    (b"not json", b"{}", "without a list of adapters"),
+    (b'[{"name": "liver"}]', b"{}", "without a list of adapters"),
+    (b'{"adapters": [{"name": "liver", "config": {"num_classes": 1}}]}', b"{}", "without its fingerprint"),
+    (None, b'{"versions": "many"}', "without a list of versions"),
+    (None, b'{"versions": [{"version": 1}]}', "lists adapter 'liver@1' without its fingerprint"),
+])
+def test_a_peer_answering_other_than_a_server_is_one_line_not_a_traceback(setup, adapters, versions, said):
+    """`segment --server` against a peer whose adapter or version list is not what samed-adapter
+    serves: a ServerError naming what is missing, never a KeyError or TypeError."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from samed_adapter.serve.client import ServerClient, ServerError
+
+    good = {"name": "liver", "fingerprint": setup["fingerprints"][2], "base_fingerprint": "sha256:" + "0" * 64,
+            "config": sa.AdapterConfig(num_classes=3, image_size=64).to_dict()}
+    bodies = {"/v1/adapters": adapters or json.dumps({"adapters": [good]}).encode(),
+              "/v1/adapters/liver/versions": versions}
+
+    class Peer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = bodies.get(self.path, b"{}")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    peer = ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerError, match=said) as raised:
+            ServerClient(f"http://127.0.0.1:{peer.server_address[1]}").adapter("liver@1")
+        assert "\n" not in str(raised.value)
+    finally:
+        peer.shutdown()

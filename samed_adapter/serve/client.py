@@ -86,7 +86,7 @@ class ServerClient:
         if answer.status_code != 200:
             try:
                 why = answer.json().get("error") or answer.text
-            except ValueError:
+            except (ValueError, AttributeError):  # not JSON, or JSON but not an object
                 why = answer.text.strip()[:300] or answer.reason
             try:
                 wait = float(answer.headers.get("Retry-After", 0))
@@ -97,9 +97,22 @@ class ServerClient:
 
     def adapters(self) -> list[dict[str, Any]]:
         """``GET /v1/adapters``: one dict per adapter (name, class_names, backbone, fingerprint, ...)."""
-        body = self._request("GET", "/v1/adapters").json()
+        body = self._json("/v1/adapters", "adapters")
         self._allow_base_mismatch = bool(body.get("allow_base_mismatch", False))
         return body["adapters"]
+
+    def _json(self, route: str, key: str) -> dict[str, Any]:
+        """``GET route``'s JSON object, which must hold a list of objects under ``key`` (ServerError
+        otherwise: a peer that is not a samed-adapter server, or answers something else)."""
+        try:
+            body = self._request("GET", route).json()
+        except ValueError:
+            body = None
+        listed = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(item, dict) for item in listed):
+            raise ServerError(f"the server at {self.url} answered GET {route} without a list of {key}: is it a "
+                              "samed-adapter server (`samed-adapter serve`), of this version?", 502)
+        return body
 
     def adapter(self, name: str) -> RemoteAdapter:
         """The adapter ``name`` as the server serves it, or its version N for ``NAME@N`` (as
@@ -112,21 +125,29 @@ class ServerClient:
             base, number = parse_ref(name)
         except VersionError as err:
             raise ServerError(str(err), 400) from None
-        entries = {entry["name"]: entry for entry in self.adapters()}
+        entries = {str(entry.get("name")): entry for entry in self.adapters()}
         if base not in entries:
             raise ServerError(f"the server at {self.url} serves no adapter named {base!r}; it serves: "
                               f"{', '.join(entries) or '(none)'}", 404)
         entry = entries[base]
         config = AdapterConfig.from_dict(_config(entry))
-        fingerprint = entry["fingerprint"]
+        fingerprint = self._text(entry, "fingerprint", base)
         if number is not None:
-            listed = self._request("GET", f"/v1/adapters/{quote(base, safe='')}/versions").json()["versions"]
+            listed = self._json(f"/v1/adapters/{quote(base, safe='')}/versions", "versions")["versions"]
             found = next((v for v in listed if v.get("version") == number), None)
             if found is None:
                 raise ServerError(f"adapter {base!r} on the server at {self.url} has no version {number}; it has "
                                   f"{', '.join(str(v.get('version')) for v in listed) or 'none'}", 404)
-            fingerprint = found["fingerprint"]
-        return RemoteAdapter(name, config, fingerprint, entry["base_fingerprint"])
+            fingerprint = self._text(found, "fingerprint", name)
+        return RemoteAdapter(name, config, fingerprint, self._text(entry, "base_fingerprint", base))
+
+    def _text(self, entry: dict[str, Any], key: str, name: str) -> str:
+        """``entry[key]`` of a listed adapter, a string (ServerError where the server sent none)."""
+        value = entry.get(key)
+        if not isinstance(value, str) or not value:
+            raise ServerError(f"the server at {self.url} lists adapter {name!r} without its {key}: is it a "
+                              "samed-adapter server (`samed-adapter serve`), of this version?", 502)
+        return value
 
     @property
     def allow_base_mismatch(self) -> bool:
